@@ -1,0 +1,105 @@
+"""Database engine, sessions and schema migrations.
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a committed
+Instance row survives a power cut, like the fsync'ed file it describes. PostgreSQL is used for
+multi-host set-ups (``[database] url = "postgresql+psycopg://..."``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Autocommit at the driver level; SQLAlchemy's "begin" event below then opens every
+    # transaction with BEGIN IMMEDIATE, so concurrent writers queue on the busy timeout instead
+    # of failing with "database is locked" when a read transaction tries to become a write.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url``; SQLite gets WAL, full sync and a generous busy timeout."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic configuration bound to ``engine`` (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (idempotent).
+
+    Raises
+    ------
+    StorageError
+        When the database cannot be reached or upgraded.
+    """
+    try:
+        command.upgrade(alembic_config(engine), "head")
+    except Exception as exc:  # database errors of every driver
+        raise StorageError(
+            f"cannot prepare the database at {engine.url.render_as_string(hide_password=True)}: {exc}"
+        ) from exc
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """True when every table exists (used by health checks)."""
+    names = set(inspect(engine).get_table_names())
+    return {"studies", "series", "instances", "jobs", "results", "deliveries", "events"} <= names
+
+
+class Database:
+    """The engine and session factory of one node process."""
+
+    def __init__(self, url: str, *, run_migrations: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        if run_migrations:
+            migrate(self.engine)
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """A new session; use it as a context manager."""
+        return self.sessions()
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()

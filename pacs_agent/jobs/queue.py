@@ -1,0 +1,234 @@
+"""Job rows as a queue: create, claim with one atomic UPDATE, heartbeat, finish, retry, dead-letter.
+
+The state of record is in SQL, so the scp process, local workers and (later) remote workers all
+agree. A worker that dies mid-job stops heart-beating; :func:`requeue_stale` then gives the job
+back to the queue or, after ``max_attempts``, marks it dead with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pacs_agent.audit import record_event
+from pacs_agent.models import Job, Study, utcnow
+
+PENDING, RUNNING, DONE, FAILED, DEAD = "pending", "running", "done", "failed", "dead"
+
+
+def worker_identity() -> str:
+    """``host:pid`` of this process, recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now owns."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    method: str
+    inputs: dict[str, Any]
+    attempt: int
+    max_attempts: int
+
+
+def schedule_job(
+    session: Session, study_id: int, method: str, inputs: dict[str, Any], max_attempts: int
+) -> Job:
+    """Add a pending job, or refresh the inputs of a pending one for the same study and method."""
+    existing = session.execute(
+        select(Job).where(Job.study_id == study_id, Job.method == method, Job.state == PENDING)
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.inputs = json.dumps(inputs, sort_keys=True)
+        return existing
+    job = Job(
+        study_id=study_id,
+        method=method,
+        state=PENDING,
+        inputs=json.dumps(inputs, sort_keys=True),
+        attempts=0,
+        max_attempts=max_attempts,
+        not_before=utcnow(),
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def claim_next(session: Session, worker_id: str, now: datetime | None = None) -> ClaimedJob | None:
+    """Claim the oldest due pending job; safe against concurrent workers. The caller commits."""
+    now = now or utcnow()
+    while True:
+        candidate = session.execute(
+            select(Job.id).where(Job.state == PENDING, Job.not_before <= now).order_by(Job.id).limit(1)
+        ).scalar_one_or_none()
+        if candidate is None:
+            return None
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == candidate, Job.state == PENDING)
+            .values(
+                state=RUNNING,
+                worker_id=worker_id,
+                started_at=now,
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+            )
+        )
+        if claimed.rowcount == 1:  # type: ignore[attr-defined]
+            break
+    job = session.get(Job, candidate, populate_existing=True)
+    assert job is not None
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    study.state = "processing"
+    record_event(
+        session,
+        "job_started",
+        study_instance_uid=study.study_instance_uid,
+        job_id=job.id,
+        detail=f"{job.method}, attempt {job.attempts} of {job.max_attempts}, worker {worker_id}",
+    )
+    return ClaimedJob(
+        id=job.id,
+        study_id=job.study_id,
+        study_instance_uid=study.study_instance_uid,
+        method=job.method,
+        inputs=json.loads(job.inputs),
+        attempt=job.attempts,
+        max_attempts=job.max_attempts,
+    )
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
+    """Refresh the lease of a running job; False when the job is no longer ours."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == RUNNING)
+        .values(heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _finish_study(session: Session, job: Job, state: str, reason: str | None) -> Study:
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    active = session.execute(
+        select(Job.id).where(
+            Job.study_id == job.study_id, Job.state.in_([PENDING, RUNNING]), Job.id != job.id
+        )
+    ).first()
+    if active is None and study.state in ("queued", "processing"):
+        study.state = state
+        study.state_reason = reason
+    return study
+
+
+def complete(session: Session, job_id: int, detail: str, duration_seconds: float) -> None:
+    """Mark a job done (the caller has recorded its results in the same transaction)."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.state = DONE
+    job.finished_at = utcnow()
+    job.last_error = None
+    study = _finish_study(session, job, "done", None)
+    record_event(
+        session,
+        "job_done",
+        study_instance_uid=study.study_instance_uid,
+        job_id=job_id,
+        detail=detail,
+        duration_seconds=duration_seconds,
+    )
+
+
+def fail(
+    session: Session,
+    job_id: int,
+    error: str,
+    *,
+    retryable: bool,
+    retry_delay_seconds: float,
+    duration_seconds: float | None = None,
+) -> str:
+    """Record a failed attempt; returns the new state (pending, failed or dead).
+
+    ``retryable=False`` (bad input) fails the job at once; otherwise the job goes back to the
+    queue after ``retry_delay_seconds`` until ``max_attempts`` is reached, then it is dead.
+    """
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.last_error = error
+    job.finished_at = utcnow()
+    if not retryable:
+        job.state = FAILED
+    elif job.attempts >= job.max_attempts:
+        job.state = DEAD
+    else:
+        job.state = PENDING
+        job.worker_id = None
+        job.not_before = utcnow() + timedelta(seconds=retry_delay_seconds)
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    if job.state in (FAILED, DEAD):
+        _finish_study(session, job, "failed", error)
+    else:
+        study.state = "queued"
+    record_event(
+        session,
+        f"job_{job.state}" if job.state != PENDING else "job_retry",
+        level="ERROR" if job.state in (FAILED, DEAD) else "WARNING",
+        study_instance_uid=study.study_instance_uid,
+        job_id=job_id,
+        detail=f"attempt {job.attempts} of {job.max_attempts}: {error}",
+        duration_seconds=duration_seconds,
+    )
+    return job.state
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def requeue_stale(session: Session, lease_seconds: float, now: datetime | None = None) -> int:
+    """Give back running jobs whose worker died (no heartbeat within the lease, or a dead local pid).
+
+    Returns how many jobs were requeued or marked dead. The caller commits.
+    """
+    now = now or utcnow()
+    host = socket.gethostname()
+    running = session.execute(select(Job).where(Job.state == RUNNING)).scalars().all()
+    count = 0
+    for job in running:
+        lease_expired = job.heartbeat_at is None or job.heartbeat_at < now - timedelta(seconds=lease_seconds)
+        worker_host, _, pid = (job.worker_id or "").rpartition(":")
+        local_dead = worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        if not (lease_expired or local_dead):
+            continue
+        why = "the worker process exited" if local_dead else f"no heartbeat for {lease_seconds:g} s"
+        fail(
+            session,
+            job.id,
+            f"worker {job.worker_id} stopped while running this job ({why})",
+            retryable=True,
+            retry_delay_seconds=0,
+        )
+        count += 1
+    return count

@@ -1,0 +1,218 @@
+"""pynetdicom event handlers: association checks, C-ECHO and C-STORE.
+
+Handlers are thin. C-STORE answers Success only after the object is fsync'ed into the spool and
+its Instance row is committed. Every refusal is recorded as an Event with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pynetdicom import evt
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs_agent.audit import record_event, uid_hash
+from pacs_agent.config import Settings
+from pacs_agent.db import Database
+from pacs_agent.receive.header import IMAGE_SOP_CLASSES, HeaderError, InstanceHeader, read_header
+from pacs_agent.receive.spool import Spool
+from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ: result 1 = rejected-permanent, source 1 = service user,
+# diagnostic 1 = no reason given, 3 = calling AE title not recognised.
+_REJECT_PERMANENT, _SERVICE_USER = 0x01, 0x01
+_NO_REASON, _CALLING_AET_NOT_RECOGNISED = 0x01, 0x03
+
+
+@dataclass
+class AssociationStats:
+    """Counters of one association, logged when it ends."""
+
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+class ReceiveHandlers:
+    """The handlers of one receiving AE, sharing the settings, database and spool."""
+
+    def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self._stats: dict[int, AssociationStats] = {}
+        self._lock = threading.Lock()
+
+    def bindings(self) -> list[tuple[evt.EventType, object]]:
+        """The ``evt_handlers`` list for ``AE.start_server``."""
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    def _event(self, kind: str, **kwargs: object) -> None:
+        try:
+            with self.db.session() as session, session.begin():
+                record_event(session, kind, **kwargs)  # type: ignore[arg-type]
+        except SQLAlchemyError:
+            logger.exception("could not record event %s", kind)
+
+    # -- association ---------------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject an association from a host or calling AE title that is not allowed."""
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title.strip() if requestor.primitive else ""
+        address = requestor.address
+        security = self.settings.security
+        reason = None
+        diagnostic = _NO_REASON
+        if not security.host_allowed(address):
+            reason = f"host {address} is not in [security] allowed_hosts"
+        elif not security.calling_aet_allowed(calling):
+            reason = f"calling AE title {calling!r} is not in [security] allowed_calling_aets"
+            diagnostic = _CALLING_AET_NOT_RECOGNISED
+        if reason is None:
+            return
+        event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, diagnostic)
+        self._event(
+            "association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=reason
+        )
+
+    def on_accepted(self, event: evt.Event) -> None:
+        """Start counting what the association stores."""
+        with self._lock:
+            self._stats[id(event.assoc)] = AssociationStats()
+
+    def on_ended(self, event: evt.Event) -> None:
+        """Record one event per association with what it stored."""
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        self._event(
+            "association",
+            level="INFO" if how == "released" else "WARNING",
+            ae_title=event.assoc.requestor.ae_title.strip(),
+            peer=event.assoc.requestor.address,
+            detail=f"{how}: {stats.stored} stored, {stats.duplicates} duplicate(s), {stats.rejected} refused",
+            duration_seconds=time.monotonic() - stats.started,
+        )
+
+    def _count(self, event: evt.Event, what: str) -> None:
+        with self._lock:
+            stats = self._stats.get(id(event.assoc))
+            if stats is not None:
+                setattr(stats, what, getattr(stats, what) + 1)
+
+    # -- services ------------------------------------------------------------------------
+
+    def on_echo(self, event: evt.Event) -> int:
+        """C-ECHO: always Success."""
+        return SUCCESS
+
+    def _refuse(self, event: evt.Event, status: int, reason: str, sop_uid: str | None = None) -> int:
+        self._count(event, "rejected")
+        self._event(
+            "store_refused",
+            level="WARNING",
+            ae_title=event.assoc.requestor.ae_title.strip(),
+            peer=event.assoc.requestor.address,
+            sop_instance_uid=sop_uid,
+            status=status,
+            detail=reason,
+        )
+        return status
+
+    def _check(self, event: evt.Event, header: InstanceHeader) -> tuple[int, str] | None:
+        request = event.request
+        if header.sop_class_uid != request.AffectedSOPClassUID:
+            return (
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"dataset SOP Class {header.sop_class_uid} differs from the requested "
+                f"{request.AffectedSOPClassUID}",
+            )
+        if header.sop_instance_uid != request.AffectedSOPInstanceUID:
+            return (
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "dataset SOP Instance UID differs from the one in the C-STORE request",
+            )
+        if header.sop_class_uid in IMAGE_SOP_CLASSES and not header.has_pixel_data:
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "image object without Pixel Data"
+        return None
+
+    def on_store(self, event: evt.Event) -> int:
+        """C-STORE: check, spool durably, record, then answer."""
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            header = read_header(data)
+        except HeaderError as exc:
+            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), event.request.AffectedSOPInstanceUID)
+        except Exception as exc:  # pynetdicom can fail to build the file meta of garbage
+            return self._refuse(
+                event,
+                CANNOT_UNDERSTAND,
+                f"cannot decode the dataset: {type(exc).__name__}",
+                event.request.AffectedSOPInstanceUID,
+            )
+        problem = self._check(event, header)
+        if problem is not None:
+            return self._refuse(event, problem[0], problem[1], header.sop_instance_uid)
+        if not self.spool.has_room(len(data)):
+            return self._refuse(
+                event,
+                OUT_OF_RESOURCES,
+                f"free disk space under the spool is below [storage] min_free_mb = "
+                f"{self.settings.storage.min_free_mb}",
+                header.sop_instance_uid,
+            )
+        calling = event.assoc.requestor.ae_title.strip()
+        relative = self.spool.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        try:
+            with self.db.session() as session, session.begin():
+                known = is_known_instance(session, header.sop_instance_uid)
+                if known:
+                    count_duplicate(session, header.sop_instance_uid)
+            if known:
+                outcome = StoreOutcome.DUPLICATE
+            else:
+                # The file is durable before the row exists; the row is what makes it "received".
+                self.spool.write(relative, data)
+                with self.db.session() as session, session.begin():
+                    outcome = record_instance(
+                        session, header, path=str(relative), size_bytes=len(data), calling_ae_title=calling
+                    )
+        except OSError as exc:
+            return self._refuse(
+                event, OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", header.sop_instance_uid
+            )
+        except SQLAlchemyError as exc:
+            logger.exception(
+                "database error while recording an instance of study %s", uid_hash(header.study_instance_uid)
+            )
+            return self._refuse(
+                event, PROCESSING_FAILURE, f"database error: {type(exc).__name__}", header.sop_instance_uid
+            )
+        self._count(event, "stored" if outcome is StoreOutcome.STORED else "duplicates")
+        if outcome is StoreOutcome.DUPLICATE:
+            logger.debug("duplicate instance of study %s kept once", uid_hash(header.study_instance_uid))
+        return SUCCESS

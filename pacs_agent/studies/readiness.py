@@ -1,0 +1,145 @@
+"""Is this study ready? A pure function of a snapshot, the clock and the rules.
+
+A study is ready when no instance arrived for ``quiet_seconds`` and it holds a CT series plus a
+segmentation (SEG or RTSTRUCT) that references it. A quiet study that cannot be processed is
+``incomplete``, with a reason an imaging IT person can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pacs_agent.receive.header import CT_IMAGE, ENHANCED_CT_IMAGE, SEGMENTATION
+
+CT_SOP_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT_IMAGE})
+
+
+@dataclass(frozen=True)
+class SeriesSnapshot:
+    """One series of the study as recorded so far."""
+
+    series_instance_uid: str
+    modality: str | None
+    sop_class_uids: frozenset[str]
+    instance_count: int
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class SegmentationSnapshot:
+    """One SEG or RTSTRUCT instance and the series it references."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    referenced_series_uids: frozenset[str]
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class StudySnapshot:
+    """What the database knows of a study at one moment."""
+
+    study_instance_uid: str
+    last_received_at: datetime
+    series: tuple[SeriesSnapshot, ...]
+    segmentations: tuple[SegmentationSnapshot, ...]
+
+
+@dataclass(frozen=True)
+class ReadinessRules:
+    """The knobs of :func:`decide` (from ``[readiness]``)."""
+
+    quiet_seconds: float = 30.0
+    min_ct_instances: int = 3
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one study.
+
+    ``waiting``: instances may still arrive (check again after ``recheck_after_seconds``);
+    ``ready``: run the methods on ``ct_series_instance_uid`` + ``segmentation_sop_instance_uid``;
+    ``incomplete``: quiet, but nothing can be processed; ``reason`` says why.
+    """
+
+    state: Literal["waiting", "ready", "incomplete"]
+    reason: str
+    ct_series_instance_uid: str | None = None
+    segmentation_sop_instance_uid: str | None = None
+    recheck_after_seconds: float | None = None
+
+
+def _usable_ct(series: SeriesSnapshot, rules: ReadinessRules) -> bool:
+    if ENHANCED_CT_IMAGE in series.sop_class_uids:
+        return series.instance_count >= 1
+    return series.instance_count >= rules.min_ct_instances
+
+
+def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Decision:
+    """Decide whether ``snapshot`` is ready to process at time ``now``.
+
+    Among several segmentations referencing a usable CT series, a SEG wins over an RTSTRUCT, then
+    the most recently received, then the lowest SOP Instance UID (so the choice is deterministic).
+    """
+    quiet_for = (now - snapshot.last_received_at).total_seconds()
+    if quiet_for < rules.quiet_seconds:
+        remaining = rules.quiet_seconds - quiet_for
+        return Decision(
+            "waiting",
+            f"instances arrived {quiet_for:.1f} s ago; waiting {rules.quiet_seconds:g} s of quiet",
+            recheck_after_seconds=remaining,
+        )
+    ct_series = {s.series_instance_uid: s for s in snapshot.series if s.sop_class_uids & CT_SOP_CLASSES}
+    if not ct_series:
+        return Decision("incomplete", "the study holds no CT image series")
+    if not snapshot.segmentations:
+        return Decision(
+            "incomplete",
+            "the study holds no segmentation (DICOM SEG or RTSTRUCT) of the tumour; "
+            "send the segmentation to this node",
+        )
+    candidates: list[tuple[SegmentationSnapshot, SeriesSnapshot]] = []
+    problems: list[str] = []
+    for seg in snapshot.segmentations:
+        referenced = [ct_series[uid] for uid in sorted(seg.referenced_series_uids) if uid in ct_series]
+        if not referenced:
+            refs = ", ".join(sorted(seg.referenced_series_uids)) or "no series"
+            problems.append(
+                f"segmentation {seg.sop_instance_uid} references {refs}, which is not a CT series "
+                f"of this study (CT series here: {', '.join(sorted(ct_series))})"
+            )
+            continue
+        for ct in referenced:
+            if _usable_ct(ct, rules):
+                candidates.append((seg, ct))
+            else:
+                problems.append(
+                    f"CT series {ct.series_instance_uid} has only {ct.instance_count} image(s); "
+                    f"at least {rules.min_ct_instances} are needed"
+                )
+    if not candidates:
+        return Decision("incomplete", "; ".join(problems))
+    seg, ct = min(
+        candidates,
+        key=lambda c: (
+            c[0].sop_class_uid != SEGMENTATION,
+            -c[0].received_at.timestamp(),
+            c[0].sop_instance_uid,
+            c[1].series_instance_uid,
+        ),
+    )
+    kind = "SEG" if seg.sop_class_uid == SEGMENTATION else "RTSTRUCT"
+    reason = (
+        f"CT series {ct.series_instance_uid} ({ct.instance_count} images) with {kind} {seg.sop_instance_uid}"
+    )
+    if len(candidates) > 1:
+        reason += f" (chosen among {len(candidates)} segmentation/CT pairs: SEG first, then newest)"
+    return Decision(
+        "ready",
+        reason,
+        ct_series_instance_uid=ct.series_instance_uid,
+        segmentation_sop_instance_uid=seg.sop_instance_uid,
+    )

@@ -1,0 +1,146 @@
+"""Turn recorded instances into jobs: snapshot each changed study, :func:`decide`, schedule.
+
+Runs in the scp process, once a second. A study is looked at again only when an instance arrived
+after its last evaluation, so a late instance re-opens a processed study and schedules new jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from pacs_agent.audit import record_event
+from pacs_agent.jobs.queue import schedule_job
+from pacs_agent.models import Instance, Series, Study, utcnow
+from pacs_agent.receive.header import SEGMENTATION_SOP_CLASSES
+from pacs_agent.studies.readiness import (
+    Decision,
+    ReadinessRules,
+    SegmentationSnapshot,
+    SeriesSnapshot,
+    StudySnapshot,
+    decide,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerOutcome:
+    """What one pass did, per Study Instance UID."""
+
+    decisions: dict[str, Decision]
+    jobs_created: int
+
+
+def snapshot_study(session: Session, study: Study) -> StudySnapshot:
+    """Collect the readiness-relevant facts of ``study`` from the database."""
+    rows = session.execute(
+        select(
+            Series.series_instance_uid,
+            Series.modality,
+            Series.series_description,
+            Instance.sop_instance_uid,
+            Instance.sop_class_uid,
+            Instance.referenced_series_uids,
+            Instance.received_at,
+        )
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+    ).all()
+    classes: dict[str, set[str]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    meta: dict[str, tuple[str | None, str | None]] = {}
+    segmentations = []
+    for series_uid, modality, description, sop_uid, sop_class, refs, received_at in rows:
+        classes[series_uid].add(sop_class)
+        counts[series_uid] += 1
+        meta[series_uid] = (modality, description)
+        if sop_class in SEGMENTATION_SOP_CLASSES:
+            segmentations.append(
+                SegmentationSnapshot(
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    series_instance_uid=series_uid,
+                    referenced_series_uids=frozenset(refs.split()),
+                    received_at=received_at,
+                )
+            )
+    series = tuple(
+        SeriesSnapshot(
+            series_instance_uid=uid,
+            modality=meta[uid][0],
+            sop_class_uids=frozenset(classes[uid]),
+            instance_count=counts[uid],
+            description=meta[uid][1],
+        )
+        for uid in sorted(classes)
+    )
+    return StudySnapshot(
+        study_instance_uid=study.study_instance_uid,
+        last_received_at=study.last_received_at,
+        series=series,
+        segmentations=tuple(sorted(segmentations, key=lambda s: s.sop_instance_uid)),
+    )
+
+
+def run_once(
+    session: Session,
+    rules: ReadinessRules,
+    methods: tuple[str, ...],
+    max_attempts: int,
+    now: datetime | None = None,
+) -> SchedulerOutcome:
+    """Evaluate every study changed since its last evaluation; the caller commits."""
+    now = now or utcnow()
+    studies = (
+        session.execute(
+            select(Study).where(
+                or_(Study.evaluated_at.is_(None), Study.last_received_at > Study.evaluated_at)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    decisions: dict[str, Decision] = {}
+    created = 0
+    for study in studies:
+        snapshot = snapshot_study(session, study)
+        decision = decide(snapshot, now, rules)
+        decisions[study.study_instance_uid] = decision
+        if decision.state == "waiting":
+            continue
+        # Evaluated as of the newest instance seen: one arriving meanwhile makes it dirty again.
+        study.evaluated_at = snapshot.last_received_at
+        study.state_reason = decision.reason
+        if decision.state == "incomplete":
+            study.state = "incomplete"
+            record_event(
+                session,
+                "study_incomplete",
+                level="WARNING",
+                study_instance_uid=study.study_instance_uid,
+                detail=decision.reason,
+            )
+            continue
+        study.state = "queued"
+        inputs = {
+            "ct_series_instance_uid": decision.ct_series_instance_uid,
+            "segmentation_sop_instance_uid": decision.segmentation_sop_instance_uid,
+        }
+        for method in methods:
+            job = schedule_job(session, study.id, method, inputs, max_attempts)
+            created += 1
+            record_event(
+                session,
+                "job_scheduled",
+                study_instance_uid=study.study_instance_uid,
+                job_id=job.id,
+                detail=f"{method}: {decision.reason}",
+            )
+    return SchedulerOutcome(decisions=decisions, jobs_created=created)

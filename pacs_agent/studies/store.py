@@ -1,0 +1,127 @@
+"""Recording received instances: grouping by Study / Series Instance UID.
+
+One short transaction per instance. Inserts that may race between associations use the
+database's "insert or ignore" so two senders of the same study never collide.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from pacs_agent.models import Instance, Series, Study, utcnow
+from pacs_agent.receive.header import InstanceHeader
+
+
+class StoreOutcome(enum.Enum):
+    """What recording an instance did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> CursorResult[Any]:
+    """INSERT that does nothing when a unique key already exists; rowcount tells which."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    return session.execute(stmt)  # type: ignore[return-value]
+
+
+def is_known_instance(session: Session, sop_instance_uid: str) -> bool:
+    """True when an instance with this SOP Instance UID is already stored."""
+    found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+    return found is not None
+
+
+def count_duplicate(session: Session, sop_instance_uid: str) -> None:
+    """Count one more receipt of an instance that is already stored."""
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .values(duplicates=Instance.duplicates + 1)
+    )
+
+
+def record_instance(
+    session: Session,
+    header: InstanceHeader,
+    *,
+    path: str,
+    size_bytes: int,
+    calling_ae_title: str | None,
+    now: datetime | None = None,
+) -> StoreOutcome:
+    """Record a durably spooled instance and (re)open its study; the caller commits.
+
+    A study that was already processed goes back to ``receiving``: the readiness check sees an
+    instance newer than its last evaluation and schedules new jobs after the quiet period.
+    """
+    now = now or utcnow()
+    _insert_ignore(
+        session,
+        Study,
+        {
+            "study_instance_uid": header.study_instance_uid,
+            "patient_id": header.patient_id,
+            "issuer_of_patient_id": header.issuer_of_patient_id,
+            "patient_birth_date": header.patient_birth_date,
+            "patient_sex": header.patient_sex,
+            "study_date": header.study_date,
+            "accession_number": header.accession_number,
+            "state": "receiving",
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    )
+    study_id = session.execute(
+        select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
+    ).scalar_one()
+    _insert_ignore(
+        session,
+        Series,
+        {
+            "study_id": study_id,
+            "series_instance_uid": header.series_instance_uid,
+            "modality": header.modality,
+            "series_description": header.series_description,
+            "frame_of_reference_uid": header.frame_of_reference_uid,
+        },
+    )
+    series_id = session.execute(
+        select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
+    ).scalar_one()
+    inserted = _insert_ignore(
+        session,
+        Instance,
+        {
+            "series_id": series_id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "path": path,
+            "size_bytes": size_bytes,
+            "referenced_series_uids": " ".join(header.referenced_series_uids),
+            "calling_ae_title": calling_ae_title,
+            "received_at": now,
+            "duplicates": 0,
+        },
+    )
+    if inserted.rowcount == 0:
+        count_duplicate(session, header.sop_instance_uid)
+        return StoreOutcome.DUPLICATE
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id)
+        .values(last_received_at=now, state="receiving", state_reason=None)
+    )
+    return StoreOutcome.STORED
