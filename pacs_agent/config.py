@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pacs_agent.errors import ConfigError
 
 ENV_PREFIX = "PACS_AGENT__"
+KNOWN_METHODS = ("radiomics",)
+"""Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
 
@@ -87,6 +89,16 @@ class JobSettings(_Section):
     retry_delay_seconds: float = Field(default=30.0, ge=0)
     lease_seconds: float = Field(default=120.0, gt=0)
     methods: tuple[str, ...] = ("radiomics",)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(KNOWN_METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METHODS)}")
+        if not value:
+            raise ValueError("at least one method must be enabled")
+        return value
 
 
 class DeliverySettings(_Section):

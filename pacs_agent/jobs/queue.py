@@ -41,9 +41,7 @@ class ClaimedJob:
     max_attempts: int
 
 
-def schedule_job(
-    session: Session, study_id: int, method: str, inputs: dict[str, Any], max_attempts: int
-) -> Job:
+def schedule_job(session: Session, study_id: int, method: str, inputs: dict[str, Any], max_attempts: int) -> Job:
     """Add a pending job, or refresh the inputs of a pending one for the same study and method."""
     existing = session.execute(
         select(Job).where(Job.study_id == study_id, Job.method == method, Job.state == PENDING)
@@ -125,9 +123,7 @@ def _finish_study(session: Session, job: Job, state: str, reason: str | None) ->
     study = session.get(Study, job.study_id)
     assert study is not None
     active = session.execute(
-        select(Job.id).where(
-            Job.study_id == job.study_id, Job.state.in_([PENDING, RUNNING]), Job.id != job.id
-        )
+        select(Job.id).where(Job.study_id == job.study_id, Job.state.in_([PENDING, RUNNING]), Job.id != job.id)
     ).first()
     if active is None and study.state in ("queued", "processing"):
         study.state = state

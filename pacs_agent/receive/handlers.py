@@ -91,9 +91,7 @@ class ReceiveHandlers:
         if reason is None:
             return
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, diagnostic)
-        self._event(
-            "association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=reason
-        )
+        self._event("association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=reason)
 
     def on_accepted(self, event: evt.Event) -> None:
         """Start counting what the association stores."""
@@ -146,8 +144,7 @@ class ReceiveHandlers:
         if header.sop_class_uid != request.AffectedSOPClassUID:
             return (
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Class {header.sop_class_uid} differs from the requested "
-                f"{request.AffectedSOPClassUID}",
+                f"dataset SOP Class {header.sop_class_uid} differs from the requested {request.AffectedSOPClassUID}",
             )
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             return (
@@ -179,8 +176,7 @@ class ReceiveHandlers:
             return self._refuse(
                 event,
                 OUT_OF_RESOURCES,
-                f"free disk space under the spool is below [storage] min_free_mb = "
-                f"{self.settings.storage.min_free_mb}",
+                f"free disk space under the spool is below [storage] min_free_mb = {self.settings.storage.min_free_mb}",
                 header.sop_instance_uid,
             )
         calling = event.assoc.requestor.ae_title.strip()

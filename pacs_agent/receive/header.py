@@ -32,9 +32,7 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     MULTIFRAME_TRUE_COLOR_SC: "Multi-frame True Color Secondary Capture Image Storage",
     COMPREHENSIVE_3D_SR: "Comprehensive 3D SR Storage",
 }
-IMAGE_SOP_CLASSES = frozenset(
-    {CT_IMAGE, ENHANCED_CT_IMAGE, SEGMENTATION, SECONDARY_CAPTURE, MULTIFRAME_TRUE_COLOR_SC}
-)
+IMAGE_SOP_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT_IMAGE, SEGMENTATION, SECONDARY_CAPTURE, MULTIFRAME_TRUE_COLOR_SC})
 SEGMENTATION_SOP_CLASSES = frozenset({SEGMENTATION, RT_STRUCTURE_SET})
 
 _DEFER = 2048  # bytes: values larger than this are not read
@@ -99,9 +97,7 @@ def read_header(data: bytes) -> InstanceHeader:
         ds = dcmread(BytesIO(data), defer_size=_DEFER, force=False)
         meta = ds.file_meta
         missing = [
-            k
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-            if not _text(ds, k)
+            k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not _text(ds, k)
         ]
         if missing:
             raise HeaderError(f"required attribute(s) missing or empty: {', '.join(missing)}")

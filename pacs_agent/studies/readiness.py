@@ -98,8 +98,7 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
     if not snapshot.segmentations:
         return Decision(
             "incomplete",
-            "the study holds no segmentation (DICOM SEG or RTSTRUCT) of the tumour; "
-            "send the segmentation to this node",
+            "the study holds no segmentation (DICOM SEG or RTSTRUCT) of the tumour; send the segmentation to this node",
         )
     candidates: list[tuple[SegmentationSnapshot, SeriesSnapshot]] = []
     problems: list[str] = []
@@ -132,9 +131,7 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
         ),
     )
     kind = "SEG" if seg.sop_class_uid == SEGMENTATION else "RTSTRUCT"
-    reason = (
-        f"CT series {ct.series_instance_uid} ({ct.instance_count} images) with {kind} {seg.sop_instance_uid}"
-    )
+    reason = f"CT series {ct.series_instance_uid} ({ct.instance_count} images) with {kind} {seg.sop_instance_uid}"
     if len(candidates) > 1:
         reason += f" (chosen among {len(candidates)} segmentation/CT pairs: SEG first, then newest)"
     return Decision(

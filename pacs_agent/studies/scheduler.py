@@ -100,9 +100,7 @@ def run_once(
     now = now or utcnow()
     studies = (
         session.execute(
-            select(Study).where(
-                or_(Study.evaluated_at.is_(None), Study.last_received_at > Study.evaluated_at)
-            )
+            select(Study).where(or_(Study.evaluated_at.is_(None), Study.last_received_at > Study.evaluated_at))
         )
         .scalars()
         .all()

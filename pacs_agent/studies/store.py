@@ -10,7 +10,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,16 +25,17 @@ class StoreOutcome(enum.Enum):
     DUPLICATE = "duplicate"
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> CursorResult[Any]:
-    """INSERT that does nothing when a unique key already exists; rowcount tells which."""
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT that does nothing when a unique key already exists; True when a row was added."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+        stmt = postgresql.insert(model.__table__).values(**values).on_conflict_do_nothing()
     elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+        stmt = sqlite.insert(model.__table__).values(**values).on_conflict_do_nothing()
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    return session.execute(stmt)  # type: ignore[return-value]
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT with returning ids.
+    return session.execute(stmt.returning(model.__table__.c.id)).first() is not None
 
 
 def is_known_instance(session: Session, sop_instance_uid: str) -> bool:
@@ -46,9 +47,7 @@ def is_known_instance(session: Session, sop_instance_uid: str) -> bool:
 def count_duplicate(session: Session, sop_instance_uid: str) -> None:
     """Count one more receipt of an instance that is already stored."""
     session.execute(
-        update(Instance)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-        .values(duplicates=Instance.duplicates + 1)
+        update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(duplicates=Instance.duplicates + 1)
     )
 
 
@@ -116,12 +115,10 @@ def record_instance(
             "duplicates": 0,
         },
     )
-    if inserted.rowcount == 0:
+    if not inserted:
         count_duplicate(session, header.sop_instance_uid)
         return StoreOutcome.DUPLICATE
     session.execute(
-        update(Study)
-        .where(Study.id == study_id)
-        .values(last_received_at=now, state="receiving", state_reason=None)
+        update(Study).where(Study.id == study_id).values(last_received_at=now, state="receiving", state_reason=None)
     )
     return StoreOutcome.STORED

@@ -1,0 +1,145 @@
+"""The ``pacs-agent`` command.
+
+Exit codes: 0 success, 1 invalid configuration or a failed check, 2 usage error, 3 start-up
+failure (database or state directory not usable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pacs_agent import __version__
+from pacs_agent.config import Settings, load_settings
+from pacs_agent.errors import ConfigError, PacsAgentError
+from pacs_agent.logs import configure_logging
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+CONFIG_ENV = "PACS_AGENT_CONFIG"
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    given = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
+    return Path(given) if given else None
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(_config_path(args))
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from pacs_agent.checks import check_settings
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    problems = check_settings(settings)
+    if problems:
+        print(f"configuration has {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    node = settings.node
+    print(f"configuration OK: AE {node.ae_title} on {node.host}:{node.port}")
+    print(f"  state directory {settings.storage.state_dir}, database {settings.database_url.split(':')[0]}")
+    for dest in settings.destinations:
+        print(f"  destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
+    return EXIT_OK
+
+
+def _run_service(args: argparse.Namespace) -> int:
+    from pacs_agent import service
+
+    settings = _settings(args)
+    configure_logging(settings.logging.level)
+    if args.command == "scp":
+        return service.run_scp(settings)
+    if args.command == "worker":
+        return service.run_worker(settings)
+    return service.run_serve(settings, _config_path(args))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pacs_agent.status import print_status
+
+    return print_status(_settings(args), as_json=args.json, limit=args.limit)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pacs_agent.show import show
+
+    return show(Path(args.path), png_dir=Path(args.png_dir) if args.png_dir else None)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pacs_agent.demo import run_demo
+
+    return run_demo(Path(args.out), timeout_seconds=args.timeout)
+
+
+def _cmd_phantom(argv: Sequence[str]) -> int:
+    from pacs_agent.phantom import main as phantom_main
+
+    return phantom_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (except ``phantom``, which has its own)."""
+    parser = argparse.ArgumentParser(prog="pacs-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pacs-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help=f"TOML settings file (default: ${CONFIG_ENV}, else embedded defaults)")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the receiving process and one worker (embedded default)"))
+    with_config(sub.add_parser("scp", help="run the receiving process only (receive, schedule, send)"))
+    with_config(sub.add_parser("worker", help="run a worker process only (runs jobs)"))
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    with_config(config_sub.add_parser("check", help="validate a configuration; prints every problem"))
+    status = with_config(sub.add_parser("status", help="recent studies, jobs and deliveries"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--limit", type=int, default=20, help="how many studies to show (default 20)")
+    show = sub.add_parser("show", help="print SRs as text and write Secondary Captures as PNG")
+    show.add_argument("path", help="a DICOM file or a folder of them")
+    show.add_argument("--png-dir", help="where to write PNGs of image objects")
+    demo = sub.add_parser("demo", help="end-to-end demonstration on a synthetic study")
+    demo.add_argument("--out", default="demo-output", help="working folder (default demo-output)")
+    demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result")
+    sub.add_parser("phantom", help="write a synthetic CT study with SEG and RTSTRUCT", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacs-agent`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "phantom":
+        return _cmd_phantom(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            return _cmd_config_check(args)
+        if args.command in ("serve", "scp", "worker"):
+            return _run_service(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "show":
+            return _cmd_show(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+    except ConfigError as exc:
+        print(f"pacs-agent: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except PacsAgentError as exc:
+        print(f"pacs-agent: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    return EXIT_USAGE

@@ -1,0 +1,200 @@
+"""``pacs-agent demo`` (what ``make demo`` runs): the whole path on a synthetic study, unattended.
+
+1. start a local receiver standing in for the PACS, 2. start the node (``serve``) on embedded
+defaults with that receiver as its destination, 3. generate a phantom CT + SEG study, 4. send it
+with C-STORE, 5. wait for the result to come back, 6. print the SR as text and write image results
+as PNG, 7. stop everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from pacs_agent.config import Destination
+from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
+from pacs_agent.receive.spool import durable_write, safe_name
+from pacs_agent.send.scu import store_files
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for local test and demo servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalReceiver:
+    """A minimal storage SCP that writes what it receives into a folder (stands in for a PACS)."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEMO_PACS", port: int | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.received: list[Path] = []
+        self._lock = threading.Lock()
+        self._ae = AE(ae_title=ae_title)
+        self._ae.add_supported_context(Verification)
+        for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
+            self._ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        target = self.folder / f"{safe_name(sop_uid)}.dcm"
+        tmp = self.folder / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        durable_write(event.encoded_dataset(include_meta=True), target, tmp)
+        with self._lock:
+            if target not in self.received:
+                self.received.append(target)
+        return 0x0000
+
+    def start(self) -> None:
+        """Listen on 127.0.0.1:``port``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def stop(self) -> None:
+        """Close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def files(self) -> list[Path]:
+        """What has arrived so far."""
+        with self._lock:
+            return list(self.received)
+
+    def destination(self) -> Destination:
+        """Return this receiver as a ``[[destinations]]`` entry."""
+        return Destination(name="demo-pacs", ae_title=self.ae_title, host="127.0.0.1", port=self.port)
+
+
+def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalReceiver) -> None:
+    dest = receiver.destination()
+    path.write_text(
+        "\n".join(
+            [
+                "# Written by `pacs-agent demo`: embedded defaults plus a local port and destination.",
+                "[node]",
+                'ae_title = "PACS_AGENT"',
+                'host = "127.0.0.1"',
+                f"port = {node_port}",
+                "[storage]",
+                f'state_dir = "{state_dir}"',
+                "min_free_mb = 100",
+                "[readiness]",
+                "quiet_seconds = 2",
+                "[delivery]",
+                "initial_backoff_seconds = 2",
+                "[[destinations]]",
+                f'name = "{dest.name}"',
+                f'ae_title = "{dest.ae_title}"',
+                f'host = "{dest.host}"',
+                f"port = {dest.port}",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+
+
+def _wait_for_node(port: int, deadline: float, node: subprocess.Popen[bytes]) -> None:
+    ae = AE(ae_title="DEMO_SCU")
+    ae.add_requested_context(Verification)
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError(f"the node exited with code {node.returncode} during start-up")
+        assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AGENT")
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            assoc.release()
+            if status and status.Status == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError("the node did not answer C-ECHO in time")
+
+
+def _step(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
+    """Run the demonstration in folder ``out``; returns the process exit code."""
+    from pacs_agent.phantom import generate_study
+    from pacs_agent.show import show
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    out = out.absolute()
+    receiver = LocalReceiver(out / "received")
+    receiver.start()
+    node_port = free_port()
+    config = out / "pacs-agent.toml"
+    _write_config(config, out / "state", node_port, receiver)
+    _step(f"starting pacs-agent on 127.0.0.1:{node_port} (log: {out / 'node.log'})")
+    log = (out / "node.log").open("wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT__")}
+    node = subprocess.Popen(
+        [sys.executable, "-m", "pacs_agent", "serve", "--config", str(config)], stdout=log, stderr=log, env=env
+    )
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        _wait_for_node(node_port, deadline, node)
+        _step("generating a synthetic portal-venous CT study with 3 liver lesions and a DICOM SEG")
+        study = generate_study(out / "study", seed=seed, lesions=3, segmentation="seg")
+        files = [*study.ct_files, *([study.seg_file] if study.seg_file else [])]
+        _step(f"sending {len(files)} instances with C-STORE")
+        outcomes = store_files(
+            Destination(name="node", ae_title="PACS_AGENT", host="127.0.0.1", port=node_port),
+            files,
+            calling_ae_title="DEMO_MODALITY",
+        )
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            print(f"demo: {len(failed)} instance(s) were refused, e.g. {failed[0].reason}", file=sys.stderr)
+            return 1
+        _step("waiting for the result (quiet period, then processing and delivery)")
+        while time.monotonic() < deadline and not any(p.suffix == ".dcm" for p in receiver.files()):
+            if node.poll() is not None:
+                print(f"demo: the node exited with code {node.returncode}; see {out / 'node.log'}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        received = receiver.files()
+        if not received:
+            print(
+                f"demo: no result within {timeout_seconds:.0f} s; see {out / 'node.log'} and "
+                f"`pacs-agent status --config {config}`",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(1.0)  # let any further result objects of the same job arrive
+        _step(f"received {len(receiver.files())} result object(s) in {receiver.folder}")
+        show(receiver.folder, png_dir=out / "png")
+        _step(f"done. Node state: {out / 'state'}; inspect it with `pacs-agent status --config {config}`")
+        return 0
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        log.close()
+        receiver.stop()

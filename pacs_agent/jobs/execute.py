@@ -1,0 +1,118 @@
+"""Run one claimed job: inputs from the spool -> pipeline -> DICOM results -> outbox.
+
+Imported only by the worker process: it pulls in ``inference`` (numpy, SimpleITK, pyradiomics,
+and torch for the CNN methods) and ``dicom_sr``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_sr.sr import build_measurement_report, write_dataset
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+
+from inference.pipelines import PIPELINES
+from inference.results import StudyResult
+from pacs_agent.config import Settings
+from pacs_agent.db import Database
+from pacs_agent.errors import InputError
+from pacs_agent.jobs.queue import ClaimedJob
+from pacs_agent.models import Instance, Result, Series
+from pacs_agent.receive.spool import safe_name
+from pacs_agent.send.outbox import enqueue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """Spool paths of the CT series and the segmentation object a job works on."""
+
+    ct_paths: tuple[Path, ...]
+    segmentation_path: Path
+
+
+def resolve_inputs(db: Database, spool_dir: Path, job: ClaimedJob) -> JobInputs:
+    """Find the files of the job's CT series and segmentation in the spool.
+
+    Raises
+    ------
+    InputError
+        An input named by the job is no longer recorded or its file is gone from the spool.
+    """
+    ct_uid = job.inputs.get("ct_series_instance_uid")
+    seg_uid = job.inputs.get("segmentation_sop_instance_uid")
+    with db.session() as session:
+        ct_rows = session.execute(
+            select(Instance.path)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.series_instance_uid == ct_uid)
+            .order_by(Instance.id)
+        ).all()
+        seg_path = session.execute(
+            select(Instance.path).where(Instance.sop_instance_uid == seg_uid)
+        ).scalar_one_or_none()
+    if not ct_rows:
+        raise InputError(f"CT series {ct_uid} has no stored instances")
+    if seg_path is None:
+        raise InputError(f"segmentation {seg_uid} is not stored")
+    paths = tuple(spool_dir / row[0] for row in ct_rows)
+    missing = [p for p in (*paths, spool_dir / seg_path) if not p.exists()]
+    if missing:
+        raise InputError(f"{len(missing)} input file(s) are missing from the spool, e.g. {missing[0]}")
+    return JobInputs(ct_paths=paths, segmentation_path=spool_dir / seg_path)
+
+
+def _evidence(inputs: JobInputs) -> tuple[list[Dataset], Dataset]:
+    ct = [dcmread(p, stop_before_pixels=True) for p in inputs.ct_paths]
+    segmentation = dcmread(inputs.segmentation_path)
+    return ct, segmentation
+
+
+def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyResult, list[int]]:
+    """Execute ``job`` and record its result objects (Result rows + outbox), not its final state.
+
+    Returns the pipeline result and the ids of the Result rows written.
+
+    Raises
+    ------
+    InputError
+        Unknown method, or inputs the pipeline rejects (bad geometry, empty mask, ...).
+    """
+    pipeline = PIPELINES.get(job.method)
+    if pipeline is None:
+        raise InputError(f"unknown method {job.method!r}; known: {', '.join(sorted(PIPELINES))}")
+    inputs = resolve_inputs(db, settings.storage.spool_dir, job)
+    result = pipeline(inputs.ct_paths, inputs.segmentation_path)
+    ct_evidence, segmentation = _evidence(inputs)
+    sr = build_measurement_report(result, [*ct_evidence, segmentation], segmentation_dataset=segmentation)
+    relative = Path(safe_name(job.study_instance_uid)) / f"{safe_name(str(sr.SOPInstanceUID))}.dcm"
+    write_dataset(sr, settings.storage.results_dir / relative)
+    with db.session() as session, session.begin():
+        row = session.execute(
+            select(Result).where(Result.sop_instance_uid == str(sr.SOPInstanceUID))
+        ).scalar_one_or_none()
+        if row is None:
+            row = Result(
+                job_id=job.id,
+                study_id=job.study_id,
+                kind="sr",
+                method=job.method,
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                series_instance_uid=str(sr.SeriesInstanceUID),
+                sop_class_uid=str(sr.SOPClassUID),
+                path=str(relative),
+                algorithm_name=result.algorithm.name,
+                algorithm_version=result.algorithm.version,
+            )
+            session.add(row)
+            session.flush()
+        else:  # same inputs, method and version: the same UID, delivered once
+            row.job_id = job.id
+            row.path = str(relative)
+        enqueue(session, row.id, [d.name for d in settings.destinations])
+        result_ids = [row.id]
+    return result, result_ids

@@ -1,0 +1,103 @@
+"""The worker process: claims jobs, runs them, records the outcome; survives bad input.
+
+SIGTERM lets the current job finish and then exits 0. A job whose pipeline raises
+:class:`InputError` fails at once with the reason; any other exception is retried (bounded) and
+then the job is dead. If the process itself dies, the lease runs out and the job is requeued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+
+from pacs_agent.config import Settings
+from pacs_agent.db import Database
+from pacs_agent.errors import InputError
+from pacs_agent.jobs import queue
+from pacs_agent.jobs.queue import ClaimedJob
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs jobs from the queue until told to stop."""
+
+    def __init__(self, settings: Settings, db: Database, *, poll_seconds: float = 0.5) -> None:
+        self.settings = settings
+        self.db = db
+        self.poll_seconds = poll_seconds
+        self.worker_id = queue.worker_identity()
+        self.stop = threading.Event()
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        interval = max(self.settings.jobs.lease_seconds / 4, 0.5)
+        while not done.wait(interval):
+            try:
+                with self.db.session() as session, session.begin():
+                    queue.heartbeat(session, job_id, self.worker_id)
+            except Exception:
+                logger.exception("heartbeat of job %d failed", job_id)
+
+    def run_one(self) -> bool:
+        """Claim and run one job; returns False when there was nothing to do."""
+        with self.db.session() as session, session.begin():
+            job = queue.claim_next(session, self.worker_id)
+        if job is None:
+            return False
+        self._execute(job)
+        return True
+
+    def _execute(self, job: ClaimedJob) -> None:
+        from pacs_agent.jobs.execute import run_job  # heavy imports live in the worker only
+
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            result, result_ids = run_job(job, self.settings, self.db)
+        except InputError as exc:
+            self._fail(job, str(exc), retryable=False, started=started)
+        except Exception as exc:
+            logger.error("job %d crashed: %s", job.id, traceback.format_exc(limit=8))
+            self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True, started=started)
+        else:
+            elapsed = time.monotonic() - started
+            with self.db.session() as session, session.begin():
+                queue.complete(
+                    session,
+                    job.id,
+                    f"{job.method}: {len(result.lesions)} lesion(s), {len(result_ids)} result object(s)",
+                    elapsed,
+                )
+        finally:
+            done.set()
+            beat.join(timeout=5)
+
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool, started: float) -> None:
+        with self.db.session() as session, session.begin():
+            queue.fail(
+                session,
+                job.id,
+                error,
+                retryable=retryable,
+                retry_delay_seconds=self.settings.jobs.retry_delay_seconds,
+                duration_seconds=time.monotonic() - started,
+            )
+
+    def run_forever(self) -> None:
+        """Loop until :attr:`stop` is set (SIGTERM)."""
+        logger.info("worker %s ready", self.worker_id)
+        with self.db.session() as session, session.begin():
+            queue.requeue_stale(session, self.settings.jobs.lease_seconds)
+        while not self.stop.is_set():
+            try:
+                busy = self.run_one()
+            except Exception:
+                logger.exception("worker loop error; continuing")
+                busy = False
+            if not busy:
+                self.stop.wait(self.poll_seconds)
+        logger.info("worker %s stopped", self.worker_id)

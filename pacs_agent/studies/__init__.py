@@ -1,0 +1,1 @@
+"""Studies: grouping of received instances, readiness, and scheduling of jobs."""

@@ -1,0 +1,102 @@
+"""Readiness is a pure function: snapshots, a clock and rules; no network, no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from pacs_agent.receive.header import CT_IMAGE, ENHANCED_CT_IMAGE, RT_STRUCTURE_SET, SEGMENTATION
+from pacs_agent.studies.readiness import (
+    ReadinessRules,
+    SegmentationSnapshot,
+    SeriesSnapshot,
+    StudySnapshot,
+    decide,
+)
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+RULES = ReadinessRules(quiet_seconds=30, min_ct_instances=3)
+
+
+def ct(uid: str = "1.2.3", count: int = 60, sop: str = CT_IMAGE) -> SeriesSnapshot:
+    return SeriesSnapshot(uid, "CT", frozenset({sop}), count)
+
+
+def seg(uid: str, refs: set[str], sop: str = SEGMENTATION, at: datetime = T0) -> SegmentationSnapshot:
+    return SegmentationSnapshot(uid, sop, uid + ".s", frozenset(refs), at)
+
+
+def study(series: list[SeriesSnapshot], segs: list[SegmentationSnapshot], last: datetime = T0) -> StudySnapshot:
+    return StudySnapshot("1.2.9", last, tuple(series), tuple(segs))
+
+
+def test_waits_for_quiet_period() -> None:
+    snap = study([ct()], [seg("9.1", {"1.2.3"})])
+    decision = decide(snap, T0 + timedelta(seconds=10), RULES)
+    assert decision.state == "waiting"
+    assert decision.recheck_after_seconds == 20
+
+
+def test_ready_after_quiet_with_ct_and_referencing_seg() -> None:
+    decision = decide(study([ct()], [seg("9.1", {"1.2.3"})]), T0 + timedelta(seconds=30), RULES)
+    assert decision.state == "ready"
+    assert decision.ct_series_instance_uid == "1.2.3"
+    assert decision.segmentation_sop_instance_uid == "9.1"
+    assert "60 images" in decision.reason
+
+
+def test_zero_quiet_period_is_immediately_ready() -> None:
+    decision = decide(study([ct()], [seg("9.1", {"1.2.3"})]), T0, ReadinessRules(quiet_seconds=0))
+    assert decision.state == "ready"
+
+
+def test_incomplete_without_ct() -> None:
+    decision = decide(study([], [seg("9.1", {"1.2.3"})]), T0 + timedelta(minutes=5), RULES)
+    assert decision.state == "incomplete"
+    assert "no CT image series" in decision.reason
+
+
+def test_incomplete_without_segmentation() -> None:
+    decision = decide(study([ct()], []), T0 + timedelta(minutes=5), RULES)
+    assert decision.state == "incomplete"
+    assert "no segmentation" in decision.reason
+
+
+def test_segmentation_referencing_unknown_series_is_named() -> None:
+    decision = decide(study([ct()], [seg("9.1", {"7.7.7"})]), T0 + timedelta(minutes=5), RULES)
+    assert decision.state == "incomplete"
+    assert "references 7.7.7" in decision.reason
+    assert "1.2.3" in decision.reason
+
+
+def test_too_few_slices() -> None:
+    decision = decide(study([ct(count=2)], [seg("9.1", {"1.2.3"})]), T0 + timedelta(minutes=5), RULES)
+    assert decision.state == "incomplete"
+    assert "only 2 image(s)" in decision.reason
+
+
+def test_single_enhanced_ct_instance_is_enough() -> None:
+    snap = study([ct(count=1, sop=ENHANCED_CT_IMAGE)], [seg("9.1", {"1.2.3"})])
+    assert decide(snap, T0 + timedelta(minutes=5), RULES).state == "ready"
+
+
+def test_seg_preferred_over_rtstruct_then_newest() -> None:
+    rt = seg("9.1", {"1.2.3"}, sop=RT_STRUCTURE_SET, at=T0 + timedelta(seconds=5))
+    old = seg("9.2", {"1.2.3"}, at=T0)
+    new = seg("9.3", {"1.2.3"}, at=T0 + timedelta(seconds=3))
+    decision = decide(study([ct()], [rt, old, new], last=T0 + timedelta(seconds=5)), T0 + timedelta(minutes=1), RULES)
+    assert decision.segmentation_sop_instance_uid == "9.3"
+    assert "chosen among 3" in decision.reason
+
+
+def test_choice_is_deterministic_on_ties() -> None:
+    a = seg("9.5", {"1.2.3"})
+    b = seg("9.4", {"1.2.3"})
+    first = decide(study([ct()], [a, b]), T0 + timedelta(minutes=1), RULES)
+    second = decide(study([ct()], [b, a]), T0 + timedelta(minutes=1), RULES)
+    assert first == second
+    assert first.segmentation_sop_instance_uid == "9.4"
+
+
+def test_picks_the_referenced_ct_among_several() -> None:
+    snap = study([ct("1.2.3"), ct("1.2.4")], [seg("9.1", {"1.2.4"})])
+    assert decide(snap, T0 + timedelta(minutes=1), RULES).ct_series_instance_uid == "1.2.4"
