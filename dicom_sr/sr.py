@@ -1,0 +1,431 @@
+"""Result -> DICOM Comprehensive 3D SR with a TID 1500 Measurement Report (highdicom only).
+
+Content tree written by :func:`build_measurement_report`::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")            TID 1500
+      Language, Observation Context: device observer = pacs-agent    TID 1204, 1001, 1002, 1004
+      Procedure reported (default: CT of abdomen)
+      CONTAINER Imaging Measurements
+        CONTAINER Measurement Group, one per lesion                  TID 1411 (TID 1410)
+          Tracking Identifier + Tracking Unique Identifier           TID 4108
+          Finding = Neoplasm, Finding Site (optional)
+          Referenced Segment (SEG lesion) | Volume Surface (RTSTRUCT lesion, >= 2 polygons)
+            | Image Region SCOORD3D (RTSTRUCT lesion with one polygon -> planar group, TID 1410)
+          NUM Volume [ml], Long Axis [mm], one NUM per radiomic feature  TID 300
+            each with Algorithm Identification (name, version, parameters)  TID 4019
+      CONTAINER Qualitative Evaluations                               TID 1500 rows 12-14
+        TEXT Validation status, Intended use, Usage warning (DEMO), weights SHA-256, provenance
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.sr.coding import Code
+
+from dicom_sr import codes
+from dicom_sr.uids import derive_uid, result_uids
+from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, StudyResult
+
+__all__ = [
+    "DEFAULT_SERIES_DESCRIPTION",
+    "SOFTWARE_VERSION",
+    "build_measurement_report",
+    "write_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERIES_DESCRIPTION = "AI Radiomics (pacs-agent)"
+_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+_PATIENT_STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+"""What highdicom copies from ``evidence[0]`` (Patient and General Study modules, Type 2)."""
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("pacs-agent")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+SOFTWARE_VERSION = _package_version()
+"""Version of the installed pacs-agent distribution ("0+unknown" when not installed)."""
+
+_GroupType = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
+    """Raise highdicom-style ``TypeError('Argument "name" must have type X.')``; bool is not an int."""
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise TypeError(f'Argument "{name}" must have type {type_name}.')
+
+
+def _algorithm_identification(
+    algorithm: AlgorithmInfo, parameters: Sequence[str] = ()
+) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification; the weights checksum is the first parameter."""
+    params = [f"weights-sha256={algorithm.weights_sha256}"] if algorithm.weights_sha256 else []
+    params.extend(parameters)
+    return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version, parameters=params or None)
+
+
+def _source_image(lesion: LesionResult, images: dict[str, Dataset]) -> list[hd.sr.SourceImageForMeasurement]:
+    image = images.get(lesion.key_slice_sop_instance_uid)
+    if image is None:
+        return []
+    return [
+        hd.sr.SourceImageForMeasurement(
+            referenced_sop_class_uid=image.SOPClassUID,
+            referenced_sop_instance_uid=image.SOPInstanceUID,
+        )
+    ]
+
+
+def _measurements(
+    lesion: LesionResult, algorithm: AlgorithmInfo, images: dict[str, Dataset]
+) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of one lesion: volume, longest axial diameter, radiomic features."""
+    for name in ("volume_ml", "longest_axial_diameter_mm"):
+        if not math.isfinite(getattr(lesion, name)):
+            raise ValueError(f'Lesion "{lesion.tracking_id}": "{name}" must be a finite number.')
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.VOLUME,
+            value=float(lesion.volume_ml),
+            unit=codes.ucum("ml"),
+            algorithm_id=_algorithm_identification(algorithm),
+        ),
+        hd.sr.Measurement(
+            name=codes.LONG_AXIS,
+            value=float(lesion.longest_axial_diameter_mm),
+            unit=codes.ucum("mm"),
+            algorithm_id=_algorithm_identification(algorithm, ["longest axial diameter"]),
+            referenced_images=_source_image(lesion, images) or None,
+        ),
+    ]
+    for feature in lesion.features:
+        concept = codes.feature_concept(feature.name)
+        unit = codes.ucum(feature.unit)
+        if not math.isfinite(feature.value):
+            logger.warning("feature %s of %s is not finite; left out of the SR", feature.name, lesion.tracking_uid)
+            continue
+        measurements.append(
+            hd.sr.Measurement(
+                name=concept,
+                value=float(feature.value),
+                unit=unit,
+                algorithm_id=_algorithm_identification(algorithm, [f"pyradiomics-feature={feature.name}"]),
+            )
+        )
+    return measurements
+
+
+def _closed_polygon(points: Sequence[Sequence[float]], tracking_id: str) -> np.ndarray:
+    polygon = np.asarray(points, dtype=np.float64)
+    if polygon.ndim != 2 or polygon.shape[1] != 3 or len(np.unique(polygon, axis=0)) < 3:
+        raise ValueError(
+            f'Lesion "{tracking_id}": each polygon of "outline_mm" needs at least 3 distinct (x, y, z) points.'
+        )
+    if not np.array_equal(polygon[0], polygon[-1]):
+        polygon = np.vstack([polygon, polygon[:1]])
+    return polygon
+
+
+def _lesion_group(
+    lesion: LesionResult,
+    result: StudyResult,
+    images: dict[str, Dataset],
+    finding_site: Code | CodedConcept | None,
+) -> _GroupType:
+    """One TID 1411 (or, for a single outline polygon, TID 1410) measurement group."""
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
+        "finding_type": codes.NEOPLASM,
+        "finding_sites": [hd.sr.FindingSite(anatomic_location=finding_site)] if finding_site else None,
+        "measurements": _measurements(lesion, result.algorithm, images),
+    }
+    source_series = hd.sr.SourceSeriesForSegmentation(result.ct_series_instance_uid)
+    if lesion.source.kind == "seg":
+        segment = hd.sr.ReferencedSegment(
+            sop_class_uid=lesion.source.sop_class_uid,
+            sop_instance_uid=lesion.source.sop_instance_uid,
+            segment_number=lesion.source.number,
+            source_series=source_series,
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
+    if lesion.source.kind != "rtstruct":
+        raise ValueError(f'Lesion "{lesion.tracking_id}": unknown segmentation kind "{lesion.source.kind}".')
+    if not lesion.outline_mm:
+        raise ValueError(f'Lesion "{lesion.tracking_id}" comes from an RTSTRUCT but has no "outline_mm" to reference.')
+    polygons = [_closed_polygon(p, lesion.tracking_id) for p in lesion.outline_mm]
+    if len(polygons) == 1:  # a one-slice lesion: planar ROI (TID 1410) with a 3D image region
+        region = hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+            graphic_data=polygons[0],
+            frame_of_reference_uid=result.frame_of_reference_uid,
+        )
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    surface = hd.sr.VolumeSurface(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+        graphic_data=polygons,
+        frame_of_reference_uid=result.frame_of_reference_uid,
+        source_series=source_series,
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common)
+
+
+def _report_evaluations(algorithm: AlgorithmInfo, provenance: dict[str, str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12-14 "Qualitative Evaluations": validation status, warnings, provenance."""
+
+    def text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
+        return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+    items = [text(codes.VALIDATION_STATUS, algorithm.validation_status)]
+    if algorithm.is_demo:
+        items.insert(0, text(codes.USAGE_WARNING, DEMO_WARNING))
+    if algorithm.intended_use:
+        items.append(text(codes.INTENDED_USE, algorithm.intended_use))
+    if algorithm.weights_sha256:
+        items.append(text(codes.WEIGHTS_SHA256, algorithm.weights_sha256))
+    items.extend(text(codes.PIPELINE_PROVENANCE, f"{k}={v}") for k, v in sorted(provenance.items()))
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _unique_evidence(evidence: Sequence[Dataset], segmentation_dataset: Dataset | None) -> list[Dataset]:
+    unique: dict[str, Dataset] = {}
+    for ds in [*evidence, *([segmentation_dataset] if segmentation_dataset is not None else [])]:
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            if keyword not in ds:
+                raise ValueError(f'An evidence dataset has no "{keyword}".')
+        unique.setdefault(str(ds.SOPInstanceUID), ds)
+    return list(unique.values())
+
+
+def build_measurement_report(
+    result: StudyResult,
+    evidence: Sequence[Dataset],
+    *,
+    segmentation_dataset: Dataset | None = None,
+    series_number: int = 900,
+    institution_name: str | None = None,
+    manufacturer: str = "pacs-agent",
+    software_version: str = SOFTWARE_VERSION,
+    procedure_reported: Code | CodedConcept = codes.CT_OF_ABDOMEN,
+    finding_site: Code | CodedConcept | None = None,
+    series_description: str = DEFAULT_SERIES_DESCRIPTION,
+    device_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build a Comprehensive 3D SR holding a TID 1500 Measurement Report for ``result``.
+
+    One TID 1411 Volumetric ROI measurement group per lesion (TID 1410 Planar ROI for an
+    RTSTRUCT lesion outlined by a single polygon) with TID 4108 tracking identifier and UID,
+    finding "Neoplasm" (SCT 108369006), the referenced SEG segment or the lesion outline as
+    SCOORD3D polygons, and TID 300 measurements (volume, longest axial diameter, radiomic
+    features coded per :mod:`dicom_sr.codes`) each carrying TID 4019 algorithm identification.
+    DEMO algorithms get "DEMO MODEL - NOT FOR CLINICAL USE" in a TEXT item and in the
+    Series Description. Series and SOP Instance UIDs derive from the inputs (:mod:`dicom_sr.uids`).
+
+    Parameters
+    ----------
+    result: inference.results.StudyResult
+        What the pipeline computed; must contain at least one lesion.
+    evidence: Sequence[pydicom.Dataset]
+        Source instances (CT slices, may be read without pixels; the segmentation object).
+        Patient and study attributes are copied from ``evidence[0]``; the SR joins its study.
+    segmentation_dataset: pydicom.Dataset | None, optional
+        The SEG or RTSTRUCT instance; added to the evidence when not already there. A SEG
+        referenced by a lesion must be in the evidence.
+    series_number: int, optional
+        Series Number of the SR series.
+    institution_name: str | None, optional
+        Institution Name of the SR.
+    manufacturer: str, optional
+        Manufacturer (General Equipment) and device observer manufacturer.
+    software_version: str, optional
+        Software Versions of the SR and version in the observer's model name.
+    procedure_reported: pydicom.sr.coding.Code | highdicom.sr.CodedConcept, optional
+        TID 1500 "Procedure reported" (CID 100); default SCT 169070004 "CT of abdomen".
+    finding_site: pydicom.sr.coding.Code | highdicom.sr.CodedConcept | None, optional
+        Anatomic site of all lesions (e.g. ``codes.SCT.Liver``), when known.
+    series_description: str, optional
+        Series Description; prefixed with the DEMO warning for DEMO algorithms.
+    device_uid: str | None, optional
+        Device Observer UID (TID 1004); default derived from manufacturer and institution.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR instance, ready to write with :func:`write_dataset`.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type (the message names the argument).
+    ValueError
+        When the result has no lesions, a feature has no code, an RTSTRUCT lesion has no
+        outline, a referenced SEG instance is not part of the evidence, or ``evidence[0]``
+        lacks patient / study attributes or belongs to another study.
+    """
+    _require(result, StudyResult, "result", "StudyResult")
+    if isinstance(evidence, (str, bytes, Dataset)) or not isinstance(evidence, Sequence):
+        raise TypeError('Argument "evidence" must be a sequence of pydicom.Dataset.')
+    if not evidence or any(not isinstance(ds, Dataset) for ds in evidence):
+        raise TypeError('Argument "evidence" must be a non-empty sequence of pydicom.Dataset.')
+    if segmentation_dataset is not None:
+        _require(segmentation_dataset, Dataset, "segmentation_dataset", "pydicom.Dataset")
+    _require(series_number, int, "series_number", "int")
+    if institution_name is not None:
+        _require(institution_name, str, "institution_name", "str")
+    for name, value in (
+        ("manufacturer", manufacturer),
+        ("software_version", software_version),
+        ("series_description", series_description),
+    ):
+        _require(value, str, name, "str")
+    _require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
+    if finding_site is not None:
+        _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+    if device_uid is not None:
+        _require(device_uid, str, "device_uid", "str")
+    if not result.lesions:
+        raise ValueError('Argument "result" must contain at least one lesion.')
+    if any(not isinstance(lesion, LesionResult) for lesion in result.lesions):
+        raise TypeError('Items of "result.lesions" must have type LesionResult.')
+    missing = [k for k in _PATIENT_STUDY_KEYWORDS if k not in evidence[0]]
+    if missing:
+        raise ValueError(f"evidence[0] lacks {', '.join(missing)}: patient/study attributes come from it.")
+    if evidence[0].StudyInstanceUID != result.study_instance_uid:
+        raise ValueError("evidence[0] is not from the study of the result (Study Instance UID differs).")
+
+    all_evidence = _unique_evidence(evidence, segmentation_dataset)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in all_evidence}
+    for lesion in result.lesions:
+        if lesion.source.kind == "seg" and lesion.source.sop_instance_uid not in by_uid:
+            raise ValueError(
+                f'Lesion "{lesion.tracking_id}" references SEG {lesion.source.sop_instance_uid}, '
+                'which is not in the evidence: pass it as "segmentation_dataset".'
+            )
+
+    observer = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid or derive_uid("pacs-agent device", manufacturer, institution_name or ""),
+        name="pacs-agent",
+        manufacturer_name=manufacturer,
+        model_name=f"pacs-agent {software_version}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=pydicom_codes.DCM.Device, observer_identifying_attributes=observer
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=procedure_reported,
+        imaging_measurements=[_lesion_group(x, result, by_uid, finding_site) for x in result.lesions],
+    )
+    report[0].ContentSequence.append(_report_evaluations(result.algorithm, result.provenance))
+
+    algorithm = result.algorithm
+    input_uids = [result.ct_series_instance_uid, *by_uid]
+    if result.segmentation is not None:
+        input_uids.append(result.segmentation.sop_instance_uid)
+    uids = result_uids(
+        input_uids,
+        method=result.method,
+        algorithm_version=f"{algorithm.name}/{algorithm.version}/{algorithm.weights_sha256 or '-'}",
+        kind="SR",
+    )
+    description = f"{DEMO_WARNING} | {series_description}" if algorithm.is_demo else series_description
+    with warnings.catch_warnings():
+        # highdicom warns about single-component Patient Names copied from the evidence; the
+        # message quotes the name, which must never reach a log (PHI), and we cannot change it.
+        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+        return hd.sr.Comprehensive3DSR(
+            evidence=all_evidence,
+            content=report,
+            series_instance_uid=uids.series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=uids.sop_instance_uid,
+            instance_number=1,
+            manufacturer=manufacturer,
+            is_complete=True,
+            institution_name=institution_name,
+            series_description=description[:64],
+            manufacturer_model_name="pacs-agent",
+            software_versions=software_version,
+            # UTF-8 holds whatever character set the evidence used (PS3.3 C.12.1.1.2).
+            specific_character_set="ISO_IR 192",
+            coding_schemes=[
+                CodingSchemeIdentificationItem(
+                    designator=codes.PRIVATE_SCHEME_DESIGNATOR,
+                    name=codes.PRIVATE_SCHEME_NAME,
+                    responsible_organization="pacs-agent developers",
+                )
+            ],
+        )
+
+
+def write_dataset(ds: Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file atomically (temp file, fsync, rename, fsync dir).
+
+    Parameters
+    ----------
+    ds: pydicom.Dataset
+        Dataset with file meta information (highdicom objects have it).
+    path: str | os.PathLike
+        Target file; parent directories are created. An existing file is replaced.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path. A reader never sees a partly written file at ``path``.
+    """
+    _require(ds, Dataset, "ds", "pydicom.Dataset")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
