@@ -1,0 +1,87 @@
+"""The radiomics pipeline: per-lesion pyradiomics features of every segmented lesion.
+
+CT series -> volume; SEG / RTSTRUCT -> one mask per segment / ROI; each mask -> lesions (3D
+connected components); each lesion -> shape, first-order and texture features. No model, so the
+algorithm identity is the pipeline version plus the hash of the radiomics parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_sr.uids import derive_uid
+from inference.imaging.lesions import find_lesions, outline_mm
+from inference.imaging.masks import load_segmentation
+from inference.imaging.volume import load_ct_series
+from inference.radiomics.features import compute_features, feature_unit
+from inference.results import AlgorithmInfo, FeatureValue, LesionResult, StudyResult
+from pacs_agent import __version__
+from pacs_agent.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+METHOD = "radiomics"
+INTENDED_USE = (
+    "Research use: quantitative description (volume, diameter, intensity and texture) of lesions "
+    "segmented by a clinician. Not a diagnosis."
+)
+
+
+def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyResult:
+    """Compute per-lesion radiomics for one CT series and one segmentation object.
+
+    Raises
+    ------
+    InputError
+        The CT cannot be assembled into a volume, the segmentation does not fit it, or no
+        lesion remains after the minimum-volume filter.
+    """
+    volume = load_ct_series(ct_paths)
+    masks = load_segmentation(segmentation_path, volume)
+    lesions: list[LesionResult] = []
+    provenance: dict[str, str] = {}
+    for label_mask in masks:
+        source = label_mask.source
+        for lesion in find_lesions(label_mask, volume):
+            features = compute_features(volume, lesion.mask)
+            provenance = features.provenance
+            lesions.append(
+                LesionResult(
+                    tracking_id=lesion.tracking_id,
+                    tracking_uid=derive_uid(
+                        "tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id
+                    ),
+                    source=source,
+                    volume_ml=lesion.volume_ml,
+                    longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
+                    centroid_mm=lesion.centroid_mm,
+                    key_slice_index=lesion.key_slice_index,
+                    key_slice_sop_instance_uid=volume.sop_instance_uids[lesion.key_slice_index],
+                    features=tuple(
+                        FeatureValue(name, float(value), feature_unit(name))
+                        for name, value in sorted(features.features.items())
+                    ),
+                    outline_mm=outline_mm(lesion, volume) if source.kind == "rtstruct" else (),
+                )
+            )
+    if not lesions:
+        raise InputError("the segmentation holds no lesion above the minimum volume")
+    param_hash = provenance.get("parameter_hash", "unknown")[:8]
+    return StudyResult(
+        method=METHOD,
+        study_instance_uid=volume.study_instance_uid,
+        ct_series_instance_uid=volume.series_instance_uid,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        segmentation=masks[0].source,
+        algorithm=AlgorithmInfo(
+            name="pacs-agent radiomics",
+            version=f"{__version__}+params.{param_hash}",
+            validation_status="RESEARCH",
+            weights_sha256=None,
+            intended_use=INTENDED_USE,
+        ),
+        lesions=tuple(lesions),
+        provenance=provenance,
+    )

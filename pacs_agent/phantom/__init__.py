@@ -1,0 +1,31 @@
+"""Synthetic phantom studies: portal-venous abdominal CT with liver lesions, DICOM SEG and RTSTRUCT.
+
+The phantom is the project's test and demonstration input. Every study is deterministic for its
+arguments (UIDs included) and carries the ground truth of its lesions, so readers can be checked
+against what was planted.
+"""
+
+from pacs_agent.phantom.anatomy import PhantomGeometry
+from pacs_agent.phantom.cli import main
+from pacs_agent.phantom.ct import SERIES_DESCRIPTION, SUPPORTED_TRANSFER_SYNTAXES
+from pacs_agent.phantom.study import (
+    PhantomLesion,
+    PhantomOptions,
+    PhantomStudy,
+    generate_follow_up,
+    generate_study,
+    label_volume,
+)
+
+__all__ = [
+    "SERIES_DESCRIPTION",
+    "SUPPORTED_TRANSFER_SYNTAXES",
+    "PhantomGeometry",
+    "PhantomLesion",
+    "PhantomOptions",
+    "PhantomStudy",
+    "generate_follow_up",
+    "generate_study",
+    "label_volume",
+    "main",
+]

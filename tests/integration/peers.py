@@ -1,0 +1,224 @@
+"""Real peers for integration tests: Orthanc as the PACS, the node as real processes, DCMTK tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from pacs_agent.demo import free_port
+
+ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool, or skip the test with the package to install."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        package = {"Orthanc": "orthanc", "dciodvfy": "dicom3tools"}.get(name, "dcmtk")
+        pytest.skip(f"{name} is not installed (apt-get install {package}; `make test` installs it)")
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Orthanc:
+    """An Orthanc server of its own (temp storage, free ports), standing in for the hospital PACS."""
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.modalities: dict[str, list[Any]] = {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the REST API."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
+        """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
+        self.modalities[name] = [ae_title, host, port]
+
+    def start(self) -> None:
+        """Write the configuration and start Orthanc; wait until its REST API answers."""
+        require_tool("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pacs-agent-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckModalityHost": False,
+            "DicomModalities": self.modalities,
+            "Plugins": [],
+            "StableAge": 1,
+            "HttpTimeout": 60,
+        }
+        (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        log = (self.workdir / "orthanc.log").open("ab")
+        self.process = subprocess.Popen([ORTHANC_BINARY, str(self.workdir / "orthanc.json")], stdout=log, stderr=log)
+        wait_for(self._alive, 30, "Orthanc to start")
+
+    def _alive(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/system", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """Stop Orthanc (its storage stays for a restart)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource as JSON."""
+        response = requests.get(f"{self.url}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: Any) -> Any:
+        """POST JSON (or raw bytes) to the REST API."""
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        response = requests.post(f"{self.url}{path}", data=data, timeout=120)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def upload(self, files: Sequence[Path]) -> list[str]:
+        """Store files through the REST API; returns the Orthanc instance ids."""
+        return [self.post("/instances", Path(f).read_bytes())["ID"] for f in files]
+
+    def instances_with_modality(self, modality: str) -> list[dict[str, Any]]:
+        """Every stored instance whose series has ``modality`` (e.g. SR), with its tags."""
+        found = []
+        for series_id in self.get("/series"):
+            series = self.get(f"/series/{series_id}")
+            if series["MainDicomTags"].get("Modality") == modality:
+                for instance_id in series["Instances"]:
+                    found.append(self.get(f"/instances/{instance_id}/simplified-tags") | {"ID": instance_id})
+        return found
+
+    def file(self, instance_id: str) -> bytes:
+        """The DICOM file of an instance."""
+        response = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        response.raise_for_status()
+        return response.content
+
+
+class Node:
+    """pacs-agent run as real processes (``pacs-agent serve``) with a config file of the test's."""
+
+    def __init__(self, workdir: Path, *, extra_config: str = "", ae_title: str = "PACS_AGENT") -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.state_dir = workdir / "state"
+        self.config = workdir / "pacs-agent.toml"
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "node.log"
+
+    def write_config(self) -> None:
+        """(Re)write the node's TOML file."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'[storage]\nstate_dir = "{self.state_dir}"\nmin_free_mb = 10\n'
+            f"[readiness]\nquiet_seconds = 1\n"
+            f"[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 2\n"
+            f"{self.extra_config}\n"
+        )
+
+    def start(self, command: str = "serve", env: dict[str, str] | None = None) -> None:
+        """Start ``pacs-agent <command>`` and wait until it answers C-ECHO."""
+        self.write_config()
+        out = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_agent", command, "--config", str(self.config)],
+            stdout=out,
+            stderr=out,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")}, **(env or {})},
+        )
+        if command != "worker":
+            wait_for(self.listening, 60, "the node to listen")
+
+    def listening(self) -> bool:
+        """True when the node's port accepts TCP connections."""
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def echo(self) -> bool:
+        """True when DCMTK echoscu gets an answer."""
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        result = subprocess.run(
+            [require_tool("echoscu"), "-aec", self.ae_title, "-to", "2", "127.0.0.1", str(self.port)],
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the node and wait; returns its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout)
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def database_url(self) -> str:
+        """The SQLite URL of the node's database."""
+        return f"sqlite:///{self.state_dir / 'pacs-agent.db'}"
+
+
+def storescu(
+    port: int, files: Sequence[Path], *, aec: str = "PACS_AGENT", aet: str = "STORESCU"
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` with DCMTK storescu proposing only the SOP classes of the files (-R)."""
+    return subprocess.run(
+        [require_tool("storescu"), "-R", "-aet", aet, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )

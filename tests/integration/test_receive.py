@@ -1,0 +1,245 @@
+"""The receiving node against real senders: DCMTK echoscu / storescu and a pynetdicom SCU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
+from sqlalchemy import func, select
+
+from pacs_agent.db import Database
+from pacs_agent.models import Event, Instance, Study
+from pacs_agent.phantom import PhantomStudy, generate_study
+from tests.integration.peers import Node, require_tool, storescu
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
+    return generate_study(tmp_path_factory.mktemp("phantom"), seed=3, lesions=2, slices=20, rows=128, columns=128)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    node = Node(
+        tmp_path / "node", extra_config='[security]\nallowed_calling_aets = ["STORESCU", "PYNETDICOM", "ECHOSCU"]\n'
+    )
+    node.start("scp")
+    yield node
+    if node.process is not None:
+        assert node.stop() == 0, node.log.read_text()[-2000:]
+
+
+def db_of(node: Node) -> Database:
+    return Database(node.database_url(), run_migrations=False)
+
+
+def events(node: Node, kind: str) -> list[Event]:
+    db = db_of(node)
+    with db.session() as session:
+        found = session.execute(select(Event).where(Event.kind == kind).order_by(Event.id)).scalars().all()
+    db.dispose()
+    return list(found)
+
+
+def send_raw(port: int, file: Path) -> int:
+    """Send a file's bytes as they are (pynetdicom chunked send) and return the C-STORE status."""
+    meta = dcmread(file, stop_before_pixels=True, force=True).file_meta
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(file)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+    return int(status.Status)
+
+
+def file_with_body(path: Path, sop_class: str, body: bytes) -> Path:
+    """A Part 10 file with a valid preamble and meta, followed by ``body`` as the dataset."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    path.write_bytes(buffer.getvalue() + body)
+    return path
+
+
+def dataset_store(port: int, ds: Dataset) -> int:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_echo_and_store_with_dcmtk(node: Node, phantom: PhantomStudy) -> None:
+    assert node.echo()
+    files = [*phantom.ct_files, phantom.seg_file, phantom.rtstruct_file]
+    result = storescu(node.port, files)
+    assert result.returncode == 0, result.stderr
+    db = db_of(node)
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == len(files)
+        stored = session.execute(select(Instance.path, Instance.size_bytes)).all()
+        study = session.execute(select(Study)).scalar_one()
+        assert study.study_instance_uid == phantom.study_instance_uid
+    db.dispose()
+    for path, size in stored:
+        on_disk = node.state_dir / "spool" / path
+        assert on_disk.stat().st_size == size
+    # byte-for-byte what was sent, apart from the meta header the receiver writes itself
+    original = dcmread(phantom.ct_files[0])
+    spooled = dcmread(node.state_dir / "spool" / stored[0][0])
+    assert spooled.PixelData == original.PixelData
+    assert not list((node.state_dir / "spool" / "tmp").iterdir())
+    assert "stored" in events(node, "association")[-1].detail
+
+
+def test_duplicate_is_stored_once(node: Node, phantom: PhantomStudy) -> None:
+    assert storescu(node.port, phantom.ct_files[:2]).returncode == 0
+    assert storescu(node.port, phantom.ct_files[:2]).returncode == 0
+    db = db_of(node)
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 2
+        assert session.scalar(select(func.sum(Instance.duplicates))) == 2
+    db.dispose()
+
+
+def test_disallowed_calling_ae_is_rejected(node: Node, phantom: PhantomStudy) -> None:
+    result = storescu(node.port, phantom.ct_files[:1], aet="INTRUDER")
+    assert result.returncode != 0
+    assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+    rejected = events(node, "association_rejected")
+    assert rejected and "INTRUDER" in rejected[-1].detail
+    db = db_of(node)
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    db.dispose()
+
+
+def test_disallowed_host_is_rejected(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node", extra_config='[security]\nallowed_hosts = ["10.99.0.0/16"]\n')
+    node.start("scp")
+    try:
+        assert not node.echo()
+        rejected = events(node, "association_rejected")
+        assert "host 127.0.0.1 is not in [security] allowed_hosts" in rejected[-1].detail
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"this is not a DICOM dataset at all" * 10, 0xC210),  # non-DICOM byte stream
+        (b"", 0xC210),  # nothing after the meta header
+    ],
+)
+def test_garbage_gets_cannot_understand(node: Node, tmp_path: Path, body: bytes, status: int) -> None:
+    path = file_with_body(tmp_path / "bad.dcm", CTImageStorage, body)
+    assert send_raw(node.port, path) == status
+    assert events(node, "store_refused")[-1].status == status
+    assert node.echo()  # still serving
+
+
+def test_truncated_file_is_refused(node: Node, phantom: PhantomStudy, tmp_path: Path) -> None:
+    data = phantom.ct_files[0].read_bytes()
+    meta_end = len(data) - len(dcmread(phantom.ct_files[0]).PixelData) - 12
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: meta_end // 2 + 200])
+    status = send_raw(node.port, truncated)
+    assert status in (0xC210, 0xA900)
+    assert events(node, "store_refused")
+    assert storescu(node.port, phantom.ct_files[:1]).returncode == 0  # a good one right after
+
+
+def test_ct_without_pixel_data(node: Node, phantom: PhantomStudy) -> None:
+    ds = dcmread(phantom.ct_files[0])
+    del ds.PixelData
+    ds.SOPInstanceUID = generate_uid()
+    assert dataset_store(node.port, ds) == 0xA900
+    assert "without Pixel Data" in events(node, "store_refused")[-1].detail
+
+
+def test_dataset_of_another_sop_class(node: Node, phantom: PhantomStudy, tmp_path: Path) -> None:
+    ds = dcmread(phantom.ct_files[0])
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    body = data[data.index(b"DICM") + 4 :]
+    # keep the CT class in the file meta so the request says CT while the dataset says SC
+    meta_len = int.from_bytes(body[8:12], "little") + 12
+    path = file_with_body(tmp_path / "mismatch.dcm", CTImageStorage, body[meta_len:])
+    assert send_raw(node.port, path) == 0xA900
+    assert "differs from the requested" in events(node, "store_refused")[-1].detail
+
+
+def test_low_disk_answers_out_of_resources(tmp_path: Path, phantom: PhantomStudy) -> None:
+    node = Node(tmp_path / "node", extra_config="")
+    node.start("scp", env={"PACS_AGENT__STORAGE__MIN_FREE_MB": str(10**12)})
+    try:
+        result = storescu(node.port, phantom.ct_files[:1])
+        assert result.returncode != 0 or "0xa700" in result.stderr.lower() or "Out of Resources" in result.stderr
+        refused = events(node, "store_refused")
+        assert refused and refused[-1].status == 0xA700
+        assert not list((node.state_dir / "spool").rglob("*.dcm"))
+    finally:
+        assert node.stop() == 0
+
+
+def test_scp_process_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from pacs_agent.config import load_settings\n"
+        "from pacs_agent.service import ScpService\n"
+        f"s = load_settings(None, {{'PACS_AGENT__STORAGE__STATE_DIR': r'{tmp_path}', 'PACS_AGENT__NODE__PORT': '1'}})\n"
+        "svc = ScpService(s)\n"
+        "heavy = [m for m in ('torch', 'radiomics', 'SimpleITK', 'inference.pipelines') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_transfer_syntax_is_accepted(node: Node, tmp_path: Path) -> None:
+    require_tool("storescu")
+    from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+
+    ds = dcmread(generate_study(tmp_path / "p", seed=5, lesions=1, slices=4, rows=64, columns=64).ct_files[0])
+    for syntax in (ImplicitVRLittleEndian, RLELossless):
+        copy = ds.copy()
+        copy.SOPInstanceUID = generate_uid()
+        if syntax == RLELossless:
+            copy.compress(RLELossless, np.asarray(ds.pixel_array))
+        else:
+            copy.file_meta.TransferSyntaxUID = syntax
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(copy.SOPClassUID, syntax)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AGENT")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(copy).Status) == 0
+        assoc.release()
