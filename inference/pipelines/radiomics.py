@@ -42,8 +42,13 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
     masks = load_segmentation(segmentation_path, volume)
     lesions: list[LesionResult] = []
     provenance: dict[str, str] = {}
+    skipped: list[str] = []
     for label_mask in masks:
         source = label_mask.source
+        if not label_mask.ok:  # an empty or unusable segment fails alone, the others go on
+            skipped.append(f"{source.label} ({source.kind} {source.number}): {label_mask.problem}")
+            logger.warning("segment %d of %s skipped: %s", source.number, source.sop_instance_uid, label_mask.problem)
+            continue
         for lesion in find_lesions(label_mask, volume):
             features = compute_features(volume, lesion.mask)
             provenance = features.provenance
@@ -68,6 +73,8 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
             )
     if not lesions:
         raise InputError("the segmentation holds no lesion above the minimum volume")
+    if skipped:
+        provenance = {**provenance, "skipped_segments": "; ".join(skipped)}
     param_hash = provenance.get("parameter_hash", "unknown")[:8]
     return StudyResult(
         method=METHOD,

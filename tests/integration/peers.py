@@ -83,8 +83,8 @@ class Orthanc:
             "HttpTimeout": 60,
         }
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
-        log = (self.workdir / "orthanc.log").open("ab")
-        self.process = subprocess.Popen([ORTHANC_BINARY, str(self.workdir / "orthanc.json")], stdout=log, stderr=log)
+        with (self.workdir / "orthanc.log").open("ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen([ORTHANC_BINARY, str(self.workdir / "orthanc.json")], stdout=log, stderr=log)
         wait_for(self._alive, 30, "Orthanc to start")
 
     def _alive(self) -> bool:
@@ -165,13 +165,13 @@ class Node:
     def start(self, command: str = "serve", env: dict[str, str] | None = None) -> None:
         """Start ``pacs-agent <command>`` and wait until it answers C-ECHO."""
         self.write_config()
-        out = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pacs_agent", command, "--config", str(self.config)],
-            stdout=out,
-            stderr=out,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")}, **(env or {})},
-        )
+        with self.log.open("ab") as out:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pacs_agent", command, "--config", str(self.config)],
+                stdout=out,
+                stderr=out,
+                env={**{k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")}, **(env or {})},
+            )
         if command != "worker":
             wait_for(self.listening, 60, "the node to listen")
 

@@ -133,7 +133,7 @@ def test_worker_crash_is_retried(orthanc_and_node: tuple[Orthanc, Node], phantom
 
 def test_bad_segmentation_fails_the_job_with_a_reason(orthanc_and_node: tuple[Orthanc, Node], tmp_path: Path) -> None:
     _, node = orthanc_and_node
-    study = generate_study(tmp_path / "p", seed=4, lesions=1, slices=12, rows=64, columns=64)
+    study = generate_study(tmp_path / "p", seed=4, lesions=1, slices=24, rows=64, columns=64)
     seg = dcmread(study.seg_file)
     seg.PixelData = b"\x00" * len(seg.PixelData)  # every segment empty
     seg.save_as(study.seg_file)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -56,7 +57,7 @@ def events(node: Node, kind: str) -> list[Event]:
 
 def send_raw(port: int, file: Path) -> int:
     """Send a file's bytes as they are (pynetdicom chunked send) and return the C-STORE status."""
-    meta = dcmread(file, stop_before_pixels=True, force=True).file_meta
+    meta = read_file_meta_info(file)
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AGENT")

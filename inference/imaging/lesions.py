@@ -1,0 +1,155 @@
+"""Lesions: 3D connected components of a segment mask, with size, position and outline.
+
+"Axial" here means the acquisition plane of the CT (the plane of its slices), which is axial for
+the usual abdominal and chest series.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
+from skimage.measure import approximate_polygon, find_contours
+
+from inference.imaging.masks import LabelMask, SegmentationError
+from inference.imaging.volume import CTVolume
+
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass(frozen=True, eq=False)
+class Lesion:
+    """One 3D connected component (26-connectivity) of a segment.
+
+    ``index`` is 1 for the largest lesion of the segment; ``tracking_id`` is
+    ``"<label> lesion <index>"``. ``mask`` is a bool array on the full CT grid; ``bbox`` the
+    (z, y, x) slices that bound it. ``key_slice_index`` is the z index of the largest
+    cross-section; ``longest_axial_diameter_mm`` the longest in-plane diameter over all slices.
+    """
+
+    tracking_id: str
+    index: int
+    mask: np.ndarray
+    volume_ml: float
+    centroid_mm: tuple[float, float, float]
+    bbox: tuple[slice, slice, slice]
+    longest_axial_diameter_mm: float
+    key_slice_index: int
+    voxel_count: int = 0
+
+
+def find_lesions(label_mask: LabelMask, volume: CTVolume, *, min_volume_ml: float = 0.05) -> list[Lesion]:
+    """Split a segment into lesions (3D connected components, 26-connectivity).
+
+    Parameters
+    ----------
+    label_mask
+        A usable segment (``label_mask.ok``) on the grid of ``volume``.
+    volume
+        The CT volume (geometry for volumes, diameters and coordinates).
+    min_volume_ml
+        Components smaller than this (mL) are dropped as noise.
+
+    Returns
+    -------
+    list[Lesion]
+        Ordered by volume, largest first; equal volumes by centroid (z, y, x index), so the
+        order and the tracking ids are stable. Empty when no component reaches ``min_volume_ml``.
+
+    Raises
+    ------
+    SegmentationError
+        ``label_mask`` carries a problem (skip such masks and report them instead).
+    ValueError
+        The mask is not on the grid of ``volume``.
+    """
+    if not label_mask.ok:
+        raise SegmentationError(str(label_mask.problem))
+    mask = np.asarray(label_mask.mask, dtype=bool)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} is not the volume shape {volume.shape}")
+    labels, n = ndimage.label(mask, structure=CONNECTIVITY_26)
+    if n == 0:
+        return []
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    centres = ndimage.center_of_mass(mask, labels, range(1, n + 1))
+    voxel_ml = volume.voxel_volume_mm3 / 1000.0
+    keep = [i for i in range(n) if counts[i] * voxel_ml >= min_volume_ml]
+    keep.sort(key=lambda i: (-int(counts[i]), tuple(float(c) for c in centres[i])))
+    boxes = ndimage.find_objects(labels)
+    sx, sy, _ = volume.spacing_xyz
+    lesions = []
+    for rank, i in enumerate(keep, start=1):
+        box = boxes[i]
+        assert box is not None
+        component = labels == i + 1
+        local = component[box]
+        areas = local.sum(axis=(1, 2))
+        cz, cy, cx = centres[i]
+        centroid = volume.index_to_mm(np.array([cx, cy, cz]))[0]
+        diameter = max(_longest_diameter(local[k], sx, sy) for k in np.flatnonzero(areas))
+        lesions.append(
+            Lesion(
+                tracking_id=f"{label_mask.source.label} lesion {rank}",
+                index=rank,
+                mask=component,
+                volume_ml=float(counts[i] * voxel_ml),
+                centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                bbox=box,  # type: ignore[arg-type]
+                longest_axial_diameter_mm=diameter,
+                key_slice_index=int(box[0].start + np.argmax(areas)),
+                voxel_count=int(counts[i]),
+            )
+        )
+    return lesions
+
+
+def _slice_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """Closed boundary polylines (row, col) of a 2D bool mask, at the pixel edges (level 0.5)."""
+    padded = np.pad(plane.astype(np.float32), 1)
+    return [c - 1.0 for c in find_contours(padded, 0.5)]
+
+
+def _longest_diameter(plane: np.ndarray, sx: float, sy: float) -> float:
+    """Largest distance (mm) between two boundary points of a 2D mask (edge to edge)."""
+    points = np.concatenate(_slice_contours(plane)) * np.array([sy, sx])
+    if len(points) > 3:
+        with contextlib.suppress(QhullError):  # collinear points (a one-pixel-wide line): keep them all
+            points = points[ConvexHull(points).vertices]
+    return float(pdist(points).max()) if len(points) > 1 else 0.0
+
+
+def outline_mm(lesion: Lesion, volume: CTVolume) -> tuple[tuple[tuple[float, float, float], ...], ...]:
+    """Boundary of a lesion as closed polygons in patient coordinates (mm), slice by slice.
+
+    Parameters
+    ----------
+    lesion
+        A lesion from :func:`find_lesions` on ``volume``.
+    volume
+        The CT volume it lies in.
+
+    Returns
+    -------
+    tuple
+        One polygon per boundary per slice, ordered by slice then by boundary; each polygon is
+        closed (first point repeated at the end) and runs along the pixel edges of the mask.
+        Boundaries of holes are polygons too, so the region is their even-odd combination.
+    """
+    polygons = []
+    zs, ys, xs = lesion.bbox
+    local = lesion.mask[lesion.bbox]
+    for k in range(local.shape[0]):
+        if not local[k].any():
+            continue
+        for contour in _slice_contours(local[k]):
+            contour = approximate_polygon(contour, tolerance=0.01)
+            rows, cols = contour[:, 0] + ys.start, contour[:, 1] + xs.start
+            idx = np.column_stack([cols, rows, np.full(len(rows), zs.start + k, dtype=float)])
+            mm = np.round(volume.index_to_mm(idx), 4)
+            polygons.append(tuple((float(p[0]), float(p[1]), float(p[2])) for p in mm))
+    return tuple(polygons)
