@@ -84,7 +84,9 @@ class Orthanc:
         }
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
         with (self.workdir / "orthanc.log").open("ab") as log:  # the child keeps its own handle
-            self.process = subprocess.Popen([ORTHANC_BINARY, str(self.workdir / "orthanc.json")], stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [ORTHANC_BINARY, str(self.workdir / "orthanc.json")], stdout=log, stderr=log
+            )
         wait_for(self._alive, 30, "Orthanc to start")
 
     def _alive(self) -> bool:
