@@ -21,8 +21,8 @@ from sqlalchemy import func, select
 
 from pacs_agent.db import Database
 from pacs_agent.models import Event, Instance, Study
-from pacs_agent.phantom import PhantomStudy, generate_study
-from tests.integration.peers import Node, require_tool, storescu
+from pacs_agent.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
+from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -226,21 +226,55 @@ def test_scp_process_never_imports_torch(tmp_path: Path) -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_every_transfer_syntax_is_accepted(node: Node, tmp_path: Path) -> None:
-    require_tool("storescu")
-    from pydicom.uid import ImplicitVRLittleEndian, RLELossless
-
-    ds = dcmread(generate_study(tmp_path / "p", seed=5, lesions=1, slices=4, rows=64, columns=64).ct_files[0])
-    for syntax in (ImplicitVRLittleEndian, RLELossless):
-        copy = ds.copy()
-        copy.SOPInstanceUID = generate_uid()
-        if syntax == RLELossless:
-            copy.compress(RLELossless, np.asarray(ds.pixel_array))
-        else:
-            copy.file_meta.TransferSyntaxUID = syntax
-        ae = AE(ae_title="PYNETDICOM")
-        ae.add_requested_context(copy.SOPClassUID, syntax)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AGENT")
-        assert assoc.is_established
-        assert int(assoc.send_c_store(copy).Status) == 0
+@pytest.mark.parametrize("syntax", SUPPORTED_TRANSFER_SYNTAXES)
+def test_every_transfer_syntax_is_stored_as_sent(node: Node, tmp_path: Path, syntax: str) -> None:
+    seed = 100 + SUPPORTED_TRANSFER_SYNTAXES.index(syntax)  # distinct UIDs per syntax
+    study = generate_study(
+        tmp_path / "p",
+        seed=seed,
+        lesions=1,
+        slices=20,
+        rows=64,
+        columns=64,
+        segmentation="none",
+        transfer_syntax=syntax,
+    )
+    ds = dcmread(study.ct_files[0])
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, syntax)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0
+    finally:
         assoc.release()
+    db = db_of(node)
+    with db.session() as session:
+        row = session.execute(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)).scalar_one()
+    db.dispose()
+    assert row.transfer_syntax_uid == syntax
+    stored = dcmread(node.state_dir / "spool" / row.path)
+    assert np.array_equal(stored.pixel_array, ds.pixel_array)
+
+
+def test_segmentation_of_an_unknown_series_is_explained(node: Node, phantom: PhantomStudy, tmp_path: Path) -> None:
+    seg = dcmread(phantom.seg_file)
+    seg.SOPInstanceUID = generate_uid()
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.999"
+    seg.save_as(tmp_path / "seg.dcm")
+    assert storescu(node.port, [*phantom.ct_files, tmp_path / "seg.dcm"]).returncode == 0
+
+    def status() -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "pacs_agent", "status", "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout if "incomplete" in out.stdout else ""
+
+    text = wait_for(status, 30, "the study to be marked incomplete")
+    assert "references 1.2.3.999, which is not a CT series of this study" in text
+    assert phantom.patient_id not in text
+    assert node.echo()
