@@ -62,7 +62,7 @@ class Orthanc:
         """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
         self.modalities[name] = [ae_title, host, port]
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         """Write the configuration and start Orthanc; wait until its REST API answers."""
         require_tool("Orthanc")
         self.workdir.mkdir(parents=True, exist_ok=True)
