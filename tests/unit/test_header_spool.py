@@ -97,7 +97,7 @@ def with_meta(body: bytes) -> bytes:
     [b"", b"\x00" * 10, b"this is not dicom at all" * 20, with_meta(b""), with_meta(b"\xff" * 300)],
 )
 def test_garbage_is_refused(data: bytes) -> None:
-    with pytest.raises(HeaderError, match="not a DICOM file|cannot decode|missing or empty"):
+    with pytest.raises(HeaderError, match=r"not a DICOM file|cannot decode|missing or empty"):
         read_header(data)
 
 
