@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pacs_agent.errors import ConfigError
+from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
 
 ENV_PREFIX = "PACS_AGENT__"
 KNOWN_METHODS = ("radiomics",)
@@ -159,6 +160,45 @@ class SecuritySettings(_Section):
         return not self.allowed_calling_aets or ae_title.strip() in self.allowed_calling_aets
 
 
+class RoutingSettings(_Section):
+    """``[routing]``: how the portal-venous CT series is recognised (rules as data)."""
+
+    portal_venous_patterns: tuple[str, ...] = DEFAULT_PORTAL_VENOUS_PATTERNS
+    exclude_patterns: tuple[str, ...] = DEFAULT_EXCLUDE_PATTERNS
+    require_contrast_agent: bool = True
+    delay_window_seconds: tuple[float, float] | tuple[()] = ()
+    when_not_portal_venous: Literal["skip", "process"] = "skip"
+
+    @field_validator("portal_venous_patterns", "exclude_patterns")
+    @classmethod
+    def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("delay_window_seconds")
+    @classmethod
+    def _window(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if value and not 0 <= value[0] <= value[1]:
+            raise ValueError("must be [min, max] seconds with 0 <= min <= max, or [] for no window")
+        return value
+
+    def phase_rules(self) -> PhaseRules:
+        """The compiled rules for :func:`pacs_agent.routing.phase.classify`."""
+        window = None
+        if self.delay_window_seconds:
+            window = (float(self.delay_window_seconds[0]), float(self.delay_window_seconds[1]))
+        return PhaseRules(
+            portal_venous_patterns=self.portal_venous_patterns,
+            exclude_patterns=self.exclude_patterns,
+            require_contrast_agent=self.require_contrast_agent,
+            delay_window_seconds=window,
+        )
+
+
 class LoggingSettings(_Section):
     """``[logging]``."""
 
@@ -176,6 +216,7 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[Destination, ...] = ()
     security: SecuritySettings = SecuritySettings()
+    routing: RoutingSettings = RoutingSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

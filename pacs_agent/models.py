@@ -79,6 +79,8 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When readiness was last decided; the study is re-evaluated when an instance arrives later."""
+    series_notes: Mapped[str | None] = mapped_column(Text)
+    """JSON list of {series, role, reason}: why each series was chosen or skipped."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -94,6 +96,11 @@ class Series(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     series_description: Mapped[str | None] = mapped_column(String(64))
     frame_of_reference_uid: Mapped[str | None] = mapped_column(UID)
+    protocol_name: Mapped[str | None] = mapped_column(String(64))
+    image_comments: Mapped[str | None] = mapped_column(String(256))
+    contrast_bolus_agent: Mapped[str | None] = mapped_column(String(64))
+    contrast_start_time: Mapped[str | None] = mapped_column(String(16))
+    acquisition_time: Mapped[str | None] = mapped_column(String(16))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

@@ -23,8 +23,7 @@ from pacs_agent.jobs.queue import requeue_stale
 from pacs_agent.receive.server import ReceiveServer
 from pacs_agent.receive.spool import Spool
 from pacs_agent.send.outbox import DestinationSender
-from pacs_agent.studies.readiness import ReadinessRules
-from pacs_agent.studies.scheduler import run_once
+from pacs_agent.studies.scheduler import readiness_rules, run_once
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +63,7 @@ class ScpService:
         self._threads: list[threading.Thread] = []
 
     def _schedule_forever(self) -> None:
-        rules = ReadinessRules(
-            quiet_seconds=self.settings.readiness.quiet_seconds,
-            min_ct_instances=self.settings.readiness.min_ct_instances,
-        )
+        rules = readiness_rules(self.settings)
         jobs = self.settings.jobs
         while not self.stop.is_set():
             try:

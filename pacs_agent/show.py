@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from dicom_sr.text import render_sr_text
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+
+from dicom_sr.text import render_sr_text
 
 
 def _dicom_files(path: Path) -> list[Path]:

@@ -10,10 +10,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_sr.sr import build_measurement_report, write_dataset
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
+from dicom_sr.sr import build_measurement_report, write_dataset
 from inference.pipelines import PIPELINES
 from inference.results import StudyResult
 from pacs_agent.config import Settings

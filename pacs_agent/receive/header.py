@@ -62,6 +62,11 @@ class InstanceHeader:
     accession_number: str | None
     referenced_series_uids: tuple[str, ...]
     has_pixel_data: bool
+    protocol_name: str | None = None
+    image_comments: str | None = None
+    contrast_bolus_agent: str | None = None
+    contrast_start_time: str | None = None
+    acquisition_time: str | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -120,6 +125,11 @@ def read_header(data: bytes) -> InstanceHeader:
             accession_number=_text(ds, "AccessionNumber"),
             referenced_series_uids=references,
             has_pixel_data=has_pixels,
+            protocol_name=(_text(ds, "ProtocolName") or "")[:64] or None,
+            image_comments=(_text(ds, "ImageComments") or "")[:256] or None,
+            contrast_bolus_agent=(_text(ds, "ContrastBolusAgent") or "")[:64] or None,
+            contrast_start_time=_text(ds, "ContrastBolusStartTime"),
+            acquisition_time=_text(ds, "AcquisitionTime") or _text(ds, "SeriesTime"),
         )
     except HeaderError:
         raise

@@ -7,11 +7,12 @@ segmentation (SEG or RTSTRUCT) that references it. A quiet study that cannot be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from pacs_agent.receive.header import CT_IMAGE, ENHANCED_CT_IMAGE, SEGMENTATION
+from pacs_agent.routing.phase import PhaseRules, PhaseVerdict, SeriesPhaseInfo, classify
 
 CT_SOP_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT_IMAGE})
 
@@ -25,6 +26,7 @@ class SeriesSnapshot:
     sop_class_uids: frozenset[str]
     instance_count: int
     description: str | None = None
+    phase: SeriesPhaseInfo = field(default_factory=SeriesPhaseInfo)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,18 @@ class ReadinessRules:
 
     quiet_seconds: float = 30.0
     min_ct_instances: int = 3
+    phase: PhaseRules | None = field(default_factory=PhaseRules)
+    """Portal-venous rules; None turns phase selection off."""
+    when_not_portal_venous: Literal["skip", "process"] = "skip"
+
+
+@dataclass(frozen=True)
+class SeriesNote:
+    """Why a series was used or not (shown by ``pacs-agent status``)."""
+
+    series_instance_uid: str
+    role: Literal["chosen", "skipped"]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class Decision:
     ct_series_instance_uid: str | None = None
     segmentation_sop_instance_uid: str | None = None
     recheck_after_seconds: float | None = None
+    series_notes: tuple[SeriesNote, ...] = ()
 
 
 def _usable_ct(series: SeriesSnapshot, rules: ReadinessRules) -> bool:
@@ -100,6 +115,10 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
             "incomplete",
             "the study holds no segmentation (DICOM SEG or RTSTRUCT) of the tumour; send the segmentation to this node",
         )
+    phases = {
+        uid: classify(series.phase, rules.phase) if rules.phase else PhaseVerdict(True, "phase selection is off")
+        for uid, series in ct_series.items()
+    }
     candidates: list[tuple[SegmentationSnapshot, SeriesSnapshot]] = []
     problems: list[str] = []
     for seg in snapshot.segmentations:
@@ -112,18 +131,25 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
             )
             continue
         for ct in referenced:
-            if _usable_ct(ct, rules):
-                candidates.append((seg, ct))
-            else:
+            verdict = phases[ct.series_instance_uid]
+            if not _usable_ct(ct, rules):
                 problems.append(
                     f"CT series {ct.series_instance_uid} has only {ct.instance_count} image(s); "
                     f"at least {rules.min_ct_instances} are needed"
                 )
+            elif not verdict.portal_venous and rules.when_not_portal_venous == "skip":
+                problems.append(
+                    f"CT series {ct.series_instance_uid} referenced by the segmentation is not the "
+                    f"portal-venous phase ({verdict.reason}); see [routing] in the configuration"
+                )
+            else:
+                candidates.append((seg, ct))
     if not candidates:
-        return Decision("incomplete", "; ".join(problems))
+        return Decision("incomplete", "; ".join(problems), series_notes=_notes(ct_series, phases, None))
     seg, ct = min(
         candidates,
         key=lambda c: (
+            not phases[c[1].series_instance_uid].portal_venous,
             c[0].sop_class_uid != SEGMENTATION,
             -c[0].received_at.timestamp(),
             c[0].sop_instance_uid,
@@ -132,11 +158,30 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
     )
     kind = "SEG" if seg.sop_class_uid == SEGMENTATION else "RTSTRUCT"
     reason = f"CT series {ct.series_instance_uid} ({ct.instance_count} images) with {kind} {seg.sop_instance_uid}"
+    if not phases[ct.series_instance_uid].portal_venous:
+        reason += " - NOT portal-venous, processed because [routing] when_not_portal_venous = 'process'"
     if len(candidates) > 1:
-        reason += f" (chosen among {len(candidates)} segmentation/CT pairs: SEG first, then newest)"
+        reason += f" (chosen among {len(candidates)} segmentation/CT pairs: portal-venous, then SEG, then newest)"
     return Decision(
         "ready",
         reason,
         ct_series_instance_uid=ct.series_instance_uid,
         segmentation_sop_instance_uid=seg.sop_instance_uid,
+        series_notes=_notes(ct_series, phases, ct.series_instance_uid),
     )
+
+
+def _notes(
+    ct_series: dict[str, SeriesSnapshot], phases: dict[str, PhaseVerdict], chosen: str | None
+) -> tuple[SeriesNote, ...]:
+    notes = []
+    for uid in sorted(ct_series):
+        verdict = phases[uid]
+        phase = ("portal-venous: " if verdict.portal_venous else "not portal-venous: ") + verdict.reason
+        if uid == chosen:
+            notes.append(SeriesNote(uid, "chosen", phase))
+        elif verdict.portal_venous:
+            notes.append(SeriesNote(uid, "skipped", f"{phase}; no usable segmentation refers to it"))
+        else:
+            notes.append(SeriesNote(uid, "skipped", phase))
+    return tuple(notes)

@@ -6,18 +6,21 @@ after its last evaluation, so a late instance re-opens a processed study and sch
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from pacs_agent.audit import record_event
+from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
 from pacs_agent.models import Instance, Series, Study, utcnow
 from pacs_agent.receive.header import SEGMENTATION_SOP_CLASSES
+from pacs_agent.routing.phase import SeriesPhaseInfo
 from pacs_agent.studies.readiness import (
     Decision,
     ReadinessRules,
@@ -38,48 +41,69 @@ class SchedulerOutcome:
     jobs_created: int
 
 
+def readiness_rules(settings: Settings) -> ReadinessRules:
+    """The readiness and routing rules of a node's settings."""
+    return ReadinessRules(
+        quiet_seconds=settings.readiness.quiet_seconds,
+        min_ct_instances=settings.readiness.min_ct_instances,
+        phase=settings.routing.phase_rules(),
+        when_not_portal_venous=settings.routing.when_not_portal_venous,
+    )
+
+
 def snapshot_study(session: Session, study: Study) -> StudySnapshot:
     """Collect the readiness-relevant facts of ``study`` from the database."""
+    all_series = {
+        series.id: series for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars()
+    }
     rows = session.execute(
         select(
-            Series.series_instance_uid,
-            Series.modality,
-            Series.series_description,
+            Instance.series_id,
             Instance.sop_instance_uid,
             Instance.sop_class_uid,
             Instance.referenced_series_uids,
             Instance.received_at,
-        )
-        .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study.id)
+        ).where(Instance.series_id.in_(list(all_series)))
     ).all()
-    classes: dict[str, set[str]] = defaultdict(set)
-    counts: dict[str, int] = defaultdict(int)
-    meta: dict[str, tuple[str | None, str | None]] = {}
+    classes: dict[int, set[str]] = defaultdict(set)
+    counts: dict[int, int] = defaultdict(int)
     segmentations = []
-    for series_uid, modality, description, sop_uid, sop_class, refs, received_at in rows:
-        classes[series_uid].add(sop_class)
-        counts[series_uid] += 1
-        meta[series_uid] = (modality, description)
+    for series_id, sop_uid, sop_class, refs, received_at in rows:
+        classes[series_id].add(sop_class)
+        counts[series_id] += 1
         if sop_class in SEGMENTATION_SOP_CLASSES:
             segmentations.append(
                 SegmentationSnapshot(
                     sop_instance_uid=sop_uid,
                     sop_class_uid=sop_class,
-                    series_instance_uid=series_uid,
+                    series_instance_uid=all_series[series_id].series_instance_uid,
                     referenced_series_uids=frozenset(refs.split()),
                     received_at=received_at,
                 )
             )
     series = tuple(
-        SeriesSnapshot(
-            series_instance_uid=uid,
-            modality=meta[uid][0],
-            sop_class_uids=frozenset(classes[uid]),
-            instance_count=counts[uid],
-            description=meta[uid][1],
+        sorted(
+            (
+                SeriesSnapshot(
+                    series_instance_uid=row.series_instance_uid,
+                    modality=row.modality,
+                    sop_class_uids=frozenset(classes[series_id]),
+                    instance_count=counts[series_id],
+                    description=row.series_description,
+                    phase=SeriesPhaseInfo(
+                        series_description=row.series_description,
+                        protocol_name=row.protocol_name,
+                        image_comments=row.image_comments,
+                        contrast_bolus_agent=row.contrast_bolus_agent,
+                        contrast_start_time=row.contrast_start_time,
+                        acquisition_time=row.acquisition_time,
+                    ),
+                )
+                for series_id, row in all_series.items()
+                if counts[series_id]
+            ),
+            key=lambda s: s.series_instance_uid,
         )
-        for uid in sorted(classes)
     )
     return StudySnapshot(
         study_instance_uid=study.study_instance_uid,
@@ -116,6 +140,7 @@ def run_once(
         # Evaluated as of the newest instance seen: one arriving meanwhile makes it dirty again.
         study.evaluated_at = snapshot.last_received_at
         study.state_reason = decision.reason
+        study.series_notes = json.dumps([asdict(note) for note in decision.series_notes])
         if decision.state == "incomplete":
             study.state = "incomplete"
             record_event(

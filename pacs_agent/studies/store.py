@@ -94,6 +94,11 @@ def record_instance(
             "modality": header.modality,
             "series_description": header.series_description,
             "frame_of_reference_uid": header.frame_of_reference_uid,
+            "protocol_name": header.protocol_name,
+            "image_comments": header.image_comments,
+            "contrast_bolus_agent": header.contrast_bolus_agent,
+            "contrast_start_time": header.contrast_start_time,
+            "acquisition_time": header.acquisition_time,
         },
     )
     series_id = session.execute(

@@ -166,3 +166,12 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "2 problem(s)" in err
     assert "node.port" in err
     assert "node.ae_title" in err
+
+
+def test_routing_settings_validate() -> None:
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        settings_from_mapping({"routing": {"portal_venous_patterns": ["("]}})
+    with pytest.raises(ConfigError, match="min, max"):
+        settings_from_mapping({"routing": {"delay_window_seconds": [90, 60]}})
+    rules = settings_from_mapping({"routing": {"delay_window_seconds": [60, 90]}}).routing.phase_rules()
+    assert rules.delay_window_seconds == (60.0, 90.0)

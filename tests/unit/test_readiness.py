@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from pacs_agent.receive.header import CT_IMAGE, ENHANCED_CT_IMAGE, RT_STRUCTURE_SET, SEGMENTATION
+from pacs_agent.routing.phase import PhaseRules, SeriesPhaseInfo
 from pacs_agent.studies.readiness import (
     ReadinessRules,
     SegmentationSnapshot,
@@ -14,11 +15,13 @@ from pacs_agent.studies.readiness import (
 )
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-RULES = ReadinessRules(quiet_seconds=30, min_ct_instances=3)
+RULES = ReadinessRules(quiet_seconds=30, min_ct_instances=3, phase=None)  # phase rules tested below
+PV = SeriesPhaseInfo(series_description="ABDOMEN PORTAL VENOUS", contrast_bolus_agent="IOHEXOL")
+ARTERIAL = SeriesPhaseInfo(series_description="ABDOMEN ARTERIAL", contrast_bolus_agent="IOHEXOL")
 
 
-def ct(uid: str = "1.2.3", count: int = 60, sop: str = CT_IMAGE) -> SeriesSnapshot:
-    return SeriesSnapshot(uid, "CT", frozenset({sop}), count)
+def ct(uid: str = "1.2.3", count: int = 60, sop: str = CT_IMAGE, phase: SeriesPhaseInfo = PV) -> SeriesSnapshot:
+    return SeriesSnapshot(uid, "CT", frozenset({sop}), count, phase=phase)
 
 
 def seg(uid: str, refs: set[str], sop: str = SEGMENTATION, at: datetime = T0) -> SegmentationSnapshot:
@@ -100,3 +103,34 @@ def test_choice_is_deterministic_on_ties() -> None:
 def test_picks_the_referenced_ct_among_several() -> None:
     snap = study([ct("1.2.3"), ct("1.2.4")], [seg("9.1", {"1.2.4"})])
     assert decide(snap, T0 + timedelta(minutes=1), RULES).ct_series_instance_uid == "1.2.4"
+
+
+PHASE_RULES = ReadinessRules(quiet_seconds=0, phase=PhaseRules())
+
+
+def test_portal_venous_series_is_chosen_among_phases() -> None:
+    snap = study([ct("1.2.3", phase=ARTERIAL), ct("1.2.4", phase=PV)], [seg("9.1", {"1.2.3", "1.2.4"})])
+    decision = decide(snap, T0, PHASE_RULES)
+    assert decision.state == "ready"
+    assert decision.ct_series_instance_uid == "1.2.4"
+    notes = {n.series_instance_uid: n for n in decision.series_notes}
+    assert notes["1.2.4"].role == "chosen"
+    assert "PORTAL VENOUS" in notes["1.2.4"].reason
+    assert notes["1.2.3"].role == "skipped"
+    assert "exclusion pattern 'arterial'" in notes["1.2.3"].reason
+
+
+def test_segmentation_on_a_non_portal_venous_series_is_explained() -> None:
+    snap = study([ct("1.2.3", phase=ARTERIAL), ct("1.2.4", phase=PV)], [seg("9.1", {"1.2.3"})])
+    decision = decide(snap, T0, PHASE_RULES)
+    assert decision.state == "incomplete"
+    assert "not the portal-venous phase" in decision.reason
+    notes = {n.series_instance_uid: n for n in decision.series_notes}
+    assert "no usable segmentation refers to it" in notes["1.2.4"].reason
+
+
+def test_non_portal_venous_can_be_processed_when_configured() -> None:
+    rules = ReadinessRules(quiet_seconds=0, phase=PhaseRules(), when_not_portal_venous="process")
+    decision = decide(study([ct("1.2.3", phase=ARTERIAL)], [seg("9.1", {"1.2.3"})]), T0, rules)
+    assert decision.state == "ready"
+    assert "NOT portal-venous" in decision.reason

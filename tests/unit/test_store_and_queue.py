@@ -36,6 +36,7 @@ CT = InstanceHeader(
     accession_number="A1",
     referenced_series_uids=(),
     has_pixel_data=True,
+    contrast_bolus_agent="IOPAMIDOL",
 )
 RULES = ReadinessRules(quiet_seconds=0)
 

@@ -1,0 +1,1 @@
+"""Routing: which series a study's methods use (portal-venous phase selection)."""
