@@ -47,6 +47,7 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "study_instance_uid": study.study_instance_uid,
                     "state": study.state,
                     "reason": study.state_reason,
+                    "series_notes": json.loads(study.series_notes) if study.series_notes else [],
                     "last_received_at": study.last_received_at.isoformat(),
                     "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
                     "jobs": [
@@ -112,8 +113,13 @@ def format_status(status: dict[str, Any]) -> str:
         )
         if study["reason"]:
             lines.append(f"  why: {study['reason']}")
+        notes = {n["series_instance_uid"]: n for n in study["series_notes"]}
         for s in study["series"]:
-            lines.append(f"  series {s['series_instance_uid']} {s['modality'] or '?'} x{s['instances']}")
+            line = f"  series {s['series_instance_uid']} {s['modality'] or '?'} x{s['instances']}"
+            note = notes.get(s["series_instance_uid"])
+            if note:
+                line += f" - {note['role']}: {note['reason']}"
+            lines.append(line)
         for j in study["jobs"]:
             line = f"  job {j['id']} {j['method']}: {j['state']} (attempt {j['attempts']}/{j['max_attempts']})"
             if j["last_error"]:
