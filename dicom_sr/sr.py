@@ -13,24 +13,29 @@ Content tree written by :func:`build_measurement_report`::
             | Image Region SCOORD3D (RTSTRUCT lesion with one polygon -> planar group, TID 1410)
           NUM Volume [ml], Long Axis [mm], one NUM per radiomic feature  TID 300
             each with Algorithm Identification (name, version, parameters)  TID 4019
+          per prediction: CODE "<LABEL> status (predicted)" = Mutant | Wild type | ...
+            NUM "<LABEL> probability" [1], NUM "<LABEL> decision threshold" [1]
+          TEXT segmentation source UID / number / label, centroid, key slice (for the reader)
       CONTAINER Qualitative Evaluations                               TID 1500 rows 12-14
-        TEXT Validation status, Intended use, Usage warning (DEMO), weights SHA-256, provenance
+        TEXT Usage warning (DEMO), Validation status, Intended use, weights SHA-256,
+             provenance, Analysis method, Frame of Reference UID
+
+The content items come from the template classes of :mod:`dicom_sr.templates` (codes documented
+there); :func:`dicom_sr.reader.read_measurement_report` parses the SR back.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
@@ -38,8 +43,9 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.templates import LesionMeasurementGroup, Prediction, ReportEvaluations
 from dicom_sr.uids import derive_uid, result_uids
-from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, StudyResult
+from inference.results import DEMO_WARNING, LesionResult, StudyResult
 
 __all__ = [
     "DEFAULT_SERIES_DESCRIPTION",
@@ -76,150 +82,11 @@ def _package_version() -> str:
 SOFTWARE_VERSION = _package_version()
 """Version of the installed pacs-agent distribution ("0+unknown" when not installed)."""
 
-_GroupType = (
-    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-)
-
 
 def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
     """Raise highdicom-style ``TypeError('Argument "name" must have type X.')``; bool is not an int."""
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise TypeError(f'Argument "{name}" must have type {type_name}.')
-
-
-def _algorithm_identification(
-    algorithm: AlgorithmInfo, parameters: Sequence[str] = ()
-) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification; the weights checksum is the first parameter."""
-    params = [f"weights-sha256={algorithm.weights_sha256}"] if algorithm.weights_sha256 else []
-    params.extend(parameters)
-    return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version, parameters=params or None)
-
-
-def _source_image(lesion: LesionResult, images: dict[str, Dataset]) -> list[hd.sr.SourceImageForMeasurement]:
-    image = images.get(lesion.key_slice_sop_instance_uid)
-    if image is None:
-        return []
-    return [
-        hd.sr.SourceImageForMeasurement(
-            referenced_sop_class_uid=image.SOPClassUID,
-            referenced_sop_instance_uid=image.SOPInstanceUID,
-        )
-    ]
-
-
-def _measurements(
-    lesion: LesionResult, algorithm: AlgorithmInfo, images: dict[str, Dataset]
-) -> list[hd.sr.Measurement]:
-    """TID 300 measurements of one lesion: volume, longest axial diameter, radiomic features."""
-    for name in ("volume_ml", "longest_axial_diameter_mm"):
-        if not math.isfinite(getattr(lesion, name)):
-            raise ValueError(f'Lesion "{lesion.tracking_id}": "{name}" must be a finite number.')
-    measurements = [
-        hd.sr.Measurement(
-            name=codes.VOLUME,
-            value=float(lesion.volume_ml),
-            unit=codes.ucum("ml"),
-            algorithm_id=_algorithm_identification(algorithm),
-        ),
-        hd.sr.Measurement(
-            name=codes.LONG_AXIS,
-            value=float(lesion.longest_axial_diameter_mm),
-            unit=codes.ucum("mm"),
-            algorithm_id=_algorithm_identification(algorithm, ["longest axial diameter"]),
-            referenced_images=_source_image(lesion, images) or None,
-        ),
-    ]
-    for feature in lesion.features:
-        concept = codes.feature_concept(feature.name)
-        unit = codes.ucum(feature.unit)
-        if not math.isfinite(feature.value):
-            logger.warning("feature %s of %s is not finite; left out of the SR", feature.name, lesion.tracking_uid)
-            continue
-        measurements.append(
-            hd.sr.Measurement(
-                name=concept,
-                value=float(feature.value),
-                unit=unit,
-                algorithm_id=_algorithm_identification(algorithm, [f"pyradiomics-feature={feature.name}"]),
-            )
-        )
-    return measurements
-
-
-def _closed_polygon(points: Sequence[Sequence[float]], tracking_id: str) -> np.ndarray:
-    polygon = np.asarray(points, dtype=np.float64)
-    if polygon.ndim != 2 or polygon.shape[1] != 3 or len(np.unique(polygon, axis=0)) < 3:
-        raise ValueError(
-            f'Lesion "{tracking_id}": each polygon of "outline_mm" needs at least 3 distinct (x, y, z) points.'
-        )
-    if not np.array_equal(polygon[0], polygon[-1]):
-        polygon = np.vstack([polygon, polygon[:1]])
-    return polygon
-
-
-def _lesion_group(
-    lesion: LesionResult,
-    result: StudyResult,
-    images: dict[str, Dataset],
-    finding_site: Code | CodedConcept | None,
-) -> _GroupType:
-    """One TID 1411 (or, for a single outline polygon, TID 1410) measurement group."""
-    common: dict[str, Any] = {
-        "tracking_identifier": hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
-        "finding_type": codes.NEOPLASM,
-        "finding_sites": [hd.sr.FindingSite(anatomic_location=finding_site)] if finding_site else None,
-        "measurements": _measurements(lesion, result.algorithm, images),
-    }
-    source_series = hd.sr.SourceSeriesForSegmentation(result.ct_series_instance_uid)
-    if lesion.source.kind == "seg":
-        segment = hd.sr.ReferencedSegment(
-            sop_class_uid=lesion.source.sop_class_uid,
-            sop_instance_uid=lesion.source.sop_instance_uid,
-            segment_number=lesion.source.number,
-            source_series=source_series,
-        )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
-    if lesion.source.kind != "rtstruct":
-        raise ValueError(f'Lesion "{lesion.tracking_id}": unknown segmentation kind "{lesion.source.kind}".')
-    if not lesion.outline_mm:
-        raise ValueError(f'Lesion "{lesion.tracking_id}" comes from an RTSTRUCT but has no "outline_mm" to reference.')
-    polygons = [_closed_polygon(p, lesion.tracking_id) for p in lesion.outline_mm]
-    if len(polygons) == 1:  # a one-slice lesion: planar ROI (TID 1410) with a 3D image region
-        region = hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
-            graphic_data=polygons[0],
-            frame_of_reference_uid=result.frame_of_reference_uid,
-        )
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
-    surface = hd.sr.VolumeSurface(
-        graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
-        graphic_data=polygons,
-        frame_of_reference_uid=result.frame_of_reference_uid,
-        source_series=source_series,
-    )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common)
-
-
-def _report_evaluations(algorithm: AlgorithmInfo, provenance: dict[str, str]) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12-14 "Qualitative Evaluations": validation status, warnings, provenance."""
-
-    def text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
-        return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-
-    items = [text(codes.VALIDATION_STATUS, algorithm.validation_status)]
-    if algorithm.is_demo:
-        items.insert(0, text(codes.USAGE_WARNING, DEMO_WARNING))
-    if algorithm.intended_use:
-        items.append(text(codes.INTENDED_USE, algorithm.intended_use))
-    if algorithm.weights_sha256:
-        items.append(text(codes.WEIGHTS_SHA256, algorithm.weights_sha256))
-    items.extend(text(codes.PIPELINE_PROVENANCE, f"{k}={v}") for k, v in sorted(provenance.items()))
-    container = hd.sr.ContainerContentItem(
-        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    container.ContentSequence = hd.sr.ContentSequence(items)
-    return container
 
 
 def _unique_evidence(evidence: Sequence[Dataset], segmentation_dataset: Dataset | None) -> list[Dataset]:
@@ -245,6 +112,7 @@ def build_measurement_report(
     finding_site: Code | CodedConcept | None = None,
     series_description: str = DEFAULT_SERIES_DESCRIPTION,
     device_uid: str | None = None,
+    predictions: Mapping[str, Sequence[Prediction]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a Comprehensive 3D SR holding a TID 1500 Measurement Report for ``result``.
 
@@ -282,6 +150,10 @@ def build_measurement_report(
         Series Description; prefixed with the DEMO warning for DEMO algorithms.
     device_uid: str | None, optional
         Device Observer UID (TID 1004); default derived from manufacturer and institution.
+    predictions: Mapping[str, Sequence[dicom_sr.templates.Prediction]] | None, optional
+        Model predictions by lesion Tracking UID (at most one per label and lesion); each
+        becomes a coded qualitative evaluation plus probability and threshold NUM items in the
+        lesion's measurement group.
 
     Returns
     -------
@@ -294,8 +166,9 @@ def build_measurement_report(
         When an argument has the wrong type (the message names the argument).
     ValueError
         When the result has no lesions, a feature has no code, an RTSTRUCT lesion has no
-        outline, a referenced SEG instance is not part of the evidence, or ``evidence[0]``
-        lacks patient / study attributes or belongs to another study.
+        outline, a referenced SEG instance is not part of the evidence, ``evidence[0]``
+        lacks patient / study attributes or belongs to another study, or a prediction is
+        invalid or keyed by an unknown Tracking UID.
     """
     _require(result, StudyResult, "result", "StudyResult")
     if isinstance(evidence, (str, bytes, Dataset)) or not isinstance(evidence, Sequence):
@@ -318,6 +191,10 @@ def build_measurement_report(
         _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
     if device_uid is not None:
         _require(device_uid, str, "device_uid", "str")
+    predictions = {} if predictions is None else predictions
+    _require(predictions, Mapping, "predictions", "Mapping[str, Sequence[Prediction]]")
+    if any(isinstance(v, (str, Prediction)) or not isinstance(v, Sequence) for v in predictions.values()):
+        raise TypeError('Argument "predictions" must map Tracking UIDs to sequences of Prediction.')
     if not result.lesions:
         raise ValueError('Argument "result" must contain at least one lesion.')
     if any(not isinstance(lesion, LesionResult) for lesion in result.lesions):
@@ -336,6 +213,9 @@ def build_measurement_report(
                 f'Lesion "{lesion.tracking_id}" references SEG {lesion.source.sop_instance_uid}, '
                 'which is not in the evidence: pass it as "segmentation_dataset".'
             )
+    unknown = set(predictions) - {lesion.tracking_uid for lesion in result.lesions}
+    if unknown:
+        raise ValueError(f"predictions for unknown Tracking UID(s): {', '.join(sorted(map(str, unknown)))}.")
 
     observer = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid or derive_uid("pacs-agent device", manufacturer, institution_name or ""),
@@ -351,9 +231,28 @@ def build_measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=procedure_reported,
-        imaging_measurements=[_lesion_group(x, result, by_uid, finding_site) for x in result.lesions],
+        imaging_measurements=[
+            LesionMeasurementGroup(
+                lesion,
+                algorithm=result.algorithm,
+                ct_series_instance_uid=result.ct_series_instance_uid,
+                frame_of_reference_uid=result.frame_of_reference_uid,
+                predictions=tuple(predictions.get(lesion.tracking_uid, ())),
+                finding_site=finding_site,
+                source_images=by_uid,
+            ).group
+            for lesion in result.lesions
+        ],
     )
-    report[0].ContentSequence.append(_report_evaluations(result.algorithm, result.provenance))
+    report[0].ContentSequence.append(
+        ReportEvaluations(
+            result.algorithm,
+            result.provenance,
+            method=result.method,
+            frame_of_reference_uid=result.frame_of_reference_uid,
+            segmentation=result.segmentation,
+        )
+    )
 
     algorithm = result.algorithm
     input_uids = [result.ct_series_instance_uid, *by_uid]

@@ -1,0 +1,633 @@
+r"""Small SR template classes for the content pacs-agent writes (TID 1500 and its sub-templates).
+
+Each class validates its arguments in ``__init__`` (``TypeError`` naming the argument for a wrong
+type, ``ValueError`` for a bad value) and builds highdicom content items; :mod:`dicom_sr.sr`
+assembles them into a TID 1500 Measurement Report and :mod:`dicom_sr.reader` parses them back.
+
+=================================  =========================================================
+Class                              Content (PS3.16)
+=================================  =========================================================
+:class:`ResultAlgorithm`           TID 4019 Algorithm Identification (name, version, weights
+                                   SHA-256 as the first parameter)
+:class:`PredictionEvaluation`      TID 1411 row "Qualitative Evaluation" (CODE): the predicted
+                                   status, e.g. "KRAS status (predicted)" = "Mutant"
+:class:`PredictionMeasurements`    Two TID 300 NUM items: the probability of the positive
+                                   class and the decision threshold, UCUM ``1``
+:class:`LesionMeasurementGroup`    TID 1411 Volumetric ROI (TID 1410 Planar ROI for a lesion
+                                   outlined by one polygon) measurement group of one lesion
+:class:`UsageWarning`              TEXT "Usage warning" = "DEMO MODEL - NOT FOR CLINICAL USE"
+:class:`ReportEvaluations`         TID 1500 rows 12-14 "Qualitative Evaluations" container
+=================================  =========================================================
+
+Coding of predictions (private scheme ``99PACSAGENT``, declared in every SR, see
+:mod:`dicom_sr.codes`; standard codes where DICOM PS3.16 has one):
+
+==========================  ================  ==============================================
+Concept                     Scheme / value    Meaning
+==========================  ================  ==============================================
+status concept name         99PACSAGENT       ``<LABEL>-STATUS`` "<LABEL> status (predicted)"
+probability concept name    99PACSAGENT       ``<LABEL>-PROB`` "<LABEL> probability"
+threshold concept name      99PACSAGENT       ``<LABEL>-THRESH`` "<LABEL> decision threshold"
+status "mutant"             99PACSAGENT       ``MUTANT`` "Mutant"
+status "wild type"          99PACSAGENT       ``WILD-TYPE`` "Wild type"
+status "high risk"          SCT 15508007      "High risk"
+status "low risk"           SCT 75976002      "Low risk"
+status "positive"           SCT 10828004      "Positive"
+status "negative"           SCT 260385009     "Negative"
+==========================  ================  ==============================================
+
+``<LABEL>`` is the prediction label in upper case (``KRAS``, ``EGFR``, ``NRAS``, ``BRAF``,
+``PIK3CA``, ``RAS``, ...; 1-9 characters ``A-Z0-9``, so every code value fits the 16 characters of
+an SH). DICOM PS3.16 has no codes for "mutant" / "wild type" or for per-gene mutation status
+(SNOMED CT's "<gene> mutation positive" findings are not part of PS3.16 and their value set does
+not cover "wild type"), hence the private codes; risk and positive / negative use SNOMED CT codes
+listed in PS3.16.
+
+Further private concepts written so that :mod:`dicom_sr.reader` can rebuild the Result
+dataclasses exactly (TEXT items; TID 1411 and TID 1500 allow TEXT qualitative evaluations):
+
+==================  ======================================================================
+Code value          Code meaning
+==================  ======================================================================
+METHOD              Analysis method (report level: the pacs-agent method identifier)
+SOURCE-UID          Segmentation SOP Instance UID (per lesion: the SEG or RTSTRUCT)
+SOURCE-NUMBER       Segment or ROI number (per lesion)
+SOURCE-LABEL        Segment or ROI label (per lesion)
+CENTROID-MM         Lesion centroid (patient, mm), ``x\y\z`` as exact decimal floats
+KEY-SLICE-INDEX     Key slice index (0-based, in sorted CT order)
+KEY-SLICE-UID       Key slice SOP Instance UID
+==================  ======================================================================
+
+The Frame of Reference UID is written at report level as TEXT with the standard concept name
+DCM 112227 "Frame of Reference UID".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+
+from dicom_sr import codes
+from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, SegmentationSource
+
+__all__ = [
+    "FRAME_OF_REFERENCE_UID",
+    "LESION_CONCEPTS",
+    "METHOD",
+    "POSITIVE_STATUSES",
+    "STATUS_CODES",
+    "LesionMeasurementGroup",
+    "Prediction",
+    "PredictionEvaluation",
+    "PredictionMeasurements",
+    "ReportEvaluations",
+    "ResultAlgorithm",
+    "UsageWarning",
+    "prediction_concepts",
+]
+
+logger = logging.getLogger(__name__)
+
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+_LABEL_PATTERN = re.compile(r"[A-Z0-9]{1,9}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LOCAL DATACLASS - to be moved to inference/ by the lead (no pydicom inside, frozen).
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    """What a model predicted for one lesion (or patient) and one label.
+
+    ``probability`` is the calibrated probability of the *positive* class (mutant, high risk,
+    positive); ``status`` is the positive status when ``probability >= threshold``.
+
+    NOTE: local to ``dicom_sr`` until the lead moves it next to the Result dataclasses.
+    """
+
+    label: str
+    """Upper-case label: ``KRAS``, ``EGFR``, ``RAS``, ... (1-9 characters ``A-Z0-9``)."""
+    status: str
+    """One of :data:`STATUS_CODES`: ``mutant``, ``wild type``, ``high risk``, ``low risk``,
+    ``positive``, ``negative``."""
+    probability: float
+    threshold: float = 0.5
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, meaning=meaning, scheme_designator=codes.PRIVATE_SCHEME_DESIGNATOR)
+
+
+STATUS_CODES: dict[str, CodedConcept] = {
+    "mutant": _private("MUTANT", "Mutant"),
+    "wild type": _private("WILD-TYPE", "Wild type"),
+    "high risk": CodedConcept(value="15508007", meaning="High risk", scheme_designator="SCT"),
+    "low risk": CodedConcept(value="75976002", meaning="Low risk", scheme_designator="SCT"),
+    "positive": CodedConcept(value="10828004", meaning="Positive", scheme_designator="SCT"),
+    "negative": CodedConcept(value="260385009", meaning="Negative", scheme_designator="SCT"),
+}
+"""Prediction status -> coded value of the qualitative evaluation."""
+
+POSITIVE_STATUSES = frozenset({"mutant", "high risk", "positive"})
+"""Statuses reported when the probability reaches the threshold."""
+
+METHOD = _private("METHOD", "Analysis method")
+FRAME_OF_REFERENCE_UID = CodedConcept(value="112227", meaning="Frame of Reference UID", scheme_designator="DCM")
+LESION_CONCEPTS: dict[str, CodedConcept] = {
+    "source_uid": _private("SOURCE-UID", "Segmentation SOP Instance UID"),
+    "source_number": _private("SOURCE-NUMBER", "Segment or ROI number"),
+    "source_label": _private("SOURCE-LABEL", "Segment or ROI label"),
+    "centroid_mm": _private("CENTROID-MM", "Lesion centroid (patient, mm)"),
+    "key_slice_index": _private("KEY-SLICE-INDEX", "Key slice index"),
+    "key_slice_uid": _private("KEY-SLICE-UID", "Key slice SOP Instance UID"),
+}
+"""Per-lesion TEXT items that let the reader rebuild a ``LesionResult`` (see module docstring)."""
+
+
+def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
+    """Raise ``TypeError('Argument "name" must have type X.')``; bool is never a number here."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise TypeError(f'Argument "{name}" must have type {type_name}.')
+
+
+def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=_CONTAINS)
+
+
+def _source_items(source: SegmentationSource) -> list[hd.sr.TextContentItem]:
+    """SOURCE-UID, SOURCE-NUMBER and SOURCE-LABEL TEXT items of a segmentation source."""
+    return [
+        _text(LESION_CONCEPTS["source_uid"], source.sop_instance_uid),
+        _text(LESION_CONCEPTS["source_number"], str(int(source.number))),
+        _text(LESION_CONCEPTS["source_label"], source.label or "-"),
+    ]
+
+
+def prediction_concepts(label: str) -> tuple[CodedConcept, CodedConcept, CodedConcept]:
+    """Concept names of the status, probability and threshold items of a prediction label.
+
+    Parameters
+    ----------
+    label: str
+        Upper-case prediction label, 1-9 characters ``A-Z0-9`` (``"KRAS"``).
+
+    Returns
+    -------
+    tuple[highdicom.sr.CodedConcept, highdicom.sr.CodedConcept, highdicom.sr.CodedConcept]
+        ``<LABEL>-STATUS``, ``<LABEL>-PROB`` and ``<LABEL>-THRESH`` in scheme ``99PACSAGENT``.
+
+    Raises
+    ------
+    TypeError
+        When ``label`` is not a ``str``.
+    ValueError
+        When ``label`` does not match ``[A-Z0-9]{1,9}``.
+    """
+    _require(label, str, "label", "str")
+    if not _LABEL_PATTERN.fullmatch(label):
+        raise ValueError(f'Prediction label "{label}" must be 1-9 characters A-Z or 0-9 (e.g. "KRAS").')
+    return (
+        _private(f"{label}-STATUS", f"{label} status (predicted)"),
+        _private(f"{label}-PROB", f"{label} probability"),
+        _private(f"{label}-THRESH", f"{label} decision threshold"),
+    )
+
+
+def check_prediction(prediction: Prediction, name: str = "prediction") -> Prediction:
+    """Validate a :class:`Prediction` (type, label, status, probability range, consistency).
+
+    Parameters
+    ----------
+    prediction: Prediction
+        The prediction to check.
+    name: str, optional
+        Argument name used in error messages.
+
+    Returns
+    -------
+    Prediction
+        ``prediction`` unchanged.
+
+    Raises
+    ------
+    TypeError
+        When ``prediction`` is not a :class:`Prediction` or a field has the wrong type.
+    ValueError
+        Unknown status or label, probability / threshold outside [0, 1] or not finite, or a
+        status that contradicts ``probability >= threshold``.
+    """
+    _require(prediction, Prediction, name, "Prediction")
+    prediction_concepts(prediction.label)
+    if prediction.status not in STATUS_CODES:
+        raise ValueError(f'Unknown prediction status "{prediction.status}"; known: {", ".join(STATUS_CODES)}.')
+    for field in ("probability", "threshold"):
+        value = getattr(prediction, field)
+        _require(value, (int, float), f"{name}.{field}", "float")
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f'"{name}.{field}" must be a number in [0, 1], not {value!r}.')
+    positive = prediction.probability >= prediction.threshold
+    if positive != (prediction.status in POSITIVE_STATUSES):
+        raise ValueError(
+            f'{prediction.label}: status "{prediction.status}" contradicts probability '
+            f"{prediction.probability} and threshold {prediction.threshold}."
+        )
+    return prediction
+
+
+class ResultAlgorithm(hd.sr.AlgorithmIdentification):
+    """TID 4019 Algorithm Identification of a pacs-agent algorithm.
+
+    The weights checksum (when the algorithm has weights) is the first Algorithm Parameter,
+    written as ``weights-sha256=<hex>``; further parameters follow.
+    """
+
+    def __init__(self, algorithm: AlgorithmInfo, parameters: Sequence[str] = ()) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        algorithm: inference.results.AlgorithmInfo
+            Name, version and weights checksum of the algorithm.
+        parameters: Sequence[str], optional
+            Further Algorithm Parameters (``key=value``).
+
+        Raises
+        ------
+        TypeError
+            When an argument has the wrong type.
+        ValueError
+            When the name or version is empty.
+        """
+        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        if isinstance(parameters, str) or not isinstance(parameters, Sequence):
+            raise TypeError('Argument "parameters" must be a sequence of str.')
+        if any(not isinstance(p, str) for p in parameters):
+            raise TypeError('Items of argument "parameters" must have type str.')
+        if not algorithm.name or not algorithm.version:
+            raise ValueError('Argument "algorithm" must have a non-empty name and version.')
+        params = [f"weights-sha256={algorithm.weights_sha256}"] if algorithm.weights_sha256 else []
+        params.extend(parameters)
+        super().__init__(name=algorithm.name, version=algorithm.version, parameters=params or None)
+
+
+class PredictionEvaluation(hd.sr.QualitativeEvaluation):
+    """TID 1411 qualitative evaluation (CODE): ``<LABEL> status (predicted)`` = coded status."""
+
+    def __init__(self, prediction: Prediction) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        prediction: Prediction
+            The prediction; see :func:`check_prediction` for what is validated.
+
+        Raises
+        ------
+        TypeError
+            When ``prediction`` is not a :class:`Prediction`.
+        ValueError
+            When the prediction is invalid.
+        """
+        check_prediction(prediction)
+        status_name, _, _ = prediction_concepts(prediction.label)
+        super().__init__(name=status_name, value=STATUS_CODES[prediction.status])
+
+
+class PredictionMeasurements(list[hd.sr.Measurement]):
+    """The probability (of the positive class) and the decision threshold as TID 300 NUM items.
+
+    A list of two ``highdicom.sr.Measurement`` (``<LABEL>-PROB`` then ``<LABEL>-THRESH``),
+    both in UCUM ``1`` and both carrying the TID 4019 algorithm identification.
+    """
+
+    def __init__(self, prediction: Prediction, algorithm: AlgorithmInfo) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        prediction: Prediction
+            The prediction.
+        algorithm: inference.results.AlgorithmInfo
+            The model that made it.
+
+        Raises
+        ------
+        TypeError
+            When an argument has the wrong type.
+        ValueError
+            When the prediction is invalid.
+        """
+        check_prediction(prediction)
+        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        _, probability_name, threshold_name = prediction_concepts(prediction.label)
+        unity = codes.ucum("1")
+        super().__init__(
+            hd.sr.Measurement(name=name, value=float(value), unit=unity, algorithm_id=ResultAlgorithm(algorithm))
+            for name, value in (
+                (probability_name, prediction.probability),
+                (threshold_name, prediction.threshold),
+            )
+        )
+
+
+class UsageWarning(hd.sr.TextContentItem):
+    """TEXT "Usage warning" (99PACSAGENT USAGE-WARNING); default "DEMO MODEL - NOT FOR CLINICAL USE"."""
+
+    def __init__(self, text: str = DEMO_WARNING) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        text: str, optional
+            The warning.
+
+        Raises
+        ------
+        TypeError
+            When ``text`` is not a ``str``.
+        ValueError
+            When ``text`` is empty.
+        """
+        _require(text, str, "text", "str")
+        if not text.strip():
+            raise ValueError('Argument "text" must not be empty.')
+        super().__init__(name=codes.USAGE_WARNING, value=text, relationship_type=_CONTAINS)
+
+
+class ReportEvaluations(hd.sr.ContainerContentItem):
+    """TID 1500 rows 12-14: CONTAINER "Qualitative Evaluations" (UMLS C0034375) of the report.
+
+    Children, in this order: usage warning (DEMO only), validation status, intended use,
+    weights SHA-256, one ``key=value`` TEXT per provenance entry (sorted by key), the method
+    identifier, the Frame of Reference UID and the segmentation object of the study (SOURCE-UID,
+    SOURCE-NUMBER, SOURCE-LABEL; all optional).
+    """
+
+    def __init__(
+        self,
+        algorithm: AlgorithmInfo,
+        provenance: Mapping[str, str] | None = None,
+        *,
+        method: str | None = None,
+        frame_of_reference_uid: str | None = None,
+        segmentation: SegmentationSource | None = None,
+    ) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        algorithm: inference.results.AlgorithmInfo
+            Algorithm whose validation status, intended use and weights are stated.
+        provenance: Mapping[str, str] | None, optional
+            Reproducibility facts (library versions, parameter hash).
+        method: str | None, optional
+            pacs-agent method identifier (``"radiomics"``, ``"M1"`` ...).
+        frame_of_reference_uid: str | None, optional
+            Frame of Reference of the CT the measurements were made on.
+        segmentation: inference.results.SegmentationSource | None, optional
+            The segmentation object (``StudyResult.segmentation``).
+
+        Raises
+        ------
+        TypeError
+            When an argument has the wrong type.
+        ValueError
+            When a provenance key is empty or contains ``=``.
+        """
+        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        provenance = {} if provenance is None else provenance
+        _require(provenance, Mapping, "provenance", "Mapping[str, str]")
+        for key, value in provenance.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError('Argument "provenance" must map str to str.')
+            if not key or "=" in key:
+                raise ValueError(f'Provenance key "{key}" must be non-empty and contain no "=".')
+        for name, value in (("method", method), ("frame_of_reference_uid", frame_of_reference_uid)):
+            if value is not None:
+                _require(value, str, name, "str")
+                if not value:
+                    raise ValueError(f'Argument "{name}" must not be empty.')
+        if segmentation is not None:
+            _require(segmentation, SegmentationSource, "segmentation", "SegmentationSource")
+        super().__init__(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
+        items: list[hd.sr.ContentItem] = []
+        if algorithm.is_demo:
+            items.append(UsageWarning())
+        items.append(_text(codes.VALIDATION_STATUS, algorithm.validation_status))
+        if algorithm.intended_use:
+            items.append(_text(codes.INTENDED_USE, algorithm.intended_use))
+        if algorithm.weights_sha256:
+            items.append(_text(codes.WEIGHTS_SHA256, algorithm.weights_sha256))
+        items.extend(_text(codes.PIPELINE_PROVENANCE, f"{k}={v}") for k, v in sorted(provenance.items()))
+        if method is not None:
+            items.append(_text(METHOD, method))
+        if frame_of_reference_uid is not None:
+            items.append(_text(FRAME_OF_REFERENCE_UID, frame_of_reference_uid))
+        if segmentation is not None:
+            items.extend(_source_items(segmentation))
+        self.ContentSequence = hd.sr.ContentSequence(items)
+
+
+_GroupType = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _closed_polygon(points: Sequence[Sequence[float]], tracking_id: str) -> np.ndarray:
+    polygon = np.asarray(points, dtype=np.float64)
+    if polygon.ndim != 2 or polygon.shape[1] != 3 or len(np.unique(polygon, axis=0)) < 3:
+        raise ValueError(
+            f'Lesion "{tracking_id}": each polygon of "outline_mm" needs at least 3 distinct (x, y, z) points.'
+        )
+    if not np.array_equal(polygon[0], polygon[-1]):
+        polygon = np.vstack([polygon, polygon[:1]])
+    return polygon
+
+
+class LesionMeasurementGroup:
+    """TID 1411 (or TID 1410) measurement group of one lesion.
+
+    Content: TID 4108 tracking identifier + UID, finding "Neoplasm" (SCT 108369006), finding
+    site (optional), the reference to the lesion's source - the SEG segment (TID 1411 row 7),
+    the RTSTRUCT outline as a Volume Surface (SCOORD3D polygons, row 9), or, for an RTSTRUCT
+    lesion outlined by a single polygon, a TID 1410 Planar ROI with an SCOORD3D image region -
+    TID 300 measurements (volume in ml, longest axial diameter in mm, radiomic features coded
+    per :mod:`dicom_sr.codes`, each with TID 4019 algorithm identification), the predictions
+    (:class:`PredictionEvaluation` + :class:`PredictionMeasurements`) and the per-lesion TEXT
+    items of :data:`LESION_CONCEPTS`.
+
+    The highdicom class depends on the kind of reference, so this class holds the built group
+    in :attr:`group` instead of inheriting from one of them.
+    """
+
+    def __init__(
+        self,
+        lesion: LesionResult,
+        *,
+        algorithm: AlgorithmInfo,
+        ct_series_instance_uid: str,
+        frame_of_reference_uid: str,
+        predictions: Sequence[Prediction] = (),
+        finding_site: Code | CodedConcept | None = None,
+        source_images: Mapping[str, Dataset] | None = None,
+    ) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        lesion: inference.results.LesionResult
+            The lesion's measurements and source.
+        algorithm: inference.results.AlgorithmInfo
+            Algorithm identified on every measurement.
+        ct_series_instance_uid: str
+            Source series for segmentation (the CT).
+        frame_of_reference_uid: str
+            Frame of Reference of SCOORD3D outlines.
+        predictions: Sequence[Prediction], optional
+            Model predictions for this lesion, at most one per label.
+        finding_site: pydicom.sr.coding.Code | highdicom.sr.CodedConcept | None, optional
+            Anatomic site (e.g. ``codes.SCT.Liver``).
+        source_images: Mapping[str, pydicom.Dataset] | None, optional
+            Evidence by SOP Instance UID; when the key slice is among them, the long axis
+            references it as its source image.
+
+        Raises
+        ------
+        TypeError
+            When an argument has the wrong type.
+        ValueError
+            Non-finite volume or diameter, unknown feature or segmentation kind, missing or
+            degenerate RTSTRUCT outline, invalid or duplicate predictions.
+        """
+        _require(lesion, LesionResult, "lesion", "LesionResult")
+        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        _require(ct_series_instance_uid, str, "ct_series_instance_uid", "str")
+        _require(frame_of_reference_uid, str, "frame_of_reference_uid", "str")
+        if isinstance(predictions, (str, Prediction)) or not isinstance(predictions, Sequence):
+            raise TypeError('Argument "predictions" must be a sequence of Prediction.')
+        for prediction in predictions:
+            check_prediction(prediction, "predictions[]")
+        labels = [p.label for p in predictions]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f'Lesion "{lesion.tracking_id}": more than one prediction per label ({labels}).')
+        if finding_site is not None:
+            _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+        images = {} if source_images is None else source_images
+        _require(images, Mapping, "source_images", "Mapping[str, pydicom.Dataset]")
+        self.tracking_uid = lesion.tracking_uid
+        self.predictions = tuple(predictions)
+
+        measurements = self._measurements(lesion, algorithm, images)
+        for prediction in predictions:
+            measurements.extend(PredictionMeasurements(prediction, algorithm))
+        common: dict[str, Any] = {
+            "tracking_identifier": hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
+            "finding_type": codes.NEOPLASM,
+            "finding_sites": [hd.sr.FindingSite(anatomic_location=finding_site)] if finding_site else None,
+            "measurements": measurements,
+            "qualitative_evaluations": [PredictionEvaluation(p) for p in predictions] or None,
+        }
+        self.group: _GroupType = self._group(lesion, common, ct_series_instance_uid, frame_of_reference_uid)
+        self.group[0].ContentSequence.extend(_source_items(lesion.source))
+        x, y, z = (float(c) for c in lesion.centroid_mm)
+        for key, value in (
+            ("centroid_mm", f"{x!r}\\{y!r}\\{z!r}"),
+            ("key_slice_index", str(int(lesion.key_slice_index))),
+            ("key_slice_uid", lesion.key_slice_sop_instance_uid),
+        ):
+            self.group[0].ContentSequence.append(_text(LESION_CONCEPTS[key], value))
+
+    @staticmethod
+    def _measurements(
+        lesion: LesionResult, algorithm: AlgorithmInfo, images: Mapping[str, Dataset]
+    ) -> list[hd.sr.Measurement]:
+        """TID 300 measurements: volume, longest axial diameter, radiomic features (finite only)."""
+        for name in ("volume_ml", "longest_axial_diameter_mm"):
+            if not math.isfinite(getattr(lesion, name)):
+                raise ValueError(f'Lesion "{lesion.tracking_id}": "{name}" must be a finite number.')
+        image = images.get(lesion.key_slice_sop_instance_uid)
+        referenced = (
+            [
+                hd.sr.SourceImageForMeasurement(
+                    referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+                )
+            ]
+            if image is not None
+            else None
+        )
+        measurements = [
+            hd.sr.Measurement(
+                name=codes.VOLUME,
+                value=float(lesion.volume_ml),
+                unit=codes.ucum("ml"),
+                algorithm_id=ResultAlgorithm(algorithm),
+            ),
+            hd.sr.Measurement(
+                name=codes.LONG_AXIS,
+                value=float(lesion.longest_axial_diameter_mm),
+                unit=codes.ucum("mm"),
+                algorithm_id=ResultAlgorithm(algorithm, ["longest axial diameter"]),
+                referenced_images=referenced,
+            ),
+        ]
+        for feature in lesion.features:
+            concept = codes.feature_concept(feature.name)
+            unit = codes.ucum(feature.unit)
+            if not math.isfinite(feature.value):  # a NUM cannot hold NaN / inf
+                logger.warning("feature %s of %s is not finite; left out of the SR", feature.name, lesion.tracking_uid)
+                continue
+            measurements.append(
+                hd.sr.Measurement(
+                    name=concept,
+                    value=float(feature.value),
+                    unit=unit,
+                    algorithm_id=ResultAlgorithm(algorithm, [f"pyradiomics-feature={feature.name}"]),
+                )
+            )
+        return measurements
+
+    @staticmethod
+    def _group(
+        lesion: LesionResult, common: dict[str, Any], ct_series_instance_uid: str, frame_of_reference_uid: str
+    ) -> _GroupType:
+        source_series = hd.sr.SourceSeriesForSegmentation(ct_series_instance_uid)
+        if lesion.source.kind == "seg":
+            segment = hd.sr.ReferencedSegment(
+                sop_class_uid=lesion.source.sop_class_uid,
+                sop_instance_uid=lesion.source.sop_instance_uid,
+                segment_number=lesion.source.number,
+                source_series=source_series,
+            )
+            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
+        if lesion.source.kind != "rtstruct":
+            raise ValueError(f'Lesion "{lesion.tracking_id}": unknown segmentation kind "{lesion.source.kind}".')
+        if not lesion.outline_mm:
+            raise ValueError(
+                f'Lesion "{lesion.tracking_id}" comes from an RTSTRUCT but has no "outline_mm" to reference.'
+            )
+        polygons = [_closed_polygon(p, lesion.tracking_id) for p in lesion.outline_mm]
+        if len(polygons) == 1:  # a one-slice lesion: planar ROI (TID 1410) with a 3D image region
+            region = hd.sr.ImageRegion3D(
+                graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                graphic_data=polygons[0],
+                frame_of_reference_uid=frame_of_reference_uid,
+            )
+            return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+            graphic_data=polygons,
+            frame_of_reference_uid=frame_of_reference_uid,
+            source_series=source_series,
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common)

@@ -1,0 +1,358 @@
+"""Secondary Capture pages (dicom_sr.sc, dicom_sr.render): pixels, linkage, UIDs, dciodvfy.
+
+Input is a small synthetic phantom (pacs_agent.phantom): exact masks, a real CT header. Example PNGs
+are written to the test's tmp dir, and also to $PACS_AGENT_SC_EXAMPLES when that is set (the README
+example: ``PACS_AGENT_SC_EXAMPLES=docs/img pytest tests/unit/test_sc.py -k examples``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom import Dataset
+
+from dicom_sr.render import (
+    BACKGROUND,
+    CANVAS,
+    CONTOUR,
+    DEMO_RED,
+    HEADER_HEIGHT,
+    IMAGE_BOX,
+    TEXT_TOP,
+    hot_colormap,
+    mask_outline,
+    render_lesion_page,
+    window_to_uint8,
+)
+from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
+from dicom_sr.sr import write_dataset
+from dicom_sr.templates import Prediction
+from dicom_sr.uids import derive_uid
+from inference.imaging.lesions import find_lesions
+from inference.imaging.masks import load_segmentation
+from inference.imaging.volume import CTVolume, load_ct_series
+from inference.results import DEMO_WARNING, AlgorithmInfo, FeatureValue, LesionResult, StudyResult
+from pacs_agent.phantom import PhantomStudy, generate_study
+
+WHEN = datetime.datetime(2025, 3, 4, 10, 30, 15)
+DEMO = AlgorithmInfo("kras-resnet2d", "0.1.0", "DEMO", "ab" * 32, "demonstration only")
+RESEARCH = AlgorithmInfo("pacs-agent radiomics", "0.1.0+params.1234", "RESEARCH")
+FEATURES = (
+    FeatureValue("original_firstorder_Mean", 87.4, "[hnsf'U]"),
+    FeatureValue("original_shape_Sphericity", 0.81, "1"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    study: PhantomStudy
+    volume: CTVolume
+    result: StudyResult
+    masks: tuple[np.ndarray, ...]
+    """3D mask of each lesion of ``result`` (same order)."""
+    headers: dict[str, Dataset]
+
+    def slice_of(self, i: int) -> tuple[np.ndarray, np.ndarray, Dataset]:
+        lesion = self.result.lesions[i]
+        k = lesion.key_slice_index
+        return np.asarray(self.volume.array[k]), self.masks[i][k], self.headers[lesion.key_slice_sop_instance_uid]
+
+    def heatmap(self, i: int) -> np.ndarray:
+        _, mask, _ = self.slice_of(i)
+        rows, cols = np.nonzero(mask)
+        yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+        return np.exp(-((yy - rows.mean()) ** 2 + (xx - cols.mean()) ** 2) / (2 * 10.0**2))
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    study = generate_study(tmp_path_factory.mktemp("sc"), seed=3, slices=24, lesions=2, segmentation="seg")
+    assert study.seg_file is not None
+    volume = load_ct_series(study.ct_files)
+    lesions, masks = [], []
+    for label_mask in load_segmentation(study.seg_file, volume):
+        for found in find_lesions(label_mask, volume):
+            masks.append(found.mask)
+            lesions.append(
+                LesionResult(
+                    tracking_id=found.tracking_id,
+                    tracking_uid=derive_uid("test sc", found.tracking_id),
+                    source=label_mask.source,
+                    volume_ml=found.volume_ml,
+                    longest_axial_diameter_mm=found.longest_axial_diameter_mm,
+                    centroid_mm=found.centroid_mm,
+                    key_slice_index=found.key_slice_index,
+                    key_slice_sop_instance_uid=volume.sop_instance_uids[found.key_slice_index],
+                    features=FEATURES,
+                )
+            )
+    assert len(lesions) == 2
+    result = StudyResult(
+        method="M1",
+        study_instance_uid=volume.study_instance_uid,
+        ct_series_instance_uid=volume.series_instance_uid,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        segmentation=lesions[0].source,
+        algorithm=DEMO,
+        lesions=tuple(lesions),
+    )
+    headers = {
+        str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in study.ct_files)
+    }
+    return Case(study, volume, result, tuple(masks), headers)
+
+
+def capture(case: Case, i: int = 0, *, result: StudyResult | None = None, **kwargs: object) -> Dataset:
+    hu, mask, ref = case.slice_of(i)
+    target = case.result if result is None else result
+    arguments: dict[str, object] = {"content_datetime": WHEN, **kwargs}
+    return build_lesion_capture(target, target.lesions[i], hu, mask, ref, **arguments)  # type: ignore[arg-type]
+
+
+KRAS = Prediction("KRAS", "mutant", 0.83, 0.5)
+
+
+# --- pixels ---------------------------------------------------------------------------------------
+
+
+def test_page_is_1024_rgb(case: Case) -> None:
+    sc = capture(case, predictions=[KRAS], heatmap=case.heatmap(0))
+    assert (sc.Rows, sc.Columns, sc.SamplesPerPixel, sc.BitsAllocated) == (CANVAS, CANVAS, 3, 8)
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.pixel_array.shape == (CANVAS, CANVAS, 3)
+    assert sc.pixel_array.dtype == np.uint8
+
+
+def test_contour_is_on_the_mask_boundary(case: Case) -> None:
+    hu, mask, ref = case.slice_of(0)
+    spacing = (float(ref.PixelSpacing[0]), float(ref.PixelSpacing[1]))
+    page, placement = render_lesion_page(
+        hu, mask, spacing, window=(40, 400), title="t", lines=[], heatmap=case.heatmap(0)
+    )
+    left, top, right, bottom = IMAGE_BOX
+    image = page[top:bottom, left:right]
+    green = np.all(image == CONTOUR, axis=-1)
+    assert green.sum() > 50
+    # every contour pixel lies within one source pixel of a mask / background edge
+    ys, xs = np.nonzero(green)
+    rows, cols = placement.to_source(ys + top, xs + left)
+    r, c = np.round(rows).astype(int), np.round(cols).astype(int)
+    padded = np.pad(mask, 1)
+    window = np.stack([padded[r + 1 + dr, c + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+    assert np.all(window.any(axis=0) & ~window.all(axis=0)), "a contour pixel is away from the mask boundary"
+    # every boundary pixel of the mask has contour within half a source pixel (+ the line width) of its centre
+    br, bc = np.nonzero(mask_outline(mask, thickness=1))
+    py, px = placement.to_page(br, bc)
+    reach = int(np.ceil(0.5 / min(placement.step_r, placement.step_c))) + 3
+    near = [
+        green[max(0, y - reach) : y + reach + 1, max(0, x - reach) : x + reach + 1].any()
+        for y, x in zip(np.round(py).astype(int) - top, np.round(px).astype(int) - left, strict=True)
+    ]
+    assert all(near)
+
+
+def test_aspect_ratio_is_corrected_to_square_pixels() -> None:
+    """A 40 mm disc on a grid of 2 mm rows x 1 mm columns is drawn round, not squashed."""
+    rows, cols = np.mgrid[:60, :120]
+    mask = ((rows - 30) * 2.0) ** 2 + ((cols - 60) * 1.0) ** 2 <= 20.0**2
+    hu = np.where(mask, 60.0, 0.0)
+    page, placement = render_lesion_page(hu, mask, (2.0, 1.0), window=(40, 400), title="t", lines=[])
+    left, top, right, bottom = IMAGE_BOX
+    green = np.all(page[top:bottom, left:right] == CONTOUR, axis=-1)
+    ys, xs = np.nonzero(green)
+    height, width = ys.max() - ys.min(), xs.max() - xs.min()
+    assert abs(height / width - 1.0) < 0.05
+    assert abs(width * placement.mm_per_pixel - 40.0) < 3.0  # the disc is 40 mm wide
+
+
+def red_pixels(page: np.ndarray) -> np.ndarray:
+    return (page[..., 0] > 150) & (page[..., 1] < 80) & (page[..., 2] < 80)
+
+
+def test_demo_banner_is_red_only_for_demo(case: Case) -> None:
+    demo = capture(case, predictions=[KRAS]).pixel_array[:HEADER_HEIGHT]
+    assert np.all(demo == DEMO_RED, axis=-1).mean() > 0.5
+    assert (demo != DEMO_RED).any(axis=-1).sum() > 500  # the white text on it
+    research = capture(case, result=dataclasses.replace(case.result, algorithm=RESEARCH)).pixel_array
+    assert red_pixels(research[:HEADER_HEIGHT]).sum() == 0
+    assert red_pixels(research).sum() == 0  # no heat map, no DEMO: no red anywhere
+
+
+def test_text_regions_are_not_empty(case: Case) -> None:
+    page = capture(case, predictions=[KRAS], heatmap=case.heatmap(0)).pixel_array
+    text = page[TEXT_TOP + 4 :, :]
+    side = page[HEADER_HEIGHT:TEXT_TOP, IMAGE_BOX[2] :]
+    assert (text != BACKGROUND).any(axis=-1).sum() > 5000
+    assert (side != BACKGROUND).any(axis=-1).sum() > 3000
+    # the result line is drawn in the result colour, large
+    assert np.all(text[:70] == (255, 220, 90), axis=-1).sum() > 300
+
+
+def test_colour_bar_only_with_a_heat_map(case: Case) -> None:
+    side_with = capture(case, predictions=[KRAS], heatmap=case.heatmap(0)).pixel_array[
+        HEADER_HEIGHT:TEXT_TOP, IMAGE_BOX[2] :
+    ]
+    side_without = capture(case, predictions=[KRAS]).pixel_array[HEADER_HEIGHT:TEXT_TOP, IMAGE_BOX[2] :]
+    bar_colours = {tuple(c) for c in hot_colormap(np.linspace(0.2, 0.6, 20))}
+
+    def count(side: np.ndarray) -> int:
+        return sum(int(np.all(side == colour, axis=-1).sum()) for colour in bar_colours)
+
+    assert count(side_with) > 100
+    assert count(side_without) == 0
+
+
+def test_window_and_colormap_helpers() -> None:
+    assert window_to_uint8(np.array([-160.0, 40.0, 240.0, 1000.0]), 40, 400).tolist() == [0, 128, 255, 255]
+    assert hot_colormap(np.array([0.0, 1.0])).tolist() == [[0, 0, 0], [255, 255, 255]]
+    with pytest.raises(ValueError, match="width"):
+        window_to_uint8(np.zeros(2), 40, 0)
+
+
+# --- DICOM ----------------------------------------------------------------------------------------
+
+
+def test_linkage_and_header(case: Case) -> None:
+    sc = capture(case, predictions=[KRAS], heatmap=case.heatmap(0))
+    ref = case.slice_of(0)[2]
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    assert sc.StudyInstanceUID == case.result.study_instance_uid == ref.StudyInstanceUID
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate"):
+        assert str(sc.get(keyword)) == str(ref.get(keyword)), keyword
+    assert sc.SeriesInstanceUID != ref.SeriesInstanceUID
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesDescription == f"{DEMO_WARNING} | AI KRAS (pacs-agent)"
+    assert (str(sc.ContentDate), str(sc.ContentTime)) == ("20250304", "103015")
+    assert sc.InstanceNumber == 2
+    assert "PixelSpacing" not in sc
+    research = capture(case, result=dataclasses.replace(case.result, algorithm=RESEARCH))
+    assert research.SeriesDescription == "AI Radiomics (pacs-agent)" == series_description("Radiomics", demo=False)
+
+
+def test_uids_are_deterministic(case: Case) -> None:
+    first = capture(case, predictions=[KRAS])
+    again = capture(case, predictions=[KRAS], heatmap=case.heatmap(0))
+    other_lesion = capture(case, 1, predictions=[KRAS])
+    summary = build_summary_capture(case.result, case.slice_of(0)[2], content_datetime=WHEN, result_kind="KRAS")
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    assert other_lesion.SeriesInstanceUID == summary.SeriesInstanceUID == first.SeriesInstanceUID
+    assert len({first.SOPInstanceUID, other_lesion.SOPInstanceUID, summary.SOPInstanceUID}) == 3
+    assert (summary.InstanceNumber, other_lesion.InstanceNumber) == (1, 3)
+    newer = dataclasses.replace(case.result, algorithm=dataclasses.replace(DEMO, version="0.2.0"))
+    changed = capture(case, result=newer, predictions=[KRAS])
+    assert changed.SOPInstanceUID != first.SOPInstanceUID and changed.SeriesInstanceUID != first.SeriesInstanceUID
+    radiomics = capture(case)
+    assert radiomics.SeriesInstanceUID != first.SeriesInstanceUID  # another result kind, another series
+    assert pydicom.uid.UID(first.SOPInstanceUID).is_valid
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return (run.stdout + run.stderr).splitlines()
+
+
+def test_examples_pass_dciodvfy_and_are_saved_as_png(case: Case, tmp_path: Path) -> None:
+    predictions = {
+        case.result.lesions[0].tracking_uid: [KRAS],
+        case.result.lesions[1].tracking_uid: [Prediction("KRAS", "wild type", 0.21, 0.5)],
+    }
+    research = dataclasses.replace(case.result, algorithm=RESEARCH, method="radiomics")
+    ref = case.slice_of(0)[2]
+    objects = {
+        "kras_lesion_demo": capture(
+            case, predictions=predictions[case.result.lesions[0].tracking_uid], heatmap=case.heatmap(0)
+        ),
+        "kras_summary_demo": build_summary_capture(case.result, ref, content_datetime=WHEN, predictions=predictions),
+        "radiomics_lesion": capture(case, 1, result=research),
+        "radiomics_summary": build_summary_capture(research, ref, content_datetime=WHEN),
+    }
+    targets = [tmp_path]
+    if os.environ.get("PACS_AGENT_SC_EXAMPLES"):
+        targets.append(Path(os.environ["PACS_AGENT_SC_EXAMPLES"]))
+    problems = []
+    for name, sc in objects.items():
+        for target in targets:
+            target.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(sc.pixel_array).save(target / f"{name}.png")
+        lines = _dciodvfy(write_dataset(sc, tmp_path / f"{name}.dcm"))
+        errors = [line for line in lines if line.startswith("Error")]
+        warnings = [line for line in lines if line.startswith("Warning")]
+        if errors:
+            problems.append(f"{name}: errors {errors}; warnings {warnings}")
+    assert not problems, "\n".join(problems)
+    with Image.open(tmp_path / "kras_lesion_demo.png") as png:
+        assert png.size == (CANVAS, CANVAS)
+
+
+def test_summary_lists_every_lesion(case: Case) -> None:
+    many = dataclasses.replace(
+        case.result,
+        lesions=tuple(
+            dataclasses.replace(
+                case.result.lesions[0], tracking_id=f"Liver lesion {i}", tracking_uid=derive_uid("m", str(i))
+            )
+            for i in range(40)
+        ),
+    )
+    page = build_summary_capture(many, case.slice_of(0)[2], content_datetime=WHEN).pixel_array
+    assert (page[HEADER_HEIGHT + 100 : CANVAS - 200] != BACKGROUND).any(axis=-1).sum() > 20000
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"content_datetime": "2025-03-04"}, "content_datetime"),
+        ({"heatmap": [[0.5]]}, "heatmap"),
+        ({"series_number": "910"}, "series_number"),
+        ({"manufacturer": None}, "manufacturer"),
+        ({"institution_name": 1}, "institution_name"),
+        ({"result_kind": 1}, "result_kind"),
+        ({"body_part_examined": 1}, "body_part_examined"),
+    ],
+)
+def test_wrong_types_name_the_argument(case: Case, kwargs: dict[str, object], argument: str) -> None:
+    with pytest.raises(TypeError, match=f'Argument "{argument}" must have type'):
+        capture(case, **kwargs)
+
+
+def test_invalid_inputs(case: Case) -> None:
+    hu, mask, ref = case.slice_of(0)
+    lesion = case.result.lesions[0]
+    with pytest.raises(TypeError, match=r'Argument "result" must have type StudyResult\.'):
+        build_lesion_capture("result", lesion, hu, mask, ref, content_datetime=WHEN)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match='Argument "ct_slice_hu"'):
+        build_lesion_capture(case.result, lesion, hu.tolist(), mask, ref, content_datetime=WHEN)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not one of the lesions"):
+        build_lesion_capture(
+            case.result, dataclasses.replace(lesion, volume_ml=1.0), hu, mask, ref, content_datetime=WHEN
+        )
+    other = copy.deepcopy(ref)
+    other.StudyInstanceUID = "1.2.3"
+    with pytest.raises(ValueError, match="Study Instance UID differs"):
+        build_lesion_capture(case.result, lesion, hu, mask, other, content_datetime=WHEN)
+    with pytest.raises(ValueError, match="empty"):
+        build_lesion_capture(case.result, lesion, hu, np.zeros_like(mask), ref, content_datetime=WHEN)
+    with pytest.raises(ValueError, match="shape"):
+        build_lesion_capture(case.result, lesion, hu, mask[:-1], ref, content_datetime=WHEN)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_lesion_capture(case.result, lesion, hu, mask, ref, content_datetime=WHEN, heatmap=case.heatmap(0) * 2)
+    with pytest.raises(ValueError, match="contradicts"):
+        capture(case, predictions=[Prediction("KRAS", "mutant", 0.1, 0.5)])
+    with pytest.raises(ValueError, match="unknown Tracking UID"):
+        build_summary_capture(case.result, ref, content_datetime=WHEN, predictions={"1.2.3": [KRAS]})
