@@ -90,6 +90,12 @@ def _cmd_phantom(argv: Sequence[str]) -> int:
     return phantom_main(argv)
 
 
+def _cmd_radiomics(argv: Sequence[str]) -> int:
+    from inference.radiomics.cli import main as radiomics_main
+
+    return radiomics_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (except ``phantom``, which has its own)."""
     parser = argparse.ArgumentParser(prog="pacs-agent", description=__doc__.splitlines()[0])
@@ -116,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="working folder (default demo-output)")
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result")
     sub.add_parser("phantom", help="write a synthetic CT study with SEG and RTSTRUCT", add_help=False)
+    sub.add_parser("radiomics", help="pyradiomics features of one segment of a DICOM CT, as JSON", add_help=False)
     return parser
 
 
@@ -124,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "phantom":
         return _cmd_phantom(argv[1:])
+    if argv and argv[0] == "radiomics":
+        return _cmd_radiomics(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":

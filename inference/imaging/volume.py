@@ -187,7 +187,87 @@ class _Slice:
     dataset: pydicom.Dataset
 
 
-def load_ct_series(paths: Sequence[Path]) -> CTVolume:
+PHASE_KEYWORDS = ("TemporalPositionIndex", "AcquisitionNumber", "ContentTime")
+"""Attributes that tell the phases of a multi-phase series apart, tried in this order."""
+SINGLE_PHASE = "single"
+"""Key of the only group :func:`split_phases` returns for a series without repeated positions."""
+
+
+def split_phases(paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """Split the files of a series whose slice positions repeat into one group per phase.
+
+    A multi-phase series (e.g. arterial and portal-venous acquisitions stored in one series)
+    holds every slice position more than once; the copies differ in Temporal Position Index,
+    Acquisition Number or Content Time. The first of these attributes (in that order) that gives
+    every position at most once per group, with as many groups as the most repeated position
+    has copies, defines the phases.
+
+    Parameters
+    ----------
+    paths
+        Single-frame CT files of one series, in any order (headers only are read).
+
+    Returns
+    -------
+    dict of str to list of Path
+        Keys like ``"AcquisitionNumber=2"``, in ascending order of the value; each list keeps
+        the order of ``paths``. One group ``{SINGLE_PHASE: paths}`` when no position repeats, or
+        when nothing tells the copies apart (:func:`load_ct_series` then reports the duplicates).
+
+    Raises
+    ------
+    VolumeError
+        A file is not readable as DICOM.
+    """
+    paths = [Path(p) for p in paths]
+    datasets = [_read(p, headers_only=True) for p in paths]
+    return {key: [paths[i] for i in members] for key, members in _phase_groups(datasets).items()}
+
+
+def _phase_groups(datasets: Sequence[pydicom.Dataset]) -> dict[str, list[int]]:
+    """Indices of ``datasets`` per phase (see :func:`split_phases`)."""
+    everything = {SINGLE_PHASE: list(range(len(datasets)))}
+    positions = []
+    for ds in datasets:
+        if "PerFrameFunctionalGroupsSequence" in ds or "ImagePositionPatient" not in ds:
+            return everything  # enhanced CT or missing geometry: the loader reports what is wrong
+        try:
+            iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+            ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
+        except (AttributeError, TypeError, ValueError):
+            return everything
+        if iop.size != 6 or ipp.size != 3:
+            return everything
+        positions.append(float(ipp @ np.cross(iop[:3], iop[3:])))
+    if not positions:
+        return everything
+    slots = np.round(np.asarray(positions) / DUPLICATE_TOLERANCE_MM).astype(np.int64)
+    _, copies = np.unique(slots, return_counts=True)
+    most = int(copies.max())
+    if most == 1:
+        return everything
+    for keyword in PHASE_KEYWORDS:
+        values = [str(ds.get(keyword, "") or "").strip() for ds in datasets]
+        if "" in values:
+            continue
+        groups: dict[str, list[int]] = {}
+        for i, value in enumerate(values):
+            groups.setdefault(value, []).append(i)
+        if len(groups) != most:
+            continue
+        if all(len({int(slots[i]) for i in members}) == len(members) for members in groups.values()):
+            return {f"{keyword}={value}": groups[value] for value in sorted(groups, key=_phase_sort_key)}
+    return everything
+
+
+def _phase_sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return 0, float(value), value
+    except ValueError:
+        return 1, 0.0, value
+
+
+def load_ct_series(paths: Sequence[Path], *, phase: str | None = None) -> CTVolume:
     """Load the files of one CT series as a HU volume.
 
     Parameters
@@ -195,6 +275,9 @@ def load_ct_series(paths: Sequence[Path]) -> CTVolume:
     paths
         Files of one series, in any order: single-frame CT Image Storage instances, or Enhanced
         CT Image Storage instance(s) whose frames form one stack.
+    phase
+        For a multi-phase series, the key of the phase to load (a key of :func:`split_phases`,
+        e.g. ``"AcquisitionNumber=2"``); None for a single-phase series.
 
     Returns
     -------
@@ -206,14 +289,26 @@ def load_ct_series(paths: Sequence[Path]) -> CTVolume:
     ------
     VolumeError
         Not DICOM, not CT, mixed series / frame of reference / orientation / matrix size, missing
-        pixel data or geometry, fewer than 3 slices, duplicate positions, missing slices (gap >
-        1.5 x median spacing), non-uniform spacing, sheared stack (gantry tilt).
+        pixel data or geometry, fewer than 3 slices, several phases and no (or an unknown)
+        ``phase``, duplicate positions, missing slices (gap > 1.5 x median spacing), non-uniform
+        spacing, sheared stack (gantry tilt).
     """
     if not paths:
         raise VolumeError("no files given for the CT series")
     datasets = [_read(Path(p)) for p in paths]
     series_uid = _one_value(datasets, "SeriesInstanceUID", "Series Instance UID")
     where = f"series {series_uid}"
+    phases = _phase_groups(datasets)
+    if phase is None and len(phases) > 1:
+        raise VolumeError(
+            f"{where} holds {len(phases)} phases ({', '.join(phases)}): the same slice positions were "
+            "acquired more than once; choose one phase (e.g. the portal-venous one) or send the phases "
+            "as separate series"
+        )
+    if phase is not None:
+        if phase not in phases:
+            raise VolumeError(f"{where} has no phase {phase!r}; its phases are: {', '.join(phases)}")
+        datasets = [datasets[i] for i in phases[phase]]
     for ds in datasets:
         modality = str(ds.get("Modality", ""))
         if modality != "CT":
@@ -228,9 +323,9 @@ def load_ct_series(paths: Sequence[Path]) -> CTVolume:
     return _stack(slices, where, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid)
 
 
-def _read(path: Path) -> pydicom.Dataset:
+def _read(path: Path, *, headers_only: bool = False) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=headers_only)
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise VolumeError(f"cannot read {path.name} as a DICOM file: {exc}") from exc
 
