@@ -68,7 +68,6 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -78,7 +77,7 @@ from pydicom import Dataset
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
-from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, SegmentationSource
+from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, Prediction, SegmentationSource
 
 __all__ = [
     "FRAME_OF_REFERENCE_UID",
@@ -100,28 +99,6 @@ logger = logging.getLogger(__name__)
 
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _LABEL_PATTERN = re.compile(r"[A-Z0-9]{1,9}")
-
-
-# ---------------------------------------------------------------------------------------------
-# LOCAL DATACLASS - to be moved to inference/ by the lead (no pydicom inside, frozen).
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prediction:
-    """What a model predicted for one lesion (or patient) and one label.
-
-    ``probability`` is the calibrated probability of the *positive* class (mutant, high risk,
-    positive); ``status`` is the positive status when ``probability >= threshold``.
-
-    NOTE: local to ``dicom_sr`` until the lead moves it next to the Result dataclasses.
-    """
-
-    label: str
-    """Upper-case label: ``KRAS``, ``EGFR``, ``RAS``, ... (1-9 characters ``A-Z0-9``)."""
-    status: str
-    """One of :data:`STATUS_CODES`: ``mutant``, ``wild type``, ``high risk``, ``low risk``,
-    ``positive``, ``negative``."""
-    probability: float
-    threshold: float = 0.5
 
 
 def _private(value: str, meaning: str) -> CodedConcept:

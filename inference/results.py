@@ -6,8 +6,11 @@ them into DICOM objects; the SR reader turns our own SRs back into them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 SegmentationKind = Literal["seg", "rtstruct"]
 ValidationStatus = Literal["DEMO", "RESEARCH", "VALIDATED"]
@@ -79,6 +82,22 @@ class LesionResult:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """What a model predicted for one lesion (or the patient) and one label.
+
+    ``probability`` is the calibrated probability of the *positive* class (mutant, high risk,
+    positive); ``status`` is the positive status when ``probability >= threshold``.
+    """
+
+    label: str
+    """Upper-case label: ``KRAS``, ``EGFR``, ``RAS``, ... (1-9 characters ``A-Z0-9``)."""
+    status: str
+    """``mutant``, ``wild type``, ``high risk``, ``low risk``, ``positive`` or ``negative``."""
+    probability: float
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class StudyResult:
     """Everything one method produced for one study (CT series + one segmentation object)."""
 
@@ -91,6 +110,32 @@ class StudyResult:
     lesions: tuple[LesionResult, ...]
     provenance: dict[str, str] = field(default_factory=dict)
     """Reproducibility facts (library versions, parameter-file hash)."""
+    predictions: Mapping[str, tuple[Prediction, ...]] = field(default_factory=dict)
+    """Model predictions per lesion, keyed by tracking UID (empty for plain radiomics)."""
 
     def __hash__(self) -> int:  # dict field: hash by identity-relevant fields only
         return hash((self.method, self.study_instance_uid, self.ct_series_instance_uid, self.lesions))
+
+
+@dataclass(frozen=True, eq=False)
+class KeyImage:
+    """The pixels a Secondary Capture shows for one lesion: its key slice, contour and heat map."""
+
+    hu: np.ndarray
+    """The key axial slice in HU, (rows, columns)."""
+    mask: np.ndarray
+    """The lesion on that slice, bool, same shape."""
+    pixel_spacing_mm: tuple[float, float]
+    """(row spacing, column spacing) in mm."""
+    heatmap: np.ndarray | None = None
+    """Grad-CAM map on the slice grid in [0, 1], or None."""
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineOutput:
+    """What a pipeline returns: the result, plus key images per lesion tracking UID for the SCs."""
+
+    result: StudyResult
+    key_images: Mapping[str, KeyImage] = field(default_factory=dict)
+    result_kind: str = "Radiomics"
+    """Stable name of the result kind: SeriesDescription ``AI <kind> (pacs-agent)``; feeds the UIDs."""

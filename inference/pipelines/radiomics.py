@@ -11,25 +11,39 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from dicom_sr.uids import derive_uid
-from inference.imaging.lesions import find_lesions, outline_mm
+from inference.imaging.lesions import Lesion, find_lesions, outline_mm
 from inference.imaging.masks import load_segmentation
-from inference.imaging.volume import load_ct_series
+from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.features import compute_features, feature_unit
-from inference.results import AlgorithmInfo, FeatureValue, LesionResult, StudyResult
+from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
 from pacs_agent import __version__
 from pacs_agent.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 METHOD = "radiomics"
+RESULT_KIND = "Radiomics"
 INTENDED_USE = (
     "Research use: quantitative description (volume, diameter, intensity and texture) of lesions "
     "segmented by a clinician. Not a diagnosis."
 )
 
 
-def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyResult:
+def key_image(volume: CTVolume, lesion: Lesion) -> KeyImage:
+    """The key slice of ``lesion`` with its mask, for the Secondary Capture."""
+    z = lesion.key_slice_index
+    spacing_x, spacing_y, _ = volume.spacing_xyz
+    return KeyImage(
+        hu=np.asarray(volume.array[z], dtype=np.float32),
+        mask=np.asarray(lesion.mask[z], dtype=bool),
+        pixel_spacing_mm=(float(spacing_y), float(spacing_x)),
+    )
+
+
+def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> PipelineOutput:
     """Compute per-lesion radiomics for one CT series and one segmentation object.
 
     Raises
@@ -41,6 +55,7 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
     volume = load_ct_series(ct_paths)
     masks = load_segmentation(segmentation_path, volume)
     lesions: list[LesionResult] = []
+    key_images: dict[str, KeyImage] = {}
     provenance: dict[str, str] = {}
     skipped: list[str] = []
     for label_mask in masks:
@@ -52,12 +67,12 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
         for lesion in find_lesions(label_mask, volume):
             features = compute_features(volume, lesion.mask)
             provenance = features.provenance
+            tracking_uid = derive_uid("tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
+            key_images[tracking_uid] = key_image(volume, lesion)
             lesions.append(
                 LesionResult(
                     tracking_id=lesion.tracking_id,
-                    tracking_uid=derive_uid(
-                        "tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id
-                    ),
+                    tracking_uid=tracking_uid,
                     source=source,
                     volume_ml=lesion.volume_ml,
                     longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
@@ -76,7 +91,7 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
     if skipped:
         provenance = {**provenance, "skipped_segments": "; ".join(skipped)}
     param_hash = provenance.get("parameter_hash", "unknown")[:8]
-    return StudyResult(
+    result = StudyResult(
         method=METHOD,
         study_instance_uid=volume.study_instance_uid,
         ct_series_instance_uid=volume.series_instance_uid,
@@ -92,3 +107,4 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> StudyRes
         lesions=tuple(lesions),
         provenance=provenance,
     )
+    return PipelineOutput(result=result, key_images=key_images, result_kind=RESULT_KIND)

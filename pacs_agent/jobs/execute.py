@@ -7,15 +7,18 @@ and torch for the CNN methods) and ``dicom_sr``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
+from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
 from dicom_sr.sr import build_measurement_report, write_dataset
 from inference.pipelines import PIPELINES
-from inference.results import StudyResult
+from inference.results import PipelineOutput, StudyResult
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
@@ -72,6 +75,87 @@ def _evidence(inputs: JobInputs) -> tuple[list[Dataset], Dataset]:
     return ct, segmentation
 
 
+def build_result_objects(
+    output: PipelineOutput, ct_headers: Sequence[Dataset], segmentation: Dataset, when: datetime
+) -> list[Dataset]:
+    """The DICOM objects of one result: the TID 1500 SR, a summary SC and one SC per lesion."""
+    result = output.result
+    sr = build_measurement_report(
+        result,
+        [*ct_headers, segmentation],
+        segmentation_dataset=segmentation,
+        predictions=result.predictions,
+        series_description=series_description(output.result_kind, demo=False),  # sr.py adds the DEMO prefix
+    )
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in ct_headers}
+    objects: list[Dataset] = [
+        sr,
+        build_summary_capture(
+            result,
+            ct_headers[0],
+            content_datetime=when,
+            predictions=result.predictions,
+            result_kind=output.result_kind,
+        ),
+    ]
+    for lesion in result.lesions:
+        image = output.key_images.get(lesion.tracking_uid)
+        if image is None or not image.mask.any():
+            continue
+        objects.append(
+            build_lesion_capture(
+                result,
+                lesion,
+                image.hu,
+                image.mask,
+                by_uid.get(lesion.key_slice_sop_instance_uid, ct_headers[0]),
+                content_datetime=when,
+                predictions=result.predictions.get(lesion.tracking_uid, ()),
+                heatmap=image.heatmap,
+                pixel_spacing=image.pixel_spacing_mm,
+                result_kind=output.result_kind,
+            )
+        )
+    return objects
+
+
+def _record(
+    db: Database, settings: Settings, job: ClaimedJob, output: PipelineOutput, objects: Sequence[Dataset]
+) -> list[int]:
+    result_ids: list[int] = []
+    written: list[tuple[Dataset, Path]] = []
+    for ds in objects:
+        relative = Path(safe_name(job.study_instance_uid)) / f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
+        write_dataset(ds, settings.storage.results_dir / relative)
+        written.append((ds, relative))
+    with db.session() as session, session.begin():
+        for ds, relative in written:
+            row = session.execute(
+                select(Result).where(Result.sop_instance_uid == str(ds.SOPInstanceUID))
+            ).scalar_one_or_none()
+            if row is None:
+                row = Result(
+                    job_id=job.id,
+                    study_id=job.study_id,
+                    kind="sr" if str(ds.Modality) == "SR" else "sc",
+                    method=job.method,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    path=str(relative),
+                    algorithm_name=output.result.algorithm.name,
+                    algorithm_version=output.result.algorithm.version,
+                )
+                session.add(row)
+                session.flush()
+            else:  # same inputs, method and version: the same UID, delivered once
+                row.job_id = job.id
+                row.path = str(relative)
+            enqueue(session, row.id, [d.name for d in settings.destinations])
+            result_ids.append(row.id)
+    return result_ids
+
+
 def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyResult, list[int]]:
     """Execute ``job`` and record its result objects (Result rows + outbox), not its final state.
 
@@ -86,33 +170,7 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
     if pipeline is None:
         raise InputError(f"unknown method {job.method!r}; known: {', '.join(sorted(PIPELINES))}")
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
-    result = pipeline(inputs.ct_paths, inputs.segmentation_path)
-    ct_evidence, segmentation = _evidence(inputs)
-    sr = build_measurement_report(result, [*ct_evidence, segmentation], segmentation_dataset=segmentation)
-    relative = Path(safe_name(job.study_instance_uid)) / f"{safe_name(str(sr.SOPInstanceUID))}.dcm"
-    write_dataset(sr, settings.storage.results_dir / relative)
-    with db.session() as session, session.begin():
-        row = session.execute(
-            select(Result).where(Result.sop_instance_uid == str(sr.SOPInstanceUID))
-        ).scalar_one_or_none()
-        if row is None:
-            row = Result(
-                job_id=job.id,
-                study_id=job.study_id,
-                kind="sr",
-                method=job.method,
-                sop_instance_uid=str(sr.SOPInstanceUID),
-                series_instance_uid=str(sr.SeriesInstanceUID),
-                sop_class_uid=str(sr.SOPClassUID),
-                path=str(relative),
-                algorithm_name=result.algorithm.name,
-                algorithm_version=result.algorithm.version,
-            )
-            session.add(row)
-            session.flush()
-        else:  # same inputs, method and version: the same UID, delivered once
-            row.job_id = job.id
-            row.path = str(relative)
-        enqueue(session, row.id, [d.name for d in settings.destinations])
-        result_ids = [row.id]
-    return result, result_ids
+    output = pipeline(inputs.ct_paths, inputs.segmentation_path)
+    ct_headers, segmentation = _evidence(inputs)
+    objects = build_result_objects(output, ct_headers, segmentation, datetime.now())
+    return output.result, _record(db, settings, job, output, objects)

@@ -24,7 +24,7 @@ def test_every_configurable_method_has_a_pipeline() -> None:
 
 
 def test_lesions_match_the_planted_ground_truth(phantom: PhantomStudy) -> None:
-    result = run_radiomics(phantom.ct_files, phantom.seg_file)
+    result = run_radiomics(phantom.ct_files, phantom.seg_file).result
     assert result.study_instance_uid == phantom.study_instance_uid
     assert result.ct_series_instance_uid == phantom.ct_series_instance_uid
     planted = sorted((lesion.volume_ml for lesion in phantom.lesions), reverse=True)
@@ -44,8 +44,8 @@ def test_lesions_match_the_planted_ground_truth(phantom: PhantomStudy) -> None:
 
 
 def test_rtstruct_gives_the_same_measurements_as_seg(phantom: PhantomStudy) -> None:
-    seg = run_radiomics(phantom.ct_files, phantom.seg_file)
-    rt = run_radiomics(phantom.ct_files, phantom.rtstruct_file)
+    seg = run_radiomics(phantom.ct_files, phantom.seg_file).result
+    rt = run_radiomics(phantom.ct_files, phantom.rtstruct_file).result
     assert [x.volume_ml for x in rt.lesions] == pytest.approx([x.volume_ml for x in seg.lesions], rel=1e-9)
     for a, b in zip(seg.lesions, rt.lesions, strict=True):
         assert {f.name: f.value for f in a.features} == pytest.approx({f.name: f.value for f in b.features})
@@ -54,10 +54,21 @@ def test_rtstruct_gives_the_same_measurements_as_seg(phantom: PhantomStudy) -> N
 
 
 def test_tracking_uids_are_stable(phantom: PhantomStudy) -> None:
-    first = run_radiomics(phantom.ct_files, phantom.seg_file)
-    second = run_radiomics(list(reversed(phantom.ct_files)), phantom.seg_file)
+    first = run_radiomics(phantom.ct_files, phantom.seg_file).result
+    second = run_radiomics(list(reversed(phantom.ct_files)), phantom.seg_file).result
     assert [x.tracking_uid for x in first.lesions] == [x.tracking_uid for x in second.lesions]
     assert len({x.tracking_uid for x in first.lesions}) == 3
+
+
+def test_key_images_show_each_lesion_on_its_key_slice(phantom: PhantomStudy) -> None:
+    output = run_radiomics(phantom.ct_files, phantom.seg_file)
+    assert set(output.key_images) == {lesion.tracking_uid for lesion in output.result.lesions}
+    for lesion in output.result.lesions:
+        image = output.key_images[lesion.tracking_uid]
+        assert image.hu.shape == image.mask.shape == (128, 128)
+        assert image.mask.any()
+        assert -200 < float(image.hu[image.mask].mean()) < 200  # lesion tissue, not air or bone
+    assert output.result_kind == "Radiomics"
 
 
 def test_empty_segmentation_is_an_input_error(phantom: PhantomStudy, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def results(study: PhantomStudy) -> dict[str, tuple[StudyResult, Dataset]]:
     """The radiomics pipeline's result for the SEG and for the RTSTRUCT, with that object."""
     assert study.seg_file is not None and study.rtstruct_file is not None
     return {
-        kind: (run_radiomics(study.ct_files, path), pydicom.dcmread(path))
+        kind: (run_radiomics(study.ct_files, path).result, pydicom.dcmread(path))
         for kind, path in (("seg", study.seg_file), ("rtstruct", study.rtstruct_file))
     }
 
