@@ -90,9 +90,20 @@ def test_orthanc_sends_study_and_gets_sr_back(
 
     text = render_sr_text(ds)
     assert text.count("lesion") >= len(phantom.lesions)
+    # the Secondary Captures (summary + one per lesion) arrive too, and pass dciodvfy
+    scs = wait_for(
+        lambda: (found := orthanc.instances_with_modality("OT")) and len(found) == len(phantom.lesions) + 1 and found,
+        60,
+        "the Secondary Captures",
+    )
+    for sc in scs:
+        sc_data = orthanc.file(sc["ID"])
+        assert dcmread(BytesIO(sc_data)).BurnedInAnnotation == "YES"
+        check_dciodvfy(sc_data, tmp_path)
     db = node_db(node)
     with db.session() as session:
-        assert session.execute(select(Delivery.state)).scalars().all() == ["done"]
+        states = session.execute(select(Delivery.state)).scalars().all()
+        assert states == ["done"] * (len(phantom.lesions) + 2)
         assert session.execute(select(Study.state)).scalar_one() == "done"
     db.dispose()
 
