@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pacs-agent-installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
-DEBIAN_PACKAGES := dcmtk:storescu dicom3tools:dciodvfy orthanc:Orthanc
+DEBIAN_PACKAGES := dcmtk:storescu dicom3tools:dciodvfy orthanc:Orthanc systemd:systemd-analyze
 
 .PHONY: install system-deps test lint demo clean benchmark-ingest
 
@@ -57,3 +57,41 @@ benchmark-ingest: install
 
 clean:
 	rm -rf $(VENV) demo-output pacs-agent-state .pytest_cache .ruff_cache
+
+# Production install on a Debian server with systemd, as root (docs/operations.md): a venv under
+# $(PREFIX), the systemd units, the pacs-agent user, /var/lib/pacs-agent (0700) and a first
+# /etc/pacs-agent/pacs-agent.toml (an existing one is kept). Nothing is enabled or started.
+# Running it again upgrades the code in place; the schema is migrated when the service starts.
+PREFIX ?= /opt/pacs-agent
+UNIT_DIR ?= /etc/systemd/system
+
+.PHONY: install-system
+install-system:
+	@test "$$(id -u)" = 0 || { echo "install-system must run as root"; exit 1; }
+	$(PYTHON) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install --quiet --upgrade pip setuptools wheel versioneer
+	$(PREFIX)/venv/bin/pip install --quiet numpy "torch==$(TORCH_VERSION)"
+	$(PREFIX)/venv/bin/pip install --quiet --no-build-isolation "pyradiomics>=3.0.1"
+	$(PREFIX)/venv/bin/pip install --quiet ".[postgres]" "torch==$(TORCH_VERSION)"
+	install -d -m 0755 $(PREFIX)/share/doc/pacs-agent
+	install -m 0644 docs/operations.md config/pacs-agent.toml \
+	  systemd/pacs-agent-scp.service.d/low-port.conf.example $(PREFIX)/share/doc/pacs-agent/
+	install -d -m 0755 $(UNIT_DIR) /etc/sysusers.d /etc/tmpfiles.d
+	install -m 0644 systemd/pacs-agent-scp.service systemd/pacs-agent-worker@.service \
+	  systemd/pacs-agent.target $(UNIT_DIR)/
+	install -m 0644 systemd/sysusers.d/pacs-agent.conf /etc/sysusers.d/pacs-agent.conf
+	install -m 0644 systemd/tmpfiles.d/pacs-agent.conf /etc/tmpfiles.d/pacs-agent.conf
+	systemd-sysusers /etc/sysusers.d/pacs-agent.conf
+	systemd-tmpfiles --create /etc/tmpfiles.d/pacs-agent.conf
+	@if [ -e /etc/pacs-agent/pacs-agent.toml ]; then \
+	  echo "kept the existing /etc/pacs-agent/pacs-agent.toml"; \
+	else \
+	  sed 's|^state_dir = "pacs-agent-state"|state_dir = "/var/lib/pacs-agent"|' config/pacs-agent.toml \
+	    > /etc/pacs-agent/pacs-agent.toml && \
+	  chown root:pacs-agent /etc/pacs-agent/pacs-agent.toml && chmod 0640 /etc/pacs-agent/pacs-agent.toml && \
+	  echo "wrote /etc/pacs-agent/pacs-agent.toml"; \
+	fi
+	systemctl daemon-reload || echo "systemctl daemon-reload failed: is systemd running?"
+	@echo "next: edit /etc/pacs-agent/pacs-agent.toml, check it with"
+	@echo "  runuser -u pacs-agent -- $(PREFIX)/venv/bin/pacs-agent config check --config /etc/pacs-agent/pacs-agent.toml"
+	@echo "then: systemctl enable --now pacs-agent-scp.service pacs-agent-worker@cpu0.service pacs-agent.target"

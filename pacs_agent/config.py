@@ -205,6 +205,13 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class ObservabilitySettings(_Section):
+    """``[observability]``: the ``/healthz`` and ``/metrics`` HTTP endpoint (port 0 disables it)."""
+
+    http_host: str = Field(default="127.0.0.1", min_length=1)
+    http_port: int = Field(default=9110, ge=0, le=65535)
+
+
 class Settings(_Section):
     """All settings of a node, validated and frozen."""
 
@@ -218,6 +225,7 @@ class Settings(_Section):
     security: SecuritySettings = SecuritySettings()
     routing: RoutingSettings = RoutingSettings()
     logging: LoggingSettings = LoggingSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:

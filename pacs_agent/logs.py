@@ -6,7 +6,7 @@ import logging
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
-QUIET_LIBRARIES = ("pynetdicom", "alembic", "radiomics", "highdicom", "pydicom")
+QUIET_LIBRARIES = ("pynetdicom", "alembic", "radiomics", "pykwalify", "highdicom", "pydicom")
 
 
 def configure_logging(level: str = "INFO") -> None:

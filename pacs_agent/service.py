@@ -3,23 +3,33 @@
 ``scp`` never imports torch or the pipelines. ``serve`` runs the scp in-process and supervises
 one worker subprocess, restarting it if it dies (a crashing job then counts as one attempt).
 SIGTERM / SIGINT end every loop cleanly and the process exits 0.
+
+Under systemd (``Type=notify``) each process sends READY=1 once it listens / can claim jobs,
+WATCHDOG=1 while its loops make progress, and STOPPING=1 when SIGTERM arrives
+(:mod:`pacs_agent.notify`). The scp process also serves ``/healthz`` and ``/metrics``
+(:mod:`pacs_agent.health`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
+from pacs_agent.errors import ConfigError
+from pacs_agent.health import WORKER_INSTANCE_ENV, HealthServer
 from pacs_agent.jobs.queue import requeue_stale
+from pacs_agent.notify import SYSTEMD_VARIABLES, Notifier, Watchdog
 from pacs_agent.receive.server import ReceiveServer
 from pacs_agent.receive.spool import Spool
 from pacs_agent.send.outbox import DestinationSender
@@ -28,14 +38,19 @@ from pacs_agent.studies.scheduler import readiness_rules, run_once
 logger = logging.getLogger(__name__)
 
 SCHEDULER_PERIOD_SECONDS = 1.0
+STALL_SECONDS = 120.0
+"""A scheduler pass that has not come round for this long counts as hung (watchdog pings stop)."""
+WORKER_STALL_MIN_SECONDS = 30.0
 
 
-def install_stop_signals(stop: threading.Event) -> None:
-    """Make SIGTERM and SIGINT set ``stop`` (main thread only)."""
+def install_stop_signals(stop: threading.Event, on_stop: Callable[[], object] | None = None) -> None:
+    """Make SIGTERM and SIGINT set ``stop`` and call ``on_stop`` (main thread only)."""
 
     def _handler(signum: int, _frame: FrameType | None) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        if on_stop is not None:
+            on_stop()
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
@@ -61,11 +76,22 @@ class ScpService:
         self.server = ReceiveServer(settings, self.db, self.spool)
         self.stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.last_tick = time.monotonic()
+        self.health = HealthServer(settings, self.alive)
+
+    def alive(self) -> bool:
+        """True while the scheduler comes round and no loop thread has died (watchdog liveness)."""
+        if self.stop.is_set():
+            return True  # shutting down: the loops end on purpose
+        if time.monotonic() - self.last_tick > STALL_SECONDS:
+            return False
+        return all(thread.is_alive() for thread in self._threads)
 
     def _schedule_forever(self) -> None:
         rules = readiness_rules(self.settings)
         jobs = self.settings.jobs
         while not self.stop.is_set():
+            self.last_tick = time.monotonic()
             try:
                 with self.db.session() as session, session.begin():
                     run_once(session, rules, jobs.methods, jobs.max_attempts)
@@ -75,8 +101,13 @@ class ScpService:
             self.stop.wait(SCHEDULER_PERIOD_SECONDS)
 
     def start(self) -> None:
-        """Start listening and the background loops."""
-        self.server.start()
+        """Start the health endpoint, listening and the background loops."""
+        self.health.start()  # first: once the DICOM port answers, /healthz does too
+        try:
+            self.server.start()
+        except BaseException:
+            self.health.stop()
+            raise
         loops: list[tuple[str, threading.Thread]] = [
             ("scheduler", threading.Thread(target=self._schedule_forever, name="scheduler", daemon=True))
         ]
@@ -104,27 +135,89 @@ class ScpService:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0.1))
+        self.health.stop()
         self.db.dispose()
+
+    def describe(self) -> str:
+        """One line for ``systemctl status``."""
+        node = self.settings.node
+        return f"listening as {node.ae_title} on {node.host}:{node.port}"
 
 
 def run_scp(settings: Settings) -> int:
     """``pacs-agent scp``: run until SIGTERM."""
+    notifier = Notifier.from_environment()
     service = ScpService(settings)
-    install_stop_signals(service.stop)
+    install_stop_signals(service.stop, lambda: notifier.stopping("stopping: closing associations"))
     service.start()
+    watchdog = Watchdog(notifier, service.alive)
+    watchdog.start()
+    notifier.ready(service.describe())
     service.stop.wait()
     service.shutdown()
+    watchdog.stop()
     return 0
 
 
+_GPU_INSTANCE = re.compile(r"^(?:gpu)?(\d+(?:,\d+)*)$")
+
+
+def cuda_devices_for_instance(instance: str) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a worker instance name (``pacs-agent-worker@NAME.service``).
+
+    Parameters
+    ----------
+    instance
+        ``0``, ``1,2`` or ``gpu0`` select those GPUs; a name starting with ``cpu`` (``cpu0``,
+        ``cpu-batch``) hides every GPU.
+
+    Returns
+    -------
+    str
+        The value to put into ``CUDA_VISIBLE_DEVICES`` (empty for CPU workers).
+
+    Raises
+    ------
+    ConfigError
+        For any other name.
+    """
+    name = instance.strip().lower()
+    if name.startswith("cpu"):
+        return ""
+    match = _GPU_INSTANCE.match(name)
+    if match is None:
+        raise ConfigError(
+            [
+                f"{WORKER_INSTANCE_ENV}={instance!r}: a worker instance is a GPU index (0, 1, ...), "
+                "gpuN, or a name starting with cpu (pacs-agent-worker@cpu0.service)"
+            ]
+        )
+    return match.group(1)
+
+
 def run_worker(settings: Settings) -> int:
-    """``pacs-agent worker``: run jobs until SIGTERM."""
+    """``pacs-agent worker``: run jobs until SIGTERM.
+
+    ``$PACS_AGENT_WORKER_INSTANCE`` (set by ``pacs-agent-worker@.service``) selects the GPU before
+    any model is loaded, see :func:`cuda_devices_for_instance`.
+    """
+    instance = os.environ.get(WORKER_INSTANCE_ENV)
+    if instance:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices_for_instance(instance)
     from pacs_agent.jobs.worker import Worker
 
+    notifier = Notifier.from_environment()
     prepare_state(settings)
     worker = Worker(settings, Database(settings.database_url))
-    install_stop_signals(worker.stop)
-    worker.run_forever()
+    worker.on_status = notifier.status
+    install_stop_signals(worker.stop, lambda: notifier.stopping("stopping: finishing the current job"))
+    stall = max(settings.jobs.lease_seconds, WORKER_STALL_MIN_SECONDS)
+    watchdog = Watchdog(notifier, lambda: worker.heartbeat.seconds_since_beat() < stall)
+    watchdog.start()
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={devices!r}" if devices is not None else "all devices"
+    worker.run_forever(on_ready=lambda: notifier.ready(f"waiting for jobs ({where})"))
+    watchdog.stop()
     worker.db.dispose()
     return 0
 
@@ -147,7 +240,9 @@ class WorkerSupervisor:
         delay = 1.0
         while not self.stop.is_set():
             started = time.monotonic()
-            self.process = subprocess.Popen(self.command)
+            # The worker must not speak to systemd for the unit of this process.
+            env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+            self.process = subprocess.Popen(self.command, env=env)
             logger.info("worker process started (pid %d)", self.process.pid)
             while self.process.poll() is None and not self.stop.is_set():
                 self.stop.wait(0.2)
@@ -177,15 +272,20 @@ class WorkerSupervisor:
 
 def run_serve(settings: Settings, config_path: Path | None) -> int:
     """``pacs-agent serve``: the scp in this process plus a supervised worker process."""
+    notifier = Notifier.from_environment()
     service = ScpService(settings)
-    install_stop_signals(service.stop)
+    install_stop_signals(service.stop, lambda: notifier.stopping("stopping: worker and associations"))
     command = [sys.executable, "-m", "pacs_agent", "worker"]
     if config_path is not None:
         command += ["--config", str(config_path)]
     supervisor = WorkerSupervisor(command, threading.Event())
     service.start()
     supervisor.start()
+    watchdog = Watchdog(notifier, service.alive)
+    watchdog.start()
+    notifier.ready(service.describe())
     service.stop.wait()
     supervisor.shutdown()
     service.shutdown()
+    watchdog.stop()
     return 0

@@ -11,10 +11,12 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
+from pacs_agent.health import WorkerHeartbeat
 from pacs_agent.jobs import queue
 from pacs_agent.jobs.queue import ClaimedJob
 
@@ -30,6 +32,10 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.worker_id = queue.worker_identity()
         self.stop = threading.Event()
+        self.heartbeat = WorkerHeartbeat(settings.storage.state_dir, self.worker_id)
+        """Heartbeat file read by ``/healthz``; its :meth:`~WorkerHeartbeat.beat` time is our liveness."""
+        self.on_status: Callable[[str], object] = lambda _text: None
+        """Told what the worker does (``pacs-agent worker`` forwards it to systemd as STATUS)."""
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         interval = max(self.settings.jobs.lease_seconds / 4, 0.5)
@@ -39,6 +45,7 @@ class Worker:
                     queue.heartbeat(session, job_id, self.worker_id)
             except Exception:
                 logger.exception("heartbeat of job %d failed", job_id)
+            self.heartbeat.beat(f"job {job_id}")
 
     def run_one(self) -> bool:
         """Claim and run one job; returns False when there was nothing to do."""
@@ -52,6 +59,8 @@ class Worker:
     def _execute(self, job: ClaimedJob) -> None:
         from pacs_agent.jobs.execute import run_job  # heavy imports live in the worker only
 
+        self.heartbeat.beat(f"job {job.id}")
+        self.on_status(f"running job {job.id} ({job.method})")
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True)
         beat.start()
@@ -75,6 +84,7 @@ class Worker:
         finally:
             done.set()
             beat.join(timeout=5)
+            self.on_status("waiting for jobs")
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool, started: float) -> None:
         with self.db.session() as session, session.begin():
@@ -87,12 +97,16 @@ class Worker:
                 duration_seconds=time.monotonic() - started,
             )
 
-    def run_forever(self) -> None:
-        """Loop until :attr:`stop` is set (SIGTERM)."""
-        logger.info("worker %s ready", self.worker_id)
+    def run_forever(self, on_ready: Callable[[], object] | None = None) -> None:
+        """Loop until :attr:`stop` is set (SIGTERM); ``on_ready`` is called once jobs can be claimed."""
         with self.db.session() as session, session.begin():
             queue.requeue_stale(session, self.settings.jobs.lease_seconds)
+        self.heartbeat.beat("idle")
+        logger.info("worker %s ready", self.worker_id)
+        if on_ready is not None:
+            on_ready()
         while not self.stop.is_set():
+            self.heartbeat.beat("idle")
             try:
                 busy = self.run_one()
             except Exception:
@@ -100,4 +114,5 @@ class Worker:
                 busy = False
             if not busy:
                 self.stop.wait(self.poll_seconds)
+        self.heartbeat.remove()
         logger.info("worker %s stopped", self.worker_id)

@@ -148,6 +148,7 @@ class Node:
         self.ae_title = ae_title
         self.port = free_port()
         self.state_dir = workdir / "state"
+        self.http_port = free_port()
         self.config = workdir / "pacs-agent.toml"
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
@@ -161,7 +162,8 @@ class Node:
             f'[storage]\nstate_dir = "{self.state_dir}"\nmin_free_mb = 10\n'
             f"[readiness]\nquiet_seconds = 1\n"
             f"[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 2\n"
-            f"{self.extra_config}\n"
+            + ("" if "[observability]" in self.extra_config else f"[observability]\nhttp_port = {self.http_port}\n")
+            + f"{self.extra_config}\n"
         )
 
     def start(self, command: str = "serve", env: dict[str, str] | None = None) -> None:
