@@ -10,6 +10,7 @@ mismatch) or when every segment has a problem.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from skimage.draw import polygon as fill_polygon
 
-from inference.imaging.volume import CTVolume
+from inference.imaging.volume import CTVolume, split_phases
 from inference.results import SegmentationSource
 from pacs_agent.errors import InputError
 
@@ -84,6 +85,62 @@ def referenced_series_uids(ds: pydicom.Dataset) -> set[str]:
                 uids.add(str(item.get("SeriesInstanceUID", "")))
     uids.discard("")
     return uids
+
+
+def referenced_instance_uids(ds: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs of the images a SEG or RTSTRUCT was drawn on, from its header.
+
+    SEG: Referenced Instance Sequence of each Referenced Series, and the Source Image Sequence
+    of each frame's Derivation Image Sequence. RTSTRUCT: the Contour Image Sequences.
+    """
+    uids: set[str] = set()
+    for series in ds.get("ReferencedSeriesSequence", []):
+        for item in series.get("ReferencedInstanceSequence", []):
+            uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
+    for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in frame.get("DerivationImageSequence", []):
+            for item in derivation.get("SourceImageSequence", []):
+                uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
+    for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in ref_for.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                for item in series.get("ContourImageSequence", []):
+                    uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
+    for roi in ds.get("ROIContourSequence", []):
+        for contour in roi.get("ContourSequence", []):
+            for item in contour.get("ContourImageSequence", []):
+                uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
+    uids.discard("")
+    return uids
+
+
+def segmentation_phase(ct_paths: Sequence[Path], segmentation: pydicom.Dataset) -> str | None:
+    """The phase of a multi-phase CT series that ``segmentation`` was drawn on, or None.
+
+    None when the series has a single phase. Otherwise the phase (a key of
+    :func:`inference.imaging.volume.split_phases`) holding the most of the images the
+    segmentation references.
+
+    Raises
+    ------
+    SegmentationError
+        The series has several phases and the segmentation references images of none of them.
+    """
+    phases = split_phases(ct_paths)
+    if len(phases) <= 1:
+        return None
+    referenced = referenced_instance_uids(segmentation)
+    overlap = {
+        key: len(referenced & {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths})
+        for key, paths in phases.items()
+    }
+    best = max(overlap, key=lambda key: overlap[key])
+    if overlap[best] == 0:
+        raise SegmentationError(
+            f"the CT series holds {len(phases)} phases ({', '.join(phases)}) and the segmentation "
+            "references images of none of them; send the phases as separate series"
+        )
+    return best
 
 
 def load_segmentation(

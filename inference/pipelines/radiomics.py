@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, outline_mm
-from inference.imaging.masks import load_segmentation
+from inference.imaging.masks import load_segmentation, segmentation_phase
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.features import compute_features, feature_unit
 from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
@@ -52,8 +53,9 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> Pipeline
         The CT cannot be assembled into a volume, the segmentation does not fit it, or no
         lesion remains after the minimum-volume filter.
     """
-    volume = load_ct_series(ct_paths)
-    masks = load_segmentation(segmentation_path, volume)
+    segmentation = dcmread(segmentation_path)
+    volume = load_ct_series(ct_paths, phase=segmentation_phase(ct_paths, segmentation))
+    masks = load_segmentation(segmentation, volume)
     lesions: list[LesionResult] = []
     key_images: dict[str, KeyImage] = {}
     provenance: dict[str, str] = {}

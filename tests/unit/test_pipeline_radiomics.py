@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
+from inference.imaging.masks import segmentation_phase
 from inference.pipelines import PIPELINES
 from inference.pipelines.radiomics import run_radiomics
 from pacs_agent.config import KNOWN_METHODS
@@ -84,3 +86,45 @@ def test_missing_slices_are_an_input_error(phantom: PhantomStudy) -> None:
     del files[len(files) // 2 : len(files) // 2 + 3]
     with pytest.raises(InputError, match=r"gap|missing"):
         run_radiomics(files, phantom.seg_file)
+
+
+def _two_phase_series(phantom: PhantomStudy, folder: Path) -> list[Path]:
+    """The phantom's CT as phase 2 of a series whose phase 1 is an 'arterial' copy."""
+    folder.mkdir()
+    files = []
+    for n, path in enumerate(phantom.ct_files):
+        portal = dcmread(path)
+        portal.AcquisitionNumber = 2
+        arterial = dcmread(path)
+        arterial.AcquisitionNumber = 1
+        arterial.SOPInstanceUID = generate_uid()
+        arterial.file_meta.MediaStorageSOPInstanceUID = arterial.SOPInstanceUID
+        for ds, name in ((portal, f"pv_{n:03d}.dcm"), (arterial, f"art_{n:03d}.dcm")):
+            ds.save_as(folder / name)
+            files.append(folder / name)
+    return files
+
+
+def test_multi_phase_series_uses_the_phase_the_segmentation_was_drawn_on(
+    phantom: PhantomStudy, tmp_path: Path
+) -> None:
+    files = _two_phase_series(phantom, tmp_path / "ct")
+    for segmentation in (phantom.seg_file, phantom.rtstruct_file):
+        assert segmentation_phase(files, dcmread(segmentation)) == "AcquisitionNumber=2"
+        result = run_radiomics(files, segmentation).result
+        planted = sorted((lesion.volume_ml for lesion in phantom.lesions), reverse=True)
+        assert [x.volume_ml for x in result.lesions] == pytest.approx(planted, rel=1e-9)
+
+
+def test_multi_phase_series_without_referenced_images_is_an_input_error(
+    phantom: PhantomStudy, tmp_path: Path
+) -> None:
+    files = _two_phase_series(phantom, tmp_path / "ct")
+    seg = dcmread(phantom.seg_file)
+    for series in seg.ReferencedSeriesSequence:
+        del series.ReferencedInstanceSequence
+    del seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        frame.pop("DerivationImageSequence", None)
+    with pytest.raises(InputError, match="references images of none of them"):
+        segmentation_phase(files, seg)
