@@ -21,8 +21,11 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 
 from pacs_agent.config import Destination
+from pacs_agent.db import Database
+from pacs_agent.models import Delivery, Job
 from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 from pacs_agent.receive.spool import durable_write, safe_name
 from pacs_agent.send.scu import store_files
@@ -101,6 +104,9 @@ def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalRe
                 "quiet_seconds = 2",
                 "[delivery]",
                 "initial_backoff_seconds = 2",
+                "[observability]",
+                'http_host = "127.0.0.1"',
+                f"http_port = {free_port()}",
                 "[[destinations]]",
                 f'name = "{dest.name}"',
                 f'ae_title = "{dest.ae_title}"',
@@ -127,6 +133,35 @@ def _wait_for_node(port: int, deadline: float, node: subprocess.Popen[bytes]) ->
                 return
         time.sleep(0.5)
     raise RuntimeError("the node did not answer C-ECHO in time")
+
+
+def _wait_for_results(state_dir: Path, node: subprocess.Popen[bytes], deadline: float) -> str | None:
+    """Wait until the node has run every job and delivered every result; None when it has."""
+    db = Database(f"sqlite:///{state_dir / 'pacs-agent.db'}", run_migrations=False)
+    try:
+        while time.monotonic() < deadline:
+            if node.poll() is not None:
+                return f"the node exited with code {node.returncode}"
+            with db.session() as session:
+                jobs = session.execute(select(Job.state, Job.last_error)).all()
+                deliveries = session.execute(select(Delivery.state, Delivery.last_error)).all()
+            failed = [error for state, error in jobs if state in ("failed", "dead")]
+            if failed:
+                return f"the job failed: {failed[0]}"
+            dead = [error for state, error in deliveries if state == "dead"]
+            if dead:
+                return f"a result could not be delivered: {dead[0]}"
+            if (
+                jobs
+                and all(state == "done" for state, _ in jobs)
+                and deliveries
+                and all(state == "done" for state, _ in deliveries)
+            ):
+                return None
+            time.sleep(0.5)
+        return "no result in time"
+    finally:
+        db.dispose()
 
 
 def _step(text: str) -> None:
@@ -170,20 +205,10 @@ def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
             print(f"demo: {len(failed)} instance(s) were refused, e.g. {failed[0].reason}", file=sys.stderr)
             return 1
         _step("waiting for the result (quiet period, then processing and delivery)")
-        while time.monotonic() < deadline and not any(p.suffix == ".dcm" for p in receiver.files()):
-            if node.poll() is not None:
-                print(f"demo: the node exited with code {node.returncode}; see {out / 'node.log'}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        received = receiver.files()
-        if not received:
-            print(
-                f"demo: no result within {timeout_seconds:.0f} s; see {out / 'node.log'} and "
-                f"`pacs-agent status --config {config}`",
-                file=sys.stderr,
-            )
+        outcome = _wait_for_results(out / "state", node, deadline)
+        if outcome is not None:
+            print(f"demo: {outcome}; see {out / 'node.log'} and `pacs-agent status --config {config}`", file=sys.stderr)
             return 1
-        time.sleep(1.0)  # let any further result objects of the same job arrive
         _step(f"received {len(receiver.files())} result object(s) in {receiver.folder}")
         show(receiver.folder, png_dir=out / "png")
         _step(f"done. Node state: {out / 'state'}; inspect it with `pacs-agent status --config {config}`")

@@ -1,0 +1,30 @@
+"""`make demo` runs `pacs-agent demo`: it must finish unattended and show the results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_prints_the_sr_and_writes_the_captures(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    run = subprocess.run(
+        [sys.executable, "-m", "pacs_agent", "demo", "--out", str(out), "--timeout", "240"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("Measurement Group") == 3  # one per planted lesion
+    assert "Tracking Identifier: Liver lesions lesion 1" in run.stdout
+    assert "Volume:" in run.stdout and " ml" in run.stdout
+    assert "PHANTOM" not in run.stdout  # no patient name in what the demo prints
+    pngs = sorted((out / "png").glob("*.png"))
+    assert len(pngs) == 4  # a summary page and one page per lesion
+    assert not list((out / "state" / "spool" / "tmp").iterdir())
