@@ -26,6 +26,8 @@ from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VE
 ENV_PREFIX = "PACS_AGENT__"
 KNOWN_METHODS = ("radiomics",)
 """Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``."""
+PAIR_METHODS = ("response",)
+"""Methods that run on a pair of studies (baseline + follow-up) once the pair is found."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
 
@@ -94,9 +96,10 @@ class JobSettings(_Section):
     @field_validator("methods")
     @classmethod
     def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(KNOWN_METHODS))
+        known = (*KNOWN_METHODS, *PAIR_METHODS)
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
         if not value:
             raise ValueError("at least one method must be enabled")
         return value
@@ -120,6 +123,68 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Source(_Section):
+    """``[[sources]]``: a PACS the node may query (C-FIND) and retrieve from (C-MOVE / C-GET)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    retrieve: Literal["move", "get"] = "move"
+    """C-MOVE to this node's own AE title (the PACS must know it), or C-GET on the same association."""
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class ResponseSettings(_Section):
+    """``[response]``: pairing a follow-up CT with its baseline for the 8-week response score."""
+
+    window_weeks: tuple[float, float] = (6.0, 10.0)
+    """A baseline is acquired this many weeks before the follow-up (inclusive)."""
+    target_weeks: float = Field(default=8.0, gt=0)
+    """Among several candidates, the one nearest to this interval wins."""
+    query_sources: bool = True
+    """Ask the ``[[sources]]`` when no baseline is stored locally."""
+    retrieve_timeout_minutes: float = Field(default=30.0, gt=0)
+    """How long a retrieved baseline may take to arrive and become ready."""
+
+    @field_validator("window_weeks")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError("must be [min, max] weeks with 0 <= min <= max")
+        return value
+
+
+def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not an IP address or network (use e.g. 10.1.2.3 or 10.1.0.0/16)") from exc
+    return value
+
+
+def _in_networks(address: str, networks: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:10.1.2.3 from a dual-stack socket
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+class Peer(_Section):
+    """``[[security.peers]]``: a calling AE title that may connect only from its own hosts."""
+
+    ae_title: str
+    hosts: tuple[str, ...] = Field(min_length=1)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+    _hosts = field_validator("hosts")(_check_networks)
 
 
 class SecuritySettings(_Section):
@@ -222,6 +287,8 @@ class Settings(_Section):
     jobs: JobSettings = JobSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[Destination, ...] = ()
+    sources: tuple[Source, ...] = ()
+    response: ResponseSettings = ResponseSettings()
     security: SecuritySettings = SecuritySettings()
     routing: RoutingSettings = RoutingSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -81,6 +81,10 @@ class Study(Base):
     """When readiness was last decided; the study is re-evaluated when an instance arrives later."""
     series_notes: Mapped[str | None] = mapped_column(Text)
     """JSON list of {series, role, reason}: why each series was chosen or skipped."""
+    ct_series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    """The CT series chosen by the last "ready" decision (None until the study was ready)."""
+    segmentation_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    """The segmentation chosen with it."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -153,6 +157,30 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Pairing(Base):
+    """The search for the baseline of a follow-up study (8-week response method).
+
+    States: ``query`` (no local baseline; the sources are to be asked), ``retrieving`` (a
+    baseline was asked for; waiting for it to arrive and become ready), ``paired`` (a response
+    job exists), ``none`` (no baseline in the window anywhere; re-opened when one arrives),
+    ``failed`` (retrieval failed; ``reason`` says why).
+    """
+
+    __tablename__ = "pairings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    followup_study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
+    baseline_study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str | None] = mapped_column(String(64))
+    """Where the baseline was found: ``local`` or a ``[[sources]]`` name."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """While ``retrieving``: when to give up waiting for the baseline."""
 
 
 class Result(Base):

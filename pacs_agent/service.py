@@ -32,6 +32,8 @@ from pacs_agent.jobs.queue import requeue_stale
 from pacs_agent.notify import SYSTEMD_VARIABLES, Notifier, Watchdog
 from pacs_agent.receive.server import ReceiveServer
 from pacs_agent.receive.spool import Spool
+from pacs_agent.routing.agent import PairingAgent
+from pacs_agent.routing.pairing import RESPONSE_METHOD
 from pacs_agent.send.outbox import DestinationSender
 from pacs_agent.studies.scheduler import readiness_rules, run_once
 
@@ -94,7 +96,7 @@ class ScpService:
             self.last_tick = time.monotonic()
             try:
                 with self.db.session() as session, session.begin():
-                    run_once(session, rules, jobs.methods, jobs.max_attempts)
+                    run_once(session, rules, jobs.methods, jobs.max_attempts, settings=self.settings)
                     requeue_stale(session, jobs.lease_seconds)
             except Exception:
                 logger.exception("scheduler pass failed; retrying")
@@ -111,6 +113,11 @@ class ScpService:
         loops: list[tuple[str, threading.Thread]] = [
             ("scheduler", threading.Thread(target=self._schedule_forever, name="scheduler", daemon=True))
         ]
+        if RESPONSE_METHOD in self.settings.jobs.methods and self.settings.sources:
+            agent = PairingAgent(self.settings, self.db, self.server.handlers.on_store)
+            loops.append(
+                ("pairing", threading.Thread(target=agent.run_forever, args=(self.stop,), name="pairing", daemon=True))
+            )
         for destination in self.settings.destinations:
             sender = DestinationSender(self.settings, self.db, destination)
             loops.append(

@@ -20,6 +20,7 @@ from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
 from pacs_agent.models import Instance, Series, Study, utcnow
 from pacs_agent.receive.header import SEGMENTATION_SOP_CLASSES
+from pacs_agent.routing.pairing import RESPONSE_METHOD, complete_open_pairings, pair_followup
 from pacs_agent.routing.phase import SeriesPhaseInfo
 from pacs_agent.studies.readiness import (
     Decision,
@@ -119,8 +120,14 @@ def run_once(
     methods: tuple[str, ...],
     max_attempts: int,
     now: datetime | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> SchedulerOutcome:
-    """Evaluate every study changed since its last evaluation; the caller commits."""
+    """Evaluate every study changed since its last evaluation; the caller commits.
+
+    Single-study methods get one job each. The pair method ``response`` (needs ``settings``)
+    looks for the study's baseline and completes open pairings the study is the baseline of.
+    """
     now = now or utcnow()
     studies = (
         session.execute(
@@ -152,11 +159,18 @@ def run_once(
             )
             continue
         study.state = "queued"
+        study.ct_series_instance_uid = decision.ct_series_instance_uid
+        study.segmentation_sop_instance_uid = decision.segmentation_sop_instance_uid
         inputs = {
             "ct_series_instance_uid": decision.ct_series_instance_uid,
             "segmentation_sop_instance_uid": decision.segmentation_sop_instance_uid,
         }
-        for method in methods:
+        if RESPONSE_METHOD in methods:
+            if settings is None:
+                raise ValueError("the response method needs the settings for pairing")
+            pair_followup(session, study, settings, now)
+            complete_open_pairings(session, study, settings)
+        for method in (m for m in methods if m != RESPONSE_METHOD):
             job = schedule_job(session, study.id, method, inputs, max_attempts)
             created += 1
             record_event(

@@ -24,8 +24,8 @@ def test_documented_file_mentions_every_key() -> None:
     text = DOCUMENTED.read_text()
     data = tomllib.loads(text)
     for section, model in Settings.model_fields.items():
-        if section == "destinations":
-            assert "[[destinations]]" in text
+        if section in ("destinations", "sources"):  # lists of tables, commented examples
+            assert f"# [[{section}]]" in text
             continue
         assert section in data, section
         keys = set(model.annotation.model_fields)  # type: ignore[union-attr]
@@ -175,3 +175,18 @@ def test_routing_settings_validate() -> None:
         settings_from_mapping({"routing": {"delay_window_seconds": [90, 60]}})
     rules = settings_from_mapping({"routing": {"delay_window_seconds": [60, 90]}}).routing.phase_rules()
     assert rules.delay_window_seconds == (60.0, 90.0)
+
+
+def test_sources_and_response_settings() -> None:
+    settings = settings_from_mapping(
+        {
+            "sources": [{"name": "pacs", "ae_title": "ORTHANC", "host": "h", "port": 4242, "retrieve": "get"}],
+            "response": {"window_weeks": [5, 11]},
+        }
+    )
+    assert settings.sources[0].retrieve == "get"
+    assert settings.response.window_weeks == (5.0, 11.0)
+    with pytest.raises(ConfigError, match=r"sources\.0\.retrieve"):
+        settings_from_mapping({"sources": [{"name": "p", "ae_title": "A", "host": "h", "port": 1, "retrieve": "x"}]})
+    with pytest.raises(ConfigError, match="min, max"):
+        settings_from_mapping({"response": {"window_weeks": [10, 6]}})
