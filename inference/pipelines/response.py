@@ -1,0 +1,318 @@
+"""The response pipeline (M5): baseline + ~8-week CT and segmentations -> deltas, score, RECIST.
+
+Data flow::
+
+    both CT series  -> volumes                    (inference.imaging.load_ct_series)
+    both SEG/RTSTRUCT -> masks -> lesions         (load_segmentation, find_lesions)
+    each lesion     -> SI4, LoG z/x entropy, NGTDM contrast   (inference.radiomics.delta)
+    the two CTs     -> alignment -> lesion pairs, new, disappeared   (inference.response.matching)
+    each time point -> volume-weighted patient features -> deltas
+    deltas          -> random forest -> P(insensitive), risk group   (inference.response.signature)
+    pairs           -> RECIST-like category, volumetric change        (inference.response.recist)
+
+A segment / ROI whose label names the liver itself (e.g. "Liver", not "Liver lesions") is used as the
+registration region, not as a lesion. Every lesion is in the liver for the RECIST organ rule (M5 is
+about liver metastases).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dicom_sr.uids import derive_uid
+from inference.imaging.lesions import Lesion, find_lesions, outline_mm
+from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation
+from inference.imaging.volume import CTVolume, load_ct_series
+from inference.radiomics.delta import (
+    LesionFeatures,
+    PatientFeatures,
+    feature_deltas,
+    lesion_features,
+    patient_features,
+)
+from inference.radiomics.features import FeatureError
+from inference.response import LesionMeasurement, LesionPair, ResponseResult, TimePoint
+from inference.response.matching import MAX_DISTANCE_MM, MIN_DICE, REGION_MARGIN_MM, Alignment, align, match_lesions
+from inference.response.recist import MeasuredLesion, assess_response
+from inference.response.signature import ResponseSignature, signature_from
+from inference.results import AlgorithmInfo
+from pacs_agent import __version__
+from pacs_agent.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+METHOD = "response"
+ORGAN = "liver"
+LIVER_LABEL = re.compile(r"^\s*liver(\s+(parenchyma|organ|mask))?\s*$", re.IGNORECASE)
+"""Segment / ROI labels that mean the whole liver (registration region), not a lesion."""
+INTENDED_USE = (
+    "Research use: change of liver-metastasis radiomics between a baseline and an on-treatment CT, with "
+    "RECIST 1.1-like and volumetric comparators. Not a diagnosis."
+)
+
+
+class NoLesionError(InputError):
+    """Neither time point has a segmented lesion: there is nothing to compare."""
+
+
+@dataclass(frozen=True, eq=False)
+class _TimePointData:
+    volume: CTVolume
+    masks: tuple[LabelMask, ...]
+    lesions: tuple[tuple[Lesion, LabelMask], ...]
+    liver: np.ndarray | None
+    problems: tuple[str, ...]
+
+
+def run_response(
+    baseline_ct_paths: Sequence[Path],
+    baseline_seg_path: Path,
+    followup_ct_paths: Sequence[Path],
+    followup_seg_path: Path,
+    *,
+    model: ResponseSignature | str | os.PathLike[str] | None = None,
+) -> ResponseResult:
+    """Compare a baseline and a follow-up study of one patient.
+
+    Parameters
+    ----------
+    baseline_ct_paths, followup_ct_paths
+        Files of the portal-venous CT series of each study.
+    baseline_seg_path, followup_seg_path
+        The SEG or RTSTRUCT drawn on each CT.
+    model
+        A loaded :class:`ResponseSignature`, the path of a ``response`` model package, or None to report
+        the features, deltas and comparators without a score.
+
+    Returns
+    -------
+    ResponseResult
+
+    Raises
+    ------
+    InputError
+        A CT cannot be assembled, a segmentation does not fit its CT, or neither time point has a
+        lesion (:class:`NoLesionError`). Lesions present at one time point only are reported as new /
+        disappeared, not raised.
+    ModelPackageError
+        ``model`` is a path to a package that fails verification.
+    """
+    signature = signature_from(model)
+    base = _load_time_point(baseline_ct_paths, baseline_seg_path, "baseline")
+    follow = _load_time_point(followup_ct_paths, followup_seg_path, "follow-up")
+    if not base.lesions and not follow.lesions:
+        raise NoLesionError(
+            "neither the baseline nor the follow-up segmentation holds a lesion above the minimum volume: "
+            "nothing to compare"
+        )
+    problems = [*base.problems, *follow.problems]
+    provenance: dict[str, str] = {}
+    base_measures = _measure(base, "baseline", problems, provenance)
+    follow_measures = _measure(follow, "follow-up", problems, provenance)
+
+    region, region_label = _registration_region(base)
+    alignment = align(base.volume, follow.volume, region_mask=region, region_label=region_label)
+    matching = match_lesions(
+        base.volume,
+        [lesion for lesion, _ in base.lesions],
+        follow.volume,
+        [lesion for lesion, _ in follow.lesions],
+        alignment=alignment,
+    )
+    pairs = []
+    for match in matching.matches:
+        b, f = base_measures[match.baseline_index], follow_measures[match.follow_up_index]
+        f = _retrack(f, b.tracking_uid)
+        deltas = feature_deltas(b.features, f.features) if b.features and f.features else None
+        pairs.append(LesionPair(b.tracking_uid, b, f, deltas, match.dice, match.distance_mm, match.rule))
+    new = tuple(follow_measures[j] for j in matching.new)
+    gone = tuple(base_measures[i] for i in matching.disappeared)
+    for lesion in new:
+        problems.append(f"{lesion.tracking_id} is segmented at follow-up only: reported as a new lesion")
+    for lesion in gone:
+        problems.append(f"{lesion.tracking_id} is segmented at baseline only: reported as disappeared")
+
+    base_features = _patient(base_measures, "baseline", problems)
+    follow_features = _patient(follow_measures, "follow-up", problems)
+    deltas = feature_deltas(base_features, follow_features) if base_features and follow_features else None
+    recist = assess_response(
+        [_recist_input(p.baseline, p.follow_up) for p in pairs] + [_recist_input(g, None) for g in gone],
+        new_lesions=len(new),
+        new_lesion_volume_ml=sum(n.volume_ml for n in new),
+    )
+    score = None
+    if signature is not None:
+        if deltas is None:
+            problems.append("no signature score: the deltas need lesions with features at both time points")
+        else:
+            score = signature.score(deltas)
+    algorithm = signature.algorithm if signature is not None else _algorithm(provenance)
+    provenance.update(_alignment_provenance(alignment))
+    return ResponseResult(
+        baseline=_time_point(base),
+        follow_up=_time_point(follow),
+        pairs=tuple(pairs),
+        new_lesions=new,
+        disappeared_lesions=gone,
+        baseline_features=base_features,
+        follow_up_features=follow_features,
+        deltas=deltas,
+        recist=recist,
+        alignment=alignment,
+        score=score,
+        algorithm=algorithm,
+        problems=tuple(problems),
+        method=METHOD,
+        provenance=provenance,
+    )
+
+
+def _load_time_point(ct_paths: Sequence[Path], seg_path: Path, when: str) -> _TimePointData:
+    volume = load_ct_series(ct_paths)
+    problems: list[str] = []
+    try:
+        masks = tuple(load_segmentation(seg_path, volume))
+    except SegmentationError as exc:
+        if not _only_empty_segments(str(exc)):
+            raise
+        # The reader drew nothing on this CT (e.g. every lesion gone): zero lesions, reported.
+        problems.append(f"{when}: the segmentation holds no lesion ({exc})")
+        return _TimePointData(volume, (), (), None, tuple(problems))
+    lesions: list[tuple[Lesion, LabelMask]] = []
+    liver: np.ndarray | None = None
+    for label_mask in masks:
+        source = label_mask.source
+        if not label_mask.ok:
+            problems.append(f"{when}: {source.label} ({source.kind} {source.number}) skipped: {label_mask.problem}")
+            continue
+        if LIVER_LABEL.match(source.label):
+            liver = label_mask.mask if liver is None else liver | label_mask.mask
+            continue
+        lesions.extend((lesion, label_mask) for lesion in find_lesions(label_mask, volume))
+    return _TimePointData(volume, masks, tuple(lesions), liver, tuple(problems))
+
+
+def _only_empty_segments(message: str) -> bool:
+    """True for load_segmentation's "no usable segment" error when every segment is merely empty."""
+    if "no usable segment:" not in message:
+        return False
+    reasons = message.split("no usable segment:", 1)[1].split(";")
+    return all(r.strip().endswith(("is empty on this CT", "has no closed planar contour")) for r in reasons)
+
+
+def _measure(
+    data: _TimePointData, when: str, problems: list[str], provenance: dict[str, str]
+) -> list[LesionMeasurement]:
+    out = []
+    for lesion, label_mask in data.lesions:
+        source = label_mask.source
+        features: LesionFeatures | None
+        try:
+            features, lesion_provenance = lesion_features(data.volume, lesion.mask)
+            provenance.update(lesion_provenance)
+        except FeatureError as exc:
+            features = None
+            problems.append(f"{when}: {lesion.tracking_id}: features not computed ({exc})")
+        out.append(
+            LesionMeasurement(
+                tracking_id=lesion.tracking_id,
+                tracking_uid=str(
+                    derive_uid("response-tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
+                ),
+                source=source,
+                organ=ORGAN,
+                volume_ml=lesion.volume_ml,
+                longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
+                centroid_mm=lesion.centroid_mm,
+                key_slice_index=lesion.key_slice_index,
+                key_slice_sop_instance_uid=data.volume.sop_instance_uids[lesion.key_slice_index],
+                features=features,
+                outline_mm=outline_mm(lesion, data.volume) if source.kind == "rtstruct" else (),
+            )
+        )
+    provenance.pop("mask_voxel_count", None)  # per lesion, not per run
+    return out
+
+
+def _retrack(measurement: LesionMeasurement, tracking_uid: str) -> LesionMeasurement:
+    """The follow-up measurement of a matched lesion carries the baseline's tracking UID."""
+    return replace(measurement, tracking_uid=tracking_uid)
+
+
+def _patient(measures: Sequence[LesionMeasurement], when: str, problems: list[str]) -> PatientFeatures | None:
+    with_features = [m.features for m in measures if m.features is not None]
+    if not with_features:
+        if measures:
+            problems.append(f"{when}: no lesion has features: no patient-level features")
+        return None
+    return patient_features(with_features)
+
+
+def _recist_input(baseline: LesionMeasurement, follow_up: LesionMeasurement | None) -> MeasuredLesion:
+    return MeasuredLesion(
+        lesion_id=baseline.tracking_id,
+        organ=baseline.organ,
+        baseline_diameter_mm=baseline.longest_axial_diameter_mm,
+        baseline_volume_ml=baseline.volume_ml,
+        follow_up_diameter_mm=None if follow_up is None else follow_up.longest_axial_diameter_mm,
+        follow_up_volume_ml=None if follow_up is None else follow_up.volume_ml,
+    )
+
+
+def _registration_region(data: _TimePointData) -> tuple[np.ndarray | None, str]:
+    if data.liver is not None and data.liver.any():
+        return data.liver, "liver"
+    if not data.lesions:
+        return None, "whole CT"
+    region = np.zeros(data.volume.shape, dtype=bool)
+    for lesion, _ in data.lesions:
+        region |= lesion.mask
+    return region, "lesions"
+
+
+def _time_point(data: _TimePointData) -> TimePoint:
+    return TimePoint(
+        study_instance_uid=data.volume.study_instance_uid,
+        ct_series_instance_uid=data.volume.series_instance_uid,
+        frame_of_reference_uid=data.volume.frame_of_reference_uid,
+        segmentation=data.masks[0].source if data.masks else None,
+        lesion_count=len(data.lesions),
+    )
+
+
+def _algorithm(provenance: dict[str, str]) -> AlgorithmInfo:
+    param_hash = provenance.get("parameter_hash", "unknown")[:8]
+    return AlgorithmInfo(
+        name="pacs-agent response",
+        version=f"{__version__}+params.{param_hash}",
+        validation_status="RESEARCH",
+        weights_sha256=None,
+        intended_use=INTENDED_USE,
+    )
+
+
+def _alignment_provenance(alignment: Alignment) -> dict[str, str]:
+    out = {
+        "alignment_method": alignment.method,
+        "matching": f"Dice >= {MIN_DICE:g}, then centroid distance <= {MAX_DISTANCE_MM:g} mm (Hungarian)",
+    }
+    if alignment.method == "rigid-registration":
+        out.update(
+            {
+                "registration_region": alignment.region,
+                "registration_margin_mm": f"{REGION_MARGIN_MM:g}",
+                "registration_start": alignment.start,
+                "registration_rotation_deg": f"{alignment.rotation_degrees:.2f}",
+                "registration_translation_mm": ",".join(f"{v:.2f}" for v in alignment.translation_mm),
+                "registration_mattes_mi": f"{alignment.metric_start:.4f} -> {alignment.metric_final:.4f}",
+                "registration_seconds": f"{alignment.seconds:.2f}",
+            }
+        )
+    return out
