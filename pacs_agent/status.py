@@ -9,10 +9,11 @@ import json
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Event, Instance, Job, Result, Series, Study
+from pacs_agent.models import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
 
 
 def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "state": study.state,
                     "reason": study.state_reason,
                     "series_notes": json.loads(study.series_notes) if study.series_notes else [],
+                    "pairing": _pairing(session, study.id),
                     "last_received_at": study.last_received_at.isoformat(),
                     "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
                     "jobs": [
@@ -99,6 +101,18 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
     }
 
 
+def _pairing(session: Session, study_id: int) -> dict[str, Any] | None:
+    pairing = session.execute(select(Pairing).where(Pairing.followup_study_id == study_id)).scalar_one_or_none()
+    if pairing is None:
+        return None
+    return {
+        "state": pairing.state,
+        "reason": pairing.reason,
+        "baseline_study_instance_uid": pairing.baseline_study_instance_uid,
+        "source": pairing.source,
+    }
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Render :func:`collect_status` output for a terminal."""
     lines = []
@@ -120,6 +134,8 @@ def format_status(status: dict[str, Any]) -> str:
             if note:
                 line += f" - {note['role']}: {note['reason']}"
             lines.append(line)
+        if study.get("pairing"):
+            lines.append(f"  baseline search: {study['pairing']['state']} - {study['pairing']['reason']}")
         for j in study["jobs"]:
             line = f"  job {j['id']} {j['method']}: {j['state']} (attempt {j['attempts']}/{j['max_attempts']})"
             if j["last_error"]:

@@ -178,3 +178,13 @@ def test_no_pairing_without_the_response_method(any_db: Database, methods: tuple
         run_once(session, RULES, methods, 3)
     with any_db.session() as session:
         assert session.execute(select(Pairing)).first() is None
+
+
+def test_status_shows_the_baseline_search(any_db: Database) -> None:
+    from pacs_agent.status import collect_status, format_status
+
+    add_study(any_db, "1.1", "20260105")
+    add_study(any_db, "1.2", "20260302")
+    text = format_status(collect_status(any_db))
+    assert "baseline search: paired - found locally: baseline 1.1 (local), 8.0 weeks" in text
+    assert "P1" not in text and "19600101" not in text
