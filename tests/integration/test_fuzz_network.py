@@ -1,0 +1,164 @@
+"""Malformed objects over the network: each gets a failure status or a job error, the node stays up."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import select
+
+from pacs_agent.db import Database
+from pacs_agent.demo import LocalReceiver
+from pacs_agent.models import Job
+from pacs_agent.phantom import PhantomStudy, generate_study
+from tests.integration.peers import Node, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, LocalReceiver]]:
+    root = tmp_path_factory.mktemp("fuzz")
+    receiver = LocalReceiver(root / "received")
+    receiver.start()
+    node = Node(root / "node")
+    dest = receiver.destination()
+    node.extra_config = (
+        f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
+        f'host = "{dest.host}"\nport = {dest.port}\n'
+    )
+    node.start("serve")
+    yield node, receiver
+    assert node.stop() == 0
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
+    return generate_study(tmp_path_factory.mktemp("good"), seed=61, lesions=1, slices=24, rows=64, columns=64)
+
+
+def part10(body: bytes, sop_class: str = CTImageStorage, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    return buffer.getvalue() + body
+
+
+def send_bytes(node: Node, data: bytes, tmp_path: Path) -> int | None:
+    """Send a file's dataset bytes unchanged; None when the association fails (also a refusal)."""
+    path = tmp_path / f"{generate_uid()}.dcm"
+    path.write_bytes(data)
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AGENT")
+    if not assoc.is_established:
+        return None
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    except Exception:  # the SCU library itself may refuse to send garbage: also fine for the node
+        return None
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if status and "Status" in status else None
+
+
+def element(tag: tuple[int, int], vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    size = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"OF"):
+        return struct.pack("<HH", *tag) + vr + b"\x00\x00" + struct.pack("<I", size) + value
+    return struct.pack("<HH", *tag) + vr + struct.pack("<H", size) + value
+
+
+UIDS = element((0x0008, 0x0016), b"UI", b"1.2.840.10008.5.1.4.1.1.2\x00") + element(
+    (0x0008, 0x0018), b"UI", b"1.2.3.4.5\x00"
+)
+
+MALFORMED = {
+    "huge length": UIDS + element((0x0010, 0x0010), b"UN", b"x" * 8, length=0xFFFFFFF0),
+    "wrong VR length": UIDS + element((0x0028, 0x0010), b"US", b"\x01\x02\x03"),
+    "truncated element": UIDS + element((0x0020, 0x000D), b"UI", b"1.2.3")[:-2],
+    "deep sequences": UIDS
+    + b"".join(
+        struct.pack("<HH", 0x0040, 0xA730) + b"SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        for _ in range(400)
+    ),
+    "odd tag order": element((0x0020, 0x000D), b"UI", b"1.2\x00") + UIDS,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_dataset_is_refused_and_node_stays_up(
+    node: tuple[Node, LocalReceiver], tmp_path: Path, name: str
+) -> None:
+    status = send_bytes(node[0], part10(MALFORMED[name]), tmp_path)
+    assert status is None or status != 0x0000, f"{name}: accepted"
+    assert node[0].echo()
+
+
+def test_bogus_transfer_syntax_is_refused_at_negotiation(node: tuple[Node, LocalReceiver]) -> None:
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CTImageStorage, "1.2.3.4.5.6.7")
+    assoc = ae.associate("127.0.0.1", node[0].port, ae_title="PACS_AGENT")
+    try:
+        assert not assoc.accepted_contexts
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert node[0].echo()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=3000))
+def test_random_bodies(node: tuple[Node, LocalReceiver], tmp_path: Path, body: bytes) -> None:
+    status = send_bytes(node[0], part10(body), tmp_path)
+    assert status != 0x0000  # random bytes can never carry the SOP Instance UID of the request
+    assert node[0].echo()
+
+
+def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
+    node: tuple[Node, LocalReceiver], good: PhantomStudy, tmp_path: Path
+) -> None:
+    bad = generate_study(tmp_path / "bad", seed=62, lesions=1, slices=24, rows=64, columns=64)
+    broken = dcmread(bad.ct_files[5])
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]  # half the pixels missing
+    broken.save_as(bad.ct_files[5])
+    assert storescu(node[0].port, [*bad.ct_files, bad.seg_file]).returncode == 0
+    db = Database(node[0].database_url(), run_migrations=False)
+
+    def job_of(study_uid: str) -> tuple[str, str | None] | None:
+        from pacs_agent.models import Study
+
+        with db.session() as session:
+            row = session.execute(
+                select(Job.state, Job.last_error)
+                .join(Study, Study.id == Job.study_id)
+                .where(Study.study_instance_uid == study_uid)
+            ).first()
+        return tuple(row) if row and row[0] in ("done", "failed", "dead") else None
+
+    state, error = wait_for(lambda: job_of(bad.study_instance_uid), 120, "the bad study's job to end")
+    assert state == "failed", error
+    assert error and "pixel" in error.lower()
+    assert storescu(node[0].port, [*good.ct_files, good.seg_file]).returncode == 0
+    assert wait_for(lambda: job_of(good.study_instance_uid), 120, "the good study's job")[0] == "done"
+    db.dispose()
