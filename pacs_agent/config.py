@@ -83,6 +83,8 @@ class ReadinessSettings(_Section):
 
     quiet_seconds: float = Field(default=30.0, ge=0)
     min_ct_instances: int = Field(default=3, ge=1)
+    reference_wait_seconds: float = Field(default=300.0, ge=0)
+    """How long a study waits for images its segmentation was drawn on but that have not arrived."""
 
 
 class JobSettings(_Section):

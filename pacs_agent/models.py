@@ -124,6 +124,8 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     referenced_series_uids: Mapped[str] = mapped_column(Text, default="")
     """Space-separated series UIDs a SEG / RTSTRUCT refers to (empty for images)."""
+    referenced_instance_uids: Mapped[str] = mapped_column(Text, default="")
+    """Space-separated SOP Instance UIDs of the images a SEG / RTSTRUCT was drawn on."""
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)

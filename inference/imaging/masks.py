@@ -23,6 +23,8 @@ from skimage.draw import polygon as fill_polygon
 from inference.imaging.volume import CTVolume, split_phases
 from inference.results import SegmentationSource
 from pacs_agent.errors import InputError
+from pacs_agent.receive.header import referenced_instance_uids as header_instance_uids
+from pacs_agent.receive.header import referenced_series_uids as header_series_uids
 
 logger = logging.getLogger(__name__)
 
@@ -59,59 +61,13 @@ class LabelMask:
 
 
 def referenced_series_uids(ds: pydicom.Dataset) -> set[str]:
-    """Series Instance UIDs a SEG or RTSTRUCT refers to, from its header only.
-
-    Parameters
-    ----------
-    ds
-        A SEG or RTSTRUCT dataset (pixel data not needed).
-
-    Returns
-    -------
-    set[str]
-        SEG: Referenced Series Sequence (also inside Studies Containing Other Referenced
-        Instances). RTSTRUCT: RT Referenced Series of every referenced frame of reference.
-        Empty when the object names no series.
-    """
-    uids: set[str] = set()
-    for item in ds.get("ReferencedSeriesSequence", []):
-        uids.add(str(item.get("SeriesInstanceUID", "")))
-    for study in ds.get("StudiesContainingOtherReferencedInstancesSequence", []):
-        for item in study.get("ReferencedSeriesSequence", []):
-            uids.add(str(item.get("SeriesInstanceUID", "")))
-    for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
-        for study in ref_for.get("RTReferencedStudySequence", []):
-            for item in study.get("RTReferencedSeriesSequence", []):
-                uids.add(str(item.get("SeriesInstanceUID", "")))
-    uids.discard("")
-    return uids
+    """Series Instance UIDs a SEG or RTSTRUCT refers to, from its header only (empty when none)."""
+    return set(header_series_uids(ds))
 
 
 def referenced_instance_uids(ds: pydicom.Dataset) -> set[str]:
-    """SOP Instance UIDs of the images a SEG or RTSTRUCT was drawn on, from its header.
-
-    SEG: Referenced Instance Sequence of each Referenced Series, and the Source Image Sequence
-    of each frame's Derivation Image Sequence. RTSTRUCT: the Contour Image Sequences.
-    """
-    uids: set[str] = set()
-    for series in ds.get("ReferencedSeriesSequence", []):
-        for item in series.get("ReferencedInstanceSequence", []):
-            uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
-    for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
-        for derivation in frame.get("DerivationImageSequence", []):
-            for item in derivation.get("SourceImageSequence", []):
-                uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
-    for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
-        for study in ref_for.get("RTReferencedStudySequence", []):
-            for series in study.get("RTReferencedSeriesSequence", []):
-                for item in series.get("ContourImageSequence", []):
-                    uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
-    for roi in ds.get("ROIContourSequence", []):
-        for contour in roi.get("ContourSequence", []):
-            for item in contour.get("ContourImageSequence", []):
-                uids.add(str(item.get("ReferencedSOPInstanceUID", "")))
-    uids.discard("")
-    return uids
+    """SOP Instance UIDs of the images a SEG or RTSTRUCT was drawn on, from its header."""
+    return set(header_instance_uids(ds))
 
 
 def segmentation_phase(ct_paths: Sequence[Path], segmentation: pydicom.Dataset) -> str | None:

@@ -62,6 +62,8 @@ class InstanceHeader:
     accession_number: str | None
     referenced_series_uids: tuple[str, ...]
     has_pixel_data: bool
+    referenced_instance_uids: tuple[str, ...] = ()
+    """Images a SEG / RTSTRUCT was drawn on (empty for images)."""
     protocol_name: str | None = None
     image_comments: str | None = None
     contrast_bolus_agent: str | None = None
@@ -77,17 +79,48 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def referenced_series_uids(ds: Dataset) -> tuple[str, ...]:
-    """Series a SEG (ReferencedSeriesSequence) or RTSTRUCT (via the frame of reference) points at."""
+    """Series a SEG or RTSTRUCT refers to, from its header (in order of appearance, no repeats).
+
+    SEG: Referenced Series Sequence (also inside Studies Containing Other Referenced Instances).
+    RTSTRUCT: RT Referenced Series of every referenced frame of reference.
+    """
     found: list[str] = []
     for item in ds.get("ReferencedSeriesSequence", []):
-        if "SeriesInstanceUID" in item:
-            found.append(str(item.SeriesInstanceUID))
+        found.append(str(item.get("SeriesInstanceUID", "")))
+    for study in ds.get("StudiesContainingOtherReferencedInstancesSequence", []):
+        for item in study.get("ReferencedSeriesSequence", []):
+            found.append(str(item.get("SeriesInstanceUID", "")))
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
         for study in frame.get("RTReferencedStudySequence", []):
             for series in study.get("RTReferencedSeriesSequence", []):
-                if "SeriesInstanceUID" in series:
-                    found.append(str(series.SeriesInstanceUID))
-    return tuple(dict.fromkeys(found))
+                found.append(str(series.get("SeriesInstanceUID", "")))
+    return tuple(uid for uid in dict.fromkeys(found) if uid)
+
+
+def referenced_instance_uids(ds: Dataset) -> tuple[str, ...]:
+    """SOP Instance UIDs of the images a SEG or RTSTRUCT was drawn on, from its header.
+
+    SEG: Referenced Instance Sequence of each Referenced Series, and the Source Image Sequence
+    of each frame's Derivation Image Sequence. RTSTRUCT: the Contour Image Sequences.
+    """
+    found: list[str] = []
+    for series in ds.get("ReferencedSeriesSequence", []):
+        for item in series.get("ReferencedInstanceSequence", []):
+            found.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in frame.get("DerivationImageSequence", []):
+            for item in derivation.get("SourceImageSequence", []):
+                found.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in ref_for.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                for item in series.get("ContourImageSequence", []):
+                    found.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    for roi in ds.get("ROIContourSequence", []):
+        for contour in roi.get("ContourSequence", []):
+            for item in contour.get("ContourImageSequence", []):
+                found.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    return tuple(uid for uid in dict.fromkeys(found) if uid)
 
 
 def read_header(data: bytes) -> InstanceHeader:
@@ -108,6 +141,7 @@ def read_header(data: bytes) -> InstanceHeader:
             raise HeaderError(f"required attribute(s) missing or empty: {', '.join(missing)}")
         has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         references = referenced_series_uids(ds)
+        images = referenced_instance_uids(ds) if str(ds.SOPClassUID) in SEGMENTATION_SOP_CLASSES else ()
         return InstanceHeader(
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -125,6 +159,7 @@ def read_header(data: bytes) -> InstanceHeader:
             accession_number=_text(ds, "AccessionNumber"),
             referenced_series_uids=references,
             has_pixel_data=has_pixels,
+            referenced_instance_uids=images,
             protocol_name=(_text(ds, "ProtocolName") or "")[:64] or None,
             image_comments=(_text(ds, "ImageComments") or "")[:256] or None,
             contrast_bolus_agent=(_text(ds, "ContrastBolusAgent") or "")[:64] or None,

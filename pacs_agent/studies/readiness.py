@@ -27,6 +27,7 @@ class SeriesSnapshot:
     instance_count: int
     description: str | None = None
     phase: SeriesPhaseInfo = field(default_factory=SeriesPhaseInfo)
+    instance_uids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SegmentationSnapshot:
     series_instance_uid: str
     referenced_series_uids: frozenset[str]
     received_at: datetime
+    referenced_instance_uids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ReadinessRules:
     phase: PhaseRules | None = field(default_factory=PhaseRules)
     """Portal-venous rules; None turns phase selection off."""
     when_not_portal_venous: Literal["skip", "process"] = "skip"
+    reference_wait_seconds: float = 300.0
+    """How long to wait for images a segmentation references but that have not arrived."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,20 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
     }
     candidates: list[tuple[SegmentationSnapshot, SeriesSnapshot]] = []
     problems: list[str] = []
+    received = frozenset().union(*(series.instance_uids for series in snapshot.series))
+    awaited: list[str] = []
     for seg in snapshot.segmentations:
+        missing = seg.referenced_instance_uids - received
+        if missing:
+            note = (
+                f"segmentation {seg.sop_instance_uid} was drawn on {len(seg.referenced_instance_uids)} image(s), "
+                f"{len(missing)} of which have not arrived"
+            )
+            if quiet_for < rules.reference_wait_seconds:
+                awaited.append(note)
+            else:
+                problems.append(f"{note} after {rules.reference_wait_seconds:g} s: send the complete CT series")
+            continue
         referenced = [ct_series[uid] for uid in sorted(seg.referenced_series_uids) if uid in ct_series]
         if not referenced:
             refs = ", ".join(sorted(seg.referenced_series_uids)) or "no series"
@@ -144,6 +161,13 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
                 )
             else:
                 candidates.append((seg, ct))
+    if not candidates and awaited:
+        return Decision(
+            "waiting",
+            "; ".join(awaited),
+            recheck_after_seconds=rules.reference_wait_seconds - quiet_for,
+            series_notes=_notes(ct_series, phases, None),
+        )
     if not candidates:
         return Decision("incomplete", "; ".join(problems), series_notes=_notes(ct_series, phases, None))
     seg, ct = min(

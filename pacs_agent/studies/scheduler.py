@@ -49,6 +49,7 @@ def readiness_rules(settings: Settings) -> ReadinessRules:
         min_ct_instances=settings.readiness.min_ct_instances,
         phase=settings.routing.phase_rules(),
         when_not_portal_venous=settings.routing.when_not_portal_venous,
+        reference_wait_seconds=settings.readiness.reference_wait_seconds,
     )
 
 
@@ -64,14 +65,17 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
             Instance.sop_class_uid,
             Instance.referenced_series_uids,
             Instance.received_at,
+            Instance.referenced_instance_uids,
         ).where(Instance.series_id.in_(list(all_series)))
     ).all()
     classes: dict[int, set[str]] = defaultdict(set)
     counts: dict[int, int] = defaultdict(int)
     segmentations = []
-    for series_id, sop_uid, sop_class, refs, received_at in rows:
+    uids: dict[int, set[str]] = defaultdict(set)
+    for series_id, sop_uid, sop_class, refs, received_at, images in rows:
         classes[series_id].add(sop_class)
         counts[series_id] += 1
+        uids[series_id].add(sop_uid)
         if sop_class in SEGMENTATION_SOP_CLASSES:
             segmentations.append(
                 SegmentationSnapshot(
@@ -80,6 +84,7 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
                     series_instance_uid=all_series[series_id].series_instance_uid,
                     referenced_series_uids=frozenset(refs.split()),
                     received_at=received_at,
+                    referenced_instance_uids=frozenset(images.split()),
                 )
             )
     series = tuple(
@@ -91,6 +96,7 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
                     sop_class_uids=frozenset(classes[series_id]),
                     instance_count=counts[series_id],
                     description=row.series_description,
+                    instance_uids=frozenset(uids[series_id]),
                     phase=SeriesPhaseInfo(
                         series_description=row.series_description,
                         protocol_name=row.protocol_name,

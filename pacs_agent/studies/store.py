@@ -115,6 +115,7 @@ def record_instance(
             "path": path,
             "size_bytes": size_bytes,
             "referenced_series_uids": " ".join(header.referenced_series_uids),
+            "referenced_instance_uids": " ".join(header.referenced_instance_uids),
             "calling_ae_title": calling_ae_title,
             "received_at": now,
             "duplicates": 0,

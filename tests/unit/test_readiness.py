@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from pacs_agent.receive.header import CT_IMAGE, ENHANCED_CT_IMAGE, RT_STRUCTURE_SET, SEGMENTATION
@@ -134,3 +135,28 @@ def test_non_portal_venous_can_be_processed_when_configured() -> None:
     decision = decide(study([ct("1.2.3", phase=ARTERIAL)], [seg("9.1", {"1.2.3"})]), T0, rules)
     assert decision.state == "ready"
     assert "NOT portal-venous" in decision.reason
+
+
+def test_waits_for_images_the_segmentation_was_drawn_on() -> None:
+    partial = SeriesSnapshot(
+        "1.2.3", "CT", frozenset({CT_IMAGE}), 3, phase=PV, instance_uids=frozenset({"i1", "i2", "i3"})
+    )
+    segmentation = SegmentationSnapshot(
+        "9.1",
+        SEGMENTATION,
+        "9.1.s",
+        frozenset({"1.2.3"}),
+        T0,
+        referenced_instance_uids=frozenset({"i1", "i2", "i3", "i4", "i5"}),
+    )
+    snap = study([partial], [segmentation])
+    rules = ReadinessRules(quiet_seconds=30, phase=None, reference_wait_seconds=300)
+    waiting = decide(snap, T0 + timedelta(seconds=60), rules)
+    assert waiting.state == "waiting"
+    assert "drawn on 5 image(s), 2 of which have not arrived" in waiting.reason
+    assert waiting.recheck_after_seconds == 240
+    given_up = decide(snap, T0 + timedelta(seconds=301), rules)
+    assert given_up.state == "incomplete"
+    assert "send the complete CT series" in given_up.reason
+    complete = replace(partial, instance_uids=frozenset({"i1", "i2", "i3", "i4", "i5"}), instance_count=5)
+    assert decide(study([complete], [segmentation]), T0 + timedelta(seconds=60), rules).state == "ready"
