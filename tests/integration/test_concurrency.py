@@ -1,0 +1,82 @@
+"""Four modalities at once, each sending a 300-slice study while a job runs: nothing lost, all processed.
+
+The slices are 128x128 to keep the suite fast; the number of instances and associations is what
+stresses the receiving path here (the ingest benchmark uses 512x512).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pacs_agent.db import Database
+from pacs_agent.models import Instance, Job, Study
+from pacs_agent.phantom import PhantomStudy, generate_study
+from tests.integration.peers import Node, require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+SENDERS = 4
+SLICES = 300
+
+
+def test_four_concurrent_senders_while_a_job_runs(tmp_path: Path) -> None:
+    storescu_bin = require_tool("storescu")
+    studies: list[PhantomStudy] = [
+        generate_study(
+            tmp_path / f"s{n}", seed=500 + n, lesions=2, slices=SLICES, rows=128, columns=128, segmentation="seg"
+        )
+        for n in range(SENDERS + 1)
+    ]
+    node = Node(tmp_path / "node")
+    node.start("serve")
+    db = Database(node.database_url(), run_migrations=False)
+    try:
+        first = studies[0]
+        assert storescu(node.port, [*first.ct_files, first.seg_file]).returncode == 0
+
+        def job_running() -> bool:
+            with db.session() as session:
+                return session.scalar(select(func.count(Job.id)).where(Job.state.in_(["running", "done"]))) > 0
+
+        wait_for(job_running, 60, "the first study's job to start", interval=0.05)
+        senders = [
+            subprocess.Popen(
+                [
+                    storescu_bin,
+                    "-R",
+                    "-aet",
+                    f"MODALITY{n}",
+                    "-aec",
+                    node.ae_title,
+                    "127.0.0.1",
+                    str(node.port),
+                    *map(str, study.ct_files),
+                    str(study.seg_file),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for n, study in enumerate(studies[1:], start=1)
+        ]
+        for proc in senders:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err.decode()[-2000:]
+        with db.session() as session:
+            stored = session.scalar(select(func.count(Instance.id)))
+        assert stored == (SENDERS + 1) * (SLICES + 1)
+
+        def all_done() -> bool:
+            with db.session() as session:
+                states = session.execute(select(Job.state)).scalars().all()
+            return len(states) == SENDERS + 1 and all(s == "done" for s in states)
+
+        wait_for(all_done, 600, "every study to be processed")
+        with db.session() as session:
+            assert session.execute(select(func.count(Study.id))).scalar_one() == SENDERS + 1
+    finally:
+        db.dispose()
+        assert node.stop() == 0
