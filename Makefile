@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pacs-agent-installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
-DEBIAN_PACKAGES := dcmtk:storescu dicom3tools:dciodvfy orthanc:Orthanc systemd:systemd-analyze
+DEBIAN_PACKAGES := dcmtk:storescu dicom3tools:dciodvfy orthanc:Orthanc systemd:systemd-analyze \
+  orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so chromium:chromium nodejs:node npm:npm
 
 .PHONY: install system-deps test lint demo clean benchmark-ingest
 
@@ -27,13 +28,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]" "torch==$(TORCH_VERSION)"
 	touch $(STAMP)
 
-# Installs the DICOM tools the tests talk to (DCMTK, dicom3tools, Orthanc).
+# Installs the DICOM tools the tests talk to (DCMTK, dicom3tools, Orthanc and its DICOMweb plugin)
+# and, for the viewer test, Chromium and Node.js/npm (OHIF itself comes from npm at test time).
 # Installing orthanc starts no daemon here: the tests start their own.
 system-deps:
 	@missing=""; \
 	for pair in $(DEBIAN_PACKAGES); do \
 	  pkg=$${pair%%:*}; cmd=$${pair##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -e "$$cmd" ] || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -54,6 +56,12 @@ demo: install
 
 benchmark-ingest: install
 	$(BIN)/python benchmarks/ingest.py
+
+# Retrains the committed demo packages config/models/* from scratch (planted-label phantoms, fixed
+# seeds, CPU, two trainings at a time) and copies their held-out ROC plots to docs/images/.
+.PHONY: demo-models
+demo-models: install
+	$(BIN)/python -m inference.training.demo --jobs 2
 
 clean:
 	rm -rf $(VENV) demo-output pacs-agent-state .pytest_cache .ruff_cache

@@ -8,6 +8,9 @@ The reader mirrors :func:`dicom_sr.sr.build_measurement_report` and the template
 - each TID 1411 / TID 1410 measurement group in order for the tracking identifier and UID
   (TID 4108), the referenced segment or the SCOORD3D outline, the TID 300 measurements with
   their TID 4019 algorithm identification, the predictions and the per-lesion TEXT items;
+- the TID 1410 "viewer copy" of a lesion (:class:`dicom_sr.templates.KeySliceOutlineGroup`: same
+  tracking UID, an SCOORD image region on the key slice, no per-lesion TEXT items) for the
+  key-slice outline: it is the same lesion, never a second one;
 - the Current Requested Procedure Evidence Sequence for the series and SOP classes of the
   segmentation objects.
 
@@ -17,6 +20,7 @@ back exactly: NUM items carry the float in Floating Point Value (FD) besides the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -158,12 +162,59 @@ def _parameter(parameters: list[str], key: str) -> str | None:
 
 
 def _outline(group: Dataset) -> tuple[tuple[tuple[float, float, float], ...], ...]:
-    items = [c for c in _children(group) if _key(c) in (_VOLUME_SURFACE, _IMAGE_REGION) and "GraphicData" in c]
+    items = [
+        c
+        for c in _children(group)
+        if _key(c) in (_VOLUME_SURFACE, _IMAGE_REGION) and c.ValueType == "SCOORD3D" and "GraphicData" in c
+    ]
     outline = []
     for item in items:
         points = np.asarray(item.GraphicData, dtype=np.float64).reshape(-1, 3)
         outline.append(tuple((float(x), float(y), float(z)) for x, y, z in points))
     return tuple(outline)
+
+
+def _tracking_uid(group: Dataset) -> str:
+    uid_item = _find(group, _TRACKING_UID)
+    if uid_item is None:
+        raise ValueError(
+            f'Lesion "{_text(group, _TRACKING_ID, "measurement group")}" has no Tracking Unique Identifier.'
+        )
+    return str(uid_item.UID)
+
+
+def _is_record(group: Dataset) -> bool:
+    """True for a lesion's record group (it has the SOURCE-UID item), False for a viewer copy."""
+    return bool(_texts(group, _lesion_key("source_uid")))
+
+
+def _viewer_copy(group: Dataset) -> tuple[tuple[tuple[float, float], ...], str, dict[_Key, float]]:
+    """Key-slice outline (column, row), referenced image UID and NUM values of a viewer copy."""
+    what = f'Viewer group of lesion "{_text(group, _TRACKING_ID, "measurement group")}"'
+    regions = [c for c in _children(group) if _key(c) == _IMAGE_REGION and c.ValueType == "SCOORD"]
+    if len(regions) != 1 or "GraphicData" not in regions[0]:
+        raise ValueError(f"{what}: expected one SCOORD image region, found {len(regions)}.")
+    region = regions[0]
+    images = [c for c in _children(region) if c.ValueType == "IMAGE" and "ReferencedSOPSequence" in c]
+    if len(images) != 1:
+        raise ValueError(f"{what}: the image region does not reference one image.")
+    points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
+    outline = tuple((float(x), float(y)) for x, y in points)
+    values = {_key(n): _number(n) for n in _children(group) if n.ValueType == "NUM"}
+    return outline, str(images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID), values
+
+
+def _with_viewer_copy(lesion: LesionResult, copy: Dataset | None) -> LesionResult:
+    """``lesion`` with the outline of its viewer copy, after checking that both agree."""
+    if copy is None:
+        return lesion
+    outline, image_uid, values = _viewer_copy(copy)
+    what = f'Viewer group of lesion "{lesion.tracking_id}"'
+    if image_uid != lesion.key_slice_sop_instance_uid:
+        raise ValueError(f"{what} references {image_uid}, not the key slice {lesion.key_slice_sop_instance_uid}.")
+    if values.get(_VOLUME) != lesion.volume_ml or values.get(_LONG_AXIS) != lesion.longest_axial_diameter_mm:
+        raise ValueError(f"{what}: its volume or long axis differs from the lesion's measurement group.")
+    return dataclasses.replace(lesion, key_outline_px=outline)
 
 
 def _source(item: Dataset, evidence: dict[str, tuple[str, str]], what: str) -> SegmentationSource:
@@ -265,14 +316,16 @@ def read_measurement_report(ds: Dataset) -> StudyResult:
         (name, version, validation status, weights SHA-256, intended use), provenance and the
         lesions in the order of their measurement groups (tracking id and UID, volume, longest
         axial diameter, features with pyradiomics names and UCUM units, source, centroid, key
-        slice, outline). Predictions are read by :func:`read_predictions`.
+        slice, outline, key-slice outline from the viewer copy). Predictions are read by
+        :func:`read_predictions`.
 
     Raises
     ------
     TypeError
         When ``ds`` is not a ``pydicom.Dataset``.
     ValueError
-        When ``ds`` is not a TID 1500 report written by pacs-agent or an item is missing.
+        When ``ds`` is not a TID 1500 report written by pacs-agent, an item is missing, or a
+        viewer copy (TID 1410 key-slice outline) has no lesion group or disagrees with it.
     """
     _check_sr(ds)
     evaluations = _find(ds, _concept_key(codes.QUALITATIVE_EVALUATIONS))
@@ -286,9 +339,25 @@ def read_measurement_report(ds: Dataset) -> StudyResult:
         return _text(evaluations, key, "Qualitative Evaluations")
 
     evidence = _evidence(ds)
-    parsed = [_lesion(group, evidence) for group in _groups(ds)]
+    records: list[Dataset] = []
+    copies: dict[str, Dataset] = {}
+    for group in _groups(ds):
+        uid = _tracking_uid(group)
+        if _is_record(group):
+            records.append(group)
+        elif uid in copies:
+            raise ValueError(f"two viewer groups (TID 1410 key-slice outline) for Tracking UID {uid}.")
+        else:
+            copies[uid] = group
+    parsed = [_lesion(group, evidence) for group in records]
     if not parsed:
         raise ValueError("the report has no measurement group.")
+    uids = [lesion.tracking_uid for lesion, _, _ in parsed]
+    if len(set(uids)) != len(uids):
+        raise ValueError("two lesion measurement groups share a Tracking UID.")
+    orphans = set(copies) - set(uids)
+    if orphans:
+        raise ValueError(f"viewer group(s) without a lesion measurement group: {', '.join(sorted(orphans))}.")
     algorithms = {algorithm for _, algorithm, _ in parsed}
     if len(algorithms) != 1:
         raise ValueError(f"the measurement groups name {len(algorithms)} different algorithms.")
@@ -307,7 +376,7 @@ def read_measurement_report(ds: Dataset) -> StudyResult:
         ct_series = next((series for sop_class, series in evidence.values() if sop_class in _CT_CLASSES), None)
     if ct_series is None:
         raise ValueError("cannot tell the CT series: no source series and no CT in the evidence.")
-    lesions = tuple(lesion for lesion, _, _ in parsed)
+    lesions = tuple(_with_viewer_copy(lesion, copies.get(lesion.tracking_uid)) for lesion, _, _ in parsed)
     has_source = bool(_texts(evaluations, _lesion_key("source_uid")))
     segmentation = _source(evaluations, evidence, "Qualitative Evaluations") if has_source else None
     return StudyResult(

@@ -16,7 +16,10 @@ A lesion page is a 1024 x 1024 RGB image (:data:`CANVAS`)::
 
 Text uses Pillow's built-in scalable font (``ImageFont.load_default(size=...)``, Pillow >= 10.1,
 FreeType): no font file is read from the system or downloaded. Sizes of 24 px and more keep it
-legible at 1:1.
+legible at 1:1. Nothing is cut off (:func:`layout_text`): a line too long for its column is set
+up to a quarter smaller (not below 24 px) when that makes it fit, and is wrapped at spaces
+otherwise; only when the wrapped lines are too many for the column height do all sizes shrink
+together (not below 18 px).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ __all__ = [
     "Placement",
     "TextLine",
     "hot_colormap",
+    "layout_text",
+    "line_height",
     "mask_outline",
     "render_lesion_page",
     "render_summary_page",
@@ -250,14 +255,92 @@ def _header(draw: ImageDraw.ImageDraw, title: str, demo_warning: str | None) -> 
         draw.text((24, HEADER_HEIGHT / 2), _fit(title, font, CANVAS - 48), font=font, fill=WHITE, anchor="lm")
 
 
+MIN_SHRUNK_SIZE = 24
+"""Smallest size (px) a single too-long line is set in before it is wrapped instead."""
+MIN_PANEL_SIZE = 18
+"""Smallest size (px) when a whole column of text shrinks to fit its height."""
+
+
+def line_height(size: int) -> int:
+    """Vertical advance (px) of a text line of ``size`` px."""
+    return round(size * 1.3)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> list[str]:
+    """Greedy word wrap at spaces; a word wider than ``width`` is broken between characters."""
+    rows: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            rows.append(current)
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            rows.append(word[:cut])
+            word = word[cut:]
+        current = word
+    rows.append(current)
+    return rows
+
+
+def _set_line(line: TextLine, size: int, width: float) -> list[TextLine]:
+    """``line`` at ``size`` px: as is, a little smaller, or wrapped - always within ``width``."""
+    if _font(size).getlength(line.text) <= width:
+        return [TextLine(line.text, size, line.colour)]
+    for smaller in range(size - 1, max(min(size, MIN_SHRUNK_SIZE), math.ceil(size * 0.75)) - 1, -1):
+        if _font(smaller).getlength(line.text) <= width:
+            return [TextLine(line.text, smaller, line.colour)]
+    return [TextLine(row, size, line.colour) for row in _wrap(line.text, _font(size), width)]
+
+
+def layout_text(lines: Sequence[TextLine], width: float, height: float) -> list[TextLine]:
+    """The lines as drawn in a column ``width`` x ``height`` px: each fits the width, none is cut.
+
+    A line wider than the column is set smaller (by up to a quarter, not below
+    :data:`MIN_SHRUNK_SIZE`) when that makes it fit, else wrapped at spaces (a word wider than
+    the column is broken between characters). When the result is taller than ``height``, all
+    sizes shrink together in 5 % steps down to :data:`MIN_PANEL_SIZE`; if even that is too tall,
+    the lines at that size are returned and the caller stops drawing at the bottom.
+
+    Parameters
+    ----------
+    lines: Sequence[TextLine]
+        The logical lines, top to bottom.
+    width: float
+        Column width in pixels.
+    height: float
+        Column height in pixels.
+
+    Returns
+    -------
+    list[TextLine]
+        The physical lines; the text of the wrapped rows of a line joined by spaces is the line.
+    """
+    scale = 1.0
+    while True:
+        laid: list[TextLine] = []
+        for line in lines:
+            size = line.size if scale == 1.0 else max(MIN_PANEL_SIZE, min(line.size, round(line.size * scale)))
+            laid.extend(_set_line(line, size, width))
+        fits = sum(line_height(line.size) for line in laid[:-1]) + (laid[-1].size if laid else 0) <= height
+        if fits or all(line.size <= MIN_PANEL_SIZE for line in laid) or scale < 0.2:
+            return laid
+        scale -= 0.05
+
+
 def _lines(draw: ImageDraw.ImageDraw, lines: Sequence[TextLine], left: int, top: int, width: int, bottom: int) -> int:
     y = top
-    for line in lines:
+    for line in layout_text(lines, width, bottom - top):
         font = _font(line.size)
         if y + line.size > bottom:
             break
         draw.text((left, y), _fit(line.text, font, width), font=font, fill=line.colour)
-        y += round(line.size * 1.3)
+        y += line_height(line.size)
     return y
 
 

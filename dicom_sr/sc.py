@@ -211,6 +211,40 @@ def _feature_text(lesion: LesionResult) -> str:
     return " | ".join(parts)
 
 
+def _lesion_lines(
+    result: StudyResult,
+    lesion: LesionResult,
+    predictions: Sequence[Prediction],
+    content_datetime: datetime.datetime,
+    software_version: str,
+) -> list[TextLine]:
+    """The text panel of a lesion page: predictions, size, key features, model, date.
+
+    :func:`dicom_sr.render.layout_text` sets each line smaller or wraps it when it is too
+    long for the panel, so none is cut off.
+    """
+    lines: list[TextLine] = []
+    size = 38 if len(predictions) <= 1 else 28
+    for prediction in predictions:
+        lines.append(TextLine(f"{prediction.label}: {prediction.status}", size, RESULT_YELLOW))
+        lines.append(
+            TextLine(
+                f"probability {prediction.probability:.2f} (decision threshold {prediction.threshold:.2f})",
+                26 if len(predictions) <= 1 else 24,
+            )
+        )
+    size_text = f"volume {lesion.volume_ml:.1f} ml, longest axial diameter {lesion.longest_axial_diameter_mm:.1f} mm"
+    if predictions:
+        lines.append(TextLine(f"{lesion.tracking_id}: {size_text}", 24))
+    else:
+        lines.append(TextLine(f"{lesion.tracking_id}: {size_text}", 32, RESULT_YELLOW))
+        features = _feature_text(lesion)
+        if features:
+            lines.append(TextLine(features, 26))
+    lines.extend(_model_lines(result, content_datetime, software_version))
+    return lines
+
+
 def _check_predictions(predictions: Sequence[Prediction]) -> tuple[Prediction, ...]:
     if isinstance(predictions, (str, Prediction)) or not isinstance(predictions, Sequence):
         raise TypeError('Argument "predictions" must be a sequence of Prediction.')
@@ -311,25 +345,7 @@ def build_lesion_capture(
     window = (float(window[0]), float(window[1]))
 
     algorithm = result.algorithm
-    lines: list[TextLine] = []
-    size = 38 if len(predictions) <= 1 else 28
-    for prediction in predictions:
-        lines.append(TextLine(f"{prediction.label}: {prediction.status}", size, RESULT_YELLOW))
-        lines.append(
-            TextLine(
-                f"probability {prediction.probability:.2f} (decision threshold {prediction.threshold:.2f})",
-                26 if len(predictions) <= 1 else 24,
-            )
-        )
-    size_text = f"volume {lesion.volume_ml:.1f} ml, longest axial diameter {lesion.longest_axial_diameter_mm:.1f} mm"
-    if predictions:
-        lines.append(TextLine(f"{lesion.tracking_id}: {size_text}", 24))
-    else:
-        lines.append(TextLine(f"{lesion.tracking_id}: {size_text}", 32, RESULT_YELLOW))
-        features = _feature_text(lesion)
-        if features:
-            lines.append(TextLine(features, 26))
-    lines.extend(_model_lines(result, content_datetime, software_version))
+    lines = _lesion_lines(result, lesion, predictions, content_datetime, software_version)
 
     side = [TextLine(f"Key slice: index {lesion.key_slice_index}", 24, GREY)]
     if str(ref_dataset.get("SOPInstanceUID", "")) == lesion.key_slice_sop_instance_uid and "InstanceNumber" in (

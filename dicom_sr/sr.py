@@ -6,7 +6,14 @@ Content tree written by :func:`build_measurement_report`::
       Language, Observation Context: device observer = pacs-agent    TID 1204, 1001, 1002, 1004
       Procedure reported (default: CT of abdomen)
       CONTAINER Imaging Measurements
-        CONTAINER Measurement Group, one per lesion                  TID 1411 (TID 1410)
+        per lesion with a key-slice outline, first:
+        CONTAINER Measurement Group, viewer copy of the lesion         TID 1410
+          Tracking Identifier + Tracking Unique Identifier (the lesion's)  TID 4108
+          Finding = Neoplasm, Finding Site (optional)
+          Image Region: SCOORD POLYLINE (closed) on the key slice, SELECTED FROM it
+          NUM Volume [ml], Long Axis [mm] with Algorithm Identification  TID 300, 4019
+        then, per lesion:
+        CONTAINER Measurement Group, the lesion's record              TID 1411 (TID 1410)
           Tracking Identifier + Tracking Unique Identifier           TID 4108
           Finding = Neoplasm, Finding Site (optional)
           Referenced Segment (SEG lesion) | Volume Surface (RTSTRUCT lesion, >= 2 polygons)
@@ -19,6 +26,10 @@ Content tree written by :func:`build_measurement_report`::
       CONTAINER Qualitative Evaluations                               TID 1500 rows 12-14
         TEXT Usage warning (DEMO), Validation status, Intended use, weights SHA-256,
              provenance, Analysis method, Frame of Reference UID
+
+The viewer copy comes first because OHIF (3.13) merges the groups that share a tracking UID and
+draws the first SCOORD / SCOORD3D of the merged content: the key-slice POLYLINE then wins over an
+RTSTRUCT lesion's SCOORD3D POLYGON volume surface, which OHIF cannot draw.
 
 The content items come from the template classes of :mod:`dicom_sr.templates` (codes documented
 there); :func:`dicom_sr.reader.read_measurement_report` parses the SR back.
@@ -43,7 +54,7 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
-from dicom_sr.templates import LesionMeasurementGroup, Prediction, ReportEvaluations
+from dicom_sr.templates import KeySliceOutlineGroup, LesionMeasurementGroup, Prediction, ReportEvaluations
 from dicom_sr.uids import derive_uid, result_uids
 from inference.results import DEMO_WARNING, LesionResult, StudyResult
 
@@ -121,6 +132,10 @@ def build_measurement_report(
     finding "Neoplasm" (SCT 108369006), the referenced SEG segment or the lesion outline as
     SCOORD3D polygons, and TID 300 measurements (volume, longest axial diameter, radiomic
     features coded per :mod:`dicom_sr.codes`) each carrying TID 4019 algorithm identification.
+    A lesion with a ``key_outline_px`` gets, just before it, a TID 1410 Planar ROI group with
+    the same tracking identifier and UID: its outline on the key slice as a closed SCOORD
+    POLYLINE plus its volume and long axis (:class:`dicom_sr.templates.KeySliceOutlineGroup`),
+    the copy of the lesion that viewers such as OHIF draw.
     DEMO algorithms get "DEMO MODEL - NOT FOR CLINICAL USE" in a TEXT item and in the
     Series Description. Series and SOP Instance UIDs derive from the inputs (:mod:`dicom_sr.uids`).
 
@@ -166,7 +181,8 @@ def build_measurement_report(
         When an argument has the wrong type (the message names the argument).
     ValueError
         When the result has no lesions, a feature has no code, an RTSTRUCT lesion has no
-        outline, a referenced SEG instance is not part of the evidence, ``evidence[0]``
+        outline, a key-slice outline is invalid or its key slice is not part of the evidence,
+        a referenced SEG instance is not part of the evidence, ``evidence[0]``
         lacks patient / study attributes or belongs to another study, or a prediction is
         invalid or keyed by an unknown Tracking UID.
     """
@@ -213,6 +229,11 @@ def build_measurement_report(
                 f'Lesion "{lesion.tracking_id}" references SEG {lesion.source.sop_instance_uid}, '
                 'which is not in the evidence: pass it as "segmentation_dataset".'
             )
+        if lesion.key_outline_px and lesion.key_slice_sop_instance_uid not in by_uid:
+            raise ValueError(
+                f'Lesion "{lesion.tracking_id}" has a key-slice outline, but its key slice '
+                f"{lesion.key_slice_sop_instance_uid} is not in the evidence."
+            )
     unknown = set(predictions) - {lesion.tracking_uid for lesion in result.lesions}
     if unknown:
         raise ValueError(f"predictions for unknown Tracking UID(s): {', '.join(sorted(map(str, unknown)))}.")
@@ -228,10 +249,20 @@ def build_measurement_report(
             observer_type=pydicom_codes.DCM.Device, observer_identifying_attributes=observer
         )
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=procedure_reported,
-        imaging_measurements=[
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for lesion in result.lesions:
+        if lesion.key_outline_px:  # the viewer copy first, see the module docstring
+            groups.append(
+                KeySliceOutlineGroup(
+                    lesion,
+                    algorithm=result.algorithm,
+                    key_slice=by_uid[lesion.key_slice_sop_instance_uid],
+                    finding_site=finding_site,
+                )
+            )
+        groups.append(
             LesionMeasurementGroup(
                 lesion,
                 algorithm=result.algorithm,
@@ -241,8 +272,11 @@ def build_measurement_report(
                 finding_site=finding_site,
                 source_images=by_uid,
             ).group
-            for lesion in result.lesions
-        ],
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=procedure_reported,
+        imaging_measurements=groups,
     )
     report[0].ContentSequence.append(
         ReportEvaluations(

@@ -15,6 +15,9 @@ Class                              Content (PS3.16)
                                    class and the decision threshold, UCUM ``1``
 :class:`LesionMeasurementGroup`    TID 1411 Volumetric ROI (TID 1410 Planar ROI for a lesion
                                    outlined by one polygon) measurement group of one lesion
+:class:`KeySliceOutlineGroup`      TID 1410 Planar ROI measurement group: the lesion's outline
+                                   on its key slice (SCOORD POLYLINE), volume and long axis - the
+                                   copy of the lesion that viewers (OHIF) draw
 :class:`UsageWarning`              TEXT "Usage warning" = "DEMO MODEL - NOT FOR CLINICAL USE"
 :class:`ReportEvaluations`         TID 1500 rows 12-14 "Qualitative Evaluations" container
 =================================  =========================================================
@@ -85,6 +88,7 @@ __all__ = [
     "METHOD",
     "POSITIVE_STATUSES",
     "STATUS_CODES",
+    "KeySliceOutlineGroup",
     "LesionMeasurementGroup",
     "Prediction",
     "PredictionEvaluation",
@@ -416,6 +420,39 @@ class ReportEvaluations(hd.sr.ContainerContentItem):
         self.ContentSequence = hd.sr.ContentSequence(items)
 
 
+def _size_measurements(
+    lesion: LesionResult, algorithm: AlgorithmInfo, key_slice: Dataset | None
+) -> list[hd.sr.Measurement]:
+    """TID 300 Volume (ml) and Long Axis (mm, source image: the key slice when given) of a lesion."""
+    for name in ("volume_ml", "longest_axial_diameter_mm"):
+        if not math.isfinite(getattr(lesion, name)):
+            raise ValueError(f'Lesion "{lesion.tracking_id}": "{name}" must be a finite number.')
+    referenced = (
+        [
+            hd.sr.SourceImageForMeasurement(
+                referenced_sop_class_uid=key_slice.SOPClassUID, referenced_sop_instance_uid=key_slice.SOPInstanceUID
+            )
+        ]
+        if key_slice is not None
+        else None
+    )
+    return [
+        hd.sr.Measurement(
+            name=codes.VOLUME,
+            value=float(lesion.volume_ml),
+            unit=codes.ucum("ml"),
+            algorithm_id=ResultAlgorithm(algorithm),
+        ),
+        hd.sr.Measurement(
+            name=codes.LONG_AXIS,
+            value=float(lesion.longest_axial_diameter_mm),
+            unit=codes.ucum("mm"),
+            algorithm_id=ResultAlgorithm(algorithm, ["longest axial diameter"]),
+            referenced_images=referenced,
+        ),
+    ]
+
+
 _GroupType = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
@@ -439,10 +476,12 @@ class LesionMeasurementGroup:
     site (optional), the reference to the lesion's source - the SEG segment (TID 1411 row 7),
     the RTSTRUCT outline as a Volume Surface (SCOORD3D polygons, row 9), or, for an RTSTRUCT
     lesion outlined by a single polygon, a TID 1410 Planar ROI with an SCOORD3D image region -
-    TID 300 measurements (volume in ml, longest axial diameter in mm, radiomic features coded
-    per :mod:`dicom_sr.codes`, each with TID 4019 algorithm identification), the predictions
-    (:class:`PredictionEvaluation` + :class:`PredictionMeasurements`) and the per-lesion TEXT
-    items of :data:`LESION_CONCEPTS`.
+    TID 300 measurements, each with TID 4019 algorithm identification, in this order: the
+    predictions' probability and threshold (:class:`PredictionMeasurements`), the radiomic
+    features coded per :mod:`dicom_sr.codes`, the volume in ml and the longest axial diameter
+    in mm; the predicted statuses (:class:`PredictionEvaluation`) and the per-lesion TEXT
+    items of :data:`LESION_CONCEPTS`. It is the complete record of the lesion; a
+    :class:`KeySliceOutlineGroup` may precede it as the copy viewers draw.
 
     The highdicom class depends on the kind of reference, so this class holds the built group
     in :attr:`group` instead of inheriting from one of them.
@@ -505,9 +544,14 @@ class LesionMeasurementGroup:
         self.tracking_uid = lesion.tracking_uid
         self.predictions = tuple(predictions)
 
-        measurements = self._measurements(lesion, algorithm, images)
-        for prediction in predictions:
-            measurements.extend(PredictionMeasurements(prediction, algorithm))
+        # Order of the TID 300 items (free within the row): predictions, features, then volume and
+        # long axis. OHIF merges this group with the viewer copy that precedes it (same tracking
+        # UID) and labels the outline with the first five NUMs: volume and long axis of the copy,
+        # then the probabilities and features - not the same size twice.
+        measurements: list[hd.sr.Measurement] = [
+            item for prediction in predictions for item in PredictionMeasurements(prediction, algorithm)
+        ]
+        measurements.extend(self._measurements(lesion, algorithm, images))
         common: dict[str, Any] = {
             "tracking_identifier": hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
             "finding_type": codes.NEOPLASM,
@@ -529,35 +573,8 @@ class LesionMeasurementGroup:
     def _measurements(
         lesion: LesionResult, algorithm: AlgorithmInfo, images: Mapping[str, Dataset]
     ) -> list[hd.sr.Measurement]:
-        """TID 300 measurements: volume, longest axial diameter, radiomic features (finite only)."""
-        for name in ("volume_ml", "longest_axial_diameter_mm"):
-            if not math.isfinite(getattr(lesion, name)):
-                raise ValueError(f'Lesion "{lesion.tracking_id}": "{name}" must be a finite number.')
-        image = images.get(lesion.key_slice_sop_instance_uid)
-        referenced = (
-            [
-                hd.sr.SourceImageForMeasurement(
-                    referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
-                )
-            ]
-            if image is not None
-            else None
-        )
-        measurements = [
-            hd.sr.Measurement(
-                name=codes.VOLUME,
-                value=float(lesion.volume_ml),
-                unit=codes.ucum("ml"),
-                algorithm_id=ResultAlgorithm(algorithm),
-            ),
-            hd.sr.Measurement(
-                name=codes.LONG_AXIS,
-                value=float(lesion.longest_axial_diameter_mm),
-                unit=codes.ucum("mm"),
-                algorithm_id=ResultAlgorithm(algorithm, ["longest axial diameter"]),
-                referenced_images=referenced,
-            ),
-        ]
+        """TID 300 measurements: radiomic features (finite only), then volume and longest axial diameter."""
+        measurements: list[hd.sr.Measurement] = []
         for feature in lesion.features:
             concept = codes.feature_concept(feature.name)
             unit = codes.ucum(feature.unit)
@@ -572,6 +589,7 @@ class LesionMeasurementGroup:
                     algorithm_id=ResultAlgorithm(algorithm, [f"pyradiomics-feature={feature.name}"]),
                 )
             )
+        measurements.extend(_size_measurements(lesion, algorithm, images.get(lesion.key_slice_sop_instance_uid)))
         return measurements
 
     @staticmethod
@@ -608,3 +626,101 @@ class LesionMeasurementGroup:
             source_series=source_series,
         )
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common)
+
+
+def _key_outline(lesion: LesionResult, key_slice: Dataset) -> np.ndarray:
+    """``lesion.key_outline_px`` as a closed (n, 2) array, checked against the key slice's size."""
+    what = f'Lesion "{lesion.tracking_id}"'
+    try:
+        polygon = np.asarray(lesion.key_outline_px, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what}: "key_outline_px" must be a sequence of (column, row) numbers.') from None
+    if polygon.ndim != 2 or polygon.shape[1] != 2 or len(np.unique(polygon, axis=0)) < 3:
+        raise ValueError(f'{what}: "key_outline_px" needs at least 3 distinct (column, row) points.')
+    if not np.all(np.isfinite(polygon)):
+        raise ValueError(f'{what}: "key_outline_px" must hold finite numbers.')
+    columns, rows = key_slice.get("Columns"), key_slice.get("Rows")
+    upper = np.array([np.inf if columns is None else float(columns), np.inf if rows is None else float(rows)])
+    if np.any(polygon < 0.0) or np.any(polygon > upper):
+        raise ValueError(f'{what}: "key_outline_px" leaves the key slice (0..Columns, 0..Rows).')
+    if not np.array_equal(polygon[0], polygon[-1]):
+        polygon = np.vstack([polygon, polygon[:1]])
+    return polygon
+
+
+class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+    """TID 1410 Planar ROI measurement group: the lesion outlined on its key slice, for viewers.
+
+    The same lesion as its TID 1411 group (:class:`LesionMeasurementGroup`): same TID 4108
+    tracking identifier and tracking UID, finding "Neoplasm" (SCT 108369006), finding site
+    (optional); its Image Region (TID 1410 row 7) is an SCOORD POLYLINE, closed (first point =
+    last, PS3.3 C.18.6.1.2), in pixel coordinates of the key slice, which it references (SELECTED
+    FROM); its TID 300 measurements are the lesion's Volume (ml) and Long Axis (mm, the longest
+    axial diameter), each with TID 4019 algorithm identification. Nothing else: no features,
+    predictions or TEXT items - the TID 1411 group stays the complete record, and
+    :mod:`dicom_sr.reader` reads this group as the viewer copy of the same lesion (by tracking UID).
+
+    Why: viewers draw measurement groups that carry an image graphic; OHIF 3 skips TID 1411 groups
+    that reference a SEG segment and cannot draw SCOORD3D POLYGON volume surfaces, but draws this
+    group's POLYLINE with its measurements next to it.
+    """
+
+    def __init__(
+        self,
+        lesion: LesionResult,
+        *,
+        algorithm: AlgorithmInfo,
+        key_slice: Dataset,
+        finding_site: Code | CodedConcept | None = None,
+    ) -> None:
+        """Validate the arguments and build the content.
+
+        Parameters
+        ----------
+        lesion: inference.results.LesionResult
+            The lesion; its ``key_outline_px`` must not be empty.
+        algorithm: inference.results.AlgorithmInfo
+            Algorithm identified on both measurements.
+        key_slice: pydicom.Dataset
+            The key slice instance (``lesion.key_slice_sop_instance_uid``; pixel data not needed):
+            its SOP Class UID is referenced, its Rows / Columns bound the outline.
+        finding_site: pydicom.sr.coding.Code | highdicom.sr.CodedConcept | None, optional
+            Anatomic site (e.g. ``codes.SCT.Liver``).
+
+        Raises
+        ------
+        TypeError
+            When an argument has the wrong type.
+        ValueError
+            Empty, degenerate, non-finite or out-of-image outline; ``key_slice`` is not the
+            lesion's key slice; non-finite volume or diameter.
+        """
+        _require(lesion, LesionResult, "lesion", "LesionResult")
+        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        _require(key_slice, Dataset, "key_slice", "pydicom.Dataset")
+        if finding_site is not None:
+            _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+        if not lesion.key_outline_px:
+            raise ValueError(f'Lesion "{lesion.tracking_id}" has no "key_outline_px" to draw.')
+        if str(key_slice.get("SOPInstanceUID", "")) != lesion.key_slice_sop_instance_uid:
+            raise ValueError(
+                f'Argument "key_slice" is not the key slice of lesion "{lesion.tracking_id}" '
+                f"({lesion.key_slice_sop_instance_uid})."
+            )
+        if "SOPClassUID" not in key_slice:
+            raise ValueError('Argument "key_slice" has no SOP Class UID.')
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_key_outline(lesion, key_slice),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(key_slice.SOPClassUID),
+                referenced_sop_instance_uid=str(key_slice.SOPInstanceUID),
+            ),
+        )
+        super().__init__(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
+            referenced_region=region,
+            finding_type=codes.NEOPLASM,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=finding_site)] if finding_site else None,
+            measurements=_size_measurements(lesion, algorithm, key_slice),
+        )

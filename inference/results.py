@@ -79,6 +79,11 @@ class LesionResult:
     outline_mm: tuple[tuple[tuple[float, float, float], ...], ...] = ()
     """Closed polygons (patient coordinates, mm) outlining the lesion on its slices; used to
     reference an RTSTRUCT-derived lesion as SCOORD3D regions."""
+    key_outline_px: tuple[tuple[float, float], ...] = ()
+    """Closed outline (first point = last) of the lesion's largest part on its key slice, in image
+    pixel coordinates ``(column, row)`` as DICOM SCOORD counts them (PS3.3 C.18.6.1.1: (0, 0) is
+    the top-left corner of the top-left pixel, so pixel centres are at ``+0.5``). The SR draws it
+    as a TID 1410 planar ROI that viewers (OHIF) display; empty when not computed."""
 
 
 @dataclass(frozen=True)

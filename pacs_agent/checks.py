@@ -41,4 +41,8 @@ def check_settings(settings: Settings) -> list[str]:
     for dest in settings.destinations:
         if dest.ae_title == settings.node.ae_title and dest.port == settings.node.port:
             problems.append(f"destinations.{dest.name}: points at this node itself (same AE title and port)")
+        if dest.auth_header_env and not os.environ.get(dest.auth_header_env):
+            problems.append(
+                f"destinations.{dest.name}: auth_header_env names {dest.auth_header_env}, which is not set here"
+            )
     return problems

@@ -15,7 +15,10 @@ from pathlib import Path
 from pacs_agent import __version__
 from pacs_agent.config import Settings, load_settings
 from pacs_agent.errors import ConfigError, PacsAgentError
+from pacs_agent.events_cli import add_parsers as add_event_parsers
+from pacs_agent.events_cli import run_events, run_retry
 from pacs_agent.logs import configure_logging
+from pacs_agent.send.cli import add_send_parser, run_send
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 CONFIG_ENV = "PACS_AGENT_CONFIG"
@@ -32,6 +35,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from pacs_agent.checks import check_settings
+    from pacs_agent.tls import tls_problems
 
     try:
         settings = _settings(args)
@@ -40,7 +44,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_INVALID
-    problems = check_settings(settings)
+    problems = check_settings(settings) + tls_problems(settings)
     if problems:
         print(f"configuration has {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -48,9 +52,14 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     node = settings.node
     print(f"configuration OK: AE {node.ae_title} on {node.host}:{node.port}")
+    if node.tls_port:
+        clients = "client certificate required" if settings.tls.require_client_cert else "no client certificate needed"
+        plain = "" if node.plain_port_enabled else "; plain port closed"
+        print(f"  DICOM TLS on port {node.tls_port} ({clients}{plain})")
     print(f"  state directory {settings.storage.state_dir}, database {settings.database_url.split(':')[0]}")
     for dest in settings.destinations:
-        print(f"  destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
+        where = f"STOW-RS {dest.url}" if dest.type == "stowrs" else f"{dest.ae_title}@{dest.host}:{dest.port}"
+        print(f"  destination {dest.name}: {where}")
     return EXIT_OK
 
 
@@ -96,6 +105,30 @@ def _cmd_radiomics(argv: Sequence[str]) -> int:
     return radiomics_main(argv)
 
 
+def _cmd_train(argv: Sequence[str]) -> int:
+    # lazy: training imports torch, the scp process never does
+    from inference.training.cli import main as train_main
+
+    return train_main(argv)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    # lazy: the registry reads torch / skops files only inside these calls, never in the scp process
+    from inference.registry.cli import models_install, models_list, models_verify
+
+    if args.models_command == "verify":
+        return models_verify(Path(args.path))
+    settings = _settings(args)
+    if args.models_command == "install":
+        return models_install(Path(args.path), settings.models_dir)
+    print(f"installed packages ([models] dir): {settings.models_dir}")
+    code = models_list(settings.models_dir, verify=args.verify)
+    for directory in settings.model_dirs[1:]:
+        print(f"\ndemo packages ([models] use_demo = true; DEMO - NOT FOR CLINICAL USE): {directory}")
+        code = max(code, models_list(directory, verify=args.verify))
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (except ``phantom``, which has its own)."""
     parser = argparse.ArgumentParser(prog="pacs-agent", description=__doc__.splitlines()[0])
@@ -123,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result")
     sub.add_parser("phantom", help="write a synthetic CT study with SEG and RTSTRUCT", add_help=False)
     sub.add_parser("radiomics", help="pyradiomics features of one segment of a DICOM CT, as JSON", add_help=False)
+    sub.add_parser("train", help="train m1 .. m4 or the radiomics comparator into a model package", add_help=False)
+    models = sub.add_parser("models", help="model packages of the methods m1 .. m4: list, verify, install")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_list = with_config(models_sub.add_parser("list", help="packages in [models] dir (and the demo packages)"))
+    models_list.add_argument("--verify", action="store_true", help="also check checksums and weights (slower)")
+    models_sub.add_parser("verify", help="check a package (directory or zip); exit 1 if refused").add_argument(
+        "path", help="package directory or zip"
+    )
+    install = with_config(models_sub.add_parser("install", help="verify a package and copy it into [models] dir"))
+    install.add_argument("path", help="package directory or zip")
+    add_send_parser(sub, with_config)
+    add_event_parsers(sub, with_config)
     return parser
 
 
@@ -133,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_phantom(argv[1:])
     if argv and argv[0] == "radiomics":
         return _cmd_radiomics(argv[1:])
+    if argv and argv[0] == "train":
+        return _cmd_train(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
@@ -143,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "show":
             return _cmd_show(args)
+        if args.command == "send":
+            return run_send(args, _settings(args))
+        if args.command == "events":
+            return run_events(args, _settings(args))
+        if args.command == "retry":
+            return run_retry(args, _settings(args))
+        if args.command == "models":
+            return _cmd_models(args)
         if args.command == "demo":
             return _cmd_demo(args)
     except ConfigError as exc:

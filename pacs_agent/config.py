@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,8 +25,11 @@ from pacs_agent.errors import ConfigError
 from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
 
 ENV_PREFIX = "PACS_AGENT__"
-KNOWN_METHODS = ("radiomics",)
-"""Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``."""
+KNOWN_METHODS = ("radiomics", "m1", "m2", "m3", "m4")
+"""Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``.
+``m1`` .. ``m4`` run a model from an installed model package (``[models]``)."""
+DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "config" / "models"
+"""The committed demo model packages (DEMO - NOT FOR CLINICAL USE), used when ``[models] use_demo``."""
 PAIR_METHODS = ("response",)
 """Methods that run on a pair of studies (baseline + follow-up) once the pair is found."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -49,10 +53,22 @@ class NodeSettings(_Section):
     ae_title: str = "PACS_AGENT"
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
+    tls_port: int = Field(default=0, ge=0, le=65535)
+    """DICOM TLS listener (customarily 2762), with the certificate of ``[tls]``; 0 = none."""
+    plain_port_enabled: bool = True
+    """False: only ``tls_port`` listens (TLS only); ``port`` is not opened."""
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _listeners(self) -> NodeSettings:
+        if not self.plain_port_enabled and not self.tls_port:
+            raise ValueError("plain_port_enabled = false needs tls_port (otherwise nothing would listen)")
+        if self.tls_port and self.tls_port == self.port:
+            raise ValueError(f"tls_port must differ from port ({self.port}): TLS and plain DICOM need a port each")
+        return self
 
 
 class StorageSettings(_Section):
@@ -107,6 +123,20 @@ class JobSettings(_Section):
         return value
 
 
+class ModelSettings(_Section):
+    """``[models]``: where the worker finds the model packages of the methods m1 .. m4."""
+
+    dir: Path | None = None
+    """Installed packages (``pacs-agent models install``); None (``""`` in the file): ``<state_dir>/models``."""
+    use_demo: bool = True
+    """Also use the committed demo packages (``config/models``; DEMO - NOT FOR CLINICAL USE)."""
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+
 class DeliverySettings(_Section):
     """``[delivery]``: retries when a destination does not take a result."""
 
@@ -116,15 +146,92 @@ class DeliverySettings(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class Destination(_Section):
-    """``[[destinations]]``: a DICOM node that receives our results (usually the PACS)."""
+    """``[[destinations]]``: where results are sent (usually the PACS).
+
+    ``type = "dimse"`` (the default) sends by C-STORE to ``ae_title`` at ``host:port``;
+    ``type = "stowrs"`` POSTs to the DICOMweb base ``url`` (STOW-RS). A STOW-RS server that needs
+    credentials gets an ``Authorization`` header whose value is read from the environment variable
+    named by ``auth_header_env``: the secret never sits in the file and is never logged.
+    """
 
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dimse", "stowrs"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = None
+    """DICOMweb base URL of a STOW-RS destination, e.g. ``https://pacs.example.org/dicom-web``."""
+    auth_header_env: str | None = None
+    """Name of the environment variable holding the ``Authorization`` value, e.g. ``Bearer ...``."""
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """Network timeout for this destination; default ``[delivery] timeout_seconds``."""
+    tls: bool = False
+    """DIMSE over TLS (1.2 or newer); the destination's certificate is always verified."""
+    ca_file: str | None = None
+    """PEM file of the CA(s) that signed the destination's certificate; default: the system's CAs."""
+    cert_file: str | None = None
+    """PEM certificate (chain) this node presents when the destination asks for one (mutual TLS)."""
+    key_file: str | None = None
+    """The private key of ``cert_file`` (PEM, unencrypted)."""
+    check_hostname: bool = True
+    """The destination's certificate must name ``host``; false accepts any certificate of a trusted CA."""
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _tls_keys(self) -> Destination:
+        given = [key for key in ("ca_file", "cert_file", "key_file") if getattr(self, key)]
+        if self.type == "stowrs" and (self.tls or given):
+            raise ValueError('tls, ca_file, cert_file and key_file are for DIMSE destinations ("https://" gives TLS)')
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)}: only used with tls = true (add it, or remove these keys)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the certificate and its private key)")
+        return self
+
+    @field_validator("auth_header_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name (letters, digits, underscore)")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.type == "dimse":
+            missing = [key for key in ("ae_title", "host", "port") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"a DIMSE destination needs ae_title, host and port; missing: {', '.join(missing)}")
+            if self.url is not None or self.auth_header_env is not None:
+                raise ValueError('url and auth_header_env belong to a destination with type = "stowrs"')
+            return self
+        given = [key for key in ("ae_title", "host", "port") if getattr(self, key) is not None]
+        if given:
+            raise ValueError(f'{", ".join(given)}: not used by type = "stowrs" (the url says where to send)')
+        if not self.url:
+            raise ValueError('a STOW-RS destination needs url, e.g. "https://pacs.example.org/dicom-web"')
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials; name an environment variable in auth_header_env")
+        return self
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the destination (for STOW-RS taken from the URL), as audit events name it."""
+        if self.type == "stowrs":
+            parts = urlsplit(self.url or "")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            return f"{parts.hostname}:{port}"
+        return f"{self.host}:{self.port}"
 
 
 class Source(_Section):
@@ -190,41 +297,84 @@ class Peer(_Section):
 
 
 class SecuritySettings(_Section):
-    """``[security]``: who may open an association (empty list = allow all)."""
+    """``[security]``: who may open an association, how many at once, and how large an instance may be.
+
+    ``allowed_hosts`` applies to every association. A calling AE title is accepted when no AE
+    allow-list is configured (``allowed_calling_aets`` and ``peers`` both empty), when it is in
+    ``allowed_calling_aets`` (from any allowed host), or when it is the AE title of a ``peers``
+    entry and the association comes from one of that entry's hosts.
+    """
 
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    peers: tuple[Peer, ...] = ()
+    require_called_aet: bool = True
+    """Reject an association whose called AE title is not ``[node] ae_title``."""
+    max_associations: int = Field(default=32, ge=1)
+    """Simultaneous associations; one more is rejected (transient, local limit exceeded)."""
+    max_associations_per_aet: int = Field(default=0, ge=0)
+    """Simultaneous associations of one calling AE title; 0 = only ``max_associations`` applies."""
+    max_instance_mb: int = Field(default=2048, ge=0)
+    """A larger instance is refused with 0xA700 before anything is written; 0 = no limit."""
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _aets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae_title(v) for v in value)
 
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{entry!r} is not an IP address or network (use e.g. 10.1.2.3 or 10.1.0.0/16)"
-                ) from exc
-        return value
+    _hosts = field_validator("allowed_hosts")(_check_networks)
+
+    @model_validator(mode="after")
+    def _peers_unique(self) -> SecuritySettings:
+        titles = [peer.ae_title for peer in self.peers]
+        repeated = sorted({t for t in titles if titles.count(t) > 1})
+        if repeated:
+            raise ValueError(f"peers: AE title(s) listed twice: {', '.join(repeated)} (give one entry all its hosts)")
+        both = sorted(set(titles) & set(self.allowed_calling_aets))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)}: in both allowed_calling_aets (any host) and peers (its hosts only); keep one"
+            )
+        return self
 
     def host_allowed(self, address: str) -> bool:
         """Return True when ``address`` (an IP string) may connect."""
-        if not self.allowed_hosts:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.allowed_hosts)
+        return not self.allowed_hosts or _in_networks(address, self.allowed_hosts)
 
     def calling_aet_allowed(self, ae_title: str) -> bool:
-        """Return True when ``ae_title`` may open an association."""
-        return not self.allowed_calling_aets or ae_title.strip() in self.allowed_calling_aets
+        """Return True when ``ae_title`` may open an association (from some host)."""
+        title = ae_title.strip()
+        if not self.allowed_calling_aets and not self.peers:
+            return True
+        return title in self.allowed_calling_aets or any(peer.ae_title == title for peer in self.peers)
+
+    def peer_hosts(self, ae_title: str) -> tuple[str, ...] | None:
+        """The hosts a ``peers`` entry allows for ``ae_title``; None when it has no entry."""
+        title = ae_title.strip()
+        return next((peer.hosts for peer in self.peers if peer.ae_title == title), None)
+
+    def peer_host_allowed(self, ae_title: str, address: str) -> bool:
+        """False only when ``ae_title`` has a ``peers`` entry that does not list ``address``."""
+        hosts = self.peer_hosts(ae_title)
+        return hosts is None or _in_networks(address, hosts)
+
+
+class TlsSettings(_Section):
+    """``[tls]``: the certificate of the DICOM TLS port (``[node] tls_port``).
+
+    Paths are PEM files; relative paths are relative to the working directory of the process.
+    """
+
+    cert_file: str = ""
+    """This node's certificate, optionally followed by intermediate CA certificates."""
+    key_file: str = ""
+    """The private key of ``cert_file`` (unencrypted; readable only by the service user)."""
+    ca_file: str = ""
+    """CA certificate(s) that sign the client certificates of the senders (the PACS)."""
+    require_client_cert: bool = True
+    """Mutual TLS: a sender without a certificate signed by ``ca_file`` is refused."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version accepted on the TLS port."""
 
 
 class RoutingSettings(_Section):
@@ -287,11 +437,13 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     readiness: ReadinessSettings = ReadinessSettings()
     jobs: JobSettings = JobSettings()
+    models: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[Destination, ...] = ()
     sources: tuple[Source, ...] = ()
     response: ResponseSettings = ResponseSettings()
     security: SecuritySettings = SecuritySettings()
+    tls: TlsSettings = TlsSettings()
     routing: RoutingSettings = RoutingSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
@@ -304,12 +456,33 @@ class Settings(_Section):
             raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _tls_port_has_certificate(self) -> Settings:
+        if not self.node.tls_port:
+            return self
+        missing = [f"tls.{key}" for key in ("cert_file", "key_file") if not getattr(self.tls, key)]
+        if self.tls.require_client_cert and not self.tls.ca_file:
+            missing.append("tls.ca_file (tls.require_client_cert = true)")
+        if missing:
+            raise ValueError(f"node.tls_port = {self.node.tls_port} needs {', '.join(missing)}")
+        return self
+
     @property
     def database_url(self) -> str:
         """The SQLAlchemy URL, defaulting to ``sqlite:///<state_dir>/pacs-agent.db``."""
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.storage.state_dir / 'pacs-agent.db').absolute()}"
+
+    @property
+    def models_dir(self) -> Path:
+        """Directory of installed model packages: ``[models] dir``, default ``<state_dir>/models``."""
+        return self.models.dir if self.models.dir is not None else self.storage.state_dir / "models"
+
+    @property
+    def model_dirs(self) -> tuple[Path, ...]:
+        """Where the worker looks for packages, in order: :attr:`models_dir`, then the demo packages."""
+        return (self.models_dir, DEMO_MODELS_DIR) if self.models.use_demo else (self.models_dir,)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def last_delivery_attempts(
             .where(
                 Event.kind.in_(DELIVERY_EVENTS),
                 Event.ae_title == dest.ae_title,
-                Event.peer == f"{dest.host}:{dest.port}",
+                Event.peer == dest.peer,
                 Event.detail.startswith(f"{dest.name}: ", autoescape=True),
             )
             .order_by(Event.id.desc())

@@ -59,7 +59,12 @@ def install_stop_signals(stop: threading.Event, on_stop: Callable[[], object] | 
 
 
 def prepare_state(settings: Settings) -> None:
-    """Create the state directory (mode 0700) before anything writes into it."""
+    """Create the state directory (mode 0700) before anything writes into it.
+
+    Also sets the process umask to 0077, as the systemd units do (``UMask=0077``), so that the
+    database (patient IDs), results and every other file are private when started by hand too.
+    """
+    os.umask(0o077)
     state = settings.storage.state_dir
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)

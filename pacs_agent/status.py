@@ -1,11 +1,15 @@
 """``pacs-agent status``: recent studies with their state and reason, jobs, deliveries, errors.
 
-Shows UIDs, AE titles and states; never patient names or IDs.
+One block per study tells its whole story: when and from whom it arrived, its series and why each
+was chosen or skipped, why it waits or failed, its jobs (attempts, run time, errors), its result
+objects and where they went. Shows UIDs, AE titles and states; never patient names or IDs.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,6 +18,21 @@ from sqlalchemy.orm import Session
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.models import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 1)
+
+
+def _clock(iso: str | None) -> str:
+    """``2026-11-25 10:00:03`` (UTC) from an ISO timestamp, for the one-screen text."""
+    return iso[:19].replace("T", " ") if iso else "-"
 
 
 def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
@@ -30,6 +49,32 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                 .order_by(Series.series_instance_uid)
             ).all()
             jobs = session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars().all()
+            received = session.execute(
+                select(
+                    func.count(Instance.id),
+                    func.coalesce(func.sum(Instance.duplicates), 0),
+                    func.coalesce(func.sum(Instance.size_bytes), 0),
+                )
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.study_id == study.id)
+            ).one()
+            senders = (
+                session.execute(
+                    select(Instance.calling_ae_title)
+                    .join(Series, Series.id == Instance.series_id)
+                    .where(Series.study_id == study.id, Instance.calling_ae_title.is_not(None))
+                    .distinct()
+                    .order_by(Instance.calling_ae_title)
+                )
+                .scalars()
+                .all()
+            )
+            results = session.execute(
+                select(Result.kind, Result.method, Result.algorithm_version, func.count(Result.id))
+                .where(Result.study_id == study.id)
+                .group_by(Result.kind, Result.method, Result.algorithm_version)
+                .order_by(Result.method, Result.kind.desc())
+            ).all()
             deliveries = session.execute(
                 select(
                     Result.sop_instance_uid,
@@ -38,6 +83,9 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     Delivery.state,
                     Delivery.attempts,
                     Delivery.last_error,
+                    Delivery.last_status,
+                    Delivery.delivered_at,
+                    Delivery.next_attempt_at,
                 )
                 .join(Delivery, Delivery.result_id == Result.id)
                 .where(Result.study_id == study.id)
@@ -50,7 +98,12 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "reason": study.state_reason,
                     "series_notes": json.loads(study.series_notes) if study.series_notes else [],
                     "pairing": _pairing(session, study.id),
+                    "first_received_at": study.first_received_at.isoformat(),
                     "last_received_at": study.last_received_at.isoformat(),
+                    "senders": list(senders),
+                    "instances": received[0],
+                    "duplicates": received[1],
+                    "size_bytes": received[2],
                     "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
                     "jobs": [
                         {
@@ -60,8 +113,18 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                             "attempts": j.attempts,
                             "max_attempts": j.max_attempts,
                             "last_error": j.last_error,
+                            "created_at": j.created_at.isoformat(),
+                            "started_at": _iso(j.started_at),
+                            "finished_at": _iso(j.finished_at),
+                            "duration_seconds": _seconds(j.started_at, j.finished_at)
+                            if j.state in ("done", "failed", "dead")
+                            else None,
+                            "worker_id": j.worker_id,
                         }
                         for j in jobs
+                    ],
+                    "results": [
+                        {"kind": r[0], "method": r[1], "algorithm_version": r[2], "count": r[3]} for r in results
                     ],
                     "deliveries": [
                         {
@@ -71,6 +134,9 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                             "state": d[3],
                             "attempts": d[4],
                             "last_error": d[5],
+                            "last_status": d[6],
+                            "delivered_at": _iso(d[7]),
+                            "next_attempt_at": _iso(d[8]) if d[3] == "pending" else None,
                         }
                         for d in deliveries
                     ],
@@ -93,6 +159,8 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                 "kind": e.kind,
                 "study_instance_uid": e.study_instance_uid,
                 "ae_title": e.ae_title,
+                "peer": e.peer,
+                "job_id": e.job_id,
                 "status": e.status,
                 "detail": e.detail,
             }
@@ -113,6 +181,33 @@ def _pairing(session: Session, study_id: int) -> dict[str, Any] | None:
     }
 
 
+def _delivery_lines(deliveries: list[dict[str, Any]]) -> list[str]:
+    """One line per destination: counts by state, and the reason when something is not delivered."""
+    by_destination: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for d in deliveries:
+        by_destination[d["destination"]].append(d)
+    lines = []
+    for destination, rows in by_destination.items():
+        counts: dict[str, int] = defaultdict(int)
+        for d in rows:
+            counts[d["state"]] += 1
+        parts = [f"{counts[state]} {state}" for state in ("done", "pending", "dead") if counts.get(state)]
+        line = f"  -> {destination}: {', '.join(parts)}"
+        waiting = [d for d in rows if d["state"] != "done"]
+        if waiting:
+            first = waiting[0]
+            line += f" ({first['attempts']} attempt(s)"
+            if first.get("next_attempt_at"):
+                line += f", next {_clock(first['next_attempt_at'])}"
+            line += ")"
+            if first["last_error"]:
+                line += f" - {first['last_error']}"
+        elif rows and rows[-1].get("delivered_at"):
+            line += f", last at {_clock(max(d['delivered_at'] or '' for d in rows))}"
+        lines.append(line)
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Render :func:`collect_status` output for a terminal."""
     lines = []
@@ -122,9 +217,16 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("no studies received yet")
     for study in status["studies"]:
         lines.append("")
-        lines.append(
-            f"study {study['study_instance_uid']}  [{study['state']}]  last received {study['last_received_at']}"
-        )
+        lines.append(f"study {study['study_instance_uid']}  [{study['state']}]")
+        if "instances" in study:
+            senders = ", ".join(study["senders"]) or "?"
+            line = (
+                f"  received {_clock(study['first_received_at'])} .. {_clock(study['last_received_at'])} UTC"
+                f" from {senders}: {study['instances']} instance(s) in {len(study['series'])} series"
+            )
+            if study["duplicates"]:
+                line += f", {study['duplicates']} duplicate(s) kept once"
+            lines.append(line)
         if study["reason"]:
             lines.append(f"  why: {study['reason']}")
         notes = {n["series_instance_uid"]: n for n in study["series_notes"]}
@@ -138,20 +240,30 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  baseline search: {study['pairing']['state']} - {study['pairing']['reason']}")
         for j in study["jobs"]:
             line = f"  job {j['id']} {j['method']}: {j['state']} (attempt {j['attempts']}/{j['max_attempts']})"
+            if j.get("duration_seconds") is not None:
+                line += f", {j['duration_seconds']:g} s, finished {_clock(j['finished_at'])}"
             if j["last_error"]:
                 line += f" - {j['last_error']}"
+            if j["state"] in ("failed", "dead"):
+                line += f" [pacs-agent retry {j['id']}]"
             lines.append(line)
-        for d in study["deliveries"]:
-            line = f"  {d['kind']} {d['sop_instance_uid']} -> {d['destination']}: {d['state']}"
-            line += f" ({d['attempts']} attempt(s))"
-            if d["last_error"] and d["state"] != "done":
-                line += f" - {d['last_error']}"
-            lines.append(line)
+        if study.get("results"):
+            made = ", ".join(f"{r['count']} {r['kind'].upper()}" for r in study["results"])
+            methods = ", ".join(sorted({f"{r['method']} {r['algorithm_version']}" for r in study["results"]}))
+            lines.append(f"  results: {made} ({methods})")
+        lines += _delivery_lines(study["deliveries"])
     if status["recent_problems"]:
         lines.append("")
         lines.append("recent problems:")
         for e in status["recent_problems"]:
-            lines.append(f"  {e['at']} {e['kind']}: {e['detail'] or ''}")
+            who = " ".join(
+                f"{label}={e[key]}"
+                for label, key in (("job", "job_id"), ("aet", "ae_title"), ("peer", "peer"))
+                if e.get(key)
+            )
+            code = f" 0x{e['status']:04X}" if e.get("status") is not None else ""
+            lines.append(f"  {_clock(e['at'])} {e['kind']}{code}{' ' + who if who else ''}: {e['detail'] or ''}")
+        lines.append("  (the whole audit trail: pacs-agent events; one study: pacs-agent events --study UID)")
     return "\n".join(lines)
 
 

@@ -7,21 +7,29 @@ algorithm identity is the pipeline version plus the hash of the radiomics parame
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours
 
-from dicom_sr.uids import derive_uid
-from inference.imaging.lesions import Lesion, find_lesions, outline_mm
-from inference.imaging.masks import load_segmentation, segmentation_phase
-from inference.imaging.volume import CTVolume, load_ct_series
+from inference.pipelines.study import key_image, lesion_result, load_study
 from inference.radiomics.features import compute_features, feature_unit
 from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
 from pacs_agent import __version__
-from pacs_agent.errors import InputError
+
+__all__ = [
+    "INTENDED_USE",
+    "METHOD",
+    "OUTLINE_TOLERANCE_PX",
+    "RESULT_KIND",
+    "key_image",
+    "key_outline_px",
+    "run_radiomics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +39,61 @@ INTENDED_USE = (
     "Research use: quantitative description (volume, diameter, intensity and texture) of lesions "
     "segmented by a clinician. Not a diagnosis."
 )
+OUTLINE_TOLERANCE_PX = 0.25
+"""Largest distance (pixels) between the simplified key-slice outline and the exact mask boundary."""
 
 
-def key_image(volume: CTVolume, lesion: Lesion) -> KeyImage:
-    """The key slice of ``lesion`` with its mask, for the Secondary Capture."""
-    z = lesion.key_slice_index
-    spacing_x, spacing_y, _ = volume.spacing_xyz
-    return KeyImage(
-        hu=np.asarray(volume.array[z], dtype=np.float32),
-        mask=np.asarray(lesion.mask[z], dtype=bool),
-        pixel_spacing_mm=(float(spacing_y), float(spacing_x)),
-    )
+def _shoelace_area(contour: np.ndarray) -> float:
+    rows, cols = contour[:, 0], contour[:, 1]
+    return 0.5 * abs(float(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1))))
+
+
+def key_outline_px(mask: np.ndarray, tolerance: float = OUTLINE_TOLERANCE_PX) -> tuple[tuple[float, float], ...]:
+    """Outline of the largest part of a key-slice mask, in DICOM SCOORD pixel coordinates.
+
+    The boundary of the largest 8-connected part (holes ignored) is traced along the pixel edges
+    (``skimage.measure.find_contours`` at level 0.5 on the zero-padded mask) and simplified with
+    the Douglas-Peucker algorithm (``approximate_polygon``), so a lesion of a few hundred boundary
+    pixels becomes a few dozen points. This is what the SR's TID 1410 planar ROI (the copy of the
+    lesion a viewer such as OHIF draws) holds.
+
+    Parameters
+    ----------
+    mask
+        The lesion on its key slice, (rows, columns), bool.
+    tolerance
+        Douglas-Peucker tolerance in pixels.
+
+    Returns
+    -------
+    tuple[tuple[float, float], ...]
+        ``(column, row)`` points of a closed polygon (first point = last) with (0, 0) the top-left
+        corner of the top-left pixel (PS3.3 C.18.6.1.1), so the centre of pixel ``(r, c)`` is
+        ``(c + 0.5, r + 0.5)``; values are multiples of 0.5, exact in the SR's 32-bit Graphic Data.
+        Empty for an empty mask.
+
+    Raises
+    ------
+    ValueError
+        ``mask`` is not 2D or ``tolerance`` is negative.
+    """
+    plane = np.asarray(mask, dtype=bool)
+    if plane.ndim != 2:
+        raise ValueError(f"the key-slice mask must be 2D, not of shape {plane.shape}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, not {tolerance}")
+    if not plane.any():
+        return ()
+    labels, _ = ndimage.label(plane, structure=np.ones((3, 3), dtype=bool))
+    largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    padded = np.pad(largest.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5, fully_connected="high")
+    outer = max(contours, key=_shoelace_area)  # the outer boundary encloses the holes' boundaries
+    simplified = approximate_polygon(outer, tolerance=tolerance)
+    points = simplified[:, ::-1] - 0.5  # (row, col) of the padded grid -> (column, row), corner origin
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return tuple((float(x), float(y)) for x, y in points)
 
 
 def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> PipelineOutput:
@@ -53,52 +105,29 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> Pipeline
         The CT cannot be assembled into a volume, the segmentation does not fit it, or no
         lesion remains after the minimum-volume filter.
     """
-    segmentation = dcmread(segmentation_path)
-    volume = load_ct_series(ct_paths, phase=segmentation_phase(ct_paths, segmentation))
-    masks = load_segmentation(segmentation, volume)
+    study = load_study(ct_paths, segmentation_path)
+    volume = study.volume
     lesions: list[LesionResult] = []
     key_images: dict[str, KeyImage] = {}
     provenance: dict[str, str] = {}
-    skipped: list[str] = []
-    for label_mask in masks:
-        source = label_mask.source
-        if not label_mask.ok:  # an empty or unusable segment fails alone, the others go on
-            skipped.append(f"{source.label} ({source.kind} {source.number}): {label_mask.problem}")
-            logger.warning("segment %d of %s skipped: %s", source.number, source.sop_instance_uid, label_mask.problem)
-            continue
-        for lesion in find_lesions(label_mask, volume):
-            features = compute_features(volume, lesion.mask)
-            provenance = features.provenance
-            tracking_uid = derive_uid("tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
-            key_images[tracking_uid] = key_image(volume, lesion)
-            lesions.append(
-                LesionResult(
-                    tracking_id=lesion.tracking_id,
-                    tracking_uid=tracking_uid,
-                    source=source,
-                    volume_ml=lesion.volume_ml,
-                    longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
-                    centroid_mm=lesion.centroid_mm,
-                    key_slice_index=lesion.key_slice_index,
-                    key_slice_sop_instance_uid=volume.sop_instance_uids[lesion.key_slice_index],
-                    features=tuple(
-                        FeatureValue(name, float(value), feature_unit(name))
-                        for name, value in sorted(features.features.items())
-                    ),
-                    outline_mm=outline_mm(lesion, volume) if source.kind == "rtstruct" else (),
-                )
-            )
-    if not lesions:
-        raise InputError("the segmentation holds no lesion above the minimum volume")
-    if skipped:
-        provenance = {**provenance, "skipped_segments": "; ".join(skipped)}
+    for item in study.lesions:
+        features = compute_features(volume, item.lesion.mask)
+        provenance = features.provenance
+        key_images[item.tracking_uid] = key_image(volume, item.lesion)
+        values = tuple(
+            FeatureValue(name, float(value), feature_unit(name)) for name, value in sorted(features.features.items())
+        )
+        outline = key_outline_px(key_images[item.tracking_uid].mask)
+        lesions.append(dataclasses.replace(lesion_result(volume, item, values), key_outline_px=outline))
+    if study.skipped:
+        provenance = {**provenance, "skipped_segments": "; ".join(study.skipped)}
     param_hash = provenance.get("parameter_hash", "unknown")[:8]
     result = StudyResult(
         method=METHOD,
         study_instance_uid=volume.study_instance_uid,
         ct_series_instance_uid=volume.series_instance_uid,
         frame_of_reference_uid=volume.frame_of_reference_uid,
-        segmentation=masks[0].source,
+        segmentation=study.segmentation,
         algorithm=AlgorithmInfo(
             name="pacs-agent radiomics",
             version=f"{__version__}+params.{param_hash}",

@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
 from dicom_sr.sr import build_measurement_report, write_dataset
-from inference.pipelines import PIPELINES
+from inference.pipelines import MODEL_METHODS, PIPELINES
+from inference.pipelines.model_methods import installed_package
 from inference.results import PipelineOutput, StudyResult
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
@@ -164,13 +165,21 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
     Raises
     ------
     InputError
-        Unknown method, or inputs the pipeline rejects (bad geometry, empty mask, ...).
+        Unknown method, inputs the pipeline rejects (bad geometry, empty mask, ...), or a model
+        method without a usable model package in ``Settings.model_dirs``.
     """
+    if job.method == "response":  # a pair of studies (M5): baseline + follow-up
+        from pacs_agent.jobs.execute_response import run_response_job
+
+        return run_response_job(job, settings, db)
     pipeline = PIPELINES.get(job.method)
     if pipeline is None:
         raise InputError(f"unknown method {job.method!r}; known: {', '.join(sorted(PIPELINES))}")
+    options: dict[str, object] = {}
+    if job.method in MODEL_METHODS:  # verified and loaded once per worker process, then cached
+        options["model"] = installed_package(job.method, settings.model_dirs)
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
-    output = pipeline(inputs.ct_paths, inputs.segmentation_path)
+    output = pipeline(inputs.ct_paths, inputs.segmentation_path, **options)
     ct_headers, segmentation = _evidence(inputs)
     objects = build_result_objects(output, ct_headers, segmentation, datetime.now())
     return output.result, _record(db, settings, job, output, objects)

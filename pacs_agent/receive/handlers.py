@@ -7,9 +7,11 @@ its Instance row is committed. Every refusal is recorded as an Event with the re
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 
 from pynetdicom import evt
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_agent.audit import record_event, uid_hash
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
+from pacs_agent.receive.access import AssociationLimiter, check_request
 from pacs_agent.receive.header import IMAGE_SOP_CLASSES, HeaderError, InstanceHeader, read_header
 from pacs_agent.receive.spool import Spool
 from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
@@ -28,11 +31,7 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0x0110
-
-# A-ASSOCIATE-RJ: result 1 = rejected-permanent, source 1 = service user,
-# diagnostic 1 = no reason given, 3 = calling AE title not recognised.
-_REJECT_PERMANENT, _SERVICE_USER = 0x01, 0x01
-_NO_REASON, _CALLING_AET_NOT_RECOGNISED = 0x01, 0x03
+MEGABYTE = 1024 * 1024
 
 
 @dataclass
@@ -43,6 +42,28 @@ class AssociationStats:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
+    transport: str = ""
+    """Empty for plain TCP; e.g. ``over TLSv1.3, client certificate CN=pacs.example.org``."""
+
+
+def _transport(event: evt.Event) -> str:
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return ""
+    text = f"over {sock.version()}"
+    subject = dict(item[0] for item in (sock.getpeercert() or {}).get("subject", ()) if item)
+    if "commonName" in subject:
+        text += f", client certificate CN={subject['commonName']}"
+    return text
+
+
+def _received_bytes(event: evt.Event) -> int:
+    """Size of the received dataset, without copying or decoding it."""
+    stream = event.request.DataSet
+    if isinstance(stream, BytesIO):
+        with stream.getbuffer() as view:
+            return view.nbytes
+    return len(event.encoded_dataset(include_meta=False))
 
 
 class ReceiveHandlers:
@@ -54,6 +75,8 @@ class ReceiveHandlers:
         self.spool = spool
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
+        security = settings.security
+        self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
 
     def bindings(self) -> list[tuple[evt.EventType, object]]:
         """The ``evt_handlers`` list for ``AE.start_server``."""
@@ -62,6 +85,7 @@ class ReceiveHandlers:
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_RELEASED, self.on_ended),
             (evt.EVT_ABORTED, self.on_ended),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]
@@ -76,43 +100,59 @@ class ReceiveHandlers:
     # -- association ---------------------------------------------------------------------
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject an association from a host or calling AE title that is not allowed."""
-        requestor = event.assoc.requestor
-        calling = requestor.primitive.calling_ae_title.strip() if requestor.primitive else ""
-        address = requestor.address
-        security = self.settings.security
-        reason = None
-        diagnostic = _NO_REASON
-        if not security.host_allowed(address):
-            reason = f"host {address} is not in [security] allowed_hosts"
-        elif not security.calling_aet_allowed(calling):
-            reason = f"calling AE title {calling!r} is not in [security] allowed_calling_aets"
-            diagnostic = _CALLING_AET_NOT_RECOGNISED
-        if reason is None:
+        """Reject an association that ``[security]`` does not allow or that exceeds a limit.
+
+        Checked in order: source host, calling AE title (and the hosts of its ``peers`` entry),
+        called AE title, then the association limits (total and per calling AE title).
+        """
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling = primitive.calling_ae_title.strip() if primitive else ""
+        called = primitive.called_ae_title.strip() if primitive else ""
+        address = assoc.requestor.address
+        refusal = check_request(self.settings.security, self.settings.node.ae_title, calling, called, address)
+        if refusal is None:
+            refusal = self.limiter.admit(id(assoc), calling, assoc.is_alive)
+        if refusal is None:
             return
-        event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, diagnostic)
-        self._event("association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=reason)
+        # Recorded first, so that the event exists by the time the sender reads the answer.
+        self._event("association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=refusal.reason)
+        assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
+        # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ has gone out. Otherwise
+        # the server may close the socket first and the sender sees an abort instead of the reason.
+        assoc.kill()
+
+    def on_tls_refused(self, address: str, reason: str) -> None:
+        """Record a connection to the TLS port whose handshake failed (no association was possible)."""
+        self._event("tls_refused", level="WARNING", peer=address, detail=reason)
 
     def on_accepted(self, event: evt.Event) -> None:
         """Start counting what the association stores."""
         with self._lock:
-            self._stats[id(event.assoc)] = AssociationStats()
+            self._stats[id(event.assoc)] = AssociationStats(transport=_transport(event))
 
     def on_ended(self, event: evt.Event) -> None:
         """Record one event per association with what it stored."""
+        self.limiter.release(id(event.assoc))
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        transport = f" ({stats.transport})" if stats.transport else ""
         self._event(
             "association",
             level="INFO" if how == "released" else "WARNING",
             ae_title=event.assoc.requestor.ae_title.strip(),
             peer=event.assoc.requestor.address,
-            detail=f"{how}: {stats.stored} stored, {stats.duplicates} duplicate(s), {stats.rejected} refused",
+            detail=f"{how}{transport}: {stats.stored} stored, {stats.duplicates} duplicate(s), "
+            f"{stats.rejected} refused",
             duration_seconds=time.monotonic() - stats.started,
         )
+
+    def on_closed(self, event: evt.Event) -> None:
+        """Free the association's slot when its connection closes (also after a rejection)."""
+        self.limiter.release(id(event.assoc))
 
     def _count(self, event: evt.Event, what: str) -> None:
         with self._lock:
@@ -157,6 +197,15 @@ class ReceiveHandlers:
 
     def on_store(self, event: evt.Event) -> int:
         """C-STORE: check, spool durably, record, then answer."""
+        limit_mb = self.settings.security.max_instance_mb
+        size = _received_bytes(event)
+        if limit_mb and size > limit_mb * MEGABYTE:
+            return self._refuse(
+                event,
+                OUT_OF_RESOURCES,
+                f"instance of {size / MEGABYTE:.1f} MB is larger than [security] max_instance_mb = {limit_mb}",
+                event.request.AffectedSOPInstanceUID,
+            )
         try:
             data = event.encoded_dataset(include_meta=True)
             header = read_header(data)

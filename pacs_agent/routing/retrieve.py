@@ -15,6 +15,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacs_agent import netfix  # noqa: F401  (closes sockets pynetdicom would leak)
 from pacs_agent.config import Source
 from pacs_agent.errors import DeliveryError
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES

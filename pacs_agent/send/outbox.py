@@ -1,8 +1,9 @@
 """The outbox: Delivery rows per (result, destination), sent by one thread per destination.
 
-A destination that is down only delays its own deliveries: each destination has its own thread,
-retries with exponential backoff, and gives up (``dead``, with the reason) after
-``[delivery] max_age_hours``.
+Each destination is reached by C-STORE (:mod:`pacs_agent.send.scu`) or STOW-RS
+(:mod:`pacs_agent.send.stow`). A destination that is down only delays its own deliveries: each
+destination has its own thread, retries with exponential backoff, and gives up (``dead``, with the
+reason) after ``[delivery] max_age_hours``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pacs_agent.config import DeliverySettings, Destination, Settings
 from pacs_agent.db import Database
 from pacs_agent.models import Delivery, Result, Study, utcnow
 from pacs_agent.send.scu import store_files
+from pacs_agent.send.stow import stow_files
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +85,14 @@ class DestinationSender:
         due = self._due(now)
         if not due:
             return 0
-        outcomes = store_files(
-            self.destination,
-            [path for _, path, _ in due],
-            calling_ae_title=self.settings.node.ae_title,
-            timeout_seconds=self.settings.delivery.timeout_seconds,
-        )
+        paths = [path for _, path, _ in due]
+        timeout = self.destination.timeout_seconds or self.settings.delivery.timeout_seconds
+        if self.destination.type == "stowrs":
+            outcomes = stow_files(self.destination, paths, timeout_seconds=timeout)
+        else:
+            outcomes = store_files(
+                self.destination, paths, calling_ae_title=self.settings.node.ae_title, timeout_seconds=timeout
+            )
         by_path = {outcome.path: outcome for outcome in outcomes}
         policy = self.settings.delivery
         with self.db.session() as session, session.begin():
@@ -108,7 +112,7 @@ class DestinationSender:
                         "delivered",
                         study_instance_uid=study_uid,
                         ae_title=self.destination.ae_title,
-                        peer=f"{self.destination.host}:{self.destination.port}",
+                        peer=self.destination.peer,
                         status=outcome.status,
                         detail=f"{self.destination.name}: {path.name}: {outcome.reason}",
                     )
@@ -126,7 +130,7 @@ class DestinationSender:
                     level="ERROR" if too_old else "WARNING",
                     study_instance_uid=study_uid,
                     ae_title=self.destination.ae_title,
-                    peer=f"{self.destination.host}:{self.destination.port}",
+                    peer=self.destination.peer,
                     status=outcome.status,
                     detail=f"{self.destination.name}: attempt {delivery.attempts}: {outcome.reason}"
                     + (" - giving up (max_age_hours reached)" if too_old else ""),

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
+from pacs_agent import netfix  # noqa: F401  (closes sockets pynetdicom would leak)
 from pacs_agent.config import Destination
+from pacs_agent.errors import ConfigError
+from pacs_agent.tls import RecordingContext, client_context, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,18 @@ def _describe(status: int) -> str:
     return f"Failure status 0x{status:04X}"
 
 
+def _rejection(destination: Destination, result: int | None, source: int | None, diagnostic: int | None) -> str:
+    """Why the destination rejected our association, from its A-ASSOCIATE-RJ fields."""
+    who = f"association rejected by {destination.ae_title}"
+    if result == 0x02 and source == 0x03 and diagnostic == 0x02:
+        return f"{who}: local limit exceeded (it is busy; retried later)"
+    if source == 0x01 and diagnostic == 0x03:
+        return f"{who}: calling AE title not recognised (declare our AE title in the destination)"
+    if source == 0x01 and diagnostic == 0x07:
+        return f"{who}: called AE title not recognised (check destinations.{destination.name}.ae_title)"
+    return f"{who} (check our AE title in its config)"
+
+
 def store_files(
     destination: Destination,
     paths: Sequence[Path],
@@ -56,6 +71,8 @@ def store_files(
     failed outcome with the reason (refused, unreachable, ...); nothing raises for network
     trouble.
     """
+    if destination.type != "dimse" or destination.host is None or destination.port is None:
+        raise ValueError(f'Argument "destination" must be a DIMSE destination, not type {destination.type!r}.')
     datasets = []
     outcomes: list[SendOutcome] = []
     for path in paths:
@@ -72,11 +89,36 @@ def store_files(
     ae.connection_timeout = min(timeout_seconds, 10.0)
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    context: RecordingContext | None = None
+    if destination.tls:
+        try:  # built per association: renewed certificate files are used without a restart
+            context = client_context(destination)
+        except ConfigError as exc:
+            reason = "TLS configuration: " + "; ".join(exc.problems)
+            return outcomes + [SendOutcome(path, False, None, reason) for path, _ in datasets]
+    connected: list[bool] = []  # pynetdicom reports a refused TCP connection as an abort: tell them apart
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        tls_args=(context, destination.host) if context is not None else None,
+    )
     if not assoc.is_established:
-        if assoc.is_rejected:
-            reason = f"association rejected by {destination.ae_title} (check our AE title in its config)"
-        elif assoc.is_aborted:
+        if context is not None and context.last_error is not None:
+            reason = (
+                f"TLS handshake with {destination.host}:{destination.port} failed: "
+                f"{describe_tls_error(context.last_error)}"
+            )
+        elif assoc.is_rejected:
+            answer = assoc.acceptor.primitive
+            reason = _rejection(
+                destination,
+                getattr(answer, "result", None),
+                getattr(answer, "result_source", None),
+                getattr(answer, "diagnostic", None),
+            )
+        elif assoc.is_aborted and connected:
             reason = f"association aborted by {destination.ae_title}"
         else:
             reason = f"cannot connect to {destination.host}:{destination.port}"

@@ -20,6 +20,8 @@ import requests
 from pacs_agent.demo import free_port
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = {"dicomweb": ("orthanc-dicomweb", Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))}
+"""Orthanc plugins the tests can load: name -> (Debian package, shared library)."""
 
 
 def require_tool(name: str) -> str:
@@ -45,18 +47,39 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Orthanc:
     """An Orthanc server of its own (temp storage, free ports), standing in for the hospital PACS."""
 
-    def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        ae_title: str = "ORTHANC",
+        *,
+        plugins: Sequence[str] = (),
+        users: dict[str, str] | None = None,
+    ) -> None:
+        """``plugins``: names from ``ORTHANC_PLUGINS`` (e.g. ``dicomweb``, served under ``/dicom-web``);
+        ``users``: HTTP basic-auth users (user -> password); the helper's own requests use the first.
+        """
         self.workdir = workdir
         self.ae_title = ae_title
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities: dict[str, list[Any]] = {}
         self.process: subprocess.Popen[bytes] | None = None
+        unknown = sorted(set(plugins) - set(ORTHANC_PLUGINS))
+        if unknown:
+            raise ValueError(f"unknown Orthanc plugin(s) {unknown}; known: {sorted(ORTHANC_PLUGINS)}")
+        self.plugins = tuple(plugins)
+        self.users = dict(users or {})
+        self.auth: tuple[str, str] | None = next(iter(self.users.items()), None)
 
     @property
     def url(self) -> str:
         """Base URL of the REST API."""
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb API (QIDO-RS, WADO-RS, STOW-RS) of the ``dicomweb`` plugin."""
+        return f"{self.url}/dicom-web"
 
     def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
         """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
@@ -65,6 +88,12 @@ class Orthanc:
     def start(self, env: dict[str, str] | None = None) -> None:
         """Write the configuration and start Orthanc; wait until its REST API answers."""
         require_tool("Orthanc")
+        libraries = []
+        for name in self.plugins:
+            package, library = ORTHANC_PLUGINS[name]
+            if not library.exists():
+                pytest.skip(f"Orthanc plugin {name} is not installed (apt-get install {package}; `make test` does)")
+            libraries.append(str(library))
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "pacs-agent-test",
@@ -74,14 +103,17 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": self.ae_title,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomAlwaysAllowStore": True,
             "DicomCheckModalityHost": False,
             "DicomModalities": self.modalities,
-            "Plugins": [],
+            "Plugins": libraries,
             "StableAge": 1,
             "HttpTimeout": 60,
         }
+        if "dicomweb" in self.plugins:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
         with (self.workdir / "orthanc.log").open("ab") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(
@@ -91,7 +123,7 @@ class Orthanc:
 
     def _alive(self) -> bool:
         try:
-            return requests.get(f"{self.url}/system", timeout=1).ok
+            return requests.get(f"{self.url}/system", auth=self.auth, timeout=1).ok
         except requests.RequestException:
             return False
 
@@ -108,14 +140,14 @@ class Orthanc:
 
     def get(self, path: str) -> Any:
         """GET a REST resource as JSON."""
-        response = requests.get(f"{self.url}{path}", timeout=30)
+        response = requests.get(f"{self.url}{path}", auth=self.auth, timeout=30)
         response.raise_for_status()
         return response.json()
 
     def post(self, path: str, body: Any) -> Any:
         """POST JSON (or raw bytes) to the REST API."""
         data = body if isinstance(body, bytes) else json.dumps(body)
-        response = requests.post(f"{self.url}{path}", data=data, timeout=120)
+        response = requests.post(f"{self.url}{path}", data=data, auth=self.auth, timeout=120)
         response.raise_for_status()
         return response.json() if response.content else None
 
@@ -135,7 +167,7 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         """The DICOM file of an instance."""
-        response = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        response = requests.get(f"{self.url}/instances/{instance_id}/file", auth=self.auth, timeout=30)
         response.raise_for_status()
         return response.content
 

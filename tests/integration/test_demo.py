@@ -21,7 +21,8 @@ def test_demo_prints_the_sr_and_writes_the_captures(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("Measurement Group") == 3  # one per planted lesion
+    # one group per planted lesion, plus its key-slice outline copy for viewers (TID 1410)
+    assert run.stdout.count("Measurement Group") == 6
     assert "Tracking Identifier: Liver lesions lesion 1" in run.stdout
     assert "Volume:" in run.stdout and " ml" in run.stdout
     assert "PHANTOM" not in run.stdout  # no patient name in what the demo prints

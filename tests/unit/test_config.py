@@ -85,7 +85,7 @@ def test_destinations_parse(tmp_path: Path) -> None:
         ({"security": {"allowed_calling_aets": ["WAY_TOO_LONG_AE_TITLE_X"]}}, "security.allowed_calling_aets"),
         ({"jobs": {"methods": ["nope"]}}, "unknown method(s) nope"),
         ({"jobs": {"methods": []}}, "at least one method"),
-        ({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}]}, "destinations.0.port"),
+        ({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}]}, "destinations.0: a DIMSE"),
         (
             {
                 "destinations": [

@@ -29,12 +29,16 @@ from dicom_sr.render import (
     HEADER_HEIGHT,
     IMAGE_BOX,
     TEXT_TOP,
+    TextLine,
+    _font,
     hot_colormap,
+    layout_text,
+    line_height,
     mask_outline,
     render_lesion_page,
     window_to_uint8,
 )
-from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
+from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture, series_description
 from dicom_sr.sr import write_dataset
 from dicom_sr.templates import Prediction
 from dicom_sr.uids import derive_uid
@@ -196,6 +200,82 @@ def test_text_regions_are_not_empty(case: Case) -> None:
     assert (side != BACKGROUND).any(axis=-1).sum() > 3000
     # the result line is drawn in the result colour, large
     assert np.all(text[:70] == (255, 220, 90), axis=-1).sum() > 300
+
+
+PANEL_WIDTH = CANVAS - 48
+"""The text panel under the image: x from 24 to CANVAS - 24."""
+PANEL_HEIGHT = CANVAS - 4 - (TEXT_TOP + 14)
+
+
+def assert_fits(lines: list[TextLine], width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT) -> list[TextLine]:
+    """Lay ``lines`` out and check that every row fits the width, all fit the height, no word is lost."""
+    laid = layout_text(lines, width, height)
+    for line in laid:
+        assert _font(line.size).getlength(line.text) <= width, (line.size, line.text)
+    assert sum(line_height(line.size) for line in laid[:-1]) + laid[-1].size <= height
+    assert " ".join(line.text for line in laid).split() == " ".join(line.text for line in lines).split()
+    return laid
+
+
+def test_long_lesion_lines_fit_the_panel(case: Case) -> None:
+    """The size line that was cut ("... 30.8 ...") fits at 1:1, and so do longer ones."""
+    lesion = dataclasses.replace(
+        case.result.lesions[0], tracking_id="Liver lesions lesion 1", volume_ml=12.9, longest_axial_diameter_mm=30.8
+    )
+    research = dataclasses.replace(case.result, algorithm=RESEARCH, lesions=(lesion, *case.result.lesions[1:]))
+    lines = _lesion_lines(research, lesion, (), WHEN, "1.0.0")
+    size_line = "Liver lesions lesion 1: volume 12.9 ml, longest axial diameter 30.8 mm"
+    assert _font(32).getlength(size_line) > PANEL_WIDTH  # too long at its 32 px ...
+    laid = assert_fits(lines)
+    assert [line.text for line in laid if line.text.startswith("Liver")] == [size_line]  # ... so a little smaller
+    assert 24 <= next(line.size for line in laid if line.text == size_line) < 32
+
+    # a long name and a long model: too long at 24 px, so wrapped or set smaller - nothing lost
+    long_lesion = dataclasses.replace(lesion, tracking_id="Segment of the right posterior liver lobe lesion 12")
+    long_model = dataclasses.replace(
+        DEMO, name="kras-egfr-braf-nras-resnet2d-ensemble-with-a-long-name", version="10.20.30-rc1+build.20250304"
+    )
+    target = dataclasses.replace(case.result, algorithm=long_model, lesions=(long_lesion, *case.result.lesions[1:]))
+    lines = _lesion_lines(target, long_lesion, [KRAS], WHEN, "1.0.0")
+    assert max(_font(line.size).getlength(line.text) for line in lines) > PANEL_WIDTH
+    assert_fits(lines)
+    # three predictions: ten lines, taller than the panel: all set smaller, none dropped
+    predictions = (KRAS, Prediction("EGFR", "wild type", 0.2, 0.5), Prediction("NRAS", "wild type", 0.1, 0.5))
+    lines = _lesion_lines(target, long_lesion, predictions, WHEN, "1.0.0")
+    laid = assert_fits(lines)
+    assert min(line.size for line in laid) >= 18
+
+
+def test_the_rendered_text_stays_inside_the_page(case: Case) -> None:
+    lesion = dataclasses.replace(
+        case.result.lesions[0], tracking_id="Liver lesions lesion 1", volume_ml=12.9, longest_axial_diameter_mm=30.8
+    )
+    research = dataclasses.replace(case.result, algorithm=RESEARCH, lesions=(lesion, *case.result.lesions[1:]))
+    page = capture(case, result=research).pixel_array
+    panel = page[TEXT_TOP + 4 :]
+    ink = (panel != BACKGROUND).any(axis=-1)
+    columns = np.flatnonzero(ink.any(axis=0))
+    assert columns.min() >= 24 and columns.max() < CANVAS - 24  # within the panel's margins
+    # the size line is one row of yellow text ending with "mm", not with "..." near the right edge
+    yellow = np.all(panel == (255, 220, 90), axis=-1)
+    assert np.flatnonzero(yellow.any(axis=0)).max() > CANVAS / 2
+
+
+def test_layout_text() -> None:
+    assert layout_text([TextLine("short", 32)], 500, 100) == [TextLine("short", 32)]
+    text = "word " * 30
+    laid = layout_text([TextLine(text.strip(), 24)], 300, 1000)  # 24 px: not shrunk, wrapped
+    assert len(laid) > 1 and all(line.size == 24 for line in laid)
+    assert " ".join(line.text for line in laid) == text.strip()
+    long_word = layout_text([TextLine("x" * 200, 24)], 300, 1000)  # broken between characters
+    assert "".join(line.text for line in long_word) == "x" * 200
+    assert all(_font(24).getlength(line.text) <= 300 for line in long_word)
+    tall = layout_text([TextLine("a line", 40)] * 6, 500, 200)  # too tall: every size shrinks
+    assert all(line.size < 40 for line in tall)
+    assert sum(line_height(line.size) for line in tall[:-1]) + tall[-1].size <= 200
+    floor = layout_text([TextLine("a line", 40)] * 50, 500, 200)  # cannot fit: the smallest size, the rest is cut
+    assert {line.size for line in floor} == {18}
+    assert layout_text([], 500, 200) == []
 
 
 def test_colour_bar_only_with_a_heat_map(case: Case) -> None:

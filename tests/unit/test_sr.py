@@ -52,6 +52,12 @@ FEATURES = (
 )
 
 
+SEG_OUTLINE = ((250.5, 300.0), (262.0, 300.5), (262.0, 312.5), (250.0, 312.0), (250.5, 300.0))
+"""Key-slice outline (SCOORD column, row) of "Liver lesion 1"; half-pixel values, exact in FL."""
+RT_OUTLINE = ((100.0, 120.0), (120.0, 120.0), (120.0, 140.0), (100.0, 140.0))
+"""Key-slice outline of "GTV lesion 1", open: the SR closes it."""
+
+
 def _square(z: float, x0: float = -40.0, size: float = 20.0) -> tuple[tuple[float, float, float], ...]:
     return ((x0, 10.0, z), (x0 + size, 10.0, z), (x0 + size, 10.0 + size, z), (x0, 10.0 + size, z))
 
@@ -99,6 +105,7 @@ def make_result(
             key_slice_index=1,
             key_slice_sop_instance_uid=str(ct[1].SOPInstanceUID),
             features=FEATURES,
+            key_outline_px=SEG_OUTLINE,
         ),
         LesionResult(
             tracking_id="GTV lesion 1",
@@ -111,6 +118,7 @@ def make_result(
             key_slice_sop_instance_uid=str(ct[0].SOPInstanceUID),
             features=FEATURES[:3],
             outline_mm=(_square(z[0]), (*_square(z[1]), _square(z[1])[0])),  # 2nd one closed already
+            key_outline_px=RT_OUTLINE,
         ),
     ]
     if single_slice_lesion:
@@ -120,6 +128,7 @@ def make_result(
                 tracking_id="GTV lesion 2",
                 tracking_uid=derive_uid("test", "GTV lesion 2"),
                 outline_mm=(_square(z[2], x0=60.0, size=5.0),),
+                key_outline_px=(),  # no key-slice outline: no viewer copy
             )
         )
     return StudyResult(
@@ -194,6 +203,7 @@ def test_sr_is_read_by_dcmtk(sr_file: Path, tool: str) -> None:
     if tool == "dsrdump":
         assert '"Imaging Measurement Report"' in run.stdout
         assert '"Tracking Identifier")="Liver lesion 1"' in run.stdout
+        assert 'SCOORD:(,,"Image Region")=(POLYLINE,250.5/300,' in run.stdout  # the viewer copy's outline
 
 
 # --- content ------------------------------------------------------------------------------------
@@ -254,6 +264,57 @@ def test_roundtrip_finds_groups_tracking_uids_and_values(ct: list[Dataset], seg:
     assert isinstance(region, hd.sr.ImageRegion3D)
     assert region.graphic_type == hd.sr.GraphicTypeValues3D.POLYGON
     assert len(report.get_volumetric_roi_measurement_groups()) == 2
+
+
+def test_a_viewer_copy_precedes_each_outlined_lesion(ct: list[Dataset], seg: Dataset) -> None:
+    """TID 1410 key-slice outline (SCOORD POLYLINE) before the lesion's record, same tracking UID."""
+    result = make_result(ct, seg, "RESEARCH", single_slice_lesion=True)
+    sr = build_measurement_report(result, [*ct, seg], segmentation_dataset=seg, finding_site=sr_codes.SCT.Liver)
+    report = roundtrip(sr).content
+    seg_lesion, rt_lesion, single = result.lesions
+    groups = report[0].ContentSequence[-2].ContentSequence  # Imaging Measurements (before Qualitative Evaluations)
+    uids = [hd.sr.utils.find_content_items(g, name=sr_codes.DCM.TrackingUniqueIdentifier)[0].UID for g in groups]
+    kinds = ["SCOORD" if any(i.ValueType == "SCOORD" for i in g.ContentSequence) else "record" for g in groups]
+    assert list(zip(uids, kinds, strict=True)) == [
+        (seg_lesion.tracking_uid, "SCOORD"),
+        (seg_lesion.tracking_uid, "record"),
+        (rt_lesion.tracking_uid, "SCOORD"),
+        (rt_lesion.tracking_uid, "record"),
+        (single.tracking_uid, "record"),  # no key_outline_px: no viewer copy
+    ]
+    for lesion, outline, key_slice in (
+        (seg_lesion, SEG_OUTLINE, ct[1]),
+        (rt_lesion, (*RT_OUTLINE, RT_OUTLINE[0]), ct[0]),
+    ):
+        copies = [
+            g
+            for g in report.get_planar_roi_measurement_groups(tracking_uid=lesion.tracking_uid)
+            if isinstance(g.roi, hd.sr.ImageRegion)
+        ]
+        assert len(copies) == 1
+        copy = copies[0]
+        assert copy.tracking_identifier == lesion.tracking_id
+        assert copy.finding_type == sr_codes.SCT.Neoplasm
+        assert [site.value for site in copy.finding_sites] == [sr_codes.SCT.Liver]
+        assert copy.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_array_equal(copy.roi.value, outline)
+        assert copy.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key_slice.SOPInstanceUID
+        values = [(m.name.value, m.value, m.unit.value) for m in copy.get_measurements()]
+        assert values == [
+            ("118565006", lesion.volume_ml, "ml"),
+            ("103339001", lesion.longest_axial_diameter_mm, "mm"),
+        ]
+    # the RTSTRUCT lesion keeps its record with the SCOORD3D volume surface
+    assert report.get_volumetric_roi_measurement_groups(tracking_uid=rt_lesion.tracking_uid)[0].roi is not None
+
+
+def test_a_key_slice_outline_needs_its_key_slice_in_the_evidence(ct: list[Dataset], seg: Dataset) -> None:
+    result = make_result(ct, seg)
+    with pytest.raises(ValueError, match=r"key slice .* is not in the evidence"):
+        build_measurement_report(result, [ct[0], seg])  # lesion 1's key slice is ct[1]
+    beyond = dataclasses.replace(result.lesions[0], key_outline_px=((500.0, 10.0), (513.0, 10.0), (500.0, 20.0)))
+    with pytest.raises(ValueError, match="leaves the key slice"):
+        build_measurement_report(dataclasses.replace(result, lesions=(beyond,)), [*ct, seg])
 
 
 def test_uids_are_deterministic_and_follow_the_model_version(ct: list[Dataset], seg: Dataset) -> None:

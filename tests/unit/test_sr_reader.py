@@ -21,8 +21,8 @@ from pydicom import Dataset
 from dicom_sr.reader import read_measurement_report, read_predictions
 from dicom_sr.sr import build_measurement_report, write_dataset
 from dicom_sr.templates import Prediction
-from inference.pipelines.radiomics import run_radiomics
-from inference.results import AlgorithmInfo, StudyResult
+from inference.pipelines.radiomics import key_outline_px, run_radiomics
+from inference.results import AlgorithmInfo, PipelineOutput, StudyResult
 from pacs_agent.phantom import PhantomStudy, generate_study
 
 
@@ -37,13 +37,19 @@ def ct(study: PhantomStudy) -> list[Dataset]:
 
 
 @pytest.fixture(scope="module")
-def results(study: PhantomStudy) -> dict[str, tuple[StudyResult, Dataset]]:
-    """The radiomics pipeline's result for the SEG and for the RTSTRUCT, with that object."""
+def outputs(study: PhantomStudy) -> dict[str, tuple[PipelineOutput, Dataset]]:
+    """The radiomics pipeline's output for the SEG and for the RTSTRUCT, with that object."""
     assert study.seg_file is not None and study.rtstruct_file is not None
     return {
-        kind: (run_radiomics(study.ct_files, path).result, pydicom.dcmread(path))
+        kind: (run_radiomics(study.ct_files, path), pydicom.dcmread(path))
         for kind, path in (("seg", study.seg_file), ("rtstruct", study.rtstruct_file))
     }
+
+
+@pytest.fixture(scope="module")
+def results(outputs: dict[str, tuple[PipelineOutput, Dataset]]) -> dict[str, tuple[StudyResult, Dataset]]:
+    """The radiomics pipeline's result for the SEG and for the RTSTRUCT, with that object."""
+    return {kind: (output.result, segmentation) for kind, (output, segmentation) in outputs.items()}
 
 
 @pytest.fixture(params=["seg", "rtstruct"])
@@ -160,3 +166,121 @@ def test_invalid_predictions_are_refused(case: tuple[StudyResult, Dataset], ct: 
         build_measurement_report(result, evidence, predictions={"1.2.3": (kras,)})
     with pytest.raises(ValueError, match="contradicts"):
         build_measurement_report(result, evidence, predictions={uid: (Prediction("KRAS", "wild type", 0.75, 0.5),)})
+
+
+# --- the key-slice outline and its viewer copy (TID 1410) -------------------------------------------
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def test_the_pipeline_outlines_every_lesion_on_its_key_slice(
+    outputs: dict[str, tuple[PipelineOutput, Dataset]],
+) -> None:
+    for output, _ in outputs.values():
+        for lesion in output.result.lesions:
+            outline = np.asarray(lesion.key_outline_px)
+            mask = output.key_images[lesion.tracking_uid].mask
+            assert 3 < len(outline) < 100, len(outline)  # simplified, not one point per boundary pixel
+            np.testing.assert_array_equal(outline[0], outline[-1])  # closed
+            assert np.all(outline >= 0) and np.all(outline <= mask.shape[::-1])  # (column, row) in the image
+            assert np.all(outline * 2 == np.round(outline * 2))  # multiples of 0.5: exact as FL
+            # it encloses the mask: same area up to the cut corners of the boundary tracing
+            assert _polygon_area(outline) == pytest.approx(mask.sum(), rel=0.1)
+            rows, columns = np.nonzero(mask)
+            assert outline[:, 0].min() == pytest.approx(columns.min(), abs=0.5)
+            assert outline[:, 1].max() == pytest.approx(rows.max() + 1, abs=0.5)
+
+
+def test_key_outline_px() -> None:
+    mask = np.zeros((8, 10), dtype=bool)
+    mask[2:5, 3:7] = True  # rows 2-4, columns 3-6: pixel edges at x = 3..7, y = 2..5
+    assert key_outline_px(mask) == (
+        (6.5, 5.0),
+        (3.5, 5.0),
+        (3.0, 4.5),
+        (3.0, 2.5),
+        (3.5, 2.0),
+        (6.5, 2.0),
+        (7.0, 2.5),
+        (7.0, 4.5),
+        (6.5, 5.0),
+    )
+    holed = np.zeros((12, 12), dtype=bool)
+    holed[1:10, 1:10] = True
+    holed[4:6, 4:6] = False  # a hole: ignored
+    holed[11, 11] = True  # a smaller part: ignored
+    outline = np.asarray(key_outline_px(holed))
+    assert (outline.min(axis=0).tolist(), outline.max(axis=0).tolist()) == ([1.0, 1.0], [10.0, 10.0])
+    assert key_outline_px(np.zeros((4, 4), dtype=bool)) == ()
+    single = key_outline_px(np.pad(np.ones((1, 1), dtype=bool), 2))
+    assert len(set(single)) == 4  # one pixel: a diamond around its centre (2.5, 2.5)
+    with pytest.raises(ValueError, match="2D"):
+        key_outline_px(np.zeros((2, 4, 4), dtype=bool))
+    with pytest.raises(ValueError, match="tolerance"):
+        key_outline_px(mask, tolerance=-1.0)
+
+
+def _groups(sr: Dataset) -> list[Dataset]:
+    container = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return list(container.ContentSequence)
+
+
+def _is_copy(group: Dataset) -> bool:
+    return any(item.ValueType == "SCOORD" for item in group.ContentSequence)
+
+
+def test_the_viewer_copy_is_the_same_lesion(case: tuple[StudyResult, Dataset], ct: list[Dataset]) -> None:
+    result, segmentation = case
+    sr = to_bytes_and_back(build_measurement_report(result, [*ct, segmentation]))
+    groups = _groups(sr)
+    assert len(groups) == 2 * len(result.lesions) and sum(map(_is_copy, groups)) == len(result.lesions)
+    read = read_measurement_report(sr)
+    assert [lesion.tracking_uid for lesion in read.lesions] == [lesion.tracking_uid for lesion in result.lesions]
+    assert [lesion.key_outline_px for lesion in read.lesions] == [lesion.key_outline_px for lesion in result.lesions]
+
+
+def test_an_sr_without_viewer_copies_still_reads(case: tuple[StudyResult, Dataset], ct: list[Dataset]) -> None:
+    result, segmentation = case
+    plain = dataclasses.replace(
+        result, lesions=tuple(dataclasses.replace(lesion, key_outline_px=()) for lesion in result.lesions)
+    )
+    sr = to_bytes_and_back(build_measurement_report(plain, [*ct, segmentation]))
+    assert not any(map(_is_copy, _groups(sr)))
+    assert_same(plain, read_measurement_report(sr))
+
+
+def test_the_reader_checks_the_viewer_copies(case: tuple[StudyResult, Dataset], ct: list[Dataset]) -> None:
+    result, segmentation = case
+
+    def fresh() -> tuple[Dataset, list[Dataset]]:
+        sr = to_bytes_and_back(build_measurement_report(result, [*ct, segmentation]))
+        return sr, _groups(sr)
+
+    sr, groups = fresh()  # a copy without its lesion's record
+    container = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    container.ContentSequence.remove(groups[1])
+    with pytest.raises(ValueError, match="without a lesion measurement group"):
+        read_measurement_report(sr)
+    sr, groups = fresh()  # two copies of one lesion
+    container = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    container.ContentSequence.insert(0, groups[0])
+    with pytest.raises(ValueError, match="two viewer groups"):
+        read_measurement_report(sr)
+    sr, groups = fresh()  # a copy whose volume differs from the record's
+    volume = next(i for i in groups[0].ContentSequence if i.ValueType == "NUM")
+    volume.MeasuredValueSequence[0].FloatingPointValue += 1.0
+    with pytest.raises(ValueError, match="differs from the lesion"):
+        read_measurement_report(sr)
+    sr, groups = fresh()  # a copy on another image than the key slice
+    region = next(i for i in groups[0].ContentSequence if i.ValueType == "SCOORD")
+    region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID = "1.2.3"
+    with pytest.raises(ValueError, match="not the key slice"):
+        read_measurement_report(sr)
+    sr, groups = fresh()  # two records of one lesion
+    container = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    container.ContentSequence.append(groups[1])
+    with pytest.raises(ValueError, match="share a Tracking UID"):
+        read_measurement_report(sr)

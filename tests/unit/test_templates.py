@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 import highdicom as hd
+import numpy as np
 import pytest
+from pydicom import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 
 from dicom_sr import codes
 from dicom_sr.templates import (
     LESION_CONCEPTS,
     STATUS_CODES,
+    KeySliceOutlineGroup,
     LesionMeasurementGroup,
     Prediction,
     PredictionEvaluation,
@@ -253,7 +256,7 @@ def test_seg_lesion_group() -> None:
     assert isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations)
     assert group.referenced_segment is not None
     names = [m.name.value for m in group.get_measurements()]
-    assert names == ["118565006", "103339001", "Q4LE", "KRAS-PROB", "KRAS-THRESH", "EGFR-PROB", "EGFR-THRESH"]
+    assert names == ["KRAS-PROB", "KRAS-THRESH", "EGFR-PROB", "EGFR-THRESH", "Q4LE", "118565006", "103339001"]
     evaluations = group.get_qualitative_evaluations()
     assert [(e.name.value, e.value.value) for e in evaluations] == [
         ("KRAS-STATUS", "MUTANT"),
@@ -305,3 +308,86 @@ def test_rtstruct_lesion_groups() -> None:
 def test_lesion_group_validation(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         build_group(**kwargs)
+
+
+# --- the viewer copy (TID 1410 key-slice outline) ---------------------------------------------------
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+OUTLINE = ((10.5, 20.0), (14.0, 20.5), (14.0, 24.5), (10.0, 24.0))
+
+
+def key_slice(uid: str = "1.2.3.4.7", rows: int = 64, columns: int = 48) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT_IMAGE
+    ds.SOPInstanceUID = uid
+    ds.Rows, ds.Columns = rows, columns
+    return ds
+
+
+def outlined(points: object = OUTLINE, source: SegmentationSource = SEG) -> LesionResult:
+    return dataclasses.replace(lesion(source), key_outline_px=points)  # type: ignore[arg-type]
+
+
+def test_key_slice_outline_group() -> None:
+    group = KeySliceOutlineGroup(
+        outlined(), algorithm=ALGORITHM, key_slice=key_slice(), finding_site=sr_codes.SCT.Liver
+    )
+    assert isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+    assert (group.tracking_identifier, group.tracking_uid) == ("Liver lesion 1", derive_uid("test", "Liver"))
+    assert group.finding_type == sr_codes.SCT.Neoplasm
+    assert [site.value for site in group.finding_sites] == [sr_codes.SCT.Liver]
+    region = group.roi
+    assert isinstance(region, hd.sr.ImageRegion)
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE  # what OHIF 3 draws (no POLYGON in SCOORD)
+    np.testing.assert_array_equal(region.value, [*OUTLINE, OUTLINE[0]])  # closed: first point repeated
+    source = region.ContentSequence[0]
+    assert (source.ValueType, source.RelationshipType) == ("IMAGE", "SELECTED FROM")
+    assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.7"
+    assert source.ReferencedSOPSequence[0].ReferencedSOPClassUID == CT_IMAGE
+    measurements = group.get_measurements()
+    assert [(m.name.value, m.value, m.unit.value) for m in measurements] == [
+        ("118565006", 3.25, "ml"),
+        ("103339001", 20.5, "mm"),
+    ]
+    for measurement in measurements:  # TID 4019 on both
+        names = hd.sr.utils.find_content_items(measurement[0], name=sr_codes.DCM.AlgorithmName)
+        assert [str(item.TextValue) for item in names] == ["kras-resnet2d"]
+    # nothing that would make it a second lesion: no features, predictions or per-lesion TEXT items
+    texts = [item for item in group[0].ContentSequence if item.ValueType == "TEXT"]
+    assert [item.ConceptNameCodeSequence[0].CodeValue for item in texts] == ["112039"]  # Tracking Identifier
+    assert group.get_qualitative_evaluations() == []
+
+
+def test_key_slice_outline_group_keeps_a_closed_outline() -> None:
+    closed = (*OUTLINE, OUTLINE[0])
+    group = KeySliceOutlineGroup(outlined(closed), algorithm=ALGORITHM, key_slice=key_slice())
+    assert len(group.roi.value) == len(closed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lesion": "lesion 1"}, TypeError, 'Argument "lesion" must have type LesionResult.'),
+        ({"algorithm": None}, TypeError, 'Argument "algorithm" must have type AlgorithmInfo.'),
+        ({"key_slice": "1.2.3.4.7"}, TypeError, 'Argument "key_slice" must have type pydicom.Dataset.'),
+        ({"finding_site": "liver"}, TypeError, '"finding_site"'),
+        ({"lesion": outlined(())}, ValueError, 'no "key_outline_px"'),
+        ({"key_slice": key_slice("1.2.3.4.8")}, ValueError, "not the key slice"),
+        ({"lesion": outlined(((1.0, 1.0), (2.0, 2.0), (1.0, 1.0)))}, ValueError, "at least 3 distinct"),
+        ({"lesion": outlined(((1.0, 1.0, 0.0), (2.0, 2.0, 0.0), (3.0, 1.0, 0.0)))}, ValueError, "at least 3"),
+        ({"lesion": outlined(((1.0, 1.0), (2.0, "x"), (3.0, 1.0)))}, ValueError, "sequence of"),
+        ({"lesion": outlined(((1.0, 1.0), (2.0, float("nan")), (3.0, 1.0)))}, ValueError, "finite"),
+        ({"lesion": outlined(((1.0, 1.0), (48.5, 2.0), (3.0, 1.0)))}, ValueError, "leaves the key slice"),
+        ({"lesion": outlined(((1.0, -0.5), (2.0, 2.0), (3.0, 1.0)))}, ValueError, "leaves the key slice"),
+        ({"lesion": dataclasses.replace(outlined(), volume_ml=float("inf"))}, ValueError, "volume_ml"),
+    ],
+)
+def test_key_slice_outline_group_validation(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    arguments: dict[str, object] = {"lesion": outlined(), "algorithm": ALGORITHM, "key_slice": key_slice(), **kwargs}
+    target = arguments.pop("lesion")
+    with pytest.raises(error, match=match):
+        KeySliceOutlineGroup(target, **arguments)  # type: ignore[arg-type]
+    without_class = key_slice()
+    del without_class.SOPClassUID
+    with pytest.raises(ValueError, match="SOP Class UID"):
+        KeySliceOutlineGroup(outlined(), algorithm=ALGORITHM, key_slice=without_class)

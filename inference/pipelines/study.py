@@ -1,0 +1,175 @@
+"""What every per-lesion pipeline does first: CT + segmentation -> volume, masks, tracked lesions.
+
+One function, :func:`load_study`, shared by the radiomics pipeline and the model pipelines (M1-M4),
+so that a lesion has the same tracking id, tracking UID and key slice whichever method looks at it:
+
+    segmentation file -> phase of the CT it was drawn on      (inference.imaging.masks)
+    CT files (that phase) -> HU volume                         (inference.imaging.volume)
+    SEG / RTSTRUCT -> one mask per segment / ROI               (load_segmentation)
+    each usable mask -> lesions (26-connected components)      (inference.imaging.lesions)
+
+An empty or unusable segment is skipped with its reason (the others go on); no lesion at all is an
+:class:`~pacs_agent.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_sr.uids import derive_uid
+from inference.imaging.lesions import Lesion, find_lesions, outline_mm
+from inference.imaging.masks import LabelMask, load_segmentation, segmentation_phase
+from inference.imaging.volume import CTVolume, load_ct_series
+from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
+from pacs_agent.errors import InputError
+
+__all__ = ["LoadedStudy", "StudyLesion", "key_image", "lesion_result", "load_study"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class StudyLesion:
+    """One lesion of a loaded study: the component, the segment it came from, its tracking UID."""
+
+    lesion: Lesion
+    source: SegmentationSource
+    tracking_uid: str
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedStudy:
+    """A CT volume with its segmentation masks and lesions, ready for a method's input step.
+
+    Attributes
+    ----------
+    volume : CTVolume
+        The CT series (the phase the segmentation was drawn on) in HU.
+    masks : tuple of LabelMask
+        Every segment / ROI, usable or not, in segmentation order.
+    lesions : tuple of StudyLesion
+        Lesions of the usable masks; per mask ordered by volume (largest first).
+    skipped : tuple of str
+        One sentence per unusable segment (label, kind, number, reason).
+    """
+
+    volume: CTVolume
+    masks: tuple[LabelMask, ...]
+    lesions: tuple[StudyLesion, ...]
+    skipped: tuple[str, ...]
+
+    @property
+    def segmentation(self) -> SegmentationSource:
+        """The segmentation object (its first segment / ROI) the lesions come from."""
+        return self.masks[0].source
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel spacing (mm) along z, y, x: what :mod:`inference.imaging.roi` takes."""
+        x, y, z = self.volume.spacing_xyz
+        return z, y, x
+
+
+def load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy:
+    """Load a CT series and its segmentation and split every usable segment into lesions.
+
+    Parameters
+    ----------
+    ct_paths
+        Files of the CT series (several phases allowed: the one the segmentation references is used).
+    segmentation_path
+        The SEG or RTSTRUCT drawn on that CT.
+
+    Returns
+    -------
+    LoadedStudy
+
+    Raises
+    ------
+    InputError
+        The CT cannot be assembled into a volume, the segmentation does not fit it, or no lesion
+        remains after the minimum-volume filter.
+    """
+    segmentation = dcmread(segmentation_path)
+    volume = load_ct_series(ct_paths, phase=segmentation_phase(ct_paths, segmentation))
+    masks = tuple(load_segmentation(segmentation, volume))
+    lesions: list[StudyLesion] = []
+    skipped: list[str] = []
+    for label_mask in masks:
+        source = label_mask.source
+        if not label_mask.ok:  # an empty or unusable segment fails alone, the others go on
+            skipped.append(f"{source.label} ({source.kind} {source.number}): {label_mask.problem}")
+            logger.warning("segment %d of %s skipped: %s", source.number, source.sop_instance_uid, label_mask.problem)
+            continue
+        for lesion in find_lesions(label_mask, volume):
+            tracking_uid = derive_uid("tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
+            lesions.append(StudyLesion(lesion=lesion, source=source, tracking_uid=str(tracking_uid)))
+    if not lesions:
+        raise InputError("the segmentation holds no lesion above the minimum volume")
+    return LoadedStudy(volume=volume, masks=masks, lesions=tuple(lesions), skipped=tuple(skipped))
+
+
+def key_image(volume: CTVolume, lesion: Lesion, heatmap: np.ndarray | None = None) -> KeyImage:
+    """The key slice of ``lesion`` with its mask (and a heat map on that slice), for the Secondary Capture.
+
+    Parameters
+    ----------
+    volume
+        The CT volume.
+    lesion
+        The lesion; its ``key_slice_index`` is the slice shown.
+    heatmap
+        Optional map in [0, 1] with the shape of one slice (rows, columns).
+
+    Returns
+    -------
+    KeyImage
+    """
+    z = lesion.key_slice_index
+    spacing_x, spacing_y, _ = volume.spacing_xyz
+    hu = np.asarray(volume.array[z], dtype=np.float32)
+    if heatmap is not None and heatmap.shape != hu.shape:
+        raise ValueError(f"heat map shape {heatmap.shape} is not the slice shape {hu.shape}")
+    return KeyImage(
+        hu=hu,
+        mask=np.asarray(lesion.mask[z], dtype=bool),
+        pixel_spacing_mm=(float(spacing_y), float(spacing_x)),
+        heatmap=None if heatmap is None else np.asarray(heatmap, dtype=np.float32),
+    )
+
+
+def lesion_result(volume: CTVolume, item: StudyLesion, features: tuple[FeatureValue, ...] = ()) -> LesionResult:
+    """The :class:`LesionResult` of one lesion: size, position, key slice, outline (RTSTRUCT), features.
+
+    Parameters
+    ----------
+    volume
+        The CT volume the lesion lies in.
+    item
+        The lesion with its source and tracking UID.
+    features
+        Radiomic features, if the method computed any.
+
+    Returns
+    -------
+    LesionResult
+    """
+    lesion, source = item.lesion, item.source
+    return LesionResult(
+        tracking_id=lesion.tracking_id,
+        tracking_uid=item.tracking_uid,
+        source=source,
+        volume_ml=lesion.volume_ml,
+        longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
+        centroid_mm=lesion.centroid_mm,
+        key_slice_index=lesion.key_slice_index,
+        key_slice_sop_instance_uid=volume.sop_instance_uids[lesion.key_slice_index],
+        features=features,
+        outline_mm=outline_mm(lesion, volume) if source.kind == "rtstruct" else (),
+    )

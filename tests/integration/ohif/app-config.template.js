@@ -1,0 +1,46 @@
+/** @type {AppTypes.Config} */
+// OHIF configuration for the pacs-agent viewer test: one DICOMweb data source, Orthanc's
+// DICOMweb plugin behind the same origin (tests/integration/ohif/server.py proxies /dicom-web).
+window.config = {
+  name: 'pacs-agent-test',
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  customizationService: {},
+  showStudyList: true,
+  maxNumberOfWebWorkers: 2,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: true,
+  showErrorDetails: 'always',
+  investigationalUseDialog: { option: 'never' },
+  maxNumRequests: { interaction: 100, thumbnail: 10, prefetch: 10 },
+  defaultDataSourceName: 'orthanc',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'orthanc',
+      configuration: {
+        friendlyName: '__FRIENDLY_NAME__',
+        name: 'orthanc',
+        wadoUriRoot: '/wado',
+        qidoRoot: '/dicom-web',
+        wadoRoot: '/dicom-web',
+        qidoSupportsIncludeField: false,
+        supportsReject: false,
+        dicomUploadEnabled: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        staticWado: true,
+        singlepart: 'bulkdata,video,pdf',
+        acceptHeader: ['multipart/related; type=application/octet-stream; transfer-syntax=*'],
+        omitQuotationForMultipartRequest: true,
+        bulkDataURI: { enabled: true, relativeResolution: 'studies' },
+      },
+    },
+  ],
+};

@@ -1,0 +1,142 @@
+// Drive OHIF in headless Debian Chromium with playwright-core (no browser download) and report
+// what a person would see: the study, the Secondary Capture series, and the SR in OHIF's SR
+// viewport. Prints one JSON object on stdout; test_ohif.py asserts on it.
+//
+// usage: NODE_PATH=<cache>/node_modules node drive.cjs '{"viewer": "http://127.0.0.1:PORT",
+//          "study": "1.2...", "scImages": 4, "out": "/tmp/shots", "chromium": "/usr/bin/chromium"}'
+'use strict';
+const { chromium } = require('playwright-core');
+
+const args = JSON.parse(process.argv[2]);
+const report = { steps: {}, pageErrors: [], consoleErrors: [], consoleWarnings: [], httpErrors: [] };
+const guard = setTimeout(() => {
+  report.fatal = 'driver timed out after 150 s';
+  process.stdout.write(JSON.stringify(report));
+  process.exit(2);
+}, 150000);
+
+async function viewportState(page) {
+  return page.evaluate(() => {
+    const pane = document.querySelector('[data-cy="viewport-pane"]');
+    const text = sel => [...document.querySelectorAll(sel)].map(e => e.innerText).join('\n');
+    const box = pane ? pane.getBoundingClientRect() : null;
+    return {
+      viewportText: pane ? pane.innerText : '',
+      overlay: text('[data-cy^="viewport-overlay"]'),
+      box: box ? { x: box.x, y: box.y, width: box.width, height: box.height } : null,
+      svgText: pane ? [...pane.querySelectorAll('svg text')].map(t => t.textContent).join('\n') : '',
+    };
+  });
+}
+
+async function step(name, page, action) {
+  const started = Date.now();
+  try {
+    const extra = (await action()) || {};
+    report.steps[name] = { ok: true, ...extra, ...(await viewportState(page)) };
+  } catch (error) {
+    report.steps[name] = { ok: false, error: String(error).split('\n')[0] };
+  }
+  report.steps[name].seconds = (Date.now() - started) / 1000;
+  const path = `${args.out}/${name}.png`;
+  await page.screenshot({ path }).catch(() => {});
+  report.steps[name].screenshot = path;
+}
+
+async function seriesLabel(page, modality) {
+  return page.locator('[data-cy="series-modality-label"]', { hasText: new RegExp(`^${modality}$`) }).first();
+}
+
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: args.chromium || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+    ],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+    // the onboarding tour would cover the viewer: mark it as seen
+    await page.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
+    page.on('pageerror', e => report.pageErrors.push(e.message));
+    page.on('console', m => {
+      if (m.type() === 'error') report.consoleErrors.push(m.text());
+      if (m.type() === 'warning' && !report.consoleWarnings.includes(m.text())) report.consoleWarnings.push(m.text());
+    });
+    page.on('response', r => {
+      if (r.status() >= 400) report.httpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`);
+    });
+
+    await step('study', page, async () => {
+      await page.goto(`${args.viewer}/viewer?StudyInstanceUIDs=${args.study}`, { waitUntil: 'load' });
+      await page.locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: 'I:1 (1/' }).waitFor({ timeout: 60000 });
+      await page.waitForTimeout(1500);
+      const series = await page.evaluate(() =>
+        [...document.querySelectorAll('[data-cy="series-modality-label"]')].map(e => {
+          const item = e.closest('[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]');
+          const description = item ? item.querySelector('[data-cy="series-description-label"]') : null;
+          return { modality: e.innerText.trim(), description: description ? description.innerText.trim() : '' };
+        }),
+      );
+      return { series };
+    });
+
+    await step('sc', page, async () => {
+      await (await seriesLabel(page, 'OT')).dblclick();
+      await page
+        .locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: `I:1 (1/${args.scImages})` })
+        .waitFor({ timeout: 30000 });
+      const close = page.locator('[data-cy="cine-player-close"]');
+      if (await close.count()) await close.first().click();
+      await page.waitForTimeout(2000);
+    });
+
+    await step('sc-lesion', page, async () => {
+      // the next image of the series: the first lesion's page
+      await page.locator('[data-cy="viewport-pane"]').first().hover();
+      await page.keyboard.press('ArrowDown');
+      await page
+        .locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: `I:2 (2/${args.scImages})` })
+        .waitFor({ timeout: 15000 });
+      await page.waitForTimeout(1500);
+    });
+
+    await step('sr', page, async () => {
+      await (await seriesLabel(page, 'SR')).dblclick();
+      // an SR whose measurements OHIF can draw shows their labels (SVG text) in the viewport
+      const drawn = await page
+        .locator('[data-cy="viewport-pane"] svg text')
+        .first()
+        .waitFor({ timeout: 15000 })
+        .then(() => true, () => false);
+      await page.waitForTimeout(2000);
+      return { drawn };
+    });
+
+    await step('sr-panel', page, async () => {
+      await page.locator('[data-cy="trackedMeasurements-btn"]').first().click();
+      await page.waitForTimeout(1500);
+      const panel = await page.evaluate(() => {
+        const right = document.querySelector('[data-cy="side-panel-header-right"]');
+        const container = right ? right.parentElement : null;
+        return container ? container.innerText : '';
+      });
+      return { panel };
+    });
+  } finally {
+    await browser.close();
+  }
+})()
+  .catch(error => {
+    report.fatal = String(error);
+  })
+  .finally(() => {
+    clearTimeout(guard);
+    process.stdout.write(JSON.stringify(report));
+  });
