@@ -23,7 +23,7 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_sr.uids import derive_uid
-from inference.imaging.lesions import Lesion, find_lesions, outline_mm
+from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
 from inference.imaging.masks import LabelMask, load_segmentation, segmentation_phase
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
@@ -145,7 +145,7 @@ def key_image(volume: CTVolume, lesion: Lesion, heatmap: np.ndarray | None = Non
 
 
 def lesion_result(volume: CTVolume, item: StudyLesion, features: tuple[FeatureValue, ...] = ()) -> LesionResult:
-    """The :class:`LesionResult` of one lesion: size, position, key slice, outline (RTSTRUCT), features.
+    """The :class:`LesionResult` of one lesion: size, position, key slice, outlines, features.
 
     Parameters
     ----------
@@ -172,4 +172,5 @@ def lesion_result(volume: CTVolume, item: StudyLesion, features: tuple[FeatureVa
         key_slice_sop_instance_uid=volume.sop_instance_uids[lesion.key_slice_index],
         features=features,
         outline_mm=outline_mm(lesion, volume) if source.kind == "rtstruct" else (),
+        key_outline_px=key_outline_px(lesion.mask[lesion.key_slice_index]),
     )

@@ -14,6 +14,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_sr.sr import build_measurement_report
 from dicom_sr.text import render_sr_text
+from inference.imaging.lesions import key_outline_px
 from inference.imaging.roi import m1_input, m3_input
 from inference.models import Covariates
 from inference.pipelines import MODEL_METHODS, PIPELINES
@@ -106,6 +107,8 @@ def test_pipeline_output(method: str, phantom: PhantomStudy, packages: dict[str,
         assert image.hu.shape == image.mask.shape == image.heatmap.shape == (128, 128)
         assert image.mask.any()
         assert np.isfinite(image.heatmap).all() and image.heatmap.min() >= 0.0 and image.heatmap.max() <= 1.0
+        # the key-slice outline the SR's viewer copy (TID 1410) draws, for every method
+        assert lesion.key_outline_px == key_outline_px(image.mask) and len(lesion.key_outline_px) >= 4
     assert result.provenance["patient_level_rule"] == PATIENT_RULE
     for p in patient_predictions(result):
         assert result.provenance[f"patient_{p.label}"].startswith(f"{p.status} (probability {p.probability:.3f}")

@@ -21,7 +21,8 @@ from pydicom import Dataset
 from dicom_sr.reader import read_measurement_report, read_predictions
 from dicom_sr.sr import build_measurement_report, write_dataset
 from dicom_sr.templates import Prediction
-from inference.pipelines.radiomics import key_outline_px, run_radiomics
+from inference.imaging.lesions import key_outline_px
+from inference.pipelines.radiomics import run_radiomics
 from inference.results import AlgorithmInfo, PipelineOutput, StudyResult
 from pacs_agent.phantom import PhantomStudy, generate_study
 
