@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pacs_agent.errors import ConfigError
+from pacs_agent.routing.methods import DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PATTERNS
 from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
 
 ENV_PREFIX = "PACS_AGENT__"
@@ -385,6 +386,27 @@ class RoutingSettings(_Section):
     require_contrast_agent: bool = True
     delay_window_seconds: tuple[float, float] | tuple[()] = ()
     when_not_portal_venous: Literal["skip", "process"] = "skip"
+    method_regions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_METHOD_REGIONS))
+    """Method -> body region it was trained on; a method not listed runs on every study."""
+    region_patterns: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(DEFAULT_REGION_PATTERNS))
+    """Region -> regular expressions on BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName."""
+
+    @model_validator(mode="after")
+    def _regions(self) -> RoutingSettings:
+        unknown = sorted({region for region in self.method_regions.values() if region not in self.region_patterns})
+        if unknown:
+            raise ValueError(
+                f"method_regions names region(s) {', '.join(unknown)} that region_patterns does not define"
+            )
+        for region, patterns in self.region_patterns.items():
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(
+                        f"region_patterns.{region}: {pattern!r} is not a valid regular expression: {exc}"
+                    ) from None
+        return self
 
     @field_validator("portal_venous_patterns", "exclude_patterns")
     @classmethod

@@ -73,6 +73,7 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))
     accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="receiving")
     state_reason: Mapped[str | None] = mapped_column(Text)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -85,6 +86,8 @@ class Study(Base):
     """The CT series chosen by the last "ready" decision (None until the study was ready)."""
     segmentation_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     """The segmentation chosen with it."""
+    method_notes: Mapped[str | None] = mapped_column(Text)
+    """JSON list of {method, reason}: enabled methods that do not apply to this study."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -105,6 +108,7 @@ class Series(Base):
     contrast_bolus_agent: Mapped[str | None] = mapped_column(String(64))
     contrast_start_time: Mapped[str | None] = mapped_column(String(16))
     acquisition_time: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

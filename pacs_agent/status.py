@@ -98,6 +98,7 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "reason": study.state_reason,
                     "series_notes": json.loads(study.series_notes) if study.series_notes else [],
                     "pairing": _pairing(session, study.id),
+                    "skipped_methods": json.loads(study.method_notes) if study.method_notes else [],
                     "first_received_at": study.first_received_at.isoformat(),
                     "last_received_at": study.last_received_at.isoformat(),
                     "senders": list(senders),
@@ -236,6 +237,8 @@ def format_status(status: dict[str, Any]) -> str:
             if note:
                 line += f" - {note['role']}: {note['reason']}"
             lines.append(line)
+        for note in study.get("skipped_methods", []):
+            lines.append(f"  method skipped: {note['reason']}")
         if study.get("pairing"):
             lines.append(f"  baseline search: {study['pairing']['state']} - {study['pairing']['reason']}")
         for j in study["jobs"]:

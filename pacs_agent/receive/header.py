@@ -69,6 +69,8 @@ class InstanceHeader:
     contrast_bolus_agent: str | None = None
     contrast_start_time: str | None = None
     acquisition_time: str | None = None
+    body_part_examined: str | None = None
+    study_description: str | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -165,6 +167,8 @@ def read_header(data: bytes) -> InstanceHeader:
             contrast_bolus_agent=(_text(ds, "ContrastBolusAgent") or "")[:64] or None,
             contrast_start_time=_text(ds, "ContrastBolusStartTime"),
             acquisition_time=_text(ds, "AcquisitionTime") or _text(ds, "SeriesTime"),
+            body_part_examined=(_text(ds, "BodyPartExamined") or "")[:16] or None,
+            study_description=(_text(ds, "StudyDescription") or "")[:64] or None,
         )
     except HeaderError:
         raise

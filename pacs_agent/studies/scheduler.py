@@ -20,6 +20,13 @@ from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
 from pacs_agent.models import Instance, Series, Study, utcnow
 from pacs_agent.receive.header import SEGMENTATION_SOP_CLASSES
+from pacs_agent.routing.methods import (
+    DEFAULT_METHOD_REGIONS,
+    DEFAULT_REGION_PATTERNS,
+    MethodChoice,
+    StudyText,
+    select_methods,
+)
 from pacs_agent.routing.pairing import RESPONSE_METHOD, complete_open_pairings, pair_followup
 from pacs_agent.routing.phase import SeriesPhaseInfo
 from pacs_agent.studies.readiness import (
@@ -120,6 +127,23 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
     )
 
 
+def _applicable_methods(
+    session: Session, study: Study, decision: Decision, methods: tuple[str, ...], settings: Settings | None
+) -> MethodChoice:
+    ct = session.execute(
+        select(Series).where(Series.series_instance_uid == decision.ct_series_instance_uid)
+    ).scalar_one_or_none()
+    text = StudyText(
+        body_part_examined=ct.body_part_examined if ct else None,
+        study_description=study.study_description,
+        series_description=ct.series_description if ct else None,
+        protocol_name=ct.protocol_name if ct else None,
+    )
+    if settings is None:
+        return select_methods(methods, text, DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PATTERNS)
+    return select_methods(methods, text, settings.routing.method_regions, settings.routing.region_patterns)
+
+
 def run_once(
     session: Session,
     rules: ReadinessRules,
@@ -171,12 +195,16 @@ def run_once(
             "ct_series_instance_uid": decision.ct_series_instance_uid,
             "segmentation_sop_instance_uid": decision.segmentation_sop_instance_uid,
         }
-        if RESPONSE_METHOD in methods:
+        choice = _applicable_methods(session, study, decision, methods, settings)
+        study.method_notes = json.dumps([{"method": m, "reason": r} for m, r in choice.skipped])
+        for _method, reason in choice.skipped:
+            record_event(session, "method_skipped", study_instance_uid=study.study_instance_uid, detail=reason)
+        if RESPONSE_METHOD in choice.selected:
             if settings is None:
                 raise ValueError("the response method needs the settings for pairing")
             pair_followup(session, study, settings, now)
             complete_open_pairings(session, study, settings)
-        for method in (m for m in methods if m != RESPONSE_METHOD):
+        for method in (m for m in choice.selected if m != RESPONSE_METHOD):
             job = schedule_job(session, study.id, method, inputs, max_attempts)
             created += 1
             record_event(

@@ -77,6 +77,7 @@ def record_instance(
             "patient_sex": header.patient_sex,
             "study_date": header.study_date,
             "accession_number": header.accession_number,
+            "study_description": header.study_description,
             "state": "receiving",
             "first_received_at": now,
             "last_received_at": now,
@@ -99,6 +100,7 @@ def record_instance(
             "contrast_bolus_agent": header.contrast_bolus_agent,
             "contrast_start_time": header.contrast_start_time,
             "acquisition_time": header.acquisition_time,
+            "body_part_examined": header.body_part_examined,
         },
     )
     series_id = session.execute(
