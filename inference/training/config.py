@@ -1,0 +1,351 @@
+"""Training configuration (``TRAIN.toml``): read once, validated, frozen.
+
+Example (every table optional except ``[package]`` and a data source)::
+
+    method = "m1"                   # or given on the command line
+    labels = ["KRAS"]
+    seed = 0
+    threads = 1                     # torch CPU threads (1 = reproducible, bit for bit)
+
+    [package]
+    name = "m1-kras-crc"
+    version = "1.0.0"
+    validation_status = "RESEARCH"  # DEMO | RESEARCH | VALIDATED
+    intended_use = "..."
+    description = "..."
+
+    [data]                          # one of: studies + labels | features | [data.phantom]
+    studies = "/data/crc"           # DICOM folder tree (relative paths: to this file)
+    labels = "/data/crc/labels.csv"
+    min_lesion_ml = 0.05
+
+    [input]                         # method input parameters (docs/models.md); defaults: the papers'
+    shape = [80, 80]
+    margin_px = 20
+
+    [architecture]                  # network keyword arguments (width, blocks, ...)
+    width = 0.5
+
+    [training]
+    epochs = 50
+    batch_size = 40
+    optimizer = "adam"              # adam | sgd
+    lr = 1e-3
+    patience = 8                    # early stopping on the validation split
+    monitor = "loss"                # loss | auc
+    balance = "sampler"             # none | sampler | loss | median
+    [training.augment]
+    probability = 0.8
+    translate_px = [5, 10, 15, 20]
+    rotate_deg = [1, 15]
+
+    [split]
+    test_fraction = 0.2             # held-out patients
+    val_fraction = 0.2              # of the rest: early stopping + thresholds
+    cv_folds = 5                    # optional k-fold on the development split
+    cv_repeats = 2
+
+    [radiomics]                     # radiomics comparator and M4 RadScores
+    params = "../radiomics/default.yaml"
+    p_value = 0.05
+    test = "mannwhitney"
+    cv_folds = 10
+    n_trees = 200
+    max_depth = 4
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inference.training.augment import DEFAULT_AUGMENTATION, Augmentation
+from inference.training.phantom_data import PhantomCohortSpec
+from pacs_agent.errors import ConfigError
+
+__all__ = [
+    "METHODS",
+    "DataSettings",
+    "RadiomicsSettings",
+    "SplitSettings",
+    "TrainConfig",
+    "TrainingSettings",
+    "load_train_config",
+]
+
+METHODS = ("m1", "m2", "m3", "m4", "radiomics")
+
+_PAPER_TRAINING: dict[str, dict[str, Any]] = {
+    "m1": {"optimizer": "adam", "lr": 1e-3, "batch_size": 40, "balance": "sampler"},
+    "m2": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "balance": "loss"},
+    "m3": {
+        "optimizer": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 16,
+        "balance": "median",
+    },
+    "m4": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "balance": "loss"},
+    "radiomics": {},
+}
+"""The papers' optimiser settings per method (METHODS.md) where they give them."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """``[training]``: optimiser, epochs, early stopping, class balancing, augmentation."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    patience: int = 8
+    min_delta: float = 1e-4
+    min_epochs: int = 1
+    monitor: str = "loss"
+    balance: str = "sampler"
+    augment: Augmentation = field(default_factory=Augmentation)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """``[split]``: patient-level held-out test, validation and optional cross-validation."""
+
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    cv_folds: int = 0
+    cv_repeats: int = 1
+
+
+@dataclass(frozen=True)
+class RadiomicsSettings:
+    """``[radiomics]``: feature extraction and the comparator / RadScore fit."""
+
+    params: Path | None = None
+    p_value: float = 0.05
+    test: str = "mannwhitney"
+    cv_folds: int = 10
+    n_trees: int = 200
+    max_depth: int = 4
+    radscore_label: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """``[data]``: where the labelled cases come from."""
+
+    studies: Path | None = None
+    labels: Path | None = None
+    features: Path | None = None
+    feature_columns: tuple[str, ...] | None = None
+    phantom: PhantomCohortSpec | None = None
+    min_lesion_ml: float = 0.05
+
+    @property
+    def source(self) -> str:
+        """``"phantom"``, ``"features"`` or ``"dicom"``."""
+        return "phantom" if self.phantom else "features" if self.features else "dicom"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated training configuration."""
+
+    method: str
+    labels: tuple[str, ...]
+    package: Mapping[str, str]
+    data: DataSettings
+    input: Mapping[str, Any] = field(default_factory=dict)
+    architecture: Mapping[str, Any] = field(default_factory=dict)
+    training: TrainingSettings = TrainingSettings()
+    split: SplitSettings = SplitSettings()
+    radiomics: RadiomicsSettings = RadiomicsSettings()
+    seed: int = 0
+    threads: int = 1
+    path: Path | None = None
+
+
+def _table(data: Mapping[str, Any], key: str, problems: list[str]) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        problems.append(f"{key}: must be a table")
+        return {}
+    return dict(value)
+
+
+def _known(table: Mapping[str, Any], allowed: set[str], where: str, problems: list[str]) -> None:
+    for key in sorted(set(table) - allowed):
+        problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _settings(cls: type, table: Mapping[str, Any], where: str, problems: list[str], **defaults: Any) -> Any:
+    fields = set(cls.__dataclass_fields__)
+    _known(table, fields, where, problems)
+    values = {**defaults, **{k: v for k, v in table.items() if k in fields}}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def load_train_config(path: str | Path, method: str | None = None) -> TrainConfig:
+    """Read and validate a training configuration file.
+
+    Parameters
+    ----------
+    path
+        The TOML file. Relative data paths are resolved against its folder.
+    method
+        The method given on the command line; must agree with ``method`` in the file if both are set.
+
+    Returns
+    -------
+    TrainConfig
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: training configuration not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return config_from_mapping(data, method=method, base=path.parent, path=path)
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], *, method: str | None = None, base: Path | None = None, path: Path | None = None
+) -> TrainConfig:
+    """Validate a parsed training configuration (see :func:`load_train_config`)."""
+    problems: list[str] = []
+    top = {"method", "labels", "seed", "threads", "package", "data", "input", "architecture", "training", "split"}
+    _known(data, top | {"radiomics"}, "config", problems)
+    file_method = data.get("method")
+    if method and file_method and method != file_method:
+        problems.append(f"method: the file says {file_method!r} but {method!r} was asked for")
+    chosen = str(method or file_method or "")
+    if chosen not in METHODS:
+        problems.append(f"method: must be one of {', '.join(METHODS)}, got {chosen!r}")
+        raise ConfigError(problems)
+    labels = data.get("labels")
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
+        problems.append("labels: must be a non-empty list of label column names")
+        labels = ["?"]
+    elif len(set(labels)) != len(labels):
+        problems.append("labels: must be unique")
+    if chosen in ("m1", "radiomics") and len(labels) != 1:
+        problems.append(f"labels: {chosen} predicts exactly one label, got {labels}")
+    package = _table(data, "package", problems)
+    _known(package, {"name", "version", "validation_status", "intended_use", "description"}, "package", problems)
+    for key in ("name", "version", "intended_use"):
+        if not isinstance(package.get(key), str) or not package[key].strip():
+            problems.append(f"package.{key}: required (a non-empty string)")
+    package.setdefault("validation_status", "RESEARCH")
+    package.setdefault("description", "")
+
+    base = base or Path.cwd()
+
+    def resolve(value: Any) -> Path | None:
+        return None if value in (None, "") else (base / str(value)).resolve()
+
+    data_table = _table(data, "data", problems)
+    _known(
+        data_table, {"studies", "labels", "features", "feature_columns", "phantom", "min_lesion_ml"}, "data", problems
+    )
+    phantom = None
+    if "phantom" in data_table:
+        try:
+            phantom = PhantomCohortSpec.from_mapping(data_table["phantom"])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"data.phantom: {exc}")
+        else:
+            missing = [label for label in labels if label not in phantom.planted]
+            if missing:
+                problems.append(f"data.phantom.planted: no planted property for label(s) {missing}")
+    columns = data_table.get("feature_columns")
+    data_settings = DataSettings(
+        studies=resolve(data_table.get("studies")),
+        labels=resolve(data_table.get("labels")),
+        features=resolve(data_table.get("features")),
+        feature_columns=tuple(columns) if columns else None,
+        phantom=phantom,
+        min_lesion_ml=float(data_table.get("min_lesion_ml", 0.05)),
+    )
+    sources = [bool(phantom), bool(data_settings.features), bool(data_settings.studies or data_settings.labels)]
+    if sum(sources) != 1:
+        problems.append("data: give exactly one source: studies + labels, features (radiomics only), or [data.phantom]")
+    elif data_settings.source == "dicom" and not (data_settings.studies and data_settings.labels):
+        problems.append("data: studies and labels go together")
+    if data_settings.features and chosen != "radiomics":
+        problems.append("data.features: a features CSV trains only the radiomics comparator")
+
+    training_table = _table(data, "training", problems)
+    augment_table = training_table.pop("augment", None)
+    paper = _PAPER_TRAINING[chosen]
+    training = _settings(TrainingSettings, training_table, "training", problems, **paper)
+    try:
+        augment = Augmentation.from_mapping(augment_table, DEFAULT_AUGMENTATION.get(chosen, Augmentation()))
+        training = TrainingSettings(**{**training.__dict__, "augment": augment})
+    except (TypeError, ValueError) as exc:
+        problems.append(f"training.augment: {exc}")
+    if training.optimizer not in ("adam", "sgd"):
+        problems.append(f"training.optimizer: adam or sgd, got {training.optimizer!r}")
+    if training.monitor not in ("loss", "auc"):
+        problems.append(f"training.monitor: loss or auc, got {training.monitor!r}")
+    if training.balance not in ("none", "sampler", "loss", "median"):
+        problems.append(f"training.balance: none, sampler, loss or median, got {training.balance!r}")
+    if training.epochs < 1 or training.batch_size < 1 or training.lr <= 0 or training.patience < 1:
+        problems.append("training: epochs, batch_size, patience must be >= 1 and lr > 0")
+
+    split = _settings(SplitSettings, _table(data, "split", problems), "split", problems)
+    if not 0 <= split.test_fraction < 1 or not 0 < split.val_fraction < 1:
+        problems.append("split: test_fraction must be in [0, 1) and val_fraction in (0, 1)")
+    if split.cv_folds == 1 or split.cv_folds < 0 or split.cv_repeats < 1:
+        problems.append("split: cv_folds must be 0 (off) or >= 2, cv_repeats >= 1")
+
+    radiomics_table = _table(data, "radiomics", problems)
+    if "params" in radiomics_table:
+        radiomics_table["params"] = resolve(radiomics_table["params"])
+    radiomics = _settings(RadiomicsSettings, radiomics_table, "radiomics", problems)
+    if radiomics.test not in ("mannwhitney", "ttest"):
+        problems.append(f"radiomics.test: mannwhitney or ttest, got {radiomics.test!r}")
+    if radiomics.radscore_label is not None and radiomics.radscore_label not in labels:
+        problems.append(f"radiomics.radscore_label: {radiomics.radscore_label!r} is not one of the labels")
+
+    architecture = _table(data, "architecture", problems)
+    if architecture and chosen == "radiomics":
+        problems.append("architecture: the radiomics comparator has no network")
+    elif architecture:
+        from inference.models import architecture_keys
+
+        _known(architecture, set(architecture_keys(chosen)), "architecture", problems)
+    seed, threads = data.get("seed", 0), data.get("threads", 1)
+    if not isinstance(seed, int) or seed < 0 or not isinstance(threads, int) or threads < 1:
+        problems.append("seed must be an integer >= 0 and threads an integer >= 1")
+    if problems:
+        raise ConfigError(problems)
+    return TrainConfig(
+        method=chosen,
+        labels=tuple(labels),
+        package=package,
+        data=data_settings,
+        input=_table(data, "input", problems),
+        architecture=architecture,
+        training=training,
+        split=split,
+        radiomics=radiomics,
+        seed=seed,
+        threads=threads,
+        path=path,
+    )
