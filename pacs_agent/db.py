@@ -46,11 +46,28 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True)
+        # No pre-ping: a SQLite file connection does not go stale.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def read_engine(url: str, *, timeout: float = 5.0) -> Engine:
+    """An engine for reads only: short timeouts and, on SQLite, no write lock (WAL readers never wait)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
+
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+
+        event.listen(engine, "connect", _read_only)
+        return engine
+    connect_args = {"connect_timeout": int(timeout)} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, connect_args=connect_args)
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -93,11 +110,22 @@ class Database:
         if run_migrations:
             migrate(self.engine)
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        self._reads: sessionmaker[Session] | None = None
 
     def session(self) -> Session:
         """A new session; use it as a context manager."""
         return self.sessions()
 
+    def read_session(self) -> Session:
+        """A session for reads that must not queue behind writers (a SQLite read-only connection)."""
+        if self._reads is None:
+            self._reads = sessionmaker(read_engine(self.url), expire_on_commit=False)
+        return self._reads()
+
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        if self._reads is not None:
+            bind = self._reads.kw.get("bind")
+            if bind is not None:
+                bind.dispose()

@@ -34,11 +34,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 
 from pacs_agent import __version__
 from pacs_agent.config import Settings
+from pacs_agent.db import read_engine
 from pacs_agent.metrics import CONTENT_TYPE, Exposition, database_metrics, last_delivery_attempts
 from pacs_agent.models import Job
 
@@ -188,22 +189,6 @@ class HealthReport:
             "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in self.checks},
             **self.details,
         }
-
-
-def read_engine(url: str) -> Engine:
-    """An engine for health and metrics reads: short timeouts, no write lock on SQLite."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5})
-
-        def _read_only(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA query_only=ON")
-            cursor.close()
-
-        event.listen(engine, "connect", _read_only)
-        return engine
-    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=connect_args)
 
 
 def _short_error(exc: Exception) -> str:

@@ -74,6 +74,8 @@ class ReceiveHandlers:
         self.db = db
         self.spool = spool
         self._stats: dict[int, AssociationStats] = {}
+        self._series_ids: dict[str, tuple[int, int]] = {}
+        """Series Instance UID -> (study id, series id) of committed rows (see record_instance)."""
         self._lock = threading.Lock()
         security = settings.security
         self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
@@ -232,19 +234,26 @@ class ReceiveHandlers:
         relative = self.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
+        written = False
         try:
-            with self.db.session() as session, session.begin():
-                known = is_known_instance(session, header.sop_instance_uid)
-                if known:
-                    count_duplicate(session, header.sop_instance_uid)
+            with self.db.read_session() as reader:  # a read: never queues behind writers
+                known = is_known_instance(reader, header.sop_instance_uid)
             if known:
+                with self.db.session() as session, session.begin():
+                    count_duplicate(session, header.sop_instance_uid)
                 outcome = StoreOutcome.DUPLICATE
             else:
                 # The file is durable before the row exists; the row is what makes it "received".
                 self.spool.write(relative, data)
+                written = True
                 with self.db.session() as session, session.begin():
                     outcome = record_instance(
-                        session, header, path=str(relative), size_bytes=len(data), calling_ae_title=calling
+                        session,
+                        header,
+                        path=str(relative),
+                        size_bytes=len(data),
+                        calling_ae_title=calling,
+                        series_ids=self._series_ids,
                     )
         except OSError as exc:
             return self._refuse(
@@ -254,6 +263,9 @@ class ReceiveHandlers:
             logger.exception(
                 "database error while recording an instance of study %s", uid_hash(header.study_instance_uid)
             )
+            self._series_ids.pop(header.series_instance_uid, None)  # its ids may have been rolled back
+            if written:  # not acknowledged, not recorded: leave no orphan file behind
+                self.spool.absolute(relative).unlink(missing_ok=True)
             return self._refuse(
                 event, PROCESSING_FAILURE, f"database error: {type(exc).__name__}", header.sop_instance_uid
             )

@@ -7,6 +7,7 @@ database's "insert or ignore" so two senders of the same study never collide.
 from __future__ import annotations
 
 import enum
+from collections.abc import MutableMapping
 from datetime import datetime
 from typing import Any
 
@@ -59,13 +60,52 @@ def record_instance(
     size_bytes: int,
     calling_ae_title: str | None,
     now: datetime | None = None,
+    series_ids: MutableMapping[str, tuple[int, int]] | None = None,
 ) -> StoreOutcome:
     """Record a durably spooled instance and (re)open its study; the caller commits.
 
     A study that was already processed goes back to ``receiving``: the readiness check sees an
     instance newer than its last evaluation and schedules new jobs after the quiet period.
+    ``series_ids`` caches Series Instance UID -> (study id, series id) across calls, so the
+    instances of a series after the first skip the study and series look-ups (rows are never
+    deleted, so a cached id stays valid).
     """
     now = now or utcnow()
+    cached = series_ids.get(header.series_instance_uid) if series_ids is not None else None
+    if cached is None:
+        study_id, series_id = _study_and_series(session, header, now)
+        if series_ids is not None:
+            series_ids[header.series_instance_uid] = (study_id, series_id)
+    else:
+        study_id, series_id = cached
+    inserted = _insert_ignore(
+        session,
+        Instance,
+        {
+            "series_id": series_id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "path": path,
+            "size_bytes": size_bytes,
+            "referenced_series_uids": " ".join(header.referenced_series_uids),
+            "referenced_instance_uids": " ".join(header.referenced_instance_uids),
+            "calling_ae_title": calling_ae_title,
+            "received_at": now,
+            "duplicates": 0,
+        },
+    )
+    if not inserted:
+        count_duplicate(session, header.sop_instance_uid)
+        return StoreOutcome.DUPLICATE
+    session.execute(
+        update(Study).where(Study.id == study_id).values(last_received_at=now, state="receiving", state_reason=None)
+    )
+    return StoreOutcome.STORED
+
+
+def _study_and_series(session: Session, header: InstanceHeader, now: datetime) -> tuple[int, int]:
+    """Insert the study and series of ``header`` unless they exist; return their ids."""
     _insert_ignore(
         session,
         Study,
@@ -106,27 +146,4 @@ def record_instance(
     series_id = session.execute(
         select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
     ).scalar_one()
-    inserted = _insert_ignore(
-        session,
-        Instance,
-        {
-            "series_id": series_id,
-            "sop_instance_uid": header.sop_instance_uid,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "path": path,
-            "size_bytes": size_bytes,
-            "referenced_series_uids": " ".join(header.referenced_series_uids),
-            "referenced_instance_uids": " ".join(header.referenced_instance_uids),
-            "calling_ae_title": calling_ae_title,
-            "received_at": now,
-            "duplicates": 0,
-        },
-    )
-    if not inserted:
-        count_duplicate(session, header.sop_instance_uid)
-        return StoreOutcome.DUPLICATE
-    session.execute(
-        update(Study).where(Study.id == study_id).values(last_received_at=now, state="receiving", state_reason=None)
-    )
-    return StoreOutcome.STORED
+    return study_id, series_id
