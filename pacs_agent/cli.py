@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result")
     sub.add_parser("phantom", help="write a synthetic CT study with SEG and RTSTRUCT", add_help=False)
     sub.add_parser("radiomics", help="pyradiomics features of one segment of a DICOM CT, as JSON", add_help=False)
-    sub.add_parser("train", help="train m1 .. m4 or the radiomics comparator into a model package", add_help=False)
+    sub.add_parser(
+        "train",
+        help="train m1 .. m4, the radiomics comparator or the response score into a model package",
+        add_help=False,
+    )
     models = sub.add_parser("models", help="model packages of the methods m1 .. m4: list, verify, install")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_list = with_config(models_sub.add_parser("list", help="packages in [models] dir (and the demo packages)"))

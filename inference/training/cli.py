@@ -1,4 +1,4 @@
-"""``pacs-agent train {m1,m2,m3,m4,radiomics} --config TRAIN.toml --out PKG_DIR``.
+"""``pacs-agent train {m1,m2,m3,m4,radiomics} --config TRAIN.toml --out PKG_DIR`` (and ``train response``).
 
 Trains the method as the configuration says, writes a verified model package to ``PKG_DIR`` (with
 its report in ``PKG_DIR/report/``) and prints where everything went. Progress goes to stderr.
@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pacs-agent train``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "response":  # trained from a CSV of per-patient deltas, not from images
+        from inference.response.train_cli import main as train_response
+
+        return train_response(argv[1:])
     args = _parser().parse_args(argv)
     from inference.training.config import load_train_config
     from inference.training.report import TextProgress
