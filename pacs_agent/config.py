@@ -26,7 +26,7 @@ from pacs_agent.routing.methods import DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PA
 from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
 
 ENV_PREFIX = "PACS_AGENT__"
-KNOWN_METHODS = ("radiomics", "m1", "m2", "m3", "m4")
+KNOWN_METHODS = ("radiomics", "m1", "m2", "m3", "m4", "comparator")
 """Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``.
 ``m1`` .. ``m4`` run a model from an installed model package (``[models]``)."""
 DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "config" / "models"

@@ -1,9 +1,10 @@
 """``pacs-agent demo`` (what ``make demo`` runs): the whole path on a synthetic study, unattended.
 
 1. start a local receiver standing in for the PACS, 2. start the node (``serve``) on embedded
-defaults with that receiver as its destination, 3. generate a phantom CT + SEG study, 4. send it
-with C-STORE, 5. wait for the result to come back, 6. print the SR as text and write image results
-as PNG, 7. stop everything.
+defaults with that receiver as its destination and every method enabled (the mutation models
+run from the committed DEMO packages), 3. generate a phantom CT + SEG study, 4. send it with
+C-STORE, 5. wait for every result to come back, 6. print the SRs as text and write the Secondary
+Captures as PNG, 7. stop everything.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalRe
                 "min_free_mb = 100",
                 "[readiness]",
                 "quiet_seconds = 2",
+                "[jobs]",
+                "# every method; routing skips the chest models (m2, m4) on this abdominal study",
+                'methods = ["radiomics", "m1", "m2", "m3", "m4", "comparator"]',
+                "[models]",
+                "use_demo = true  # the committed DEMO packages: NOT FOR CLINICAL USE",
                 "[delivery]",
                 "initial_backoff_seconds = 2",
                 "[observability]",

@@ -75,7 +75,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODEL_METHODS = ("m1", "m2", "m3", "m4")
-"""Methods whose pipeline runs a model from a model package."""
+"""The CNN methods (a network from a model package, with Grad-CAM)."""
+
+PACKAGED_METHODS = (*MODEL_METHODS, "comparator")
+"""Every method whose pipeline needs a model package (the worker passes ``model=``)."""
+
+PACKAGE_METHODS = {"comparator": "radiomics"}
+"""Method -> the ``method`` its model packages declare, where the two names differ."""
 
 GENE_LABELS = frozenset(
     {"KRAS", "NRAS", "HRAS", "RAS", "BRAF", "PIK3CA", "PIK3CA+BRAF", "EGFR", "ALK", "TP53", "ROS1", "MET", "RET",
@@ -242,9 +248,9 @@ def installed_package(method: str, models_dirs: Sequence[str | os.PathLike[str]]
     ModelUnavailableError
         No directory holds a package for the method, or the chosen one is refused.
     """
-    path = find_package(method, models_dirs)
+    path = find_package(PACKAGE_METHODS.get(method, method), models_dirs)
     if path is not None:
-        return resolve_package(path, method)
+        return resolve_package(path, PACKAGE_METHODS.get(method, method))
     where = ", ".join(str(Path(d)) for d in models_dirs) or "(no models directory configured)"
     raise ModelUnavailableError(
         f"method {method} is enabled but no {method} model package is installed in {where}; "

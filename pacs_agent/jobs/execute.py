@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
 from dicom_sr.sr import build_measurement_report, write_dataset
-from inference.pipelines import MODEL_METHODS, PIPELINES
+from inference.pipelines import PACKAGED_METHODS, PIPELINES
 from inference.pipelines.model_methods import installed_package
 from inference.results import PipelineOutput, StudyResult
 from pacs_agent.config import Settings
@@ -176,7 +176,7 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
     if pipeline is None:
         raise InputError(f"unknown method {job.method!r}; known: {', '.join(sorted(PIPELINES))}")
     options: dict[str, object] = {}
-    if job.method in MODEL_METHODS:  # verified and loaded once per worker process, then cached
+    if job.method in PACKAGED_METHODS:  # verified and loaded once per worker process, then cached
         options["model"] = installed_package(job.method, settings.model_dirs)
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
     output = pipeline(inputs.ct_paths, inputs.segmentation_path, **options)

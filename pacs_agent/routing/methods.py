@@ -1,7 +1,8 @@
 """Which enabled methods apply to a study: rules as data (``[routing] method_regions``).
 
 The mutation models were trained on one body region each: M1 (KRAS, colorectal cancer) and M3
-(RAS family, colorectal liver metastases) on abdominal CT, M2 and M4 (NSCLC) on chest CT. A
+(RAS family, colorectal liver metastases) on abdominal CT, M2 and M4 (NSCLC) on chest CT; the
+radiomics comparator follows the population of its package (the demo one: KRAS in CRC). A
 method mapped to a region runs only on studies whose Body Part Examined, Study Description,
 Series Description or Protocol Name matches one of that region's patterns; methods not mapped
 (radiomics, the response score) run on every study. Every skip is recorded with the reason.
@@ -13,7 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-DEFAULT_METHOD_REGIONS: dict[str, str] = {"m1": "abdomen", "m3": "abdomen", "m2": "chest", "m4": "chest"}
+DEFAULT_METHOD_REGIONS: dict[str, str] = {
+    "m1": "abdomen",
+    "m3": "abdomen",
+    "comparator": "abdomen",
+    "m2": "chest",
+    "m4": "chest",
+}
 DEFAULT_REGION_PATTERNS: dict[str, tuple[str, ...]] = {
     "abdomen": ("abdom", "liver", "hepat", "colo", "rect", "pelvi", r"\bABD\b"),
     "chest": ("chest", "thora", "lung", "pulmo", r"\bTHX\b"),

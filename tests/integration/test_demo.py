@@ -21,11 +21,14 @@ def test_demo_prints_the_sr_and_writes_the_captures(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # one group per planted lesion, plus its key-slice outline copy for viewers (TID 1410)
-    assert run.stdout.count("Measurement Group") == 6
+    # four SRs (radiomics, m1, m3, comparator; m2 and m4 are chest models, skipped on this abdominal
+    # study), each with one group per planted lesion plus its key-slice outline copy (TID 1410)
+    assert run.stdout.count("Measurement Group") == 4 * 6
+    assert "DEMO MODEL - NOT FOR CLINICAL USE" in run.stdout
+    assert "KRAS status (predicted)" in run.stdout
     assert "Tracking Identifier: Liver lesions lesion 1" in run.stdout
     assert "Volume:" in run.stdout and " ml" in run.stdout
     assert "PHANTOM" not in run.stdout  # no patient name in what the demo prints
     pngs = sorted((out / "png").glob("*.png"))
-    assert len(pngs) == 4  # a summary page and one page per lesion
+    assert len(pngs) == 4 * 4  # per method: a summary page and one page per lesion
     assert not list((out / "state" / "spool" / "tmp").iterdir())
