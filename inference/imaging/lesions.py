@@ -72,11 +72,18 @@ def find_lesions(label_mask: LabelMask, volume: CTVolume, *, min_volume_ml: floa
     mask = np.asarray(label_mask.mask, dtype=bool)
     if mask.shape != volume.shape:
         raise ValueError(f"mask shape {mask.shape} is not the volume shape {volume.shape}")
-    labels, n = ndimage.label(mask, structure=CONNECTIVITY_26)
+    # Work inside the segment's bounding box: a 600-slice CT is 157 M voxels, the lesions a few
+    # thousand; labelling the whole grid costs seconds and gigabytes for nothing.
+    extent = ndimage.find_objects(mask.view(np.uint8))
+    if not extent or extent[0] is None:
+        return []
+    region = extent[0]
+    offset = np.array([axis.start for axis in region], dtype=float)
+    labels, n = ndimage.label(mask[region], structure=CONNECTIVITY_26)
     if n == 0:
         return []
     counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    centres = ndimage.center_of_mass(mask, labels, range(1, n + 1))
+    centres = [tuple(np.add(c, offset)) for c in ndimage.center_of_mass(labels > 0, labels, range(1, n + 1))]
     voxel_ml = volume.voxel_volume_mm3 / 1000.0
     keep = [i for i in range(n) if counts[i] * voxel_ml >= min_volume_ml]
     keep.sort(key=lambda i: (-int(counts[i]), tuple(float(c) for c in centres[i])))
@@ -84,10 +91,15 @@ def find_lesions(label_mask: LabelMask, volume: CTVolume, *, min_volume_ml: floa
     sx, sy, _ = volume.spacing_xyz
     lesions = []
     for rank, i in enumerate(keep, start=1):
-        box = boxes[i]
-        assert box is not None
-        component = labels == i + 1
-        local = component[box]
+        local_box = boxes[i]
+        assert local_box is not None
+        box = tuple(
+            slice(axis.start + outer.start, axis.stop + outer.start)
+            for axis, outer in zip(local_box, region, strict=True)
+        )
+        local = labels[local_box] == i + 1
+        component = np.zeros(mask.shape, dtype=bool)
+        component[box] = local
         areas = local.sum(axis=(1, 2))
         cz, cy, cx = centres[i]
         centroid = volume.index_to_mm(np.array([cx, cy, cz]))[0]

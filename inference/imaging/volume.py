@@ -325,7 +325,8 @@ def load_ct_series(paths: Sequence[Path], *, phase: str | None = None) -> CTVolu
 
 def _read(path: Path, *, headers_only: bool = False) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=headers_only)
+        # Pixel data (and other large values) are read from the file only when decoded.
+        return pydicom.dcmread(path, stop_before_pixels=headers_only, defer_size=None if headers_only else "64 KB")
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise VolumeError(f"cannot read {path.name} as a DICOM file: {exc}") from exc
 
@@ -424,8 +425,28 @@ def _stack(slices: list[_Slice], where: str, *, study_uid: str, series_uid: str,
     _check_shear(positions, normal, where)
 
     decoded: dict[int, np.ndarray] = {}  # id(dataset) -> all frames, so a multi-frame decodes once
-    array = np.stack([_hu(s, where, decoded) for s in slices])
+    frames_left: dict[int, int] = {}
+    for s in slices:
+        frames_left[id(s.dataset)] = frames_left.get(id(s.dataset), 0) + 1
+    # Fill one preallocated volume and let go of each file's pixels as soon as they are in it: a
+    # 600-slice CT is 630 MB as float32, and holding every decoded slice besides it doubles that.
+    # With integer rescaling (nearly every CT) the volume is first filled as int16 (half the size)
+    # and converted to float32 by SimpleITK, so the peak stays near 1.5x the final volume.
+    integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
+    array = np.empty((len(slices), *slices[0].size), dtype=np.int16 if integral else np.float32)
+    for k, s in enumerate(slices):
+        hu = _hu(s, where, decoded)
+        if array.dtype == np.int16 and (hu.min() < -32768 or hu.max() > 32767):
+            array = array.astype(np.float32)  # values beyond int16: keep floats from here on
+        array[k] = hu
+        frames_left[id(s.dataset)] -= 1
+        if not frames_left[id(s.dataset)]:
+            decoded.pop(id(s.dataset), None)
+            s.dataset.clear()  # geometry is in the _Slice; the dataset is not needed any more
     image = sitk.GetImageFromArray(array)
+    del array
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
     row_spacing, col_spacing = slices[0].pixel_spacing
     image.SetSpacing((col_spacing, row_spacing, step))
     image.SetOrigin(tuple(float(v) for v in positions[0]))
