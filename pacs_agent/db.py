@@ -111,21 +111,27 @@ class Database:
             migrate(self.engine)
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self._reads: sessionmaker[Session] | None = None
+        self._read_engine: Engine | None = None
 
     def session(self) -> Session:
         """A new session; use it as a context manager."""
         return self.sessions()
 
+    @property
+    def reader(self) -> Engine:
+        """The engine for reads that must not queue behind writers (SQLite: read-only connections)."""
+        if self._read_engine is None:
+            self._read_engine = read_engine(self.url)
+        return self._read_engine
+
     def read_session(self) -> Session:
         """A session for reads that must not queue behind writers (a SQLite read-only connection)."""
         if self._reads is None:
-            self._reads = sessionmaker(read_engine(self.url), expire_on_commit=False)
+            self._reads = sessionmaker(self.reader, expire_on_commit=False)
         return self._reads()
 
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
-        if self._reads is not None:
-            bind = self._reads.kw.get("bind")
-            if bind is not None:
-                bind.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()

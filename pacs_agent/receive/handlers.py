@@ -236,19 +236,20 @@ class ReceiveHandlers:
         )
         written = False
         try:
-            with self.db.read_session() as reader:  # a read: never queues behind writers
+            # Bare connections, not ORM sessions: this runs once per instance.
+            with self.db.reader.connect() as reader:  # a read: never queues behind writers
                 known = is_known_instance(reader, header.sop_instance_uid)
             if known:
-                with self.db.session() as session, session.begin():
-                    count_duplicate(session, header.sop_instance_uid)
+                with self.db.engine.begin() as connection:
+                    count_duplicate(connection, header.sop_instance_uid)
                 outcome = StoreOutcome.DUPLICATE
             else:
                 # The file is durable before the row exists; the row is what makes it "received".
                 self.spool.write(relative, data)
                 written = True
-                with self.db.session() as session, session.begin():
+                with self.db.engine.begin() as connection:
                     outcome = record_instance(
-                        session,
+                        connection,
                         header,
                         path=str(relative),
                         size_bytes=len(data),

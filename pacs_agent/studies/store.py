@@ -7,11 +7,12 @@ database's "insert or ignore" so two senders of the same study never collide.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import MutableMapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Insert, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -26,34 +27,66 @@ class StoreOutcome(enum.Enum):
     DUPLICATE = "duplicate"
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
-    """INSERT that does nothing when a unique key already exists; True when a row was added."""
-    dialect = session.get_bind().dialect.name
+Executor = Session | Connection
+"""Both run the statements; the receive hot path uses a bare Connection (no ORM unit of work)."""
+
+
+def _dialect(executor: Executor) -> str:
+    bind = executor.get_bind() if isinstance(executor, Session) else executor
+    return bind.dialect.name
+
+
+@functools.cache
+def _insert_ignore_statement(dialect: str, table: Table, columns: tuple[str, ...]) -> Insert:
+    """INSERT .. ON CONFLICT DO NOTHING RETURNING id with one bound parameter per column.
+
+    Built once per dialect and table: the statement's compiled form is then cached by SQLAlchemy,
+    so an instance costs an execution, not a statement construction and compilation.
+    """
+    values = {name: bindparam(name, type_=table.c[name].type) for name in columns}
     if dialect == "postgresql":
-        stmt = postgresql.insert(model.__table__).values(**values).on_conflict_do_nothing()
+        stmt = postgresql.insert(table).values(values).on_conflict_do_nothing()
     elif dialect == "sqlite":
-        stmt = sqlite.insert(model.__table__).values(**values).on_conflict_do_nothing()
+        stmt = sqlite.insert(table).values(values).on_conflict_do_nothing()
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise RuntimeError(f"unsupported database dialect {dialect}")
     # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT with returning ids.
-    return session.execute(stmt.returning(model.__table__.c.id)).first() is not None
+    return stmt.returning(table.c.id)
 
 
-def is_known_instance(session: Session, sop_instance_uid: str) -> bool:
-    """True when an instance with this SOP Instance UID is already stored."""
-    found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
-    return found is not None
+def _insert_ignore(executor: Executor, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT that does nothing when a unique key already exists; True when a row was added."""
+    stmt = _insert_ignore_statement(_dialect(executor), model.__table__, tuple(values))
+    return executor.execute(stmt, values).first() is not None
 
 
-def count_duplicate(session: Session, sop_instance_uid: str) -> None:
-    """Count one more receipt of an instance that is already stored."""
-    session.execute(
-        update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(duplicates=Instance.duplicates + 1)
+_KNOWN_INSTANCE = select(Instance.id).where(Instance.sop_instance_uid == bindparam("uid"))
+_COUNT_DUPLICATE = (
+    update(Instance).where(Instance.sop_instance_uid == bindparam("uid")).values(duplicates=Instance.duplicates + 1)
+)
+_STUDY_RECEIVING = (
+    update(Study)
+    .where(Study.id == bindparam("study_id"))
+    .values(
+        last_received_at=bindparam("now", type_=Study.__table__.c.last_received_at.type),
+        state="receiving",
+        state_reason=None,
     )
+)
+
+
+def is_known_instance(executor: Executor, sop_instance_uid: str) -> bool:
+    """True when an instance with this SOP Instance UID is already stored."""
+    return executor.execute(_KNOWN_INSTANCE, {"uid": sop_instance_uid}).first() is not None
+
+
+def count_duplicate(executor: Executor, sop_instance_uid: str) -> None:
+    """Count one more receipt of an instance that is already stored."""
+    executor.execute(_COUNT_DUPLICATE, {"uid": sop_instance_uid})
 
 
 def record_instance(
-    session: Session,
+    session: Executor,
     header: InstanceHeader,
     *,
     path: str,
@@ -98,13 +131,11 @@ def record_instance(
     if not inserted:
         count_duplicate(session, header.sop_instance_uid)
         return StoreOutcome.DUPLICATE
-    session.execute(
-        update(Study).where(Study.id == study_id).values(last_received_at=now, state="receiving", state_reason=None)
-    )
+    session.execute(_STUDY_RECEIVING, {"study_id": study_id, "now": now})
     return StoreOutcome.STORED
 
 
-def _study_and_series(session: Session, header: InstanceHeader, now: datetime) -> tuple[int, int]:
+def _study_and_series(session: Executor, header: InstanceHeader, now: datetime) -> tuple[int, int]:
     """Insert the study and series of ``header`` unless they exist; return their ids."""
     _insert_ignore(
         session,

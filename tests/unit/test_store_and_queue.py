@@ -17,7 +17,7 @@ from pacs_agent.models import Base, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
-from pacs_agent.studies.store import StoreOutcome, record_instance
+from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
 
 CT = InstanceHeader(
     sop_class_uid=CT_IMAGE,
@@ -87,6 +87,32 @@ def test_duplicate_sop_instance_kept_once_and_counted(any_db: Database) -> None:
     with any_db.session() as session:
         instance = session.execute(select(Instance)).scalar_one()
         assert instance.duplicates == 2
+
+
+def test_receive_hot_path_on_bare_connections(any_db: Database) -> None:
+    """The C-STORE handler's way: a read-only look-up, then one write transaction per instance, no ORM session."""
+    series_ids: dict[str, tuple[int, int]] = {}
+    before = utcnow()
+    for n in (1, 2, 3):
+        header = ct_slice(n)
+        with any_db.reader.connect() as reader:
+            assert not is_known_instance(reader, header.sop_instance_uid)
+        with any_db.engine.begin() as connection:
+            outcome = record_instance(
+                connection, header, path=f"p{n}", size_bytes=n, calling_ae_title="CT1", series_ids=series_ids
+            )
+        assert outcome is StoreOutcome.STORED
+    assert list(series_ids) == ["1.2.3.100"]  # looked up once, then cached
+    with any_db.reader.connect() as reader:
+        assert is_known_instance(reader, "1.2.3.100.2")
+    with any_db.engine.begin() as connection:
+        count_duplicate(connection, "1.2.3.100.2")
+    with any_db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.path)).all()
+        assert [(i.path, i.size_bytes, i.duplicates) for i in rows] == [("p1", 1, 0), ("p2", 2, 1), ("p3", 3, 0)]
+        assert all(i.received_at >= before and i.received_at.tzinfo is not None for i in rows)
+        study = session.scalars(select(Study)).one()
+        assert study.state == "receiving" and study.last_received_at >= rows[-1].received_at
 
 
 def test_concurrent_senders_of_one_study(any_db: Database) -> None:
