@@ -10,7 +10,7 @@ mismatch) or when every segment has a problem.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +85,26 @@ def segmentation_phase(ct_paths: Sequence[Path], segmentation: pydicom.Dataset) 
     phases = split_phases(ct_paths)
     if len(phases) <= 1:
         return None
+    return phase_of_segmentation(
+        {key: [pydicom.dcmread(p, stop_before_pixels=True) for p in paths] for key, paths in phases.items()},
+        segmentation,
+    )
+
+
+def phase_of_segmentation(phases: Mapping[str, Sequence[pydicom.Dataset]], segmentation: pydicom.Dataset) -> str:
+    """Of the phases of a series (key -> headers), the one holding most of the images ``segmentation`` references.
+
+    A :data:`inference.imaging.volume.PhaseChooser` for ``load_ct_series(..., choose_phase=...)``.
+
+    Raises
+    ------
+    SegmentationError
+        The segmentation references images of none of the phases.
+    """
     referenced = referenced_instance_uids(segmentation)
     overlap = {
-        key: len(referenced & {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths})
-        for key, paths in phases.items()
+        key: len(referenced & {str(ds.get("SOPInstanceUID", "")) for ds in datasets})
+        for key, datasets in phases.items()
     }
     best = max(overlap, key=lambda key: overlap[key])
     if overlap[best] == 0:

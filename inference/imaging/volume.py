@@ -8,7 +8,7 @@ message an imaging IT person can act on; messages name series by UID, never the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,7 +267,13 @@ def _phase_sort_key(value: str) -> tuple[int, float, str]:
         return 1, 0.0, value
 
 
-def load_ct_series(paths: Sequence[Path], *, phase: str | None = None) -> CTVolume:
+PhaseChooser = Callable[[Mapping[str, Sequence[pydicom.Dataset]]], str]
+"""Picks one phase of a multi-phase series from its headers grouped per phase (key -> datasets)."""
+
+
+def load_ct_series(
+    paths: Sequence[Path], *, phase: str | None = None, choose_phase: PhaseChooser | None = None
+) -> CTVolume:
     """Load the files of one CT series as a HU volume.
 
     Parameters
@@ -278,6 +284,9 @@ def load_ct_series(paths: Sequence[Path], *, phase: str | None = None) -> CTVolu
     phase
         For a multi-phase series, the key of the phase to load (a key of :func:`split_phases`,
         e.g. ``"AcquisitionNumber=2"``); None for a single-phase series.
+    choose_phase
+        Used when ``phase`` is None and the series has several phases: called once with the
+        headers grouped per phase, returns the key to load (each file is read only once).
 
     Returns
     -------
@@ -299,6 +308,8 @@ def load_ct_series(paths: Sequence[Path], *, phase: str | None = None) -> CTVolu
     series_uid = _one_value(datasets, "SeriesInstanceUID", "Series Instance UID")
     where = f"series {series_uid}"
     phases = _phase_groups(datasets)
+    if phase is None and len(phases) > 1 and choose_phase is not None:
+        phase = choose_phase({key: [datasets[i] for i in members] for key, members in phases.items()})
     if phase is None and len(phases) > 1:
         raise VolumeError(
             f"{where} holds {len(phases)} phases ({', '.join(phases)}): the same slice positions were "

@@ -10,11 +10,19 @@ so that a lesion has the same tracking id, tracking UID and key slice whichever 
 
 An empty or unusable segment is skipped with its reason (the others go on); no lesion at all is an
 :class:`~pacs_agent.errors.InputError`.
+
+A worker runs one job per method, and the jobs of one study follow each other: the last loaded
+study is kept (read-only) and handed to the next method when its files are the same, unchanged
+ones, so a study with M1 + radiomics is read and split into lesions once. Loading another study
+drops it first (never two studies in memory); :func:`forget_loaded_study` drops it when the
+worker goes idle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +32,12 @@ from pydicom import dcmread
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
-from inference.imaging.masks import LabelMask, load_segmentation, segmentation_phase
+from inference.imaging.masks import LabelMask, load_segmentation, phase_of_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
 from pacs_agent.errors import InputError
 
-__all__ = ["LoadedStudy", "StudyLesion", "key_image", "lesion_result", "load_study"]
+__all__ = ["LoadedStudy", "StudyLesion", "forget_loaded_study", "key_image", "lesion_result", "load_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +104,60 @@ def load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy
         The CT cannot be assembled into a volume, the segmentation does not fit it, or no lesion
         remains after the minimum-volume filter.
     """
+    key = _files_key([*ct_paths, segmentation_path])
+    with _last_lock:
+        if key is not None and _last is not None and _last[0] == key:
+            logger.debug("study reused from the previous job (same %d files)", len(key))
+            return _last[1]
+    forget_loaded_study()  # never hold two studies at once
+    study = _load_study(ct_paths, segmentation_path)
+    if key is not None:
+        _remember(key, study)
+    return study
+
+
+def forget_loaded_study() -> None:
+    """Drop the study kept for the next job (the worker calls this when it has nothing to do)."""
+    global _last
+    with _last_lock:
+        _last = None
+
+
+_FilesKey = tuple[tuple[str, int, int, int], ...]
+_last: tuple[_FilesKey, LoadedStudy] | None = None
+_last_lock = threading.Lock()
+
+
+def _files_key(paths: Sequence[Path]) -> _FilesKey | None:
+    """Path, inode, size and modification time of every file: a changed or replaced file changes the key.
+
+    None when a file cannot be examined (the loader then reports what is wrong with it).
+    """
+    key = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        key.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(key)
+
+
+def _remember(key: _FilesKey, study: LoadedStudy) -> None:
+    """Keep ``study`` for the next job, its arrays made read-only so that no method changes them for another."""
+    global _last
+    for label_mask in study.masks:
+        label_mask.mask.setflags(write=False)
+    for item in study.lesions:
+        item.lesion.mask.setflags(write=False)
+    with _last_lock:
+        _last = (key, study)
+
+
+def _load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy:
+    """:func:`load_study` without the reuse."""
     segmentation = dcmread(segmentation_path)
-    volume = load_ct_series(ct_paths, phase=segmentation_phase(ct_paths, segmentation))
+    volume = load_ct_series(ct_paths, choose_phase=lambda phases: phase_of_segmentation(phases, segmentation))
     masks = tuple(load_segmentation(segmentation, volume))
     lesions: list[StudyLesion] = []
     skipped: list[str] = []

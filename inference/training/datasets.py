@@ -41,12 +41,13 @@ from inference.imaging.masks import (
     RTSTRUCT_STORAGE,
     SEG_STORAGE,
     load_segmentation,
+    phase_of_segmentation,
     referenced_series_uids,
-    segmentation_phase,
 )
 from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_input, peritumoral_ring
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.models.m2_multiview import Covariates
+from inference.pipelines.m2_egfr_kras import covariates_from_header
 from pacs_agent.errors import InputError
 
 __all__ = [
@@ -283,17 +284,8 @@ class LesionCase:
 
 
 def _header_covariates(volume_files: Sequence[Path]) -> Covariates:
-    ds = pydicom.dcmread(volume_files[0], stop_before_pixels=True)
-    age: float | None = None
-    text = str(ds.get("PatientAge", "")).strip()
-    if len(text) == 4 and text[:3].isdigit():
-        age = float(text[:3]) / {"Y": 1, "M": 12, "W": 52, "D": 365}.get(text[3].upper(), 1)
-    elif ds.get("PatientBirthDate") and ds.get("StudyDate"):
-        b, s = str(ds.PatientBirthDate), str(ds.StudyDate)
-        if len(b) == 8 and len(s) == 8 and b.isdigit() and s.isdigit():
-            age = float(int(s[:4]) - int(b[:4]) - ((int(s[4:8])) < int(b[4:8])))
-    sex = str(ds.get("PatientSex", "")).strip().upper()
-    return Covariates(age=age, sex=sex if sex in ("M", "F") else None)  # type: ignore[arg-type]
+    """Age and sex from the CT header, read exactly as at inference (one rule for training and use)."""
+    return covariates_from_header(pydicom.dcmread(volume_files[0], stop_before_pixels=True))
 
 
 def iter_lesions(
@@ -325,7 +317,9 @@ def iter_lesions(
         rows = by_study[uid]
         try:
             segmentation = pydicom.dcmread(files.segmentation)
-            volume = load_ct_series(files.ct_files, phase=segmentation_phase(files.ct_files, segmentation))
+            volume = load_ct_series(
+                files.ct_files, choose_phase=lambda phases, seg=segmentation: phase_of_segmentation(phases, seg)
+            )
             masks = [m for m in load_segmentation(segmentation, volume) if m.ok]
             lesions = [lesion for m in masks for lesion in find_lesions(m, volume, min_volume_ml=min_volume_ml)]
         except InputError as exc:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,9 +33,9 @@ from pydicom import Dataset, dcmread
 from dicom_sr.response_sc import build_response_capture, key_lesions
 from dicom_sr.response_sr import RESULT_KIND, build_response_report, lesion_result
 from inference.imaging import find_lesions, load_ct_series, load_segmentation
+from inference.pipelines.model_methods import ModelUnavailableError, find_package
 from inference.pipelines.response import METHOD, run_response
 from inference.pipelines.study import key_image
-from inference.registry import list_packages
 from inference.response import LesionMeasurement, ResponseResult
 from inference.response.signature import ResponseSignature, load_signature
 from inference.results import KeyImage, PipelineOutput, StudyResult
@@ -120,11 +119,6 @@ def resolve_pair_inputs(db: Database, spool_dir: Path, job: ClaimedJob) -> PairI
     return PairInputs(baseline=baseline, follow_up=follow_up)
 
 
-def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Natural order of versions: ``0.10.0`` after ``0.9.1``."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+_]", version) if p)
-
-
 def find_response_model(model_dirs: Sequence[Path]) -> Path | None:
     """The ``response`` package to use: the first directory holding one; there, the highest version.
 
@@ -143,15 +137,10 @@ def find_response_model(model_dirs: Sequence[Path]) -> Path | None:
     ResponseModelError
         The chosen package's manifest cannot be read.
     """
-    for directory in model_dirs:
-        candidates = [entry for entry in list_packages(directory) if entry.method == METHOD]
-        if not candidates:
-            continue
-        best = max(candidates, key=lambda e: (_version_key(e.version), e.name, str(e.path)))
-        if best.problems:
-            raise ResponseModelError(f"response model package {best.path} is refused: {'; '.join(best.problems)}")
-        return best.path
-    return None
+    try:
+        return find_package(METHOD, model_dirs)
+    except ModelUnavailableError as exc:
+        raise ResponseModelError(str(exc)) from exc
 
 
 def load_response_model(model_dirs: Sequence[Path]) -> ResponseSignature | None:

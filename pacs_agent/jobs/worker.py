@@ -8,6 +8,7 @@ then the job is dead. If the process itself dies, the lease runs out and the job
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -113,6 +114,14 @@ class Worker:
                 logger.exception("worker loop error; continuing")
                 busy = False
             if not busy:
+                _forget_loaded_study()
                 self.stop.wait(self.poll_seconds)
         self.heartbeat.remove()
         logger.info("worker %s stopped", self.worker_id)
+
+
+def _forget_loaded_study() -> None:
+    """Free the study the pipelines keep for the next job of the same study (once the queue is empty)."""
+    study_module = sys.modules.get("inference.pipelines.study")  # not imported: nothing is kept
+    if study_module is not None:
+        study_module.forget_loaded_study()
