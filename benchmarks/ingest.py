@@ -1,141 +1,118 @@
-"""Ingest benchmark: the same CT series sent with DCMTK storescu to pacs-agent, Orthanc and storescp.
+"""Ingest benchmark: CT series sent with DCMTK storescu to pacs-agent, Orthanc and storescp, 1 and 4 senders.
 
-Each receiver runs on loopback and stores to disk under benchmarks/work/. pacs-agent keeps its
-durability (fsync of every file and its directory, fully synchronous SQLite commit per instance);
-Orthanc uses its defaults (SQLite index + file storage); DCMTK storescp writes files without fsync.
-Every receiver gets the same files in the same run, several rounds, and the median is reported
-together with the ratios pacs-agent / peer.
+Each receiver runs on loopback, freshly started for every measurement, and stores to disk under
+benchmarks/work/. pacs-agent (``pacs-agent scp``) keeps its durability: fsync of every file and
+its directory, a fully synchronous SQLite commit per instance, then Success. Orthanc uses its
+defaults (SQLite index + file storage); DCMTK storescp writes files without fsync, a child
+process per association (--fork; without it storescp serves one association at a time). Orthanc and
+storescp are measured with Nagle's algorithm on (Debian's DCMTK default) and off (TCP_NODELAY=1).
 
-Usage:  .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--rounds 3]
+With one sender, one storescu sends one 300-slice 512x512 CT series over one association. With
+four senders, four storescu processes start at once, each with a distinct study (different
+UIDs), and the aggregate rate is all instances / wall time until the last one finished. Rounds
+are interleaved (every receiver, both sender counts, then the next round; the receiver order
+rotates per round) so that machine noise hits all alike; medians, min and max are reported,
+with the ratios pacs-agent / peer of the median rates, and whether the issue's targets are met:
+pacs-agent one-sender rate >= 5x Orthanc's and >= 1x storescp's, and pacs-agent's 4-sender
+aggregate rate >= its one-sender rate. After every measurement the receiver's stored count is
+checked.
+
+Usage:  .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--rounds 3] [--senders 1 4]
 Writes: benchmarks/results/ingest.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import (
+    NODELAY,
+    WORK_ROOT,
+    NodeProcess,
+    OrthancProcess,
+    StorescpProcess,
+    fresh_dir,
+    header,
+    load_average,
+    markdown_table,
+    require_tools,
+    send_concurrently,
+    spread,
+    write_results,
+)
 
-from pacs_agent import __version__  # noqa: E402
-from pacs_agent.phantom import generate_study  # noqa: E402
-from tests.integration.peers import Orthanc  # noqa: E402
+from pacs_agent.phantom import generate_study
 
-WORK = ROOT / "benchmarks" / "work"
-RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port}")
+WORK = WORK_ROOT / "ingest"
 
 
-# Debian's DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is set; with it on, every C-STORE
-# waits ~40 ms for a delayed ACK. The sender always runs with it off; DCMTK-based receivers are
-# measured both ways.
-NODELAY = {"TCP_NODELAY": "1"}
+class Receiver(Protocol):
+    """What a receiver under test offers."""
+
+    port: int
+    ae_title: str
+
+    def stop(self) -> None: ...
 
 
-def send(port: int, aec: str, files: list[Path]) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(
-        ["storescu", "-R", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **NODELAY},
-    )
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed: {result.stderr[-2000:]}")
-    return elapsed
+def start_pacs_agent(work: Path) -> tuple[Receiver, Callable[[], int]]:
+    node = NodeProcess(work, command="scp")
+    node.start()
+    return node, node.stored
 
 
-def run_pacs_agent(files: list[Path], work: Path) -> float:
-    port = free_port()
-    config = work / "pacs-agent.toml"
-    config.write_text(
-        f'[node]\nhost = "127.0.0.1"\nport = {port}\n[storage]\nstate_dir = "{work / "state"}"\nmin_free_mb = 100\n'
-        '[logging]\nlevel = "WARNING"\n'
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pacs_agent", "scp", "--config", str(config)],
-        stdout=(work / "node.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(port)
-        return send(port, "PACS_AGENT", files)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-
-
-def run_orthanc(files: list[Path], work: Path, env: dict[str, str] | None = None) -> float:
-    orthanc = Orthanc(work / "orthanc")
+def start_orthanc(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int]]:
+    orthanc = OrthancProcess(work / "orthanc")
     orthanc.start(env=env)
+
+    class View:
+        port = orthanc.dicom_port
+        ae_title = orthanc.ae_title
+
+        def stop(self) -> None:
+            orthanc.stop()
+
+    return View(), orthanc.count_instances
+
+
+def start_storescp(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int]]:
+    scp = StorescpProcess(work, env=env or {})
+    scp.start()
+    return scp, scp.stored
+
+
+RECEIVERS: dict[str, Callable[[Path], tuple[Receiver, Callable[[], int]]]] = {
+    "pacs-agent": start_pacs_agent,
+    "orthanc": start_orthanc,
+    "orthanc-nodelay": lambda w: start_orthanc(w, NODELAY),
+    "dcmtk-storescp": start_storescp,
+    "dcmtk-storescp-nodelay": lambda w: start_storescp(w, NODELAY),
+}
+DURABILITY = {
+    "pacs-agent": "fsync file + directory, SQLite WAL synchronous=FULL commit per instance, then Success",
+    "orthanc": "defaults (SQLite index, file storage, no fsync); Nagle on (Debian DCMTK default)",
+    "orthanc-nodelay": "as orthanc, with TCP_NODELAY=1 in its environment (Nagle off)",
+    "dcmtk-storescp": "plain file write, no fsync, --fork (a process per association); Nagle on (Debian DCMTK default)",
+    "dcmtk-storescp-nodelay": "plain file write, no fsync, --fork; TCP_NODELAY=1 (Nagle off)",
+}
+
+
+def measure(name: str, batches: list[list[Path]], work: Path) -> dict[str, Any]:
+    receiver, stored = RECEIVERS[name](work)
     try:
-        return send(orthanc.dicom_port, orthanc.ae_title, files)
+        wall, per_sender = send_concurrently(receiver.port, receiver.ae_title, batches)
+        count = stored()
     finally:
-        orthanc.stop()
-
-
-def run_storescp(files: list[Path], work: Path, env: dict[str, str] | None = None) -> float:
-    port = free_port()
-    out = work / "storescp"
-    out.mkdir(parents=True)
-    proc = subprocess.Popen(
-        ["storescp", "--output-directory", str(out), "--aetitle", "STORESCP", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        wait_port(port)
-        return send(port, "STORESCP", files)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def versions() -> dict[str, str]:
-    def first_line(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.splitlines()[0].strip()
-        except (OSError, IndexError):
-            return "unknown"
-
-    return {
-        "pacs-agent": __version__,
-        "orthanc": first_line(["Orthanc", "--version"]),
-        "dcmtk": first_line(["storescp", "--version"]),
-        "python": platform.python_version(),
-    }
+        receiver.stop()
+    expected = sum(len(b) for b in batches)
+    if count != expected:
+        raise RuntimeError(f"{name} stored {count} of {expected} instances")
+    return {"seconds": wall, "per_sender_seconds": per_sender}
 
 
 def main() -> int:
@@ -143,74 +120,120 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=list(RECEIVERS))
     args = parser.parse_args()
-    for tool in ("storescu", "storescp", "Orthanc"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"benchmark needs {tool} (make system-deps)", file=sys.stderr)
-            return 1
-    if WORK.exists():
-        shutil.rmtree(WORK)
-    WORK.mkdir(parents=True)
-    print(f"generating a {args.slices}-slice {args.size}x{args.size} CT series ...", flush=True)
-    study = generate_study(
-        WORK / "study", seed=1, lesions=3, slices=args.slices, rows=args.size, columns=args.size, segmentation="none"
-    )
-    files = list(study.ct_files)
-    megabytes = sum(f.stat().st_size for f in files) / 1e6
-    receivers: dict[str, Callable[[list[Path], Path], float]] = {
-        "pacs-agent": run_pacs_agent,
-        "orthanc": run_orthanc,
-        "orthanc-nodelay": lambda f, w: run_orthanc(f, w, env=NODELAY),
-        "dcmtk-storescp": run_storescp,
-        "dcmtk-storescp-nodelay": lambda f, w: run_storescp(f, w, env=NODELAY),
-    }
-    seconds: dict[str, list[float]] = {name: [] for name in receivers}
+    require_tools("storescu", "storescp", "Orthanc")
+    load_start = load_average()
+    fresh_dir(WORK)
+    studies = []
+    for n in range(max(args.senders)):
+        print(f"generating CT series {n + 1}: {args.slices} slices {args.size}x{args.size} ...", flush=True)
+        study = generate_study(
+            WORK / f"study{n}",
+            seed=100 + n,
+            lesions=3,
+            slices=args.slices,
+            rows=args.size,
+            columns=args.size,
+            segmentation="none",
+        )
+        studies.append(list(study.ct_files))
+    megabytes = sum(f.stat().st_size for f in studies[0]) / 1e6
+    names = ["pacs-agent", *(n for n in args.receivers if n != "pacs-agent")]
+    raw: dict[str, dict[int, list[dict[str, Any]]]] = {n: {s: [] for s in args.senders} for n in names}
     for round_no in range(args.rounds):
-        for name, run in receivers.items():  # interleaved so that machine noise hits all alike
-            work = WORK / f"{name}-{round_no}"
-            work.mkdir()
-            elapsed = run(files, work)
-            seconds[name].append(elapsed)
-            print(
-                f"round {round_no + 1}: {name:15s} {elapsed:6.2f} s  {len(files) / elapsed:7.1f} instances/s",
-                flush=True,
-            )
-            shutil.rmtree(work, ignore_errors=True)
-    median = {name: statistics.median(values) for name, values in seconds.items()}
-    result = {
-        "benchmark": "ingest",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
-        "series": {"instances": len(files), "rows": args.size, "columns": args.size, "megabytes": round(megabytes, 1)},
-        "sender": "DCMTK storescu -R, one association, loopback",
-        "rounds": args.rounds,
-        "receivers": {
-            name: {
-                "seconds_median": round(median[name], 3),
-                "seconds_all": [round(v, 3) for v in seconds[name]],
-                "instances_per_second": round(len(files) / median[name], 1),
-                "megabytes_per_second": round(megabytes / median[name], 1),
+        order = names[round_no % len(names) :] + names[: round_no % len(names)]
+        for senders in args.senders:
+            for name in order:
+                work = fresh_dir(WORK / f"{name}-{senders}-{round_no}")
+                result = measure(name, studies[:senders], work)
+                shutil.rmtree(work, ignore_errors=True)
+                count = senders * args.slices
+                result["instances_per_second"] = count / result["seconds"]
+                result["load_average_1min"] = load_average()[0]
+                raw[name][senders].append(result)
+                print(
+                    f"round {round_no + 1} senders {senders}: {name:24s} {result['seconds']:6.2f} s "
+                    f"{result['instances_per_second']:7.1f} instances/s",
+                    flush=True,
+                )
+
+    receivers: dict[str, Any] = {}
+    rate: dict[str, dict[int, float]] = {}
+    for name in names:
+        receivers[name] = {"durability": DURABILITY[name]}
+        rate[name] = {}
+        for senders in args.senders:
+            rounds = raw[name][senders]
+            rates = [r["instances_per_second"] for r in rounds]
+            rate[name][senders] = spread(rates, 1)["median"]
+            receivers[name][f"senders_{senders}"] = {
+                "instances": senders * args.slices,
+                "seconds": spread([r["seconds"] for r in rounds]),
+                "instances_per_second": spread(rates, 1),
+                "megabytes_per_second_median": round(senders * megabytes * rate[name][senders] / args.slices, 1),
+                "per_sender_seconds": [[round(s, 3) for s in r["per_sender_seconds"]] for r in rounds],
+                "load_average_1min": [r["load_average_1min"] for r in rounds],
             }
-            for name in receivers
-        },
-        "ratios": {
-            f"pacs-agent_vs_{name}": round(median[name] / median["pacs-agent"], 2)
-            for name in receivers
+    ratios = {
+        f"senders_{s}": {
+            f"pacs-agent_vs_{name}": round(rate["pacs-agent"][s] / rate[name][s], 2)
+            for name in names
             if name != "pacs-agent"
-        },
-        "durability": {
-            "pacs-agent": "fsync file + directory, SQLite WAL synchronous=FULL commit per instance, then Success",
-            "orthanc": "defaults (SQLite index, file storage); Nagle on (Debian DCMTK default)",
-            "orthanc-nodelay": "as orthanc, with TCP_NODELAY=1 in its environment",
-            "dcmtk-storescp": "plain file write, no fsync; Nagle on (Debian DCMTK default)",
-            "dcmtk-storescp-nodelay": "plain file write, no fsync; TCP_NODELAY=1",
-        },
+        }
+        for s in args.senders
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["ratios"]))
-    print(f"written {RESULTS}")
+    targets: dict[str, Any] = {}
+    if "pacs-agent" in names and 1 in args.senders:
+        one = ratios["senders_1"]
+        for peer, factor in (("orthanc", 5.0), ("orthanc-nodelay", 5.0), ("dcmtk-storescp", 1.0)):
+            if peer in names:
+                targets[f"one_sender_>={factor:g}x_{peer}"] = {
+                    "ratio": one[f"pacs-agent_vs_{peer}"],
+                    "met": one[f"pacs-agent_vs_{peer}"] >= factor,
+                }
+        if "dcmtk-storescp-nodelay" in names:
+            value = one["pacs-agent_vs_dcmtk-storescp-nodelay"]
+            targets[">=1x_dcmtk-storescp-nodelay"] = {"ratio": value, "met": value >= 1.0}
+        if max(args.senders) > 1:
+            s = max(args.senders)
+            value = round(rate["pacs-agent"][s] / rate["pacs-agent"][1], 2)
+            targets[f"{s}_senders_aggregate_>=_one_sender"] = {"ratio": value, "met": value >= 1.0}
+
+    result = header(
+        "ingest",
+        {
+            "instances_per_series": args.slices,
+            "rows": args.size,
+            "columns": args.size,
+            "megabytes_per_series": round(megabytes, 1),
+            "rounds": args.rounds,
+            "senders": args.senders,
+            "sender": "DCMTK storescu -R (TCP_NODELAY=1), one association per sender, distinct studies, loopback",
+        },
+        load_start,
+    )
+    result |= {"receivers": receivers, "ratios": ratios, "targets": targets}
+    path = write_results("ingest", result)
+
+    rows = []
+    for name in names:
+        row: list[Any] = [name]
+        for s in args.senders:
+            entry = receivers[name][f"senders_{s}"]
+            ips = entry["instances_per_second"]
+            row += [
+                f"{ips['median']:.0f} ({ips['min']:.0f}-{ips['max']:.0f})",
+                "1" if name == "pacs-agent" else f"{ratios[f'senders_{s}'][f'pacs-agent_vs_{name}']:.2f}",
+            ]
+        rows.append(row)
+    cols = ["receiver"]
+    for s in args.senders:
+        cols += [f"{s} sender(s): instances/s median (min-max)", "pacs-agent / peer"]
+    print(markdown_table(cols, rows))
+    print(f"targets: {targets}")
+    print(f"load average start {load_start}, end {result['load_average_end']}; written {path}")
     shutil.rmtree(WORK, ignore_errors=True)
     return 0
 
