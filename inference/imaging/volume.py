@@ -102,11 +102,11 @@ class _ImageBuffer:
     temporary image (``load_ct_series(p).array``) would point at freed memory.
     """
 
-    def __init__(self, image: sitk.Image) -> None:
+    def __init__(self, image: sitk.Image, *, writable: bool = False) -> None:
         self.image = image
         interface = dict(sitk.GetArrayViewFromImage(image).__array_interface__)
         data, _ = interface["data"]
-        interface["data"] = (data, True)  # read-only
+        interface["data"] = (data, not writable)  # (address, read-only flag)
         self.__array_interface__ = interface
 
 
@@ -439,25 +439,19 @@ def _stack(slices: list[_Slice], where: str, *, study_uid: str, series_uid: str,
     frames_left: dict[int, int] = {}
     for s in slices:
         frames_left[id(s.dataset)] = frames_left.get(id(s.dataset), 0) + 1
-    # Fill one preallocated volume and let go of each file's pixels as soon as they are in it: a
-    # 600-slice CT is 630 MB as float32, and holding every decoded slice besides it doubles that.
-    # With integer rescaling (nearly every CT) the volume is first filled as int16 (half the size)
-    # and converted to float32 by SimpleITK, so the peak stays near 1.5x the final volume.
-    integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
-    array = np.empty((len(slices), *slices[0].size), dtype=np.int16 if integral else np.float32)
+    # Fill the volume's own float32 buffer (a new SimpleITK image, shared with nobody) slice by
+    # slice and let go of each file's pixels as soon as they are in it: a 600-slice CT is 630 MB,
+    # and a stack of decoded slices or an int16 copy besides it would double that.
+    rows, columns = slices[0].size
+    image = sitk.Image([columns, rows, len(slices)], sitk.sitkFloat32)
+    array = np.asarray(_ImageBuffer(image, writable=True))
     for k, s in enumerate(slices):
-        hu = _hu(s, where, decoded)
-        if array.dtype == np.int16 and (hu.min() < -32768 or hu.max() > 32767):
-            array = array.astype(np.float32)  # values beyond int16: keep floats from here on
-        array[k] = hu
+        array[k] = _hu(s, where, decoded)
         frames_left[id(s.dataset)] -= 1
         if not frames_left[id(s.dataset)]:
             decoded.pop(id(s.dataset), None)
             s.dataset.clear()  # geometry is in the _Slice; the dataset is not needed any more
-    image = sitk.GetImageFromArray(array)
     del array
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
     row_spacing, col_spacing = slices[0].pixel_spacing
     image.SetSpacing((col_spacing, row_spacing, step))
     image.SetOrigin(tuple(float(v) for v in positions[0]))
