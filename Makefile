@@ -57,13 +57,15 @@ demo: install
 benchmark-ingest: install
 	$(BIN)/python benchmarks/ingest.py
 
-# The four benchmarks of the README's Benchmarks section, one after the other (each under ~10 min).
+# The benchmarks of the README's Benchmarks section, one after the other (each under ~10 min).
+# Run them on an otherwise idle machine: each compares pacs-agent with a peer in the same run.
 .PHONY: benchmarks
 benchmarks: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/ingest_under_load.py
+	$(BIN)/python benchmarks/inference.py
 
 # Retrains the committed demo packages config/models/* from scratch (planted-label phantoms, fixed
 # seeds, CPU, two trainings at a time) and copies their held-out ROC plots to docs/images/.
