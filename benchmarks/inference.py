@@ -51,7 +51,12 @@ from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_i
 from inference.models import DeepRadInput, MultiViewInput, build_network  # noqa: E402
 from inference.pipelines import PIPELINES  # noqa: E402
 from inference.pipelines.m2_egfr_kras import covariates_from_header  # noqa: E402
-from inference.pipelines.model_methods import clear_cache, installed_package, resolve_package  # noqa: E402
+from inference.pipelines.model_methods import (  # noqa: E402
+    clear_cache,
+    find_package,
+    installed_package,
+    resolve_package,
+)
 from inference.pipelines.study import LoadedStudy, forget_loaded_study, load_study  # noqa: E402
 from inference.registry import ModelPackage, write_package  # noqa: E402
 from pacs_agent import __version__  # noqa: E402
@@ -176,12 +181,54 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return times
 
 
+def comparator_row(ct: list[Path], seg: Path, lesions: int, rounds: int) -> dict[str, Any] | None:
+    """The radiomics comparator with its demo package, interleaved with the radiomics peer (None without one)."""
+    path = find_package("radiomics", [DEMO_MODELS_DIR])
+    if path is None:
+        print("comparator: no demo package installed; skipped")
+        return None
+    clear_cache()
+    start = time.perf_counter()
+    package = resolve_package(path, "radiomics")
+    load_seconds = time.perf_counter() - start
+    times = interleaved(
+        {
+            "peer": lambda: PIPELINES["radiomics"](ct, seg),
+            "with_cam": lambda: PIPELINES["comparator"](ct, seg, model=package),
+        },
+        rounds,
+    )
+    ratios = [a / b for a, b in zip(times["with_cam"], times["peer"], strict=True)]
+    row = {
+        "method": "comparator",
+        "size": "demo",
+        "weights": f"demo package {package.name} {package.version}",
+        "input": "pyradiomics features of every lesion, then the package's selected features",
+        "package_load_seconds": round(load_seconds, 3),
+        "pipeline_seconds_per_lesion": round(statistics.median(times["with_cam"]) / lesions, 4),
+        "pipeline_seconds_per_lesion_min": round(min(times["with_cam"]) / lesions, 4),
+        "radiomics_seconds_per_lesion": round(statistics.median(times["peer"]) / lesions, 4),
+        "ratio_to_radiomics": round(statistics.median(ratios), 2),
+        "rounds_seconds": [round(t, 4) for t in times["with_cam"]],
+        "radiomics_rounds_seconds": [round(t, 4) for t in times["peer"]],
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"comparator demo: {row['pipeline_seconds_per_lesion']:.3f} s/lesion = {row['ratio_to_radiomics']:.2f} x "
+        f"radiomics ({row['radiomics_seconds_per_lesion']:.3f} s/lesion); load {load_seconds:.1f} s"
+    )
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--sizes", nargs="+", default=["paper", "demo"], choices=["paper", "demo"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--no-comparator", action="store_true", help="skip the radiomics comparator (its demo package) row"
+    )
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--slices", type=int, default=80)
     parser.add_argument("--lesions", type=int, default=3)
@@ -263,6 +310,10 @@ def main() -> int:
                     f"load {load_seconds:.1f} s) = {row['ratio_to_radiomics']:.2f} x radiomics "
                     f"({row['radiomics_seconds_per_lesion']:.3f} s/lesion); load average {row['load_average']}"
                 )
+        if not args.no_comparator:
+            row = comparator_row(ct, seg, lesions, args.rounds)
+            if row is not None:
+                rows.append(row)
         result = {
             "benchmark": "inference",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
