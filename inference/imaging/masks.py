@@ -145,16 +145,26 @@ def load_segmentation(
         raise ValueError("fractional_threshold must be in (0, 1]")
     ds = path if isinstance(path, pydicom.Dataset) else _read(Path(path))
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
-        masks = _load_seg(ds, volume, fractional_threshold)
-    elif sop_class == RTSTRUCT_STORAGE:
-        masks = _load_rtstruct(ds, volume)
-    else:
-        raise SegmentationError(
-            f"SOP Instance {ds.get('SOPInstanceUID')} is {ds.get('Modality', 'unknown modality')} "
-            f"(SOP Class {sop_class}), not a DICOM SEG or RTSTRUCT"
-        )
     what = f"{ds.get('Modality', 'segmentation')} {ds.get('SOPInstanceUID')}"
+    try:
+        if sop_class in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
+            masks = _load_seg(ds, volume, fractional_threshold)
+        elif sop_class == RTSTRUCT_STORAGE:
+            masks = _load_rtstruct(ds, volume)
+        else:
+            raise SegmentationError(
+                f"SOP Instance {ds.get('SOPInstanceUID')} is {ds.get('Modality', 'unknown modality')} "
+                f"(SOP Class {sop_class}), not a DICOM SEG or RTSTRUCT"
+            )
+    except InputError:
+        raise
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, NotImplementedError) as exc:
+        # highdicom / pydicom on a malformed object (missing module, truncated frames, wrong VR):
+        # bad input, not a crash - the job fails at once with the reason instead of being retried.
+        raise SegmentationError(
+            f"{what} is malformed and cannot be decoded ({type(exc).__name__}: {exc}); "
+            "export it again from the segmentation software"
+        ) from exc
     if not masks:
         raise SegmentationError(f"{what} contains no segments")
     for m in masks:

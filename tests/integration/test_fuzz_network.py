@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -162,3 +162,63 @@ def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
     assert storescu(node[0].port, [*good.ct_files, good.seg_file]).returncode == 0
     assert wait_for(lambda: job_of(good.study_instance_uid), 120, "the good study's job")[0] == "done"
     db.dispose()
+
+
+def break_seg_pixels(ds: Dataset) -> None:
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # frames missing
+
+
+def break_rtstruct_contour(ds: Dataset) -> None:
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = list(contour.ContourData)[:-1]  # not (x, y, z) triplets any more
+    contour.NumberOfContourPoints = len(contour.ContourData)
+
+
+def drop_segment_sequence(ds: Dataset) -> None:
+    del ds.SegmentSequence
+
+
+MALFORMED_SEGMENTATIONS = {
+    "SEG with missing frames": ("seg", break_seg_pixels),
+    "SEG without Segment Sequence": ("seg", drop_segment_sequence),
+    "RTSTRUCT contour not in triplets": ("rtstruct", break_rtstruct_contour),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_SEGMENTATIONS))
+def test_malformed_segmentation_fails_its_job_with_a_reason_and_the_worker_goes_on(
+    node: tuple[Node, LocalReceiver], tmp_path: Path, case: str
+) -> None:
+    kind, breaker = MALFORMED_SEGMENTATIONS[case]
+    seed = 70 + list(MALFORMED_SEGMENTATIONS).index(case)
+    bad = generate_study(tmp_path / "bad", seed=seed, lesions=1, slices=24, rows=64, columns=64, segmentation=kind)
+    path = bad.seg_file if kind == "seg" else bad.rtstruct_file
+    assert path is not None
+    ds = dcmread(path)
+    breaker(ds)
+    ds.save_as(path, enforce_file_format=True)
+    after = generate_study(tmp_path / "after", seed=seed + 10, lesions=1, slices=24, rows=64, columns=64)
+    assert storescu(node[0].port, [*bad.ct_files, path]).returncode == 0
+    db = Database(node[0].database_url(), run_migrations=False)
+    try:
+        state, error = wait_for(lambda: ended_job(db, bad.study_instance_uid), 120, "the malformed study's job")
+        assert state == "failed", error  # input errors fail at once, they are not retried
+        assert error and "Traceback" not in error and len(error) < 1000, error
+        # the worker survived: the next study is processed
+        assert storescu(node[0].port, [*after.ct_files, after.seg_file]).returncode == 0
+        assert wait_for(lambda: ended_job(db, after.study_instance_uid), 120, "the next study's job")[0] == "done"
+    finally:
+        db.dispose()
+
+
+def ended_job(db: Database, study_uid: str) -> tuple[str, str | None] | None:
+    """(state, last error) of the study's job once it ended, else None."""
+    from pacs_agent.models import Study
+
+    with db.session() as session:
+        row = session.execute(
+            select(Job.state, Job.last_error)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_instance_uid == study_uid)
+        ).first()
+    return (row[0], row[1]) if row and row[0] in ("done", "failed", "dead") else None

@@ -161,6 +161,22 @@ def test_all_segments_empty_raises(series: Series) -> None:
         load_segmentation(seg, load_ct_series(series.paths))
 
 
+@pytest.mark.parametrize("damage", ["frames missing", "no Segment Sequence", "no per-frame groups"])
+def test_malformed_seg_is_a_segmentation_error(series: Series, tmp_path: Path, damage: str) -> None:
+    """A broken SEG is bad input (the job fails at once with the reason), never an unexpected crash."""
+    seg = make_seg(series, {"tumour": _blob(series.hu.shape)})
+    seg.save_as(tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    if damage == "frames missing":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    elif damage == "no Segment Sequence":
+        del ds.SegmentSequence
+    else:
+        del ds.PerFrameFunctionalGroupsSequence
+    with pytest.raises(SegmentationError, match="is malformed and cannot be decoded"):
+        load_segmentation(ds, load_ct_series(series.paths))
+
+
 def test_seg_of_another_frame_of_reference_raises(series: Series) -> None:
     seg = make_seg(series, {"tumour": _blob(series.hu.shape)})
     seg.FrameOfReferenceUID = "1.2.3.4"
