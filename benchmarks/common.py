@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pacs_agent import __version__  # noqa: E402
-from tests.integration.peers import Orthanc  # noqa: E402
+from tests.integration.peers import Orthanc, wait_for  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 WORK_ROOT = ROOT / "benchmarks" / "work"
@@ -66,13 +66,10 @@ def wait_port(port: int, timeout: float = 60, proc: subprocess.Popen[bytes] | No
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy; RuntimeError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+    try:
+        return wait_for(predicate, timeout, what, interval)
+    except AssertionError as exc:  # the tests' helper fails a test; a benchmark stops with an error
+        raise RuntimeError(str(exc)) from None
 
 
 def load_average() -> list[float]:

@@ -144,23 +144,11 @@ def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
     broken.save_as(bad.ct_files[5])
     assert storescu(node[0].port, [*bad.ct_files, bad.seg_file]).returncode == 0
     db = Database(node[0].database_url(), run_migrations=False)
-
-    def job_of(study_uid: str) -> tuple[str, str | None] | None:
-        from pacs_agent.models import Study
-
-        with db.session() as session:
-            row = session.execute(
-                select(Job.state, Job.last_error)
-                .join(Study, Study.id == Job.study_id)
-                .where(Study.study_instance_uid == study_uid)
-            ).first()
-        return tuple(row) if row and row[0] in ("done", "failed", "dead") else None
-
-    state, error = wait_for(lambda: job_of(bad.study_instance_uid), 120, "the bad study's job to end")
+    state, error = wait_for(lambda: ended_job(db, bad.study_instance_uid), 120, "the bad study's job to end")
     assert state == "failed", error
     assert error and "pixel" in error.lower()
     assert storescu(node[0].port, [*good.ct_files, good.seg_file]).returncode == 0
-    assert wait_for(lambda: job_of(good.study_instance_uid), 120, "the good study's job")[0] == "done"
+    assert wait_for(lambda: ended_job(db, good.study_instance_uid), 120, "the good study's job")[0] == "done"
     db.dispose()
 
 
