@@ -173,27 +173,31 @@ MALFORMED_SEGMENTATIONS = {
 }
 
 
-@pytest.mark.parametrize("case", list(MALFORMED_SEGMENTATIONS))
-def test_malformed_segmentation_fails_its_job_with_a_reason_and_the_worker_goes_on(
-    node: tuple[Node, LocalReceiver], tmp_path: Path, case: str
+def test_malformed_segmentations_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
+    node: tuple[Node, LocalReceiver], tmp_path: Path
 ) -> None:
-    kind, breaker = MALFORMED_SEGMENTATIONS[case]
-    seed = 70 + list(MALFORMED_SEGMENTATIONS).index(case)
-    bad = generate_study(tmp_path / "bad", seed=seed, lesions=1, slices=24, rows=64, columns=64, segmentation=kind)
-    path = bad.seg_file if kind == "seg" else bad.rtstruct_file
-    assert path is not None
-    ds = dcmread(path)
-    breaker(ds)
-    ds.save_as(path, enforce_file_format=True)
-    after = generate_study(tmp_path / "after", seed=seed + 10, lesions=1, slices=24, rows=64, columns=64)
-    assert storescu(node[0].port, [*bad.ct_files, path]).returncode == 0
+    """Each broken SEG / RTSTRUCT fails its own job at once (no retries); a good study sent next is processed."""
+    bad: dict[str, PhantomStudy] = {}
+    for n, (case, (kind, breaker)) in enumerate(MALFORMED_SEGMENTATIONS.items()):
+        study = generate_study(
+            tmp_path / f"bad{n}", seed=70 + n, lesions=1, slices=24, rows=64, columns=64, segmentation=kind
+        )
+        path = study.seg_file if kind == "seg" else study.rtstruct_file
+        assert path is not None
+        ds = dcmread(path)
+        breaker(ds)
+        ds.save_as(path, enforce_file_format=True)
+        assert storescu(node[0].port, [*study.ct_files, path]).returncode == 0
+        bad[case] = study
+    after = generate_study(tmp_path / "after", seed=80, lesions=1, slices=24, rows=64, columns=64)
+    assert storescu(node[0].port, [*after.ct_files, after.seg_file]).returncode == 0
     db = Database(node[0].database_url(), run_migrations=False)
     try:
-        state, error = wait_for(lambda: ended_job(db, bad.study_instance_uid), 120, "the malformed study's job")
-        assert state == "failed", error  # input errors fail at once, they are not retried
-        assert error and "Traceback" not in error and len(error) < 1000, error
-        # the worker survived: the next study is processed
-        assert storescu(node[0].port, [*after.ct_files, after.seg_file]).returncode == 0
+        for case, study in bad.items():
+            state, error = wait_for(lambda s=study: ended_job(db, s.study_instance_uid), 120, f"the job of {case}")
+            assert state == "failed", f"{case}: {error}"  # input errors fail at once, they are not retried
+            assert error and "Traceback" not in error and len(error) < 1000, error
+        # the worker survived them all: the next study is processed
         assert wait_for(lambda: ended_job(db, after.study_instance_uid), 120, "the next study's job")[0] == "done"
     finally:
         db.dispose()
