@@ -32,9 +32,7 @@ def test_lesions_match_the_planted_ground_truth(phantom: PhantomStudy) -> None:
     planted = sorted((lesion.volume_ml for lesion in phantom.lesions), reverse=True)
     found = [lesion.volume_ml for lesion in result.lesions]
     assert found == pytest.approx(planted, rel=1e-9)
-    assert [lesion.tracking_id for lesion in result.lesions] == [
-        f"Liver lesions lesion {n}" for n in (1, 2, 3)
-    ]
+    assert [lesion.tracking_id for lesion in result.lesions] == [f"Liver lesions lesion {n}" for n in (1, 2, 3)]
     for lesion in result.lesions:
         names = {feature.name for feature in lesion.features}
         assert "original_shape_VoxelVolume" in names
@@ -105,9 +103,7 @@ def _two_phase_series(phantom: PhantomStudy, folder: Path) -> list[Path]:
     return files
 
 
-def test_multi_phase_series_uses_the_phase_the_segmentation_was_drawn_on(
-    phantom: PhantomStudy, tmp_path: Path
-) -> None:
+def test_multi_phase_series_uses_the_phase_the_segmentation_was_drawn_on(phantom: PhantomStudy, tmp_path: Path) -> None:
     files = _two_phase_series(phantom, tmp_path / "ct")
     for segmentation in (phantom.seg_file, phantom.rtstruct_file):
         assert segmentation_phase(files, dcmread(segmentation)) == "AcquisitionNumber=2"
@@ -116,9 +112,7 @@ def test_multi_phase_series_uses_the_phase_the_segmentation_was_drawn_on(
         assert [x.volume_ml for x in result.lesions] == pytest.approx(planted, rel=1e-9)
 
 
-def test_multi_phase_series_without_referenced_images_is_an_input_error(
-    phantom: PhantomStudy, tmp_path: Path
-) -> None:
+def test_multi_phase_series_without_referenced_images_is_an_input_error(phantom: PhantomStudy, tmp_path: Path) -> None:
     files = _two_phase_series(phantom, tmp_path / "ct")
     seg = dcmread(phantom.seg_file)
     for series in seg.ReferencedSeriesSequence:

@@ -117,14 +117,9 @@ def _phantom() -> tuple[CTVolume, np.ndarray]:
     return volume_from_image(img), mask
 
 
-def test_lesion_at_the_border_and_speed() -> None:
-    import time
-
+def test_lesion_at_the_border() -> None:
     volume, mask = _phantom()
-    compute_features(volume, mask)  # warm the extractor cache
-    t0 = time.perf_counter()
     fs = compute_features(volume, mask)
-    assert time.perf_counter() - t0 < 1.0
     assert fs.features["original_shape_Maximum3DDiameter"] == pytest.approx(40.0, abs=2.0)
     edge = np.zeros_like(mask)
     edge[0:3, 0:4, 0:4] = True  # touches the volume corner: the crop must clip, not fail
