@@ -66,6 +66,7 @@ benchmarks: install
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/ingest_under_load.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/response.py
 
 # Retrains the committed demo packages config/models/* from scratch (planted-label phantoms, fixed
 # seeds, CPU, two trainings at a time) and copies their held-out ROC plots to docs/images/.
