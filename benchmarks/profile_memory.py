@@ -76,12 +76,14 @@ def loading_stages(ct: list[Path], seg: Path, rows: list[dict[str, Any]]) -> Non
     from pydicom import dcmread
 
     from inference.imaging.lesions import find_lesions
-    from inference.imaging.masks import load_segmentation, segmentation_phase
+    from inference.imaging.masks import load_segmentation, phase_of_segmentation
     from inference.imaging.volume import load_ct_series
 
     segmentation = stage("read SEG (dcmread)", lambda: dcmread(seg), rows)
     volume = stage(
-        "CT volume (load_ct_series)", lambda: load_ct_series(ct, phase=segmentation_phase(ct, segmentation)), rows
+        "CT volume (load_ct_series)",
+        lambda: load_ct_series(ct, choose_phase=lambda phases: phase_of_segmentation(phases, segmentation)),
+        rows,
     )
     masks = stage("rasterise segments (load_segmentation)", lambda: load_segmentation(segmentation, volume), rows)
     stage("split lesions (find_lesions)", lambda: [find_lesions(m, volume) for m in masks if m.ok], rows)

@@ -60,7 +60,7 @@ from dicom_sr.render import (
     window_to_uint8,
 )
 from dicom_sr.response_sr import NO_MODEL_NOTE, RESULT_KIND, response_series_description, response_uids
-from dicom_sr.sc import ABDOMEN_WINDOW, _sc_image
+from dicom_sr.sc import ABDOMEN_WINDOW, sc_image
 from dicom_sr.sr import SOFTWARE_VERSION
 from inference.radiomics.delta import FEATURE_NAMES
 from inference.response import LesionMeasurement, ResponseResult
@@ -397,7 +397,7 @@ def build_response_capture(
     follow_up_date = follow_up_date or _study_date(ref_dataset)
     lines = _result_lines(result, content_datetime, software_version)
     pixels = _render(result, images, key_lesions(result), (baseline_date, follow_up_date), window, lines)
-    return _sc_image(
+    return sc_image(
         pixels,
         ref_dataset,
         response_uids(result, f"SC {RESULT_KIND}", "page"),

@@ -101,12 +101,10 @@ from __future__ import annotations
 
 import datetime
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
@@ -114,7 +112,7 @@ from pydicom.sr.coding import Code
 
 from dicom_sr import codes
 from dicom_sr.sc import series_description as _series_description
-from dicom_sr.sr import SOFTWARE_VERSION
+from dicom_sr.sr import SOFTWARE_VERSION, comprehensive_3d_sr
 from dicom_sr.templates import STATUS_CODES, LesionMeasurementGroup, ReportEvaluations, ResultAlgorithm
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.radiomics.delta import FEATURE_NAMES, FeatureDeltas
@@ -144,7 +142,6 @@ RESULT_KIND = "Response 8w"
 NO_MODEL_NOTE = "no response model installed - score not computed"
 PIPELINE_NAME = "pacs-agent response"
 """Name of the measuring pipeline in TID 4019 (see :func:`measurement_algorithm`)."""
-_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
 _PATIENT_STUDY_KEYWORDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyTime")
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _MODIFIER = hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
@@ -810,29 +807,13 @@ def build_response_report(
     report[0].ContentSequence.append(evaluations)
 
     uids = response_uids(result, "SR")
-    with warnings.catch_warnings():
-        # highdicom warns about single-component Patient Names copied from the evidence; the
-        # message quotes the name, which must never reach a log (PHI).
-        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
-        return hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=uids.series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=uids.sop_instance_uid,
-            instance_number=1,
-            manufacturer=manufacturer,
-            is_complete=True,
-            institution_name=institution_name,
-            series_description=response_series_description(result),
-            manufacturer_model_name="pacs-agent",
-            software_versions=software_version,
-            specific_character_set="ISO_IR 192",
-            coding_schemes=[
-                CodingSchemeIdentificationItem(
-                    designator=codes.PRIVATE_SCHEME_DESIGNATOR,
-                    name=codes.PRIVATE_SCHEME_NAME,
-                    responsible_organization="pacs-agent developers",
-                )
-            ],
-        )
+    return comprehensive_3d_sr(
+        evidence=evidence,
+        content=report,
+        uids=uids,
+        series_number=series_number,
+        series_description=response_series_description(result),
+        manufacturer=manufacturer,
+        software_version=software_version,
+        institution_name=institution_name,
+    )

@@ -36,7 +36,7 @@ from pydicom import Dataset
 
 from dicom_sr.codes import split_feature_name
 from dicom_sr.render import GREY, RESULT_YELLOW, TextLine, render_lesion_page, render_summary_page
-from dicom_sr.sr import SOFTWARE_VERSION
+from dicom_sr.sr import PERSON_NAME_WARNING, SOFTWARE_VERSION
 from dicom_sr.templates import Prediction, check_prediction
 from dicom_sr.uids import ResultUIDs, result_uids
 from inference.results import DEMO_WARNING, LesionResult, StudyResult
@@ -50,7 +50,6 @@ __all__ = [
 
 ABDOMEN_WINDOW = (40.0, 400.0)
 """(center, width) in HU of the soft-tissue abdomen window (METHODS.md, M3)."""
-_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
 _PATIENT_STUDY_KEYWORDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyTime")
 _KEY_FEATURES = (
     ("firstorder_Mean", "Mean {:.0f} HU"),
@@ -135,7 +134,7 @@ def _check_common(result: StudyResult, ref_dataset: Dataset, content_datetime: d
         raise ValueError("ref_dataset is not from the study of the result (Study Instance UID differs).")
 
 
-def _sc_image(
+def sc_image(
     pixels: np.ndarray,
     ref_dataset: Dataset,
     uids: ResultUIDs,
@@ -149,6 +148,13 @@ def _sc_image(
     institution_name: str | None,
     body_part_examined: str | None,
 ) -> hd.sc.SCImage:
+    """An RGB Secondary Capture page of a result, joined to the study of ``ref_dataset``.
+
+    Shared by the method captures and the response capture: the patient / study attributes and
+    Patient Orientation come from ``ref_dataset``, the page carries burned-in text
+    (``BurnedInAnnotation = YES``), and highdicom's Patient Name warning (it quotes the name) is
+    silenced.
+    """
     _require(series_number, int, "series_number", "int")
     _require(manufacturer, str, "manufacturer", "str")
     _require(software_version, str, "software_version", "str")
@@ -159,7 +165,7 @@ def _sc_image(
     with warnings.catch_warnings():
         # highdicom warns about single-component Patient Names copied from the source; the
         # message quotes the name, which must never reach a log (PHI).
-        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref_dataset,
             pixel_array=pixels,
@@ -365,7 +371,7 @@ def build_lesion_capture(
         fov_mm=fov_mm,
     )
     index = result.lesions.index(lesion)
-    return _sc_image(
+    return sc_image(
         pixels,
         ref_dataset,
         _uids(result, kind, lesion.tracking_uid),
@@ -483,7 +489,7 @@ def build_summary_capture(
         footer=footer,
         demo_warning=DEMO_WARNING if algorithm.is_demo else None,
     )
-    return _sc_image(
+    return sc_image(
         pixels,
         ref_dataset,
         _uids(result, kind, "summary"),

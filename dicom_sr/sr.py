@@ -55,20 +55,23 @@ from pydicom.sr.coding import Code
 
 from dicom_sr import codes
 from dicom_sr.templates import KeySliceOutlineGroup, LesionMeasurementGroup, Prediction, ReportEvaluations
-from dicom_sr.uids import derive_uid, result_uids
+from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.results import DEMO_WARNING, LesionResult, StudyResult
 
 __all__ = [
     "DEFAULT_SERIES_DESCRIPTION",
+    "PERSON_NAME_WARNING",
     "SOFTWARE_VERSION",
     "build_measurement_report",
+    "comprehensive_3d_sr",
     "write_dataset",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERIES_DESCRIPTION = "AI Radiomics (pacs-agent)"
-_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+"""highdicom's warning about a Patient Name; it quotes the name, so it is always silenced."""
 _PATIENT_STUDY_KEYWORDS = (
     "StudyInstanceUID",
     "PatientID",
@@ -299,13 +302,40 @@ def build_measurement_report(
         kind="SR",
     )
     description = f"{DEMO_WARNING} | {series_description}" if algorithm.is_demo else series_description
+    return comprehensive_3d_sr(
+        evidence=all_evidence,
+        content=report,
+        uids=uids,
+        series_number=series_number,
+        series_description=description[:64],
+        manufacturer=manufacturer,
+        software_version=software_version,
+        institution_name=institution_name,
+    )
+
+
+def comprehensive_3d_sr(
+    *,
+    evidence: Sequence[Dataset],
+    content: hd.sr.MeasurementReport,
+    uids: ResultUIDs,
+    series_number: int,
+    series_description: str,
+    manufacturer: str,
+    software_version: str,
+    institution_name: str | None,
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR object of every pacs-agent report (method results and response results).
+
+    UTF-8, complete, instance 1 of its series, the private coding scheme declared; highdicom's
+    warning about single-component Patient Names is silenced because it quotes the name (PHI must
+    never reach a log).
+    """
     with warnings.catch_warnings():
-        # highdicom warns about single-component Patient Names copied from the evidence; the
-        # message quotes the name, which must never reach a log (PHI), and we cannot change it.
-        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         return hd.sr.Comprehensive3DSR(
-            evidence=all_evidence,
-            content=report,
+            evidence=evidence,
+            content=content,
             series_instance_uid=uids.series_instance_uid,
             series_number=series_number,
             sop_instance_uid=uids.sop_instance_uid,
@@ -313,7 +343,7 @@ def build_measurement_report(
             manufacturer=manufacturer,
             is_complete=True,
             institution_name=institution_name,
-            series_description=description[:64],
+            series_description=series_description,
             manufacturer_model_name="pacs-agent",
             software_versions=software_version,
             # UTF-8 holds whatever character set the evidence used (PS3.3 C.12.1.1.2).
