@@ -1,13 +1,14 @@
 """Synthetic phantom studies: portal-venous abdominal CT with liver lesions, DICOM SEG and RTSTRUCT.
 
 The phantom is the project's test and demonstration input. Every study is deterministic for its
-arguments (UIDs included) and carries the ground truth of its lesions, so readers can be checked
-against what was planted.
+arguments (UIDs included) and carries the ground truth of its lesions and of what its SEG / RTSTRUCT
+hold (``PhantomStudy.structures``), so readers can be checked against what was planted.
 """
 
 from pacs_agent.phantom.anatomy import PhantomGeometry
 from pacs_agent.phantom.cli import main
 from pacs_agent.phantom.ct import SERIES_DESCRIPTION, SUPPORTED_TRANSFER_SYNTAXES
+from pacs_agent.phantom.structures import PhantomStructure
 from pacs_agent.phantom.study import (
     PhantomLesion,
     PhantomOptions,
@@ -23,6 +24,7 @@ __all__ = [
     "PhantomGeometry",
     "PhantomLesion",
     "PhantomOptions",
+    "PhantomStructure",
     "PhantomStudy",
     "generate_follow_up",
     "generate_study",

@@ -33,7 +33,7 @@ NOISE_SD_HU = 12.0
 TEXTURES: dict[str, tuple[float, float]] = {"coarse": (30.0, 2.5), "smooth": (4.0, 2.5)}
 
 # Labels of the anatomy map; lesions may only be planted where the label is LIVER.
-OUTSIDE, BODY, LIVER = 0, 1, 2
+OUTSIDE, BODY, LIVER, SPLEEN = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,11 @@ class Anatomy:
         return (*((x, y, r) for x, y, r, _hu in self.vessels()), (sx, 75.0 + sy, 30.0))
 
     def slice_hu(self, geometry: PhantomGeometry, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Noise-free HU image and label map (OUTSIDE / BODY / LIVER) of slice ``k``."""
+        """Noise-free HU image and label map (OUTSIDE / BODY / LIVER / SPLEEN) of slice ``k``.
+
+        A pixel is labelled by the last structure painted over it: vessels and bone inside the liver or
+        spleen are BODY.
+        """
         x, y, z = geometry.x_mm(), geometry.y_mm(), geometry.slice_z(k)
         sx, sy, _ = self.shift_mm
         hu = np.full((geometry.rows, geometry.columns), AIR_HU, dtype=np.float32)
@@ -181,7 +185,7 @@ class Anatomy:
         organs = (
             (right_kidney, KIDNEY_HU, BODY),
             (left_kidney, KIDNEY_HU, BODY),
-            (self.spleen, SPLEEN_HU, BODY),
+            (self.spleen, SPLEEN_HU, SPLEEN),
             (self.liver, LIVER_HU, LIVER),
         )
         for organ, value, label in organs:  # later organs cover earlier ones

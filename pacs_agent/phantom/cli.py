@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         help="segmentation objects to write (default both)",
     )
     parser.add_argument(
+        "--clinical-structures",
+        action="store_true",
+        help="segmentations like clinical exports: SEG Liver, Spleen, lesions; RTSTRUCT BODY, Liver, Spleen, "
+        "GTV, CTV_Liver, PTV_Liver (default: the lesions only)",
+    )
+    parser.add_argument(
         "--follow-up",
         action="store_true",
         help="also write an 8-week follow-up with shrunken, homogenised lesions: OUT/baseline and OUT/follow-up",
@@ -44,14 +50,24 @@ def _describe(label: str, study: PhantomStudy) -> None:
     )
     if study.seg_file:
         print(f"  SEG: {study.seg_file}")
+        _describe_structures(study, "seg", "segment")
     if study.rtstruct_file:
         print(f"  RTSTRUCT: {study.rtstruct_file}")
+        _describe_structures(study, "rtstruct", "ROI")
     for number, lesion in enumerate(study.lesions, start=1):
         centre = ", ".join(f"{v:.1f}" for v in lesion.centre_mm)
         print(
             f"  lesion {number}: {lesion.volume_ml:.2f} ml, mean {lesion.mean_hu:.0f} HU, {lesion.texture}, "
             f"centre ({centre}) mm"
         )
+
+
+def _describe_structures(study: PhantomStudy, kind: str, noun: str) -> None:
+    for structure in study.structures:
+        if structure.kind == kind:
+            numbers = ", ".join(map(str, structure.lesions))
+            lesions = f" (lesion{'s' if len(structure.lesions) > 1 else ''} {numbers})" if structure.lesions else ""
+            print(f'    {noun} {structure.number} "{structure.name}": {structure.role}{lesions}')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows=args.size,
             columns=args.size,
             segmentation=args.segmentation,
+            clinical_structures=args.clinical_structures,
         )
         _describe("baseline" if args.follow_up else "study", study)
         if args.follow_up:

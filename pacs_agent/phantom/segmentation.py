@@ -1,4 +1,4 @@
-"""The lesion masks of a phantom study as DICOM SEG (highdicom) and RT Structure Set (pydicom)."""
+"""The structures of a phantom study (its lesions, optionally organs) as DICOM SEG (highdicom) and RTSTRUCT."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
@@ -20,13 +21,21 @@ from skimage import measure
 
 from pacs_agent.phantom.anatomy import PhantomGeometry
 from pacs_agent.phantom.ct import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, SeriesInfo, add_patient_and_study
+from pacs_agent.phantom.structures import ROI_NAME, SEG_LABEL, StructureMask, lesion_structures
 
-SEG_LABEL = "Liver lesions"
-ROI_NAME = "GTV_Liver_Lesions"
+__all__ = [
+    "ROI_NAME",
+    "SEG_LABEL",
+    "lesion_contours",
+    "write_rtstruct",
+    "write_rtstruct_structures",
+    "write_seg",
+    "write_seg_structures",
+]
+
 ALGORITHM_NAME = "pacs-agent phantom ground truth"
 # Study Component Management SOP Class: the conventional ReferencedSOPClassUID of an RT referenced study.
 _STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.2"
-_ROI_COLOURS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 200, 200))
 
 
 def write_seg(
@@ -52,27 +61,78 @@ def write_seg(
         One segment per lesion ("Liver lesion i") instead of one segment "Liver lesions" for all.
     series_instance_uid, sop_instance_uid : str
         UIDs of the new series and instance.
+
+    Raises
+    ------
+    ValueError
+        If ``label_volume`` holds no lesion.
     """
-    count = int(label_volume.max())
+    write_seg_structures(
+        path,
+        ct_datasets,
+        lesion_structures(label_volume, "seg", per_lesion=per_lesion),
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+    )
+
+
+def write_seg_structures(
+    path: Path,
+    ct_datasets: Sequence[Dataset],
+    structures: Sequence[StructureMask],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+) -> None:
+    """Write a BINARY DICOM SEG with one segment per structure, numbered from 1 in order.
+
+    Segments may overlap (an organ and the lesions inside it); each is stored in frames of its own.
+
+    Parameters
+    ----------
+    path : Path
+        Output file.
+    ct_datasets : sequence of Dataset
+        The CT instances, in the order of the first axis of the structure masks.
+    structures : sequence of StructureMask
+        The segments, each with a Segmented Property Category and Type.
+    series_instance_uid, sop_instance_uid : str
+        UIDs of the new series and instance.
+
+    Raises
+    ------
+    ValueError
+        If there is no structure, or a structure has no category or property type.
+    """
+    if not structures:
+        raise ValueError("a SEG needs at least one structure")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence, version=SOFTWARE_VERSION
     )
-    labels = [f"Liver lesion {i}" for i in range(1, count + 1)] if per_lesion else [SEG_LABEL]
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=label,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Neoplasm,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_id=label,
-            tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", str(number)]),
-            anatomic_regions=[codes.SCT.Liver],
+    descriptions = []
+    for number, structure in enumerate(structures, start=1):
+        if structure.category is None or structure.property_type is None:
+            raise ValueError(f'structure "{structure.name}" has no segmented property category and type')
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=structure.name,
+                segmented_property_category=Code(*structure.category),
+                segmented_property_type=Code(*structure.property_type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_id=structure.name,
+                tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", str(number)]),
+                anatomic_regions=[Code(*structure.anatomic_region)] if structure.anatomic_region else None,
+            )
         )
-        for number, label in enumerate(labels, start=1)
-    ]
-    pixels = label_volume.astype(np.uint8) if per_lesion else (label_volume > 0).astype(np.uint8)
+    masks = [structure.mask for structure in structures]
+    if np.any(np.sum(masks, axis=0, dtype=np.uint16) > 1):
+        pixels = np.stack(masks, axis=-1).astype(np.uint8)  # one channel per segment
+    else:
+        pixels = np.zeros(masks[0].shape, dtype=np.uint8)  # a label map: segment numbers
+        for number, mask in enumerate(masks, start=1):
+            pixels[mask] = number
     ct = ct_datasets[0]
     seg = hd.seg.Segmentation(
         source_images=list(ct_datasets),
@@ -87,7 +147,11 @@ def write_seg(
         manufacturer_model_name=MODEL_NAME,
         software_versions=SOFTWARE_VERSION,
         device_serial_number="0",
-        content_description="Ground truth lesions of a synthetic phantom",
+        content_description=(
+            "Ground truth lesions of a synthetic phantom"
+            if all(structure.role == "tumour" for structure in structures)
+            else "Ground truth lesions and organs of a synthetic phantom"
+        ),
         content_label="LESIONS",
         series_description="LIVER LESIONS SEG",
         content_date=ct.StudyDate,
@@ -151,7 +215,7 @@ def write_rtstruct(
     series_instance_uid: str,
     sop_instance_uid: str,
 ) -> None:
-    """Write an RT Structure Set with CLOSED_PLANAR contours of the lesions.
+    """Write an RT Structure Set with CLOSED_PLANAR contours of the lesions (GTV ROIs).
 
     Parameters
     ----------
@@ -171,8 +235,64 @@ def write_rtstruct(
         One ROI per lesion ("GTV_Lesion_i") instead of one ROI "GTV_Liver_Lesions".
     series_instance_uid, sop_instance_uid : str
         UIDs of the new series and instance.
+
+    Raises
+    ------
+    ValueError
+        If ``label_volume`` holds no lesion.
     """
-    count = int(label_volume.max())
+    write_rtstruct_structures(
+        path,
+        info,
+        geometry,
+        ct_datasets,
+        slice_index,
+        lesion_structures(label_volume, "rtstruct", per_lesion=per_lesion),
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+    )
+
+
+def write_rtstruct_structures(
+    path: Path,
+    info: SeriesInfo,
+    geometry: PhantomGeometry,
+    ct_datasets: Sequence[Dataset],
+    slice_index: Sequence[int],
+    structures: Sequence[StructureMask],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+) -> None:
+    """Write an RT Structure Set with one ROI per structure (ROI number = position + 1) and its RT ROI Observation.
+
+    Each part of a structure is contoured on its own (CLOSED_PLANAR, holes as separate contours); rasterising
+    the contours of a slice by pixel-centre inclusion and the even-odd rule gives back the structure's mask.
+
+    Parameters
+    ----------
+    path : Path
+        Output file.
+    info : SeriesInfo
+        Patient and study attributes.
+    geometry : PhantomGeometry
+        The CT grid.
+    ct_datasets : sequence of Dataset
+        The CT instances; ``slice_index[i]`` is the slice index ``k`` of ``ct_datasets[i]``.
+    slice_index : sequence of int
+        Slice index of each CT instance.
+    structures : sequence of StructureMask
+        The ROIs, masks indexed like ``ct_datasets``.
+    series_instance_uid, sop_instance_uid : str
+        UIDs of the new series and instance.
+
+    Raises
+    ------
+    ValueError
+        If there is no structure.
+    """
+    if not structures:
+        raise ValueError("an RT Structure Set needs at least one structure")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
@@ -220,22 +340,20 @@ def write_rtstruct(
     frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
 
-    groups = [[i] for i in range(1, count + 1)] if per_lesion else [list(range(1, count + 1))]
-    names = [f"GTV_Lesion_{i}" for i in range(1, count + 1)] if per_lesion else [ROI_NAME]
     roi_items, contour_items, observation_items = [], [], []
-    for number, (name, members) in enumerate(zip(names, groups, strict=True), start=1):
+    for number, structure in enumerate(structures, start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = info.frame_of_reference_uid
-        roi.ROIName = name
-        roi.ROIDescription = "Synthetic liver lesion ground truth"
+        roi.ROIName = structure.name
+        roi.ROIDescription = structure.description
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         roi_items.append(roi)
 
         contours = []
-        for lesion in members:
+        for part in structure.parts:
             for i, ct in enumerate(ct_datasets):
-                mask2d = label_volume[i] == lesion
+                mask2d = part[i]
                 if not mask2d.any():
                     continue
                 for points in lesion_contours(mask2d, geometry, slice_index[i]):
@@ -248,14 +366,14 @@ def write_rtstruct(
                     contours.append(item)
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
-        roi_contour.ROIDisplayColor = list(_ROI_COLOURS[(number - 1) % len(_ROI_COLOURS)])
+        roi_contour.ROIDisplayColor = list(structure.colour)
         roi_contour.ContourSequence = DicomSequence(contours)
         contour_items.append(roi_contour)
 
         observation = Dataset()
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
-        observation.RTROIInterpretedType = "GTV"
+        observation.RTROIInterpretedType = structure.interpreted_type
         observation.ROIInterpreter = ""
         observation_items.append(observation)
     ds.StructureSetROISequence = DicomSequence(roi_items)

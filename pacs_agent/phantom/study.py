@@ -26,7 +26,8 @@ from pacs_agent.phantom.anatomy import (
 )
 from pacs_agent.phantom.ct import SUPPORTED_TRANSFER_SYNTAXES, SeriesInfo, ct_dataset, to_stored, write_instance
 from pacs_agent.phantom.lesions import place_lesions, scaled_to_volume
-from pacs_agent.phantom.segmentation import write_rtstruct, write_seg
+from pacs_agent.phantom.segmentation import write_rtstruct_structures, write_seg_structures
+from pacs_agent.phantom.structures import PhantomStructure, StructureKind, StructureRole, file_structures
 
 Segmentation = Literal["seg", "rtstruct", "both", "none"]
 FIELD_OF_VIEW_MM = 400.0
@@ -69,13 +70,15 @@ class PhantomOptions:
     rtstruct_per_lesion: bool = False
     signed_pixels: bool = False
     transfer_syntax: str = ExplicitVRLittleEndian
+    clinical_structures: bool = False
 
 
 @dataclass(frozen=True)
 class PhantomStudy:
     """A generated study: where its files are, its UIDs and the ground truth of its lesions.
 
-    ``ct_files`` are in InstanceNumber order; instance 1 is the most superior slice.
+    ``ct_files`` are in InstanceNumber order; instance 1 is the most superior slice. ``structures`` lists the
+    segments of ``seg_file`` and then the ROIs of ``rtstruct_file``, each in number order.
     """
 
     study_dir: Path
@@ -101,6 +104,24 @@ class PhantomStudy:
     seg_series_instance_uid: str | None = None
     rtstruct_series_instance_uid: str | None = None
     options: PhantomOptions = PhantomOptions()
+    structures: tuple[PhantomStructure, ...] = ()
+
+    def structure_numbers(self, kind: StructureKind, role: StructureRole = "tumour") -> tuple[int, ...]:
+        """Segment numbers (``kind="seg"``) or ROI numbers (``"rtstruct"``) of the structures with ``role``.
+
+        Parameters
+        ----------
+        kind : {"seg", "rtstruct"}
+            Which file.
+        role : {"tumour", "organ", "other"}
+            Which structures; default the lesions.
+
+        Returns
+        -------
+        tuple of int
+            Ascending; empty when the file was not written.
+        """
+        return tuple(s.number for s in self.structures if s.kind == kind and s.role == role)
 
 
 def generate_study(
@@ -122,6 +143,7 @@ def generate_study(
     seg_per_lesion: bool = False,
     rtstruct_per_lesion: bool = False,
     signed_pixels: bool = False,
+    clinical_structures: bool = False,
 ) -> PhantomStudy:
     """Write a synthetic portal-venous abdominal CT study with liver lesions and their segmentations.
 
@@ -158,11 +180,17 @@ def generate_study(
         One segment / ROI per lesion instead of one for all lesions.
     signed_pixels : bool
         Store int16 HU (intercept 0) instead of uint16 with intercept -1024.
+    clinical_structures : bool
+        Write segmentations that look like clinical exports, where the lesions are neither first nor alone.
+        SEG: 1 "Liver" (containing the lesions), 2 "Spleen" (Anatomical Structure), then the lesion
+        segment(s). RTSTRUCT: 1 "BODY" (EXTERNAL), 2 "Liver", 3 "Spleen" (ORGAN), the GTV ROI(s), then
+        "CTV_Liver" (GTV + 5 mm in plane) and "PTV_Liver" (GTV + 10 mm), both clipped to the body. The CT
+        pixels are those of the default study; the UIDs differ. ``PhantomStudy.structures`` lists them.
 
     Returns
     -------
     PhantomStudy
-        Paths, UIDs and the ground truth of the lesions (in planting order).
+        Paths, UIDs, the ground truth of the lesions (in planting order) and what the SEG / RTSTRUCT hold.
 
     Raises
     ------
@@ -197,6 +225,7 @@ def generate_study(
         str(patient_id),
         str(study_date),
         str(signed_pixels),
+        *(["clinical-structures"] if clinical_structures else []),  # the default study keeps its UIDs
     ]
     study_uid = _uid(namespace, "study")
     info = SeriesInfo(
@@ -213,7 +242,9 @@ def generate_study(
     )
     layout_rng, texture_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
     planted = place_lesions(geometry, anatomy, textures, lesion_scale, layout_rng, texture_rng)
-    options = PhantomOptions(segmentation, seg_per_lesion, rtstruct_per_lesion, signed_pixels, transfer_syntax)
+    options = PhantomOptions(
+        segmentation, seg_per_lesion, rtstruct_per_lesion, signed_pixels, transfer_syntax, clinical_structures
+    )
     return _write_study(
         Path(out_dir), info, geometry, anatomy, planted, np.random.default_rng([seed, 3]), namespace, options, seed
     )
@@ -382,31 +413,39 @@ def _write_study(
     slice_index = [geometry.slices - 1 - i for i in range(geometry.slices)]
     seg_file = rtstruct_file = None
     seg_series = rtstruct_series = None
+    written: list[PhantomStructure] = []
+    grid = (ordered_labels, geometry, anatomy, slice_index)
     if planted and options.segmentation in ("seg", "both"):
         seg_file, seg_series = out_dir / "SEG" / "seg.dcm", _uid(namespace, "seg-series")
         seg_file.parent.mkdir(exist_ok=True)
-        write_seg(
+        segments = file_structures(
+            "seg", *grid, per_lesion=options.seg_per_lesion, clinical=options.clinical_structures
+        )
+        write_seg_structures(
             seg_file,
             headers,
-            ordered_labels,
-            per_lesion=options.seg_per_lesion,
+            segments,
             series_instance_uid=seg_series,
             sop_instance_uid=_uid(namespace, "seg-instance"),
         )
+        written += [s.describe("seg", number) for number, s in enumerate(segments, start=1)]
     if planted and options.segmentation in ("rtstruct", "both"):
         rtstruct_file, rtstruct_series = out_dir / "RTSTRUCT" / "rtstruct.dcm", _uid(namespace, "rtstruct-series")
         rtstruct_file.parent.mkdir(exist_ok=True)
-        write_rtstruct(
+        rois = file_structures(
+            "rtstruct", *grid, per_lesion=options.rtstruct_per_lesion, clinical=options.clinical_structures
+        )
+        write_rtstruct_structures(
             rtstruct_file,
             info,
             geometry,
             headers,
             slice_index,
-            ordered_labels,
-            per_lesion=options.rtstruct_per_lesion,
+            rois,
             series_instance_uid=rtstruct_series,
             sop_instance_uid=_uid(namespace, "rtstruct-instance"),
         )
+        written += [s.describe("rtstruct", number) for number, s in enumerate(rois, start=1)]
     truth = tuple(
         PhantomLesion(
             centre_mm=lesion.ellipsoid.centre_mm,
@@ -438,6 +477,7 @@ def _write_study(
         seg_series_instance_uid=seg_series,
         rtstruct_series_instance_uid=rtstruct_series,
         options=options,
+        structures=tuple(written),
     )
 
 
