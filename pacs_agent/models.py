@@ -88,6 +88,10 @@ class Study(Base):
     """The segmentation chosen with it."""
     method_notes: Mapped[str | None] = mapped_column(Text)
     """JSON list of {method, reason}: enabled methods that do not apply to this study."""
+    structure_notes: Mapped[str | None] = mapped_column(Text)
+    """JSON list of {segmentation, number, label, role, reason, organ}: which structures are tumours and why."""
+    input_warnings: Mapped[str | None] = mapped_column(Text)
+    """JSON list of texts: problems of the input that did not stop processing (e.g. stale references)."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -109,6 +113,8 @@ class Series(Base):
     contrast_start_time: Mapped[str | None] = mapped_column(String(16))
     acquisition_time: Mapped[str | None] = mapped_column(String(16))
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    image_orientation: Mapped[str | None] = mapped_column(String(200))
+    """Image Orientation (Patient) of the first instance, backslash-separated (images only)."""
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -134,6 +140,11 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
     """How many more times the same SOP Instance UID was received (kept once)."""
+    image_position: Mapped[str | None] = mapped_column(String(100))
+    """Image Position (Patient), backslash-separated (single-frame images only)."""
+    segmentation_summary: Mapped[str | None] = mapped_column(Text)
+    """SEG / RTSTRUCT: its structures and planes as JSON (:class:`inference.structures.SegmentationSummary`),
+    read from the stored file when the study is first evaluated; ``{"error": ...}`` when it cannot be read."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

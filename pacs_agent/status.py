@@ -99,6 +99,8 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "series_notes": json.loads(study.series_notes) if study.series_notes else [],
                     "pairing": _pairing(session, study.id),
                     "skipped_methods": json.loads(study.method_notes) if study.method_notes else [],
+                    "structures": json.loads(study.structure_notes) if study.structure_notes else [],
+                    "input_warnings": json.loads(study.input_warnings) if study.input_warnings else [],
                     "first_received_at": study.first_received_at.isoformat(),
                     "last_received_at": study.last_received_at.isoformat(),
                     "senders": list(senders),
@@ -209,6 +211,18 @@ def _delivery_lines(deliveries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _structure_lines(notes: list[dict[str, Any]]) -> list[str]:
+    """One line per structure of each segmentation looked at: tumour, organ or skipped, and why."""
+    lines = []
+    words = {"tumour": "tumour", "organ": "organ (not a lesion)", "other": "skipped"}
+    for note in notes:
+        lines.append(
+            f"  structure {note['number']} {note['label']!r} of {note['segmentation_sop_instance_uid']}: "
+            f"{words.get(note['role'], note['role'])} - {note['reason']}"
+        )
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Render :func:`collect_status` output for a terminal."""
     lines = []
@@ -237,6 +251,9 @@ def format_status(status: dict[str, Any]) -> str:
             if note:
                 line += f" - {note['role']}: {note['reason']}"
             lines.append(line)
+        lines += _structure_lines(study.get("structures", []))
+        for warning in study.get("input_warnings", []):
+            lines.append(f"  warning: {warning}")
         for note in study.get("skipped_methods", []):
             lines.append(f"  method skipped: {note['reason']}")
         if study.get("pairing"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -16,6 +17,11 @@ from pydicom.uid import (
     RTStructureSetStorage,
     generate_uid,
 )
+from sqlalchemy import update
+
+from inference.structures import SegmentationSummary, StructureInfo
+from pacs_agent.models import Instance
+from pacs_agent.receive.header import InstanceHeader
 
 
 @dataclass
@@ -252,4 +258,32 @@ def make_seg(
         software_versions="0",
         device_serial_number="0",
         omit_empty_frames=False,
+    )
+
+
+GTV_STRUCTURE = StructureInfo(1, "GTV", "rtstruct", interpreted_type="GTV")
+
+
+def record_summary(
+    executor: Any, header: InstanceHeader, structures: tuple[StructureInfo, ...] = (GTV_STRUCTURE,)
+) -> None:
+    """Store, as the scheduler would after reading the file, what the recorded segmentation ``header`` holds.
+
+    For scheduling tests whose instances have no file in a spool: by default one tumour structure
+    (a GTV) without plane geometry, so readiness matches it to its CT by the series it references.
+    """
+    kind = "rtstruct" if header.sop_class_uid == RTStructureSetStorage else "seg"
+    summary = SegmentationSummary(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        kind=kind,
+        frame_of_reference_uids=tuple(u for u in (header.frame_of_reference_uid,) if u),
+        referenced_series_uids=header.referenced_series_uids,
+        referenced_instance_uids=header.referenced_instance_uids,
+        structures=structures,
+    )
+    executor.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == header.sop_instance_uid)
+        .values(segmentation_summary=summary.to_json())
     )

@@ -10,7 +10,7 @@ mismatch) or when every segment has a problem.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,9 @@ from skimage.draw import polygon as fill_polygon
 
 from inference.imaging.volume import CTVolume, split_phases
 from inference.results import SegmentationSource
+from inference.structures import referenced_instance_uids as header_instance_uids
+from inference.structures import referenced_series_uids as header_series_uids
 from pacs_agent.errors import InputError
-from pacs_agent.receive.header import referenced_instance_uids as header_instance_uids
-from pacs_agent.receive.header import referenced_series_uids as header_series_uids
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ PLANAR_TOLERANCE = 0.1
 
 class SegmentationError(InputError):
     """A SEG / RTSTRUCT cannot be used with the CT volume it was paired with."""
+
+
+class EmptySegmentationError(SegmentationError):
+    """Every requested segment / ROI is merely empty on this CT (nothing drawn): e.g. every lesion gone."""
+
+
+_EMPTY_PROBLEMS = ("is empty on this CT", "has no closed planar contour")
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +65,11 @@ class LabelMask:
     def ok(self) -> bool:
         """True when the mask is usable."""
         return self.problem is None
+
+    @property
+    def empty(self) -> bool:
+        """True when the only problem is that nothing was drawn (no voxel, no closed contour)."""
+        return self.problem is not None and self.problem.endswith(_EMPTY_PROBLEMS)
 
 
 def referenced_series_uids(ds: pydicom.Dataset) -> set[str]:
@@ -116,9 +128,13 @@ def phase_of_segmentation(phases: Mapping[str, Sequence[pydicom.Dataset]], segme
 
 
 def load_segmentation(
-    path: Path | pydicom.Dataset, volume: CTVolume, *, fractional_threshold: float = 0.5
+    path: Path | pydicom.Dataset,
+    volume: CTVolume,
+    *,
+    fractional_threshold: float = 0.5,
+    numbers: Collection[int] | None = None,
 ) -> list[LabelMask]:
-    """Rasterise every segment of a SEG, or every ROI of an RTSTRUCT, on the grid of ``volume``.
+    """Rasterise the segments of a SEG, or the ROIs of an RTSTRUCT, on the grid of ``volume``.
 
     Parameters
     ----------
@@ -129,6 +145,9 @@ def load_segmentation(
     fractional_threshold
         FRACTIONAL SEG: a pixel belongs to the segment when value / Maximum Fractional Value
         >= this threshold. In (0, 1].
+    numbers
+        Only these segment / ROI numbers (e.g. the tumours chosen by
+        :mod:`inference.structures`); None: all of them.
 
     Returns
     -------
@@ -138,19 +157,21 @@ def load_segmentation(
     Raises
     ------
     SegmentationError
-        Not a SEG / RTSTRUCT; refers to another series or frame of reference; SEG grid does not
-        match the CT grid; no segments; every segment has a problem.
+        Not a SEG / RTSTRUCT; in another frame of reference (or, without one, refers to another
+        series); SEG grid does not match the CT grid; none of the requested segments; every
+        requested segment has a problem.
     """
     if not 0.0 < fractional_threshold <= 1.0:
         raise ValueError("fractional_threshold must be in (0, 1]")
-    ds = path if isinstance(path, pydicom.Dataset) else _read(Path(path))
+    ds = path if isinstance(path, pydicom.Dataset) else read_segmentation(Path(path))
     sop_class = str(ds.get("SOPClassUID", ""))
     what = f"{ds.get('Modality', 'segmentation')} {ds.get('SOPInstanceUID')}"
     try:
+        wanted = None if numbers is None else frozenset(int(n) for n in numbers)
         if sop_class in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
-            masks = _load_seg(ds, volume, fractional_threshold)
+            masks = _load_seg(ds, volume, fractional_threshold, wanted)
         elif sop_class == RTSTRUCT_STORAGE:
-            masks = _load_rtstruct(ds, volume)
+            masks = _load_rtstruct(ds, volume, wanted)
         else:
             raise SegmentationError(
                 f"SOP Instance {ds.get('SOPInstanceUID')} is {ds.get('Modality', 'unknown modality')} "
@@ -166,16 +187,20 @@ def load_segmentation(
             "export it again from the segmentation software"
         ) from exc
     if not masks:
+        if numbers is not None:
+            raise SegmentationError(f"{what} holds none of the segments {sorted(numbers)}")
         raise SegmentationError(f"{what} contains no segments")
     for m in masks:
         if m.problem:
             logger.warning("%s: %s", what, m.problem)
     if all(not m.ok for m in masks):
-        raise SegmentationError(f"{what}: no usable segment: " + "; ".join(str(m.problem) for m in masks))
+        error = EmptySegmentationError if all(m.empty for m in masks) else SegmentationError
+        raise error(f"{what}: no usable segment: " + "; ".join(str(m.problem) for m in masks))
     return masks
 
 
-def _read(path: Path) -> pydicom.Dataset:
+def read_segmentation(path: Path) -> pydicom.Dataset:
+    """Read a SEG / RTSTRUCT file, or raise :class:`SegmentationError` saying why it cannot be read."""
     try:
         return pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError) as exc:
@@ -183,7 +208,12 @@ def _read(path: Path) -> pydicom.Dataset:
 
 
 def check_references(ds: pydicom.Dataset, volume: CTVolume, for_uids: set[str]) -> None:
-    """Raise unless the segmentation refers to the volume's series and frame of reference."""
+    """Raise unless the segmentation can lie on the volume: same frame of reference.
+
+    The frame of reference decides; a Series Instance UID that names another series (a
+    re-exported or anonymised copy of the CT) is only logged, since the slice geometry decides
+    where each contour / frame lands. Without any frame of reference the series must match.
+    """
     what = f"{ds.get('Modality', 'segmentation')} {ds.get('SOPInstanceUID')}"
     for_uids = {u for u in for_uids if u}
     if for_uids and volume.frame_of_reference_uid not in for_uids:
@@ -193,8 +223,15 @@ def check_references(ds: pydicom.Dataset, volume: CTVolume, for_uids: set[str]) 
         )
     series = referenced_series_uids(ds)
     if series and volume.series_instance_uid not in series:
-        raise SegmentationError(
-            f"{what} refers to series {', '.join(sorted(series))}, not to CT series {volume.series_instance_uid}"
+        if not for_uids:
+            raise SegmentationError(
+                f"{what} refers to series {', '.join(sorted(series))}, not to CT series {volume.series_instance_uid}"
+            )
+        logger.warning(
+            "%s refers to series %s, not to CT series %s; placed by its frame of reference and slice geometry",
+            what,
+            ", ".join(sorted(series)),
+            volume.series_instance_uid,
         )
 
 
@@ -210,7 +247,9 @@ def make_source(ds: pydicom.Dataset, kind: str, number: int, label: str) -> Segm
     )
 
 
-def _load_seg(ds: pydicom.Dataset, volume: CTVolume, threshold: float) -> list[LabelMask]:
+def _load_seg(
+    ds: pydicom.Dataset, volume: CTVolume, threshold: float, wanted: frozenset[int] | None
+) -> list[LabelMask]:
     check_references(ds, volume, {str(ds.get("FrameOfReferenceUID", ""))})
     what = f"SEG {ds.SOPInstanceUID}"
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
@@ -222,18 +261,24 @@ def _load_seg(ds: pydicom.Dataset, volume: CTVolume, threshold: float) -> list[L
         int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}"))
         for s in ds.SegmentSequence
         if int(s.SegmentNumber) > 0  # LABELMAP SEGs describe the background as segment 0
+        and (wanted is None or int(s.SegmentNumber) in wanted)
     }
+    if not labels:
+        return []
     masks = {n: np.zeros(volume.shape, dtype=bool) for n in labels}
     problems: dict[int, str] = {}
     sop_index = {uid: k for k, uid in enumerate(volume.sop_instance_uids) if uid}
     nz, ny, nx = volume.shape
     for i, frame_groups in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        stored = seg.get_stored_frame(i, as_index=True)
         if seg_type == "LABELMAP":
+            stored = seg.get_stored_frame(i, as_index=True)
             per_segment = {n: stored == n for n in labels}
         else:
             ident = frame_groups.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
             n = int(ident[0].ReferencedSegmentNumber)
+            if n not in masks:  # a segment not asked for (e.g. an organ): its frames are not decoded
+                continue
+            stored = seg.get_stored_frame(i, as_index=True)
             if seg_type == "FRACTIONAL":
                 per_segment = {n: stored.astype(np.float32) / max_fraction >= threshold}
             else:
@@ -308,7 +353,7 @@ def _frame_place(
     raise SegmentationError(f"{what}: frame {i + 1} has neither a plane position nor a source image on this CT")
 
 
-def _load_rtstruct(ds: pydicom.Dataset, volume: CTVolume) -> list[LabelMask]:
+def _load_rtstruct(ds: pydicom.Dataset, volume: CTVolume, wanted: frozenset[int] | None) -> list[LabelMask]:
     for_uids = {str(f.get("FrameOfReferenceUID", "")) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
     check_references(ds, volume, for_uids)
     contours_by_roi = {
@@ -318,6 +363,8 @@ def _load_rtstruct(ds: pydicom.Dataset, volume: CTVolume) -> list[LabelMask]:
     out = []
     for roi in ds.get("StructureSetROISequence", []):
         number, label = int(roi.ROINumber), str(roi.get("ROIName", f"ROI {roi.ROINumber}"))
+        if wanted is not None and number not in wanted:
+            continue
         name = f"ROI {number} ({label})"
         roi_for = str(roi.get("ReferencedFrameOfReferenceUID", "") or volume.frame_of_reference_uid)
         if roi_for != volume.frame_of_reference_uid:

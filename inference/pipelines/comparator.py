@@ -18,6 +18,7 @@ from inference.pipelines.study import load_study
 from inference.radiomics.features import compute_features
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
+from inference.structures import StructureSelection
 from pacs_agent.errors import InputError
 
 __all__ = ["METHOD", "run_comparator"]
@@ -33,6 +34,7 @@ def run_comparator(
     *,
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
+    structures: StructureSelection | None = None,
 ) -> PipelineOutput:
     """Predict the package's label per lesion from radiomic features.
 
@@ -44,6 +46,8 @@ def run_comparator(
         A ``radiomics`` model package (loaded object or path).
     explain
         Put the strongest feature contributions of each lesion into the provenance.
+    structures
+        Which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Raises
     ------
@@ -56,7 +60,7 @@ def run_comparator(
         params = radiomics_params(str(package.input_spec["radiomics_settings"]))
     except (KeyError, ValueError) as exc:
         raise InputError(f"model package {package.name}: not a usable radiomics comparator ({exc})") from exc
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     features = [compute_features(study.volume, item.lesion.mask, params=params).features for item in study.lesions]
     try:
         probabilities = comparator.predict_proba(features)

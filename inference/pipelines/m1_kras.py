@@ -31,6 +31,7 @@ from inference.pipelines.model_methods import assemble, device_name, input_size,
 from inference.pipelines.study import LoadedStudy, load_study
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
+from inference.structures import StructureSelection
 
 __all__ = ["METHOD", "m1_explained", "run_m1"]
 
@@ -43,6 +44,7 @@ def run_m1(
     *,
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
+    structures: StructureSelection | None = None,
 ) -> PipelineOutput:
     """Predict KRAS status per lesion with an M1 model package.
 
@@ -56,6 +58,8 @@ def run_m1(
         The M1 model package (loaded object or path).
     explain
         Compute Grad-CAM heat maps for the Secondary Captures.
+    structures
+        Which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Returns
     -------
@@ -69,7 +73,7 @@ def run_m1(
         (:class:`~inference.pipelines.model_methods.ModelUnavailableError`).
     """
     package = resolve_package(model, METHOD)
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     margin_px = spec_value(package, "margin_px", 20, int)
     square = spec_value(package, "square", False, bool)

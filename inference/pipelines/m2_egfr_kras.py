@@ -45,6 +45,7 @@ from inference.pipelines.model_methods import (
 from inference.pipelines.study import LoadedStudy, load_study
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
+from inference.structures import StructureSelection
 
 __all__ = ["METHOD", "covariates_from_header", "m2_explained", "run_m2"]
 
@@ -105,6 +106,7 @@ def run_m2(
     *,
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
+    structures: StructureSelection | None = None,
 ) -> PipelineOutput:
     """Predict EGFR and KRAS status per nodule with an M2 model package.
 
@@ -118,6 +120,8 @@ def run_m2(
         The M2 model package (loaded object or path).
     explain
         Compute Grad-CAM heat maps (axial view) for the Secondary Captures.
+    structures
+        Which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Returns
     -------
@@ -140,7 +144,7 @@ def run_m2(
     cube_mm = spec_value(package, "cube_mm", 64.0)
     spacing_mm = spec_value(package, "spacing_mm", 1.0)
     order = spec_value(package, "order", 3, int)
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     covariates = covariates_from_header(dcmread(ct_paths[0], stop_before_pixels=True))
     inputs = [
         m2_input(

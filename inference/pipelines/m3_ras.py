@@ -33,6 +33,7 @@ from inference.pipelines.model_methods import assemble, device_name, input_size,
 from inference.pipelines.study import LoadedStudy, load_study
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
+from inference.structures import StructureSelection
 
 __all__ = ["METHOD", "RESULT_KIND", "lesion_means", "m3_heatmaps", "run_m3"]
 
@@ -46,6 +47,7 @@ def run_m3(
     *,
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
+    structures: StructureSelection | None = None,
 ) -> PipelineOutput:
     """Predict RAS-family mutation status per lesion with an M3 model package.
 
@@ -59,6 +61,8 @@ def run_m3(
         The M3 model package (loaded object or path).
     explain
         Compute Grad-CAM heat maps for the Secondary Captures.
+    structures
+        Which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Returns
     -------
@@ -72,7 +76,7 @@ def run_m3(
         Unusable CT or segmentation, no lesion, or a package that fails verification.
     """
     package = resolve_package(model, METHOD)
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     options = {
         "area_fraction": spec_value(package, "area_fraction", 0.4),

@@ -50,6 +50,7 @@ from inference.pipelines.study import LoadedStudy, load_study
 from inference.radiomics.features import compute_features
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
+from inference.structures import StructureSelection
 
 __all__ = ["METHOD", "REGIONS", "RESULT_KIND", "m4_explained", "radscores_of", "run_m4"]
 
@@ -101,6 +102,7 @@ def run_m4(
     *,
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
+    structures: StructureSelection | None = None,
 ) -> PipelineOutput:
     """Predict the package's endpoints per lesion with an M4 (Deep-RadScore) model package.
 
@@ -114,6 +116,8 @@ def run_m4(
         The M4 model package (loaded object or path).
     explain
         Compute Grad-CAM heat maps for the Secondary Captures.
+    structures
+        Which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Returns
     -------
@@ -135,7 +139,7 @@ def run_m4(
             f"model package {package.name}: the network fuses {network.radscores} RadScores but the package "
             "defines none ([input.radscore.tumour] and [input.radscore.peritumoral])"
         )
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     ring_mm = spec_value(package, "ring_mm", 3.0)
     inputs = [

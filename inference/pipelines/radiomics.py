@@ -14,6 +14,7 @@ from pathlib import Path
 from inference.pipelines.study import key_image, lesion_result, load_study
 from inference.radiomics.features import compute_features, feature_unit
 from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
+from inference.structures import StructureSelection
 from pacs_agent import __version__
 
 __all__ = [
@@ -34,8 +35,12 @@ INTENDED_USE = (
 )
 
 
-def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> PipelineOutput:
+def run_radiomics(
+    ct_paths: Sequence[Path], segmentation_path: Path, *, structures: StructureSelection | None = None
+) -> PipelineOutput:
     """Compute per-lesion radiomics for one CT series and one segmentation object.
+
+    ``structures`` says which segments / ROIs are tumours (routing's choice); None: the default rules.
 
     Raises
     ------
@@ -43,7 +48,7 @@ def run_radiomics(ct_paths: Sequence[Path], segmentation_path: Path) -> Pipeline
         The CT cannot be assembled into a volume, the segmentation does not fit it, or no
         lesion remains after the minimum-volume filter.
     """
-    study = load_study(ct_paths, segmentation_path)
+    study = load_study(ct_paths, segmentation_path, structures)
     volume = study.volume
     lesions: list[LesionResult] = []
     key_images: dict[str, KeyImage] = {}

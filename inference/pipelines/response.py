@@ -10,9 +10,11 @@ Data flow::
     deltas          -> random forest -> P(insensitive), risk group   (inference.response.signature)
     pairs           -> RECIST-like category, volumetric change        (inference.response.recist)
 
-A segment / ROI whose label names the liver itself (e.g. "Liver", not "Liver lesions") is used as the
-registration region, not as a lesion. Every lesion is in the liver for the RECIST organ rule (M5 is
-about liver metastases).
+Which segments / ROIs are lesions is decided as for every method (:mod:`inference.structures`, or the
+node's routing, which passes its choice): only tumour structures become lesions; an organ structure
+that is the liver (e.g. a segment "Liver" coded as the organ) is used as the registration region,
+never as a lesion; every other structure is ignored. Every lesion is in the liver for the RECIST
+organ rule (M5 is about liver metastases).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, outline_mm
-from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation
+from inference.imaging.masks import EmptySegmentationError, LabelMask, SegmentationError, load_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.delta import (
     LesionFeatures,
@@ -43,6 +46,7 @@ from inference.response.matching import MAX_DISTANCE_MM, MIN_DICE, REGION_MARGIN
 from inference.response.recist import MeasuredLesion, assess_response
 from inference.response.signature import ResponseSignature, signature_from
 from inference.results import AlgorithmInfo
+from inference.structures import StructureSelection, no_tumour_message, select_structures
 from pacs_agent import __version__
 from pacs_agent.errors import InputError
 
@@ -50,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 METHOD = "response"
 ORGAN = "liver"
-LIVER_LABEL = re.compile(r"^\s*liver(\s+(parenchyma|organ|mask))?\s*$", re.IGNORECASE)
-"""Segment / ROI labels that mean the whole liver (registration region), not a lesion."""
+LIVER_ORGAN = re.compile(r"^\s*(liver|hepar)\b", re.IGNORECASE)
+"""Organ names (of a :class:`~inference.structures.StructureSelection`) meaning the liver: the registration region."""
 INTENDED_USE = (
     "Research use: change of liver-metastasis radiomics between a baseline and an on-treatment CT, with "
     "RECIST 1.1-like and volumetric comparators. Not a diagnosis."
@@ -78,6 +82,8 @@ def run_response(
     followup_seg_path: Path,
     *,
     model: ResponseSignature | str | os.PathLike[str] | None = None,
+    baseline_structures: StructureSelection | None = None,
+    followup_structures: StructureSelection | None = None,
 ) -> ResponseResult:
     """Compare a baseline and a follow-up study of one patient.
 
@@ -90,6 +96,9 @@ def run_response(
     model
         A loaded :class:`ResponseSignature`, the path of a ``response`` model package, or None to report
         the features, deltas and comparators without a score.
+    baseline_structures, followup_structures
+        Which segments / ROIs of each segmentation are tumours and organs (the node's routing passes
+        its choice); None: decided with the default rules of :mod:`inference.structures`.
 
     Returns
     -------
@@ -105,8 +114,8 @@ def run_response(
         ``model`` is a path to a package that fails verification.
     """
     signature = signature_from(model)
-    base = _load_time_point(baseline_ct_paths, baseline_seg_path, "baseline")
-    follow = _load_time_point(followup_ct_paths, followup_seg_path, "follow-up")
+    base = _load_time_point(baseline_ct_paths, baseline_seg_path, "baseline", baseline_structures)
+    follow = _load_time_point(followup_ct_paths, followup_seg_path, "follow-up", followup_structures)
     if not base.lesions and not follow.lesions:
         raise NoLesionError(
             "neither the baseline nor the follow-up segmentation holds a lesion above the minimum volume: "
@@ -174,13 +183,25 @@ def run_response(
     )
 
 
-def _load_time_point(ct_paths: Sequence[Path], seg_path: Path, when: str) -> _TimePointData:
+def _load_time_point(
+    ct_paths: Sequence[Path], seg_path: Path, when: str, structures: StructureSelection | None
+) -> _TimePointData:
     volume = load_ct_series(ct_paths)
     problems: list[str] = []
+    segmentation = pydicom.dcmread(seg_path)
+    if structures is None:
+        try:
+            structures, verdicts = select_structures(segmentation)
+        except ValueError as exc:
+            raise SegmentationError(f"{when} segmentation {segmentation.get('SOPInstanceUID')}: {exc}") from exc
+        if not structures.tumours:
+            problems.append(f"{when}: {no_tumour_message(verdicts)}")
+    organs = dict(structures.organs)
+    wanted = [*structures.tumours, *organs]
     try:
-        masks = tuple(load_segmentation(seg_path, volume))
+        masks = tuple(load_segmentation(segmentation, volume, numbers=wanted)) if wanted else ()
     except SegmentationError as exc:
-        if not _only_empty_segments(str(exc)):
+        if not isinstance(exc, EmptySegmentationError):
             raise
         # The reader drew nothing on this CT (e.g. every lesion gone): zero lesions, reported.
         problems.append(f"{when}: the segmentation holds no lesion ({exc})")
@@ -192,19 +213,13 @@ def _load_time_point(ct_paths: Sequence[Path], seg_path: Path, when: str) -> _Ti
         if not label_mask.ok:
             problems.append(f"{when}: {source.label} ({source.kind} {source.number}) skipped: {label_mask.problem}")
             continue
-        if LIVER_LABEL.match(source.label):
-            liver = label_mask.mask if liver is None else liver | label_mask.mask
+        organ = organs.get(source.number)
+        if organ is not None:
+            if LIVER_ORGAN.match(organ):
+                liver = label_mask.mask if liver is None else liver | label_mask.mask
             continue
         lesions.extend((lesion, label_mask) for lesion in find_lesions(label_mask, volume))
     return _TimePointData(volume, masks, tuple(lesions), liver, tuple(problems))
-
-
-def _only_empty_segments(message: str) -> bool:
-    """True for load_segmentation's "no usable segment" error when every segment is merely empty."""
-    if "no usable segment:" not in message:
-        return False
-    reasons = message.split("no usable segment:", 1)[1].split(";")
-    return all(r.strip().endswith(("is empty on this CT", "has no closed planar contour")) for r in reasons)
 
 
 def _measure(

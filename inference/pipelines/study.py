@@ -3,13 +3,16 @@
 One function, :func:`load_study`, shared by the radiomics pipeline and the model pipelines (M1-M4),
 so that a lesion has the same tracking id, tracking UID and key slice whichever method looks at it:
 
+    segmentation file -> which structures are tumours / organs (inference.structures, or routing's choice)
     segmentation file -> phase of the CT it was drawn on      (inference.imaging.masks)
     CT files (that phase) -> HU volume                         (inference.imaging.volume)
-    SEG / RTSTRUCT -> one mask per segment / ROI               (load_segmentation)
-    each usable mask -> lesions (26-connected components)      (inference.imaging.lesions)
+    SEG / RTSTRUCT -> one mask per tumour / organ structure   (load_segmentation)
+    each usable tumour mask -> lesions (26-connected components)  (inference.imaging.lesions)
 
-An empty or unusable segment is skipped with its reason (the others go on); no lesion at all is an
-:class:`~pacs_agent.errors.InputError`.
+Only tumour structures become lesions; organs (e.g. the liver holding the lesions) are kept as
+context, every other structure (body outline, planning volumes, oedema) is not read. An empty or
+unusable tumour segment is skipped with its reason (the others go on); no tumour structure or no
+lesion at all is an :class:`~pacs_agent.errors.InputError`.
 
 A worker runs one job per method, and the jobs of one study follow each other: the last loaded
 study is kept (read-only) and handed to the next method when its files are the same, unchanged
@@ -32,9 +35,10 @@ from pydicom import dcmread
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
-from inference.imaging.masks import LabelMask, load_segmentation, phase_of_segmentation
+from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation, phase_of_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
+from inference.structures import StructureSelection, no_tumour_message, select_structures
 from pacs_agent.errors import InputError
 
 __all__ = ["LoadedStudy", "StudyLesion", "forget_loaded_study", "key_image", "lesion_result", "load_study"]
@@ -64,13 +68,19 @@ class LoadedStudy:
     lesions : tuple of StudyLesion
         Lesions of the usable masks; per mask ordered by volume (largest first).
     skipped : tuple of str
-        One sentence per unusable segment (label, kind, number, reason).
+        One sentence per unusable tumour segment (label, kind, number, reason).
+    organs : tuple of (str, LabelMask)
+        Organ structures (name, mask), e.g. ``("liver", mask)``: context, never lesions.
+    selection : StructureSelection
+        Which structures were taken as tumours and organs.
     """
 
     volume: CTVolume
     masks: tuple[LabelMask, ...]
     lesions: tuple[StudyLesion, ...]
     skipped: tuple[str, ...]
+    organs: tuple[tuple[str, LabelMask], ...] = ()
+    selection: StructureSelection | None = None
 
     @property
     def segmentation(self) -> SegmentationSource:
@@ -84,8 +94,10 @@ class LoadedStudy:
         return z, y, x
 
 
-def load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy:
-    """Load a CT series and its segmentation and split every usable segment into lesions.
+def load_study(
+    ct_paths: Sequence[Path], segmentation_path: Path, structures: StructureSelection | None = None
+) -> LoadedStudy:
+    """Load a CT series and its segmentation and split every usable tumour segment into lesions.
 
     Parameters
     ----------
@@ -93,6 +105,9 @@ def load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy
         Files of the CT series (several phases allowed: the one the segmentation references is used).
     segmentation_path
         The SEG or RTSTRUCT drawn on that CT.
+    structures
+        Which segments / ROIs are tumours and organs (the node's routing decides and passes it);
+        None: decided here with the default rules of :mod:`inference.structures`.
 
     Returns
     -------
@@ -101,16 +116,17 @@ def load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy
     Raises
     ------
     InputError
-        The CT cannot be assembled into a volume, the segmentation does not fit it, or no lesion
-        remains after the minimum-volume filter.
+        The CT cannot be assembled into a volume, the segmentation does not fit it, it has no
+        tumour structure, or no lesion remains after the minimum-volume filter.
     """
-    key = _files_key([*ct_paths, segmentation_path])
+    files = _files_key([*ct_paths, segmentation_path])
+    key = None if files is None else (files, structures)
     with _last_lock:
         if key is not None and _last is not None and _last[0] == key:
             logger.debug("study reused from the previous job (same %d files)", len(key))
             return _last[1]
     forget_loaded_study()  # never hold two studies at once
-    study = _load_study(ct_paths, segmentation_path)
+    study = _load_study(ct_paths, segmentation_path, structures)
     if key is not None:
         _remember(key, study)
     return study
@@ -124,7 +140,8 @@ def forget_loaded_study() -> None:
 
 
 _FilesKey = tuple[tuple[str, int, int, int], ...]
-_last: tuple[_FilesKey, LoadedStudy] | None = None
+_StudyKey = tuple[_FilesKey, StructureSelection | None]
+_last: tuple[_StudyKey, LoadedStudy] | None = None
 _last_lock = threading.Lock()
 
 
@@ -143,7 +160,7 @@ def _files_key(paths: Sequence[Path]) -> _FilesKey | None:
     return tuple(key)
 
 
-def _remember(key: _FilesKey, study: LoadedStudy) -> None:
+def _remember(key: _StudyKey, study: LoadedStudy) -> None:
     """Keep ``study`` for the next job, its arrays made read-only so that no method changes them for another."""
     global _last
     for label_mask in study.masks:
@@ -154,15 +171,32 @@ def _remember(key: _FilesKey, study: LoadedStudy) -> None:
         _last = (key, study)
 
 
-def _load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStudy:
+def _load_study(
+    ct_paths: Sequence[Path], segmentation_path: Path, structures: StructureSelection | None
+) -> LoadedStudy:
     """:func:`load_study` without the reuse."""
     segmentation = dcmread(segmentation_path)
+    if structures is None:
+        try:
+            structures, verdicts = select_structures(segmentation)
+        except ValueError as exc:
+            raise SegmentationError(f"segmentation {segmentation.get('SOPInstanceUID')}: {exc}") from exc
+        if not structures.tumours:
+            raise InputError(f"segmentation {segmentation.get('SOPInstanceUID')}: {no_tumour_message(verdicts)}")
+    if not structures.tumours:
+        raise InputError(f"segmentation {segmentation.get('SOPInstanceUID')}: no tumour structure was chosen")
     volume = load_ct_series(ct_paths, choose_phase=lambda phases: phase_of_segmentation(phases, segmentation))
-    masks = tuple(load_segmentation(segmentation, volume))
+    organ_names = dict(structures.organs)
+    masks = tuple(load_segmentation(segmentation, volume, numbers=[*structures.tumours, *organ_names]))
     lesions: list[StudyLesion] = []
     skipped: list[str] = []
+    organs: list[tuple[str, LabelMask]] = []
     for label_mask in masks:
         source = label_mask.source
+        if source.number in organ_names:
+            if label_mask.ok:
+                organs.append((organ_names[source.number], label_mask))
+            continue
         if not label_mask.ok:  # an empty or unusable segment fails alone, the others go on
             skipped.append(f"{source.label} ({source.kind} {source.number}): {label_mask.problem}")
             logger.warning("segment %d of %s skipped: %s", source.number, source.sop_instance_uid, label_mask.problem)
@@ -172,7 +206,14 @@ def _load_study(ct_paths: Sequence[Path], segmentation_path: Path) -> LoadedStud
             lesions.append(StudyLesion(lesion=lesion, source=source, tracking_uid=str(tracking_uid)))
     if not lesions:
         raise InputError("the segmentation holds no lesion above the minimum volume")
-    return LoadedStudy(volume=volume, masks=masks, lesions=tuple(lesions), skipped=tuple(skipped))
+    return LoadedStudy(
+        volume=volume,
+        masks=masks,
+        lesions=tuple(lesions),
+        skipped=tuple(skipped),
+        organs=tuple(organs),
+        selection=structures,
+    )
 
 
 def key_image(volume: CTVolume, lesion: Lesion, heatmap: np.ndarray | None = None) -> KeyImage:

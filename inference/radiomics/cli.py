@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from inference.imaging.lesions import find_lesions
-from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation
+from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation, read_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.features import FeatureSet, compute_features
+from inference.structures import select_structures
 from pacs_agent import __version__
 from pacs_agent.errors import InputError, PacsAgentError
 
@@ -38,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ct", type=Path, required=True, help="folder holding the files of one CT series")
     parser.add_argument("--seg", type=Path, required=True, help="DICOM SEG or RTSTRUCT file drawn on that CT")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--label", type=int, help="segment number (SEG) or ROI number (RTSTRUCT)")
+    which.add_argument(
+        "--label",
+        type=int,
+        help="segment number (SEG) or ROI number (RTSTRUCT); default: the one tumour structure (e.g. the GTV "
+        "among BODY, organs and planning volumes), chosen by the node's default rules",
+    )
     which.add_argument("--roi", help="segment label (SEG) or ROI name (RTSTRUCT)")
     parser.add_argument("--params", type=Path, help="pyradiomics parameter file (default: the node's default)")
     parser.add_argument("--per-lesion", action="store_true", help="also one feature set per connected lesion")
@@ -66,8 +72,16 @@ def ct_files(folder: Path) -> list[Path]:
     return files
 
 
-def select_segment(masks: Sequence[LabelMask], *, label: int | None = None, roi: str | None = None) -> LabelMask:
-    """Pick one segment / ROI by number or by name; the only one when neither is given.
+def select_segment(
+    masks: Sequence[LabelMask],
+    *,
+    label: int | None = None,
+    roi: str | None = None,
+    tumours: Sequence[int] = (),
+) -> LabelMask:
+    """Pick one segment / ROI by number or by name; when neither is given, the only one, else the only tumour.
+
+    ``tumours`` are the numbers of the tumour structures (:func:`inference.structures.select_structures`).
 
     Raises
     ------
@@ -83,12 +97,16 @@ def select_segment(masks: Sequence[LabelMask], *, label: int | None = None, roi:
     elif roi is not None:
         chosen = [m for m in masks if m.source.label == roi]
         what = f"name {roi!r}"
-    else:
-        if len(masks) != 1:
-            raise RadiomicsCliError(
-                f"the segmentation holds {len(masks)} segments/ROIs ({listing}); choose one with --label or --roi"
-            )
+    elif len(masks) == 1:
         chosen, what = list(masks), ""
+    elif len(tumours) == 1:
+        chosen, what = [m for m in masks if m.source.number == tumours[0]], f"number {tumours[0]}"
+    else:
+        which = f"{len(tumours)} of them look like tumours" if tumours else "none of them looks like a tumour"
+        raise RadiomicsCliError(
+            f"the segmentation holds {len(masks)} segments/ROIs ({listing}) and {which}; "
+            "choose one with --label or --roi"
+        )
     if not chosen:
         raise RadiomicsCliError(f"the segmentation has no segment/ROI with {what}; it has: {listing}")
     if len(chosen) > 1:
@@ -141,8 +159,15 @@ def radiomics_report(
         The CT, the segmentation, the segment choice or the features cannot be computed.
     """
     volume = load_ct_series(ct_paths, phase=phase)
-    masks = load_segmentation(segmentation, volume)
-    chosen = select_segment(masks, label=label, roi=roi)
+    dataset = read_segmentation(segmentation)
+    masks = load_segmentation(dataset, volume)
+    tumours: tuple[int, ...] = ()
+    if label is None and roi is None:
+        try:
+            tumours = select_structures(dataset)[0].tumours
+        except ValueError:
+            tumours = ()
+    chosen = select_segment(masks, label=label, roi=roi, tumours=tumours)
     whole = compute_features(volume, chosen.mask, params=params)
     report: dict[str, Any] = {
         "features": _finite(whole.features),

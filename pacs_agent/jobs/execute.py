@@ -20,6 +20,7 @@ from dicom_sr.sr import build_measurement_report, write_dataset
 from inference.pipelines import PACKAGED_METHODS, PIPELINES
 from inference.pipelines.model_methods import installed_package
 from inference.results import PipelineOutput, StudyResult
+from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
@@ -178,6 +179,9 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
     options: dict[str, object] = {}
     if job.method in PACKAGED_METHODS:  # verified and loaded once per worker process, then cached
         options["model"] = installed_package(job.method, settings.model_dirs)
+    structures = job.inputs.get("structures")
+    if structures:  # routing's choice of tumour / organ structures (jobs scheduled before 0.2 have none)
+        options["structures"] = StructureSelection.from_dict(structures)
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
     output = pipeline(inputs.ct_paths, inputs.segmentation_path, **options)
     ct_headers, segmentation = _evidence(inputs)

@@ -39,6 +39,7 @@ from inference.pipelines.study import key_image
 from inference.response import LesionMeasurement, ResponseResult
 from inference.response.signature import ResponseSignature, load_signature
 from inference.results import KeyImage, PipelineOutput, StudyResult
+from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError, ModelPackageError
@@ -174,7 +175,7 @@ def _key_image(inputs: JobInputs, lesion: LesionMeasurement | None) -> KeyImage 
         return None
     try:
         volume = load_ct_series(inputs.ct_paths)
-        for label_mask in load_segmentation(inputs.segmentation_path, volume):
+        for label_mask in load_segmentation(inputs.segmentation_path, volume, numbers=[lesion.source.number]):
             if label_mask.source.number != lesion.source.number or not label_mask.ok:
                 continue
             for found in find_lesions(label_mask, volume):
@@ -185,6 +186,11 @@ def _key_image(inputs: JobInputs, lesion: LesionMeasurement | None) -> KeyImage 
         return None
     logger.warning("key slice of %s not drawn: the lesion was not found again", lesion.tracking_uid)
     return None
+
+
+def _selection(value: object) -> StructureSelection | None:
+    """Routing's choice of structures from the job inputs (jobs scheduled before 0.2 have none)."""
+    return StructureSelection.from_dict(value) if isinstance(value, dict) else None
 
 
 def _headers(paths: Sequence[Path]) -> list[Dataset]:
@@ -288,6 +294,8 @@ def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple
         inputs.follow_up.ct_paths,
         inputs.follow_up.segmentation_path,
         model=signature,
+        baseline_structures=_selection(job.inputs.get("baseline_structures")),
+        followup_structures=_selection(job.inputs.get("structures")),
     )
     if result.follow_up.study_instance_uid != job.study_instance_uid:
         raise InputError("the follow-up CT series named by the job belongs to another study")

@@ -6,13 +6,16 @@ decoded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
+from inference.structures import referenced_instance_uids, referenced_series_uids
 from pacs_agent.errors import InputError
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -71,6 +74,10 @@ class InstanceHeader:
     acquisition_time: str | None = None
     body_part_examined: str | None = None
     study_description: str | None = None
+    image_position: str | None = None
+    """Image Position (Patient), three backslash-separated numbers (None when absent or malformed)."""
+    image_orientation: str | None = None
+    """Image Orientation (Patient) as six backslash-separated numbers (None when absent or malformed)."""
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -80,49 +87,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-def referenced_series_uids(ds: Dataset) -> tuple[str, ...]:
-    """Series a SEG or RTSTRUCT refers to, from its header (in order of appearance, no repeats).
-
-    SEG: Referenced Series Sequence (also inside Studies Containing Other Referenced Instances).
-    RTSTRUCT: RT Referenced Series of every referenced frame of reference.
-    """
-    found: list[str] = []
-    for item in ds.get("ReferencedSeriesSequence", []):
-        found.append(str(item.get("SeriesInstanceUID", "")))
-    for study in ds.get("StudiesContainingOtherReferencedInstancesSequence", []):
-        for item in study.get("ReferencedSeriesSequence", []):
-            found.append(str(item.get("SeriesInstanceUID", "")))
-    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
-        for study in frame.get("RTReferencedStudySequence", []):
-            for series in study.get("RTReferencedSeriesSequence", []):
-                found.append(str(series.get("SeriesInstanceUID", "")))
-    return tuple(uid for uid in dict.fromkeys(found) if uid)
-
-
-def referenced_instance_uids(ds: Dataset) -> tuple[str, ...]:
-    """SOP Instance UIDs of the images a SEG or RTSTRUCT was drawn on, from its header.
-
-    SEG: Referenced Instance Sequence of each Referenced Series, and the Source Image Sequence
-    of each frame's Derivation Image Sequence. RTSTRUCT: the Contour Image Sequences.
-    """
-    found: list[str] = []
-    for series in ds.get("ReferencedSeriesSequence", []):
-        for item in series.get("ReferencedInstanceSequence", []):
-            found.append(str(item.get("ReferencedSOPInstanceUID", "")))
-    for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
-        for derivation in frame.get("DerivationImageSequence", []):
-            for item in derivation.get("SourceImageSequence", []):
-                found.append(str(item.get("ReferencedSOPInstanceUID", "")))
-    for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
-        for study in ref_for.get("RTReferencedStudySequence", []):
-            for series in study.get("RTReferencedSeriesSequence", []):
-                for item in series.get("ContourImageSequence", []):
-                    found.append(str(item.get("ReferencedSOPInstanceUID", "")))
-    for roi in ds.get("ROIContourSequence", []):
-        for contour in roi.get("ContourSequence", []):
-            for item in contour.get("ContourImageSequence", []):
-                found.append(str(item.get("ReferencedSOPInstanceUID", "")))
-    return tuple(uid for uid in dict.fromkeys(found) if uid)
+def _vector(ds: Dataset, keyword: str, size: int) -> str | None:
+    """A numeric multi-valued attribute as backslash-separated text; None when absent or not ``size`` finite numbers."""
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        numbers = [float(v) for v in (value if isinstance(value, MultiValue | list | tuple) else [value])]
+    except Exception:  # a value that breaks its VR: no geometry, not a refusal
+        return None
+    if len(numbers) != size or not all(math.isfinite(v) for v in numbers):
+        return None
+    return "\\".join(repr(v) for v in numbers)
 
 
 def read_header(data: bytes) -> InstanceHeader:
@@ -169,6 +145,8 @@ def read_header(data: bytes) -> InstanceHeader:
             acquisition_time=_text(ds, "AcquisitionTime") or _text(ds, "SeriesTime"),
             body_part_examined=(_text(ds, "BodyPartExamined") or "")[:16] or None,
             study_description=(_text(ds, "StudyDescription") or "")[:64] or None,
+            image_position=_vector(ds, "ImagePositionPatient", 3),
+            image_orientation=_vector(ds, "ImageOrientationPatient", 6),
         )
     except HeaderError:
         raise

@@ -12,6 +12,7 @@ ready study also completes every open pairing it is the baseline of.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from inference.structures import StructureSelection
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
@@ -166,6 +168,30 @@ def update_pairing(
         )
 
 
+def study_selection(study: Study) -> StructureSelection | None:
+    """The tumour / organ selection of the study's chosen segmentation, from its structure notes."""
+    if not study.structure_notes or not study.segmentation_sop_instance_uid:
+        return None
+    notes = [
+        n
+        for n in json.loads(study.structure_notes)
+        if n.get("segmentation_sop_instance_uid") == study.segmentation_sop_instance_uid
+    ]
+    if not notes:
+        return None
+    return StructureSelection(
+        tumours=tuple(int(n["number"]) for n in notes if n["role"] == "tumour"),
+        organs=tuple(
+            (int(n["number"]), str(n.get("organ") or n["label"]).lower()) for n in notes if n["role"] == "organ"
+        ),
+    )
+
+
+def _selection_dict(study: Study) -> dict[str, object] | None:
+    selection = study_selection(study)
+    return None if selection is None else selection.to_dict()
+
+
 def schedule_response(session: Session, pairing: Pairing, followup: Study, baseline: Study, settings: Settings) -> None:
     """Create (or refresh) the response job of a complete pair."""
     inputs = {
@@ -174,6 +200,8 @@ def schedule_response(session: Session, pairing: Pairing, followup: Study, basel
         "baseline_study_instance_uid": baseline.study_instance_uid,
         "baseline_ct_series_instance_uid": baseline.ct_series_instance_uid,
         "baseline_segmentation_sop_instance_uid": baseline.segmentation_sop_instance_uid,
+        "structures": _selection_dict(followup),
+        "baseline_structures": _selection_dict(baseline),
     }
     job = schedule_job(session, followup.id, RESPONSE_METHOD, inputs, settings.jobs.max_attempts)
     if followup.state in ("done", "failed", "incomplete", "receiving"):

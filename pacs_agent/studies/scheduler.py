@@ -11,15 +11,17 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from inference.structures import SegmentationSummary, read_summary
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
 from pacs_agent.models import Instance, Series, Study, utcnow
-from pacs_agent.receive.header import SEGMENTATION_SOP_CLASSES
+from pacs_agent.receive.header import ENHANCED_CT_IMAGE, SEGMENTATION_SOP_CLASSES
 from pacs_agent.routing.methods import (
     DEFAULT_METHOD_REGIONS,
     DEFAULT_REGION_PATTERNS,
@@ -29,6 +31,7 @@ from pacs_agent.routing.methods import (
 )
 from pacs_agent.routing.pairing import RESPONSE_METHOD, complete_open_pairings, pair_followup
 from pacs_agent.routing.phase import SeriesPhaseInfo
+from pacs_agent.routing.references import CTGeometry, parse_vector
 from pacs_agent.studies.readiness import (
     Decision,
     ReadinessRules,
@@ -57,11 +60,45 @@ def readiness_rules(settings: Settings) -> ReadinessRules:
         phase=settings.routing.phase_rules(),
         when_not_portal_venous=settings.routing.when_not_portal_venous,
         reference_wait_seconds=settings.readiness.reference_wait_seconds,
+        structures=settings.routing.tumour.rules(),
     )
 
 
-def snapshot_study(session: Session, study: Study) -> StudySnapshot:
-    """Collect the readiness-relevant facts of ``study`` from the database."""
+def segmentation_summary(
+    session: Session, instance_id: int, path: str, stored: str | None, spool_dir: Path | None
+) -> tuple[SegmentationSummary | None, str | None]:
+    """The summary of a stored SEG / RTSTRUCT (read from its file once, then kept in its Instance row).
+
+    Returns the summary, or None and the reason it cannot be read.
+    """
+    if stored is None:
+        if spool_dir is None:
+            return None, "the spool directory is not known, so the file cannot be read"
+        try:
+            stored = read_summary(spool_dir / path).to_json()
+        except (OSError, ValueError) as exc:
+            stored = json.dumps({"error": str(exc)})
+        session.execute(update(Instance).where(Instance.id == instance_id).values(segmentation_summary=stored))
+    data = json.loads(stored)
+    if "error" in data:
+        return None, f"its content cannot be read ({data['error']}); export it again from the segmentation software"
+    return SegmentationSummary.from_json(stored), None
+
+
+def _geometry(orientation: str | None, positions: list[str | None]) -> CTGeometry | None:
+    iop = parse_vector(orientation, 6)
+    points = [parse_vector(p, 3) for p in positions]
+    if iop is None or not points or any(p is None for p in points):
+        return None
+    return CTGeometry(orientation=iop, positions=tuple(points))  # type: ignore[arg-type]
+
+
+def snapshot_study(session: Session, study: Study, spool_dir: Path | None = None) -> StudySnapshot:
+    """Collect the readiness-relevant facts of ``study`` from the database (and its segmentations' files).
+
+    A segmentation's structures and planes are read from its file in ``spool_dir`` the first time and
+    kept in its Instance row.
+    """
     all_series = {
         series.id: series for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars()
     }
@@ -73,17 +110,24 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
             Instance.referenced_series_uids,
             Instance.received_at,
             Instance.referenced_instance_uids,
+            Instance.id,
+            Instance.path,
+            Instance.segmentation_summary,
+            Instance.image_position,
         ).where(Instance.series_id.in_(list(all_series)))
     ).all()
     classes: dict[int, set[str]] = defaultdict(set)
     counts: dict[int, int] = defaultdict(int)
     segmentations = []
     uids: dict[int, set[str]] = defaultdict(set)
-    for series_id, sop_uid, sop_class, refs, received_at, images in rows:
+    positions: dict[int, list[str | None]] = defaultdict(list)
+    for series_id, sop_uid, sop_class, refs, received_at, images, row_id, path, stored, position in rows:
         classes[series_id].add(sop_class)
         counts[series_id] += 1
         uids[series_id].add(sop_uid)
+        positions[series_id].append(position)
         if sop_class in SEGMENTATION_SOP_CLASSES:
+            summary, problem = segmentation_summary(session, row_id, path, stored, spool_dir)
             segmentations.append(
                 SegmentationSnapshot(
                     sop_instance_uid=sop_uid,
@@ -92,6 +136,8 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
                     referenced_series_uids=frozenset(refs.split()),
                     received_at=received_at,
                     referenced_instance_uids=frozenset(images.split()),
+                    summary=summary,
+                    summary_problem=problem,
                 )
             )
     series = tuple(
@@ -104,6 +150,10 @@ def snapshot_study(session: Session, study: Study) -> StudySnapshot:
                     instance_count=counts[series_id],
                     description=row.series_description,
                     instance_uids=frozenset(uids[series_id]),
+                    frame_of_reference_uid=row.frame_of_reference_uid,
+                    geometry=None
+                    if ENHANCED_CT_IMAGE in classes[series_id]
+                    else _geometry(row.image_orientation, positions[series_id]),
                     phase=SeriesPhaseInfo(
                         series_description=row.series_description,
                         protocol_name=row.protocol_name,
@@ -152,12 +202,16 @@ def run_once(
     now: datetime | None = None,
     *,
     settings: Settings | None = None,
+    spool_dir: Path | None = None,
 ) -> SchedulerOutcome:
     """Evaluate every study changed since its last evaluation; the caller commits.
 
     Single-study methods get one job each. The pair method ``response`` (needs ``settings``)
     looks for the study's baseline and completes open pairings the study is the baseline of.
+    Segmentation files are read from ``spool_dir`` (default: the settings' spool directory).
     """
+    if spool_dir is None and settings is not None:
+        spool_dir = settings.storage.spool_dir
     now = now or utcnow()
     studies = (
         session.execute(
@@ -169,7 +223,7 @@ def run_once(
     decisions: dict[str, Decision] = {}
     created = 0
     for study in studies:
-        snapshot = snapshot_study(session, study)
+        snapshot = snapshot_study(session, study, spool_dir)
         decision = decide(snapshot, now, rules)
         decisions[study.study_instance_uid] = decision
         if decision.state == "waiting":
@@ -178,6 +232,7 @@ def run_once(
         study.evaluated_at = snapshot.last_received_at
         study.state_reason = decision.reason
         study.series_notes = json.dumps([asdict(note) for note in decision.series_notes])
+        _record_inputs(session, study, decision)
         if decision.state == "incomplete":
             study.state = "incomplete"
             record_event(
@@ -194,6 +249,7 @@ def run_once(
         inputs = {
             "ct_series_instance_uid": decision.ct_series_instance_uid,
             "segmentation_sop_instance_uid": decision.segmentation_sop_instance_uid,
+            "structures": decision.selection.to_dict() if decision.selection else None,
         }
         choice = _applicable_methods(session, study, decision, methods, settings)
         study.method_notes = json.dumps([{"method": m, "reason": r} for m, r in choice.skipped])
@@ -215,3 +271,27 @@ def run_once(
                 detail=f"{method}: {decision.reason}",
             )
     return SchedulerOutcome(decisions=decisions, jobs_created=created)
+
+
+def _record_inputs(session: Session, study: Study, decision: Decision) -> None:
+    """Keep the structure notes and input warnings of a decision on the study, with events for what changed."""
+    notes = json.dumps([asdict(note) for note in decision.structure_notes])
+    warnings = json.dumps(list(decision.warnings))
+    if notes != (study.structure_notes or "[]") and decision.structure_notes:
+        tumours = [n.label for n in decision.structure_notes if n.role == "tumour"]
+        others = [
+            f"{n.label} ({n.role if n.role == 'organ' else 'not a tumour'}: {n.reason})"
+            for n in decision.structure_notes
+            if n.role != "tumour"
+        ]
+        detail = f"tumour structure(s): {', '.join(tumours) or 'none'}"
+        if others:
+            detail += f"; not analysed as lesions: {'; '.join(others)}"
+        record_event(session, "structures_chosen", study_instance_uid=study.study_instance_uid, detail=detail)
+    if warnings != (study.input_warnings or "[]"):
+        for warning in decision.warnings:
+            record_event(
+                session, "input_warning", level="WARNING", study_instance_uid=study.study_instance_uid, detail=warning
+            )
+    study.structure_notes = notes
+    study.input_warnings = warnings

@@ -126,6 +126,7 @@ def record_instance(
             "calling_ae_title": calling_ae_title,
             "received_at": now,
             "duplicates": 0,
+            "image_position": header.image_position,
         },
     )
     if not inserted:
@@ -172,6 +173,7 @@ def _study_and_series(session: Executor, header: InstanceHeader, now: datetime) 
             "contrast_start_time": header.contrast_start_time,
             "acquisition_time": header.acquisition_time,
             "body_part_examined": header.body_part_examined,
+            "image_orientation": header.image_orientation,
         },
     )
     series_id = session.execute(

@@ -23,6 +23,7 @@ from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import record_instance
+from tests.dicom_factory import record_summary
 
 STUDY = "1.2.826.0.1.3680043.10.99.1"
 SECRET_PATIENT_ID = "PAT-SECRET-4711"
@@ -77,6 +78,7 @@ def receive_ready_study(db: Database, study: str = STUDY) -> int:
     with db.session() as session, session.begin():
         for header in [*headers, seg, headers[0]]:
             record_instance(session, header, path="x", size_bytes=1000, calling_ae_title="CT1")
+        record_summary(session, seg)
     with db.session() as session, session.begin():
         run_once(session, RULES, ("radiomics",), 3)
     with db.session() as session:
@@ -162,7 +164,7 @@ def test_events_command(db: Database, config: Path, capsys: pytest.CaptureFixtur
     assert main(["events", "--config", str(config), "--study", STUDY, "--json"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out)
-    assert [r["kind"] for r in rows] == ["job_scheduled", "job_scheduled", "job_dead"]
+    assert [r["kind"] for r in rows] == ["structures_chosen", "job_scheduled", "job_scheduled", "job_dead"]
     assert all(r["study_instance_uid"] == STUDY for r in rows)
     assert main(["events", "--config", str(config), "--since", "2h", "--level", "warning"]) == 0
     assert capsys.readouterr().out.strip() == "no matching events"

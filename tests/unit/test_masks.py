@@ -184,11 +184,30 @@ def test_seg_of_another_frame_of_reference_raises(series: Series) -> None:
         load_segmentation(seg, load_ct_series(series.paths))
 
 
-def test_seg_of_another_series_raises(series: Series) -> None:
+def test_seg_naming_another_series_of_the_same_frame_of_reference_is_placed_by_geometry(series: Series) -> None:
+    blob = _blob(series.hu.shape)
+    seg = make_seg(series, {"tumour": blob})
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.4"
+    (mask,) = load_segmentation(seg, load_ct_series(series.paths))
+    np.testing.assert_array_equal(mask.mask, blob)
+
+
+def test_seg_of_another_series_without_frame_of_reference_raises(series: Series) -> None:
     seg = make_seg(series, {"tumour": _blob(series.hu.shape)})
     seg.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.4"
+    del seg.FrameOfReferenceUID
     with pytest.raises(SegmentationError, match=r"refers to series 1\.2\.3\.4"):
         load_segmentation(seg, load_ct_series(series.paths))
+
+
+def test_only_the_requested_segments_are_rasterised(series: Series) -> None:
+    blob = _blob(series.hu.shape)
+    other = np.zeros_like(blob)
+    other[4, 10:14, 1:3] = True
+    seg = make_seg(series, {"organ": other, "tumour": blob})
+    (tumour,) = load_segmentation(seg, load_ct_series(series.paths), numbers=[2])
+    assert tumour.source.number == 2
+    np.testing.assert_array_equal(tumour.mask, blob)
 
 
 def test_seg_with_other_pixel_spacing_raises(series: Series) -> None:
@@ -294,13 +313,16 @@ def test_rtstruct_of_another_frame_of_reference_raises(series: Series, tmp_path:
         load_segmentation(path, vol)
 
 
-def test_rtstruct_of_another_series_raises(series: Series, tmp_path: Path) -> None:
+def test_rtstruct_naming_another_series_of_the_same_frame_of_reference_is_placed_by_geometry(
+    series: Series, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-exported or anonymised CT keeps its frame of reference but not its Series Instance UID."""
     vol = load_ct_series(series.paths)
-    path = write_rtstruct(
-        tmp_path / "rs.dcm", series, {"a": [_square(vol, 0, 3, 0, 3, 1)]}, referenced_series_uid="1.2.3"
-    )
-    with pytest.raises(SegmentationError, match=r"refers to series 1\.2\.3"):
-        load_segmentation(path, vol)
+    square = _square(vol, 0.5, 3.5, 0.5, 3.5, 1)
+    path = write_rtstruct(tmp_path / "rs.dcm", series, {"a": [square]}, referenced_series_uid="1.2.3")
+    (mask,) = load_segmentation(path, vol)
+    assert mask.ok and mask.mask.sum() == 9
+    assert "refers to series 1.2.3" in caplog.text and "placed by its frame of reference" in caplog.text
 
 
 def test_rtstruct_roi_in_other_frame_of_reference_is_a_problem(series: Series, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pacs_agent.routing.methods import (
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import record_instance
+from tests.dicom_factory import record_summary
 from tests.unit.test_store_and_queue import CT, seg_object
 
 ALL = ("radiomics", "m1", "m2", "m3", "m4", "response")
@@ -80,6 +81,7 @@ def test_scheduler_skips_methods_of_another_region(sqlite_db: Database) -> None:
                 calling_ae_title="CT",
             )
         record_instance(session, seg_object(), path="x", size_bytes=1, calling_ae_title="CT")
+        record_summary(session, seg_object())
     with sqlite_db.session() as session, session.begin():
         run_once(session, ReadinessRules(quiet_seconds=0, phase=None), ("radiomics", "m1", "m2"), 3)
     with sqlite_db.session() as session:

@@ -16,6 +16,7 @@ from pacs_agent.routing.pairing import Candidate, choose_baseline, parse_da, win
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import record_instance
+from tests.dicom_factory import record_summary
 from tests.unit.test_store_and_queue import CT
 
 F = date(2026, 3, 2)
@@ -97,6 +98,7 @@ def add_study(db: Database, study_uid: str, study_date: str, patient: str = "P1"
                 calling_ae_title="CT",
             )
         record_instance(session, seg, path="x", size_bytes=1, calling_ae_title="CT")
+        record_summary(session, seg)
     with db.session() as session, session.begin():
         run_once(session, RULES, SETTINGS.jobs.methods, 3, settings=SETTINGS)
 

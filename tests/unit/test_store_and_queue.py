@@ -18,6 +18,7 @@ from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
+from tests.dicom_factory import record_summary
 
 CT = InstanceHeader(
     sop_class_uid=CT_IMAGE,
@@ -61,6 +62,8 @@ def store(db: Database, *headers: InstanceHeader) -> list[StoreOutcome]:
     with db.session() as session, session.begin():
         for header in headers:
             outcomes.append(record_instance(session, header, path="x", size_bytes=10, calling_ae_title="CT1"))
+            if header.sop_class_uid == SEGMENTATION:
+                record_summary(session, header)
     return outcomes
 
 
@@ -147,12 +150,14 @@ def test_scheduler_creates_one_job_when_ready(any_db: Database) -> None:
         assert json.loads(job.inputs) == {
             "ct_series_instance_uid": "1.2.3.100",
             "segmentation_sop_instance_uid": "1.2.3.200.1",
+            "structures": {"tumours": [1], "organs": []},
         }
         assert session.execute(select(Study.state)).scalar_one() == "queued"
 
 
 def test_incomplete_study_records_reason(any_db: Database) -> None:
-    store(any_db, ct_slice(1), ct_slice(2), ct_slice(3), seg_object(refs=("9.9.9",)))
+    other_frame = replace(seg_object(refs=("9.9.9",)), frame_of_reference_uid="9.9.8")
+    store(any_db, ct_slice(1), ct_slice(2), ct_slice(3), other_frame)
     with any_db.session() as session, session.begin():
         assert run_once(session, RULES, ("radiomics",), 3).jobs_created == 0
     with any_db.session() as session:
