@@ -57,6 +57,18 @@ def test_rtstruct_by_roi_name_with_per_lesion(tmp_path: Path) -> None:
     assert sum(lesion["features"]["original_shape_VoxelVolume"] for lesion in lesions) == pytest.approx(whole)
 
 
+def test_the_one_tumour_among_body_organs_and_planning_volumes_is_the_default(tmp_path: Path) -> None:
+    study = generate_study(
+        tmp_path / "s", seed=6, lesions=1, slices=24, rows=64, columns=64, segmentation="rtstruct",
+        clinical_structures=True,
+    )  # fmt: skip
+    out = tmp_path / "f.json"
+    assert _run("--ct", str(study.ct_files[0].parent), "--seg", str(study.rtstruct_file), "--out", str(out)) == 0
+    provenance = json.loads(out.read_text())["provenance"]
+    assert (provenance["segment_number"],) == study.structure_numbers("rtstruct")
+    assert provenance["segment_label"] == "GTV_Liver_Lesions"
+
+
 def test_output_to_stdout(study: PhantomStudy, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run("--ct", str(study.ct_files[0].parent), "--seg", str(study.seg_file), "--label", "1", "--out", "-") == 0
     assert "original_shape_VoxelVolume" in json.loads(capsys.readouterr().out)["features"]
@@ -65,7 +77,11 @@ def test_output_to_stdout(study: PhantomStudy, capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "holds 2 segments/ROIs (1 (Liver lesion 1), 2 (Liver lesion 2)); choose one with --label or --roi"),
+        (
+            [],
+            "holds 2 segments/ROIs (1 (Liver lesion 1), 2 (Liver lesion 2)) and 2 of them look like tumours; "
+            "choose one with --label or --roi",
+        ),
         (["--label", "9"], "no segment/ROI with number 9; it has: 1 (Liver lesion 1), 2 (Liver lesion 2)"),
         (["--roi", "Liver"], "no segment/ROI with name 'Liver'"),
         (["--label", "1", "--params", "/nonexistent/p.yaml"], "parameter file /nonexistent/p.yaml does not exist"),
