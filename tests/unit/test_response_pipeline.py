@@ -344,3 +344,20 @@ def test_training_is_deterministic_and_reports_auc() -> None:
         write_signature_package(
             Path("/nonexistent"), object(), name="x", version="1", validation_status="DEMO", training_description="x"
         )
+
+
+def test_liver_and_planning_structures_are_no_lesions_and_the_liver_focuses_the_registration(work: Path) -> None:
+    """Clinical exports: the liver segment is the registration region, BODY / CTV / PTV are ignored."""
+    base = generate_study(
+        work / "cb", seed=8, lesions=2, slices=32, rows=96, columns=96, lesion_scale=1.5, clinical_structures=True
+    )
+    follow = generate_follow_up(base, work / "cf", shrink=0.3, texture_change=None)  # a third of the volume
+    for kind in ("seg", "rtstruct"):
+        b_seg, f_seg = (base.seg_file, follow.seg_file) if kind == "seg" else (base.rtstruct_file, follow.rtstruct_file)
+        assert b_seg is not None and f_seg is not None
+        result = run_response(base.ct_files, b_seg, follow.ct_files, f_seg)
+        assert len(result.pairs) == 2 and result.new_lesions == result.disappeared_lesions == (), kind
+        assert {pair.baseline.source.number for pair in result.pairs} <= set(base.structure_numbers(kind)), kind
+        assert result.provenance["registration_region"].startswith("liver"), kind
+        assert result.recist.category == "PR", (kind, result.recist.reason)
+        assert result.volumetric_change_percent == pytest.approx(-70, abs=5), kind
