@@ -13,8 +13,8 @@ Data flow::
 Which segments / ROIs are lesions is decided as for every method (:mod:`inference.structures`, or the
 node's routing, which passes its choice): only tumour structures become lesions; an organ structure
 that is the liver (e.g. a segment "Liver" coded as the organ) is used as the registration region,
-never as a lesion; every other structure is ignored. Every lesion is in the liver for the RECIST
-organ rule (M5 is about liver metastases).
+never as a lesion; every other structure is ignored. For the RECIST organ rule a lesion belongs to
+the organ structure that holds most of it, else to the liver (M5 is about liver metastases).
 """
 
 from __future__ import annotations
@@ -73,6 +73,17 @@ class _TimePointData:
     lesions: tuple[tuple[Lesion, LabelMask], ...]
     liver: np.ndarray | None
     problems: tuple[str, ...]
+    organs: tuple[tuple[str, np.ndarray], ...] = ()
+    """Organ structures (name, mask): a lesion lying in one of them is assigned to it (RECIST per organ)."""
+
+    def organ_of(self, lesion: Lesion) -> str:
+        """The organ holding most of ``lesion``; the liver when no organ was segmented (M5: liver metastases)."""
+        best, overlap = ORGAN, 0
+        for name, mask in self.organs:
+            inside = int(np.count_nonzero(mask[lesion.bbox] & lesion.mask[lesion.bbox]))
+            if inside * 2 > lesion.voxel_count and inside > overlap:
+                best, overlap = name, inside
+        return best
 
 
 def run_response(
@@ -208,6 +219,7 @@ def _load_time_point(
         return _TimePointData(volume, (), (), None, tuple(problems))
     lesions: list[tuple[Lesion, LabelMask]] = []
     liver: np.ndarray | None = None
+    organ_masks: list[tuple[str, np.ndarray]] = []
     for label_mask in masks:
         source = label_mask.source
         if not label_mask.ok:
@@ -215,11 +227,13 @@ def _load_time_point(
             continue
         organ = organs.get(source.number)
         if organ is not None:
-            if LIVER_ORGAN.match(organ):
+            is_liver = LIVER_ORGAN.match(organ)
+            if is_liver:
                 liver = label_mask.mask if liver is None else liver | label_mask.mask
+            organ_masks.append((ORGAN if is_liver else organ, label_mask.mask))
             continue
         lesions.extend((lesion, label_mask) for lesion in find_lesions(label_mask, volume))
-    return _TimePointData(volume, masks, tuple(lesions), liver, tuple(problems))
+    return _TimePointData(volume, masks, tuple(lesions), liver, tuple(problems), tuple(organ_masks))
 
 
 def _measure(
@@ -242,7 +256,7 @@ def _measure(
                     derive_uid("response-tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
                 ),
                 source=source,
-                organ=ORGAN,
+                organ=data.organ_of(lesion),
                 volume_ml=lesion.volume_ml,
                 longest_axial_diameter_mm=lesion.longest_axial_diameter_mm,
                 centroid_mm=lesion.centroid_mm,

@@ -359,5 +359,6 @@ def test_liver_and_planning_structures_are_no_lesions_and_the_liver_focuses_the_
         assert len(result.pairs) == 2 and result.new_lesions == result.disappeared_lesions == (), kind
         assert {pair.baseline.source.number for pair in result.pairs} <= set(base.structure_numbers(kind)), kind
         assert result.provenance["registration_region"].startswith("liver"), kind
+        assert {pair.baseline.organ for pair in result.pairs} == {"liver"}  # held by the liver structure
         assert result.recist.category == "PR", (kind, result.recist.reason)
         assert result.volumetric_change_percent == pytest.approx(-70, abs=5), kind
