@@ -25,6 +25,7 @@ Capture, which highdicom takes from the clock.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,10 +33,12 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from highdicom._standard_utils import get_anatomic_region_map
 from pydicom import Dataset
 
 from dicom_sr.codes import split_feature_name
 from dicom_sr.render import GREY, RESULT_YELLOW, TextLine, render_lesion_page, render_summary_page
+from dicom_sr.source import cleaned_sources
 from dicom_sr.sr import PERSON_NAME_WARNING, SOFTWARE_VERSION
 from dicom_sr.templates import Prediction, check_prediction
 from dicom_sr.uids import ResultUIDs, result_uids
@@ -151,9 +154,11 @@ def sc_image(
     """An RGB Secondary Capture page of a result, joined to the study of ``ref_dataset``.
 
     Shared by the method captures and the response capture: the patient / study attributes and
-    Patient Orientation come from ``ref_dataset``, the page carries burned-in text
-    (``BurnedInAnnotation = YES``), and highdicom's Patient Name warning (it quotes the name) is
-    silenced.
+    Patient Orientation come from a valid copy of ``ref_dataset``
+    (:func:`dicom_sr.source.valid_source`, each fix logged as a warning without the value), the
+    page carries burned-in text (``BurnedInAnnotation = YES``), and highdicom's Patient Name
+    warning (it quotes the name) is silenced. For a paired body part (PS3.16 Annex L), Laterality
+    is the source's (R or L) or empty when unknown (General Series, Type 2C).
     """
     _require(series_number, int, "series_number", "int")
     _require(manufacturer, str, "manufacturer", "str")
@@ -162,6 +167,7 @@ def sc_image(
         _require(institution_name, str, "institution_name", "str")
     if body_part_examined is not None:
         _require(body_part_examined, str, "body_part_examined", "str")
+    ref_dataset = cleaned_sources([ref_dataset])[0]
     with warnings.catch_warnings():
         # highdicom warns about single-component Patient Names copied from the source; the
         # message quotes the name, which must never reach a log (PHI).
@@ -193,7 +199,16 @@ def sc_image(
         # General Series, Type 3. Without it dciodvfy cannot rule out a paired body part and
         # asks for Laterality (Type 2C).
         image.BodyPartExamined = str(body_part)
+        if _is_paired(str(body_part)):  # e.g. EXTREMITY: Laterality is Type 2C, empty when unknown
+            image.Laterality = str(ref_dataset.get("Laterality", "") or "")
     return image
+
+
+@functools.cache
+def _is_paired(body_part: str) -> bool:
+    """Whether a Body Part Examined term names a paired structure (PS3.16 Annex L, via highdicom)."""
+    region = get_anatomic_region_map().get(body_part)
+    return bool(region and region[1])
 
 
 def _model_lines(result: StudyResult, content_datetime: datetime.datetime, software_version: str) -> list[TextLine]:

@@ -54,6 +54,7 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.source import cleaned_sources
 from dicom_sr.templates import KeySliceOutlineGroup, LesionMeasurementGroup, Prediction, ReportEvaluations
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.results import DEMO_WARNING, LesionResult, StudyResult
@@ -329,8 +330,12 @@ def comprehensive_3d_sr(
 
     UTF-8, complete, instance 1 of its series, the private coding scheme declared; highdicom's
     warning about single-component Patient Names is silenced because it quotes the name (PHI must
-    never reach a log).
+    never reach a log). highdicom gets valid copies of the evidence
+    (:func:`dicom_sr.source.valid_source`): it copies the patient, study and equipment attributes
+    of ``evidence[0]`` and the UIDs of all, so no invalid source value reaches the SR; each fix is
+    logged as a warning, without the value.
     """
+    evidence = cleaned_sources(evidence)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         return hd.sr.Comprehensive3DSR(
