@@ -6,6 +6,7 @@ and torch for the CNN methods) and ``dicom_sr``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,16 +17,18 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
+from dicom_sr.source import source_fixes
 from dicom_sr.sr import build_measurement_report, write_dataset
 from inference.pipelines import PACKAGED_METHODS, PIPELINES
 from inference.pipelines.model_methods import installed_package
 from inference.results import PipelineOutput, StudyResult
 from inference.structures import StructureSelection
+from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
 from pacs_agent.jobs.queue import ClaimedJob
-from pacs_agent.models import Instance, Result, Series
+from pacs_agent.models import Instance, Result, Series, Study
 from pacs_agent.receive.spool import safe_name
 from pacs_agent.send.outbox import enqueue
 
@@ -121,6 +124,36 @@ def build_result_objects(
     return objects
 
 
+def record_source_warnings(db: Database, job: ClaimedJob, sources: Sequence[Dataset]) -> list[str]:
+    """Record, as warnings of the study, every source attribute that had to be made valid for the results.
+
+    The results never copy an invalid value (:mod:`dicom_sr.source`); the operator learns what was
+    changed (attribute and rule, never the value) in ``pacs-agent status`` and an ``input_warning``
+    event. Returns the warnings that were new.
+    """
+    fixes = source_fixes(sources)
+    if not fixes:
+        return []
+    with db.session() as session, session.begin():
+        study = session.get(Study, job.study_id)
+        if study is None:
+            return []
+        known = json.loads(study.input_warnings or "[]")
+        new = [f"source attribute {fix.message}; the results carry a valid value" for fix in fixes]
+        new = [warning for warning in new if warning not in known]
+        for warning in new:
+            record_event(
+                session,
+                "input_warning",
+                level="WARNING",
+                study_instance_uid=job.study_instance_uid,
+                job_id=job.id,
+                detail=warning,
+            )
+        study.input_warnings = json.dumps([*known, *new])
+    return new
+
+
 def _record(
     db: Database, settings: Settings, job: ClaimedJob, output: PipelineOutput, objects: Sequence[Dataset]
 ) -> list[int]:
@@ -185,5 +218,6 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
     output = pipeline(inputs.ct_paths, inputs.segmentation_path, **options)
     ct_headers, segmentation = _evidence(inputs)
+    record_source_warnings(db, job, [ct_headers[0], segmentation])  # patient / study attributes: one header
     objects = build_result_objects(output, ct_headers, segmentation, datetime.now())
     return output.result, _record(db, settings, job, output, objects)

@@ -43,7 +43,7 @@ from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError, ModelPackageError
-from pacs_agent.jobs.execute import JobInputs, _record, resolve_inputs
+from pacs_agent.jobs.execute import JobInputs, _record, record_source_warnings, resolve_inputs
 from pacs_agent.jobs.queue import ClaimedJob
 
 __all__ = [
@@ -299,6 +299,15 @@ def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple
     )
     if result.follow_up.study_instance_uid != job.study_instance_uid:
         raise InputError("the follow-up CT series named by the job belongs to another study")
+    record_source_warnings(
+        db,
+        job,
+        [
+            *_headers(inputs.follow_up.ct_paths[:1]),
+            dcmread(inputs.follow_up.segmentation_path, stop_before_pixels=True),
+            *_headers(inputs.baseline.ct_paths[:1]),
+        ],
+    )
     objects = build_response_objects(result, inputs, datetime.datetime.now())
     summary = study_summary(result)
     ids = _record(db, settings, job, PipelineOutput(result=summary, result_kind=RESULT_KIND), objects)
