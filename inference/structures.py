@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 Role = Literal["tumour", "organ", "other"]
+_CODE = re.compile(r"^[^:\s]+:[^:\s]+$")
 Kind = Literal["seg", "rtstruct"]
 
 SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
@@ -246,11 +247,15 @@ class StructureRules:
 
     def __post_init__(self) -> None:
         for name in ("include_labels", "exclude_labels", "organ_labels"):
-            for pattern in getattr(self, name):
-                try:
-                    _compiled(pattern)
-                except re.error as exc:
-                    raise ValueError(f"{name}: {pattern!r} is not a regular expression ({exc})") from None
+            bad = [pattern for pattern in getattr(self, name) if not _is_regex(pattern)]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]!r} is not a valid regular expression")
+        for name in ("tumour_codes", "not_tumour_codes"):
+            bad = [code for code in getattr(self, name) if not _CODE.match(code)]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]!r} is not a code: write SCHEME:VALUE, e.g. SCT:108369006")
+        for name in ("tumour_interpreted_types", "organ_interpreted_types"):
+            object.__setattr__(self, name, tuple(t.strip().upper() for t in getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -311,6 +316,14 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE)
 
 
+def _is_regex(pattern: str) -> bool:
+    try:
+        _compiled(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _matches(patterns: Sequence[str], text: str) -> str | None:
     """The first pattern found in ``text``, or None."""
     for pattern in patterns:
@@ -336,13 +349,13 @@ def classify_structure(structure: StructureInfo, rules: StructureRules) -> Struc
 def _classify_roi(structure: StructureInfo, label: str, rules: StructureRules, verdict: Any) -> StructureVerdict:
     kind = (structure.interpreted_type or "").strip().upper()
     excluded = _matches(rules.exclude_labels, label)
-    if kind in {t.upper() for t in rules.tumour_interpreted_types}:
+    if kind in rules.tumour_interpreted_types:
         if excluded:
             return verdict(
                 "other", f"RT ROI Interpreted Type {kind}, but its name marks it as no tumour (exclude_labels)"
             )
         return verdict("tumour", f"RT ROI Interpreted Type {kind}")
-    if kind in {t.upper() for t in rules.organ_interpreted_types}:
+    if kind in rules.organ_interpreted_types:
         return verdict("organ", f"RT ROI Interpreted Type {kind}", organ=label.lower())
     if kind:
         what = {"EXTERNAL": "body outline", "PTV": "planning volume", "CTV": "clinical target volume"}.get(kind)

@@ -21,14 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from inference.structures import (
-    DEFAULT_EXCLUDE_LABELS,
-    DEFAULT_INCLUDE_LABELS,
-    DEFAULT_NOT_TUMOUR_CODES,
-    DEFAULT_ORGAN_LABELS,
-    DEFAULT_TUMOUR_CODES,
-    StructureRules,
-)
+from inference.structures import StructureRules
 from pacs_agent.errors import ConfigError
 from pacs_agent.routing.methods import DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PATTERNS
 from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
@@ -386,59 +379,14 @@ class TlsSettings(_Section):
     """Oldest TLS version accepted on the TLS port."""
 
 
-_CODE = re.compile(r"^[^:\s]+:[^:\s]+$")
-
-
-class TumourSettings(_Section):
-    """``[routing.tumour]``: which structures of a SEG / RTSTRUCT are tumours (see :mod:`inference.structures`).
-
-    Patterns are regular expressions searched case-insensitively in Segment Labels / ROI Names (and in
-    the meaning of a SEG's Segmented Property Type); codes are ``SCHEME:VALUE`` (``SCT:108369006``).
-    Replacing a list replaces its defaults: copy them from ``config/pacs-agent.toml`` to extend them.
-    """
-
-    include_labels: tuple[str, ...] = DEFAULT_INCLUDE_LABELS
-    exclude_labels: tuple[str, ...] = DEFAULT_EXCLUDE_LABELS
-    organ_labels: tuple[str, ...] = DEFAULT_ORGAN_LABELS
-    tumour_codes: tuple[str, ...] = DEFAULT_TUMOUR_CODES
-    not_tumour_codes: tuple[str, ...] = DEFAULT_NOT_TUMOUR_CODES
-    tumour_interpreted_types: tuple[str, ...] = ("GTV",)
-    organ_interpreted_types: tuple[str, ...] = ("ORGAN",)
-
-    @field_validator("include_labels", "exclude_labels", "organ_labels")
-    @classmethod
-    def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-        return value
-
-    @field_validator("tumour_codes", "not_tumour_codes")
-    @classmethod
-    def _codes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for code in value:
-            if not _CODE.match(code):
-                raise ValueError(f"{code!r} is not a code: write SCHEME:VALUE, e.g. SCT:108369006")
-        return value
-
-    @field_validator("tumour_interpreted_types", "organ_interpreted_types")
-    @classmethod
-    def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.strip().upper() for v in value)
-
-    def rules(self) -> StructureRules:
-        """The rules for :func:`inference.structures.classify_structure`."""
-        return StructureRules(
-            include_labels=self.include_labels,
-            exclude_labels=self.exclude_labels,
-            organ_labels=self.organ_labels,
-            tumour_codes=self.tumour_codes,
-            not_tumour_codes=self.not_tumour_codes,
-            tumour_interpreted_types=self.tumour_interpreted_types,
-            organ_interpreted_types=self.organ_interpreted_types,
-        )
+def _check_regexes(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """``patterns`` unchanged, or a ValueError naming the first that is not a regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return patterns
 
 
 class RoutingSettings(_Section):
@@ -453,8 +401,10 @@ class RoutingSettings(_Section):
     """Method -> body region it was trained on; a method not listed runs on every study."""
     region_patterns: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(DEFAULT_REGION_PATTERNS))
     """Region -> regular expressions on BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName."""
-    tumour: TumourSettings = TumourSettings()
-    """Which structures of a segmentation are tumours."""
+    tumour: StructureRules = StructureRules()
+    """``[routing.tumour]``: which structures of a segmentation are tumours (see
+    :class:`inference.structures.StructureRules`: patterns are regular expressions searched
+    case-insensitively, codes ``SCHEME:VALUE``; a list given replaces its default)."""
 
     @model_validator(mode="after")
     def _regions(self) -> RoutingSettings:
@@ -476,12 +426,7 @@ class RoutingSettings(_Section):
     @field_validator("portal_venous_patterns", "exclude_patterns")
     @classmethod
     def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-        return value
+        return _check_regexes(value)
 
     @field_validator("delay_window_seconds")
     @classmethod

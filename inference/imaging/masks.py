@@ -22,6 +22,7 @@ from skimage.draw import polygon as fill_polygon
 
 from inference.imaging.volume import CTVolume, split_phases
 from inference.results import SegmentationSource
+from inference.structures import StructureSelection, no_tumour_message, select_structures
 from inference.structures import referenced_instance_uids as header_instance_uids
 from inference.structures import referenced_series_uids as header_series_uids
 from pacs_agent.errors import InputError
@@ -197,6 +198,23 @@ def load_segmentation(
         error = EmptySegmentationError if all(m.empty for m in masks) else SegmentationError
         raise error(f"{what}: no usable segment: " + "; ".join(str(m.problem) for m in masks))
     return masks
+
+
+def default_structures(ds: pydicom.Dataset) -> tuple[StructureSelection, str | None]:
+    """Tumours and organs of ``ds`` by the default rules, and the reason when it holds no tumour.
+
+    For callers without the node's routing (command-line tools, tests, research scripts).
+
+    Raises
+    ------
+    SegmentationError
+        The object's structures cannot be decoded.
+    """
+    try:
+        selection, verdicts = select_structures(ds)
+    except ValueError as exc:
+        raise SegmentationError(f"segmentation {ds.get('SOPInstanceUID')}: {exc}") from exc
+    return selection, None if selection.tumours else no_tumour_message(verdicts)
 
 
 def read_segmentation(path: Path) -> pydicom.Dataset:

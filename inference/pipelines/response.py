@@ -31,7 +31,13 @@ import pydicom
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, outline_mm
-from inference.imaging.masks import EmptySegmentationError, LabelMask, SegmentationError, load_segmentation
+from inference.imaging.masks import (
+    EmptySegmentationError,
+    LabelMask,
+    SegmentationError,
+    default_structures,
+    load_segmentation,
+)
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.delta import (
     LesionFeatures,
@@ -46,7 +52,7 @@ from inference.response.matching import MAX_DISTANCE_MM, MIN_DICE, REGION_MARGIN
 from inference.response.recist import MeasuredLesion, assess_response
 from inference.response.signature import ResponseSignature, signature_from
 from inference.results import AlgorithmInfo
-from inference.structures import StructureSelection, no_tumour_message, select_structures
+from inference.structures import StructureSelection
 from pacs_agent import __version__
 from pacs_agent.errors import InputError
 
@@ -201,12 +207,9 @@ def _load_time_point(
     problems: list[str] = []
     segmentation = pydicom.dcmread(seg_path)
     if structures is None:
-        try:
-            structures, verdicts = select_structures(segmentation)
-        except ValueError as exc:
-            raise SegmentationError(f"{when} segmentation {segmentation.get('SOPInstanceUID')}: {exc}") from exc
-        if not structures.tumours:
-            problems.append(f"{when}: {no_tumour_message(verdicts)}")
+        structures, no_tumour = default_structures(segmentation)
+        if no_tumour:
+            problems.append(f"{when}: {no_tumour}")
     organs = dict(structures.organs)
     wanted = [*structures.tumours, *organs]
     try:

@@ -35,10 +35,10 @@ from pydicom import dcmread
 
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
-from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation, phase_of_segmentation
+from inference.imaging.masks import LabelMask, default_structures, load_segmentation, phase_of_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
-from inference.structures import StructureSelection, no_tumour_message, select_structures
+from inference.structures import StructureSelection
 from pacs_agent.errors import InputError
 
 __all__ = ["LoadedStudy", "StudyLesion", "forget_loaded_study", "key_image", "lesion_result", "load_study"]
@@ -177,12 +177,9 @@ def _load_study(
     """:func:`load_study` without the reuse."""
     segmentation = dcmread(segmentation_path)
     if structures is None:
-        try:
-            structures, verdicts = select_structures(segmentation)
-        except ValueError as exc:
-            raise SegmentationError(f"segmentation {segmentation.get('SOPInstanceUID')}: {exc}") from exc
-        if not structures.tumours:
-            raise InputError(f"segmentation {segmentation.get('SOPInstanceUID')}: {no_tumour_message(verdicts)}")
+        structures, no_tumour = default_structures(segmentation)
+        if no_tumour:
+            raise InputError(f"segmentation {segmentation.get('SOPInstanceUID')}: {no_tumour}")
     if not structures.tumours:
         raise InputError(f"segmentation {segmentation.get('SOPInstanceUID')}: no tumour structure was chosen")
     volume = load_ct_series(ct_paths, choose_phase=lambda phases: phase_of_segmentation(phases, segmentation))

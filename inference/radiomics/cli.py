@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from inference.imaging.lesions import find_lesions
-from inference.imaging.masks import LabelMask, SegmentationError, load_segmentation, read_segmentation
+from inference.imaging.masks import (
+    LabelMask,
+    SegmentationError,
+    default_structures,
+    load_segmentation,
+    read_segmentation,
+)
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.features import FeatureSet, compute_features
-from inference.structures import select_structures
 from pacs_agent import __version__
 from pacs_agent.errors import InputError, PacsAgentError
 
@@ -163,10 +168,7 @@ def radiomics_report(
     masks = load_segmentation(dataset, volume)
     tumours: tuple[int, ...] = ()
     if label is None and roi is None:
-        try:
-            tumours = select_structures(dataset)[0].tumours
-        except ValueError:
-            tumours = ()
+        tumours = default_structures(dataset)[0].tumours
     chosen = select_segment(masks, label=label, roi=roi, tumours=tumours)
     whole = compute_features(volume, chosen.mask, params=params)
     report: dict[str, Any] = {

@@ -60,7 +60,7 @@ def readiness_rules(settings: Settings) -> ReadinessRules:
         phase=settings.routing.phase_rules(),
         when_not_portal_venous=settings.routing.when_not_portal_venous,
         reference_wait_seconds=settings.readiness.reference_wait_seconds,
-        structures=settings.routing.tumour.rules(),
+        structures=settings.routing.tumour,
     )
 
 
