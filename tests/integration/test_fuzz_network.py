@@ -167,18 +167,21 @@ def drop_segment_sequence(ds: Dataset) -> None:
 
 
 MALFORMED_SEGMENTATIONS = {
-    "SEG with missing frames": ("seg", break_seg_pixels),
-    "SEG without Segment Sequence": ("seg", drop_segment_sequence),
-    "RTSTRUCT contour not in triplets": ("rtstruct", break_rtstruct_contour),
+    "SEG with missing frames": ("seg", break_seg_pixels, "job failed"),
+    # no segment described: readiness finds no tumour structure, so no job is started
+    "SEG without Segment Sequence": ("seg", drop_segment_sequence, "study incomplete"),
+    "RTSTRUCT contour not in triplets": ("rtstruct", break_rtstruct_contour, "job failed"),
 }
 
 
-def test_malformed_segmentations_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
+def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(
     node: tuple[Node, LocalReceiver], tmp_path: Path
 ) -> None:
-    """Each broken SEG / RTSTRUCT fails its own job at once (no retries); a good study sent next is processed."""
-    bad: dict[str, PhantomStudy] = {}
-    for n, (case, (kind, breaker)) in enumerate(MALFORMED_SEGMENTATIONS.items()):
+    """Each broken SEG / RTSTRUCT fails its own job at once (no retries), or leaves its study incomplete when
+    readiness already sees it cannot be used; either way with a reason, and a good study sent next is processed.
+    """
+    bad: dict[str, tuple[PhantomStudy, str]] = {}
+    for n, (case, (kind, breaker, expected)) in enumerate(MALFORMED_SEGMENTATIONS.items()):
         study = generate_study(
             tmp_path / f"bad{n}", seed=70 + n, lesions=1, slices=24, rows=64, columns=64, segmentation=kind
         )
@@ -188,19 +191,33 @@ def test_malformed_segmentations_fail_their_jobs_with_a_reason_and_the_worker_go
         breaker(ds)
         ds.save_as(path, enforce_file_format=True)
         assert storescu(node[0].port, [*study.ct_files, path]).returncode == 0
-        bad[case] = study
+        bad[case] = (study, expected)
     after = generate_study(tmp_path / "after", seed=80, lesions=1, slices=24, rows=64, columns=64)
     assert storescu(node[0].port, [*after.ct_files, after.seg_file]).returncode == 0
     db = Database(node[0].database_url(), run_migrations=False)
     try:
-        for case, study in bad.items():
-            state, error = wait_for(lambda s=study: ended_job(db, s.study_instance_uid), 120, f"the job of {case}")
-            assert state == "failed", f"{case}: {error}"  # input errors fail at once, they are not retried
+        for case, (study, expected) in bad.items():
+            what, error = wait_for(lambda s=study: ended(db, s.study_instance_uid), 120, f"the outcome of {case}")
+            assert what == expected, f"{case}: {what}: {error}"  # input errors fail at once, they are not retried
             assert error and "Traceback" not in error and len(error) < 1000, error
         # the worker survived them all: the next study is processed
         assert wait_for(lambda: ended_job(db, after.study_instance_uid), 120, "the next study's job")[0] == "done"
     finally:
         db.dispose()
+
+
+def ended(db: Database, study_uid: str) -> tuple[str, str | None] | None:
+    """("job <state>", last error) once the study's job ended, ("study incomplete", reason), else None."""
+    from pacs_agent.models import Study
+
+    job = ended_job(db, study_uid)
+    if job is not None:
+        return f"job {job[0]}", job[1]
+    with db.session() as session:
+        row = session.execute(
+            select(Study.state, Study.state_reason).where(Study.study_instance_uid == study_uid)
+        ).first()
+    return ("study incomplete", row[1]) if row and row[0] == "incomplete" else None
 
 
 def ended_job(db: Database, study_uid: str) -> tuple[str, str | None] | None:

@@ -262,6 +262,7 @@ def test_segmentation_of_an_unknown_series_is_explained(node: Node, phantom: Pha
     seg.SOPInstanceUID = generate_uid()
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     seg.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.999"
+    seg.FrameOfReferenceUID = "1.2.3.998"  # nor the CT's frame of reference: it was not drawn on this CT
     seg.save_as(tmp_path / "seg.dcm")
     assert storescu(node.port, [*phantom.ct_files, tmp_path / "seg.dcm"]).returncode == 0
 
@@ -275,6 +276,8 @@ def test_segmentation_of_an_unknown_series_is_explained(node: Node, phantom: Pha
         return out.stdout if "incomplete" in out.stdout else ""
 
     text = wait_for(status, 30, "the study to be marked incomplete")
-    assert "references 1.2.3.999, which is not a CT series of this study" in text
+    assert "references 1.2.3.999, which is not a CT series of this study, and its frame of reference (1.2.3.998)" in (
+        text
+    )
     assert phantom.patient_id not in text
     assert node.echo()
