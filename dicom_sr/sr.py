@@ -65,6 +65,7 @@ __all__ = [
     "SOFTWARE_VERSION",
     "build_measurement_report",
     "comprehensive_3d_sr",
+    "separate_items",
     "write_dataset",
 ]
 
@@ -333,12 +334,13 @@ def comprehensive_3d_sr(
     never reach a log). highdicom gets valid copies of the evidence
     (:func:`dicom_sr.source.valid_source`): it copies the patient, study and equipment attributes
     of ``evidence[0]`` and the UIDs of all, so no invalid source value reaches the SR; each fix is
-    logged as a warning, without the value.
+    logged as a warning, without the value. Every CONTAINER is ContinuityOfContent SEPARATE
+    (:func:`separate_items`), so document-style renderers name each item.
     """
     evidence = cleaned_sources(evidence)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
-        return hd.sr.Comprehensive3DSR(
+        sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=content,
             series_instance_uid=uids.series_instance_uid,
@@ -361,6 +363,24 @@ def comprehensive_3d_sr(
                 )
             ],
         )
+    separate_items(sr)
+    return sr
+
+
+def separate_items(ds: Dataset) -> None:
+    """Make every CONTAINER of an SR content tree ContinuityOfContent SEPARATE (in place).
+
+    highdicom writes CONTINUOUS, which tells a document renderer that the items form one running
+    text: DCMTK ``dsr2html`` then prints "Neoplasm 12.89 ml 30.78 mm" without the concept names.
+    The items of a measurement report are separate statements (PS3.3 C.17.3.2.1), so each gets its
+    name. The tree is walked iteratively (a deep tree cannot exhaust the stack).
+    """
+    pending = [ds]
+    while pending:
+        item = pending.pop()
+        if item.get("ValueType", "CONTAINER") == "CONTAINER" and "ContinuityOfContent" in item:
+            item.ContinuityOfContent = "SEPARATE"
+        pending.extend(item.get("ContentSequence", []))
 
 
 def write_dataset(ds: Dataset, path: str | os.PathLike[str]) -> Path:

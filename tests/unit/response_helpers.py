@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import html
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -138,3 +140,15 @@ def green_box(pixels: np.ndarray, rows: slice, cols: slice, colour: tuple[int, i
     if not len(ys):
         return None
     return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+
+def dsr2html_text(path: Path) -> str:
+    """The text DCMTK ``dsr2html`` renders of an SR file (tags dropped, white space collapsed).
+
+    Skips the test when DCMTK is not installed (``make test`` installs it).
+    """
+    tool = shutil.which("dsr2html")
+    if tool is None:
+        pytest.skip("dsr2html is not installed (apt-get install dcmtk; `make test` installs it)")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, check=True)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", out.stdout)))

@@ -37,6 +37,7 @@ from tests.unit.response_helpers import (
     code,
     codes_in,
     dciodvfy,
+    dsr2html_text,
     evidence,
     groups,
     lesion_count,
@@ -168,6 +169,16 @@ def test_sr_passes_dciodvfy(
     assert not errors, "\n".join(errors + warnings)
     # the only warnings: the private coding scheme, which dciodvfy cannot know
     assert all("99PACSAGENT" in w for w in warnings), "\n".join(warnings)
+
+
+def test_document_renderers_name_every_item(demo_result: ResponseResult, ev_std: Evidence, tmp_path: Path) -> None:
+    """dsr2html prints each item with its concept name (ContinuityOfContent SEPARATE), not bare numbers."""
+    sr = build(demo_result, ev_std)
+    assert {item.ContinuityOfContent for item in walk(sr) if item.get("ValueType") == "CONTAINER"} == {"SEPARATE"}
+    text = dsr2html_text(write_dataset(sr, tmp_path / "sr.dcm"))
+    for name in ("Tracking Identifier", "Volume:", "Long Axis:", "Response Evaluation", "DEMO MODEL"):
+        assert name in text, name
+    assert "Low risk Target Lesion Stable Disease" not in text  # the numbers-without-names rendering
 
 
 def test_rtstruct_pair_passes_dciodvfy(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from inference.results import (
     SegmentationSource,
     StudyResult,
 )
+from tests.unit.response_helpers import dsr2html_text
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom_ct_seg" / "dcmqi_ct3slice_liver"
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -204,6 +205,13 @@ def test_sr_is_read_by_dcmtk(sr_file: Path, tool: str) -> None:
         assert '"Imaging Measurement Report"' in run.stdout
         assert '"Tracking Identifier")="Liver lesion 1"' in run.stdout
         assert 'SCOORD:(,,"Image Region")=(POLYLINE,250.5/300,' in run.stdout  # the viewer copy's outline
+
+
+def test_document_renderers_name_every_item(sr_file: Path) -> None:
+    """ContinuityOfContent SEPARATE: dsr2html prints "Volume: 12.9 ml", not a bare "12.9 ml"."""
+    text = dsr2html_text(sr_file)
+    for name in ("Tracking Identifier", "Finding:", "Volume:", "Long Axis:", "Image Region", "Validation status"):
+        assert name in text, name
 
 
 # --- content ------------------------------------------------------------------------------------
