@@ -20,9 +20,9 @@ volume; without a matched lesion, the largest disappeared lesion (baseline panel
 (follow-up panel only) - the empty panel says why. Both panels use the same scale (mm per pixel),
 so shrinkage is seen as it is; each is centred on its lesion.
 
-Series Description "AI Response 8w (pacs-agent)" (DEMO-prefixed for a DEMO model), Series Number
-911, instance 1. Burned In Annotation YES; no patient name or ID is drawn. Series and SOP Instance
-UIDs derive from both studies' input UIDs, the method and the model identity
+Series Description "AI Response 8w M5" (with the DEMO notice for a DEMO model), Series Number
+917 (:mod:`dicom_sr.series`), instance 1. Burned In Annotation YES; no patient name or ID is
+drawn. Series and SOP Instance UIDs derive from both studies' input UIDs, the method and the model identity
 (:func:`dicom_sr.response_sr.response_uids`); Content Date / Time and the date on the page come
 from ``content_datetime``, so the pixels are deterministic.
 """
@@ -61,6 +61,7 @@ from dicom_sr.render import (
 )
 from dicom_sr.response_sr import NO_MODEL_NOTE, RESULT_KIND, response_series_description, response_uids
 from dicom_sr.sc import ABDOMEN_WINDOW, sc_image
+from dicom_sr.series import series_number as _series_number
 from dicom_sr.sr import SOFTWARE_VERSION
 from inference.radiomics.delta import FEATURE_NAMES
 from inference.response import LesionMeasurement, ResponseResult
@@ -329,7 +330,7 @@ def build_response_capture(
     baseline_date: datetime.date | None = None,
     follow_up_date: datetime.date | None = None,
     window: tuple[float, float] = ABDOMEN_WINDOW,
-    series_number: int = 911,
+    series_number: int | None = None,
     manufacturer: str = "pacs-agent",
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
@@ -354,8 +355,8 @@ def build_response_capture(
         ``ref_dataset.StudyDate``.
     window: tuple[float, float], optional
         (center, width) in HU; default abdomen 40 / 400.
-    series_number: int, optional
-        Series Number of the SC series.
+    series_number: int | None, optional
+        Series Number of the SC series; default the response method's (:mod:`dicom_sr.series`).
     manufacturer: str, optional
         Manufacturer (General Equipment).
     software_version: str, optional
@@ -401,7 +402,7 @@ def build_response_capture(
         pixels,
         ref_dataset,
         response_uids(result, f"SC {RESULT_KIND}", "page"),
-        series_number=series_number,
+        series_number=_series_number(result.method, "SC") if series_number is None else series_number,
         instance_number=1,
         description=response_series_description(result),
         content_datetime=content_datetime,

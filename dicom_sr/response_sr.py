@@ -111,7 +111,8 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
-from dicom_sr.sc import series_description as _series_description
+from dicom_sr.series import series_description as _series_description
+from dicom_sr.series import series_number as _series_number
 from dicom_sr.sr import SOFTWARE_VERSION, comprehensive_3d_sr
 from dicom_sr.templates import STATUS_CODES, LesionMeasurementGroup, ReportEvaluations, ResultAlgorithm
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
@@ -138,7 +139,7 @@ __all__ = [
 ]
 
 RESULT_KIND = "Response 8w"
-"""Stable result kind of the response method: Series Description "AI Response 8w (pacs-agent)"."""
+"""Stable result kind of the response method: Series Description "AI Response 8w M5"."""
 NO_MODEL_NOTE = "no response model installed - score not computed"
 PIPELINE_NAME = "pacs-agent response"
 """Name of the measuring pipeline in TID 4019 (see :func:`measurement_algorithm`)."""
@@ -324,9 +325,9 @@ def response_uids(result: ResponseResult, kind: str, instance_part: str | None =
 
 
 def response_series_description(result: ResponseResult) -> str:
-    """``AI Response 8w (pacs-agent)``, prefixed with the DEMO warning for a DEMO model (64 characters max)."""
+    """``AI Response 8w M5``, with the DEMO notice for a DEMO model (:func:`dicom_sr.series.series_description`)."""
     _require(result, ResponseResult, "result", "ResponseResult")
-    return _series_description(RESULT_KIND, demo=result.algorithm.is_demo)
+    return _series_description(result.method, RESULT_KIND, demo=result.algorithm.is_demo)
 
 
 def _measurement(
@@ -683,7 +684,7 @@ def build_response_report(
     baseline_ct: Sequence[Dataset],
     baseline_segmentation: Dataset,
     *,
-    series_number: int = 901,
+    series_number: int | None = None,
     institution_name: str | None = None,
     manufacturer: str = "pacs-agent",
     software_version: str = SOFTWARE_VERSION,
@@ -709,8 +710,8 @@ def build_response_report(
         The baseline CT instances (headers suffice).
     baseline_segmentation: pydicom.Dataset
         The baseline SEG or RTSTRUCT.
-    series_number: int, optional
-        Series Number of the SR series.
+    series_number: int | None, optional
+        Series Number of the SR series; default the response method's (:mod:`dicom_sr.series`).
     institution_name: str | None, optional
         Institution Name of the SR.
     manufacturer: str, optional
@@ -741,6 +742,8 @@ def build_response_report(
     baseline_ct = _datasets(baseline_ct, "baseline_ct")
     _require(follow_up_segmentation, Dataset, "follow_up_segmentation", "pydicom.Dataset")
     _require(baseline_segmentation, Dataset, "baseline_segmentation", "pydicom.Dataset")
+    if series_number is None:
+        series_number = _series_number(result.method, "SR")
     _require(series_number, int, "series_number", "int")
     if institution_name is not None:
         _require(institution_name, str, "institution_name", "str")

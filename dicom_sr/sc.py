@@ -1,7 +1,7 @@
 """Result -> Secondary Capture images any viewer shows (highdicom ``SCImage``, RGB, 1024 x 1024).
 
-Per study and result kind one SC series (Series Description "AI <kind> (pacs-agent)", prefixed
-with "DEMO MODEL - NOT FOR CLINICAL USE | " for DEMO algorithms):
+Per study and result kind one SC series (Series Number and Description by method, e.g. 912 "AI KRAS M1 -
+DEMO, not for clinical use": :mod:`dicom_sr.series`):
 
 - instance 1: :func:`build_summary_capture`, one page listing every lesion and its result;
 - instance 2 + i: :func:`build_lesion_capture` for lesion ``i`` of ``result.lesions``: the key
@@ -38,6 +38,7 @@ from pydicom import Dataset
 
 from dicom_sr.codes import split_feature_name
 from dicom_sr.render import GREY, RESULT_YELLOW, TextLine, render_lesion_page, render_summary_page
+from dicom_sr.series import series_description, series_number
 from dicom_sr.source import cleaned_sources
 from dicom_sr.sr import PERSON_NAME_WARNING, SOFTWARE_VERSION
 from dicom_sr.templates import Prediction, check_prediction
@@ -48,7 +49,6 @@ __all__ = [
     "ABDOMEN_WINDOW",
     "build_lesion_capture",
     "build_summary_capture",
-    "series_description",
 ]
 
 ABDOMEN_WINDOW = (40.0, 400.0)
@@ -68,23 +68,8 @@ def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name
         raise TypeError(f'Argument "{name}" must have type {type_name}.')
 
 
-def series_description(result_kind: str, *, demo: bool) -> str:
-    """Stable Series Description of an SC series: ``AI <kind> (pacs-agent)``, DEMO-prefixed.
-
-    Parameters
-    ----------
-    result_kind: str
-        ``"Radiomics"``, ``"KRAS"``, ``"EGFR/KRAS"`` ...
-    demo: bool
-        Whether the algorithm is a DEMO model.
-
-    Returns
-    -------
-    str
-        At most 64 characters (LO).
-    """
-    description = f"AI {result_kind} (pacs-agent)"
-    return (f"{DEMO_WARNING} | {description}" if demo else description)[:64]
+def _series_number(given: int | None, result: StudyResult) -> int:
+    return series_number(result.method, "SC") if given is None else given
 
 
 def _kind(result_kind: str | None, labels: Sequence[str]) -> str:
@@ -286,7 +271,7 @@ def build_lesion_capture(
     pixel_spacing: tuple[float, float] | None = None,
     result_kind: str | None = None,
     fov_mm: float | None = None,
-    series_number: int = 910,
+    series_number: int | None = None,
     manufacturer: str = "pacs-agent",
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
@@ -318,12 +303,12 @@ def build_lesion_capture(
     pixel_spacing: tuple[float, float] | None, optional
         (row, column) spacing in mm; default ``ref_dataset.PixelSpacing``.
     result_kind: str | None, optional
-        Names the series ("AI <kind> (pacs-agent)"); default the prediction labels joined by
-        "/" or "Radiomics". Keep it stable per method.
+        Names the series ("AI <kind> <method>", :func:`dicom_sr.series.series_description`);
+        default the prediction labels joined by "/" or "Radiomics". Keep it stable per method.
     fov_mm: float | None, optional
         Field of view of the slice panel; default 2.5 x the lesion extent, at least 100 mm.
-    series_number: int, optional
-        Series Number of the SC series.
+    series_number: int | None, optional
+        Series Number of the SC series; default the method's (:mod:`dicom_sr.series`).
     manufacturer: str, optional
         Manufacturer (General Equipment).
     software_version: str, optional
@@ -390,9 +375,9 @@ def build_lesion_capture(
         pixels,
         ref_dataset,
         _uids(result, kind, lesion.tracking_uid),
-        series_number=series_number,
+        series_number=_series_number(series_number, result),
         instance_number=2 + index,
-        description=series_description(kind, demo=algorithm.is_demo),
+        description=series_description(result.method, kind, demo=algorithm.is_demo),
         content_datetime=content_datetime,
         manufacturer=manufacturer,
         software_version=software_version,
@@ -408,7 +393,7 @@ def build_summary_capture(
     content_datetime: datetime.datetime,
     predictions: Mapping[str, Sequence[Prediction]] | None = None,
     result_kind: str | None = None,
-    series_number: int = 910,
+    series_number: int | None = None,
     manufacturer: str = "pacs-agent",
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
@@ -428,8 +413,8 @@ def build_summary_capture(
         Predictions by lesion Tracking UID.
     result_kind: str | None, optional
         As for :func:`build_lesion_capture` (same series); default from the prediction labels.
-    series_number: int, optional
-        Series Number of the SC series.
+    series_number: int | None, optional
+        Series Number of the SC series; default the method's (:mod:`dicom_sr.series`).
     manufacturer: str, optional
         Manufacturer (General Equipment).
     software_version: str, optional
@@ -508,9 +493,9 @@ def build_summary_capture(
         pixels,
         ref_dataset,
         _uids(result, kind, "summary"),
-        series_number=series_number,
+        series_number=_series_number(series_number, result),
         instance_number=1,
-        description=series_description(kind, demo=algorithm.is_demo),
+        description=series_description(result.method, kind, demo=algorithm.is_demo),
         content_datetime=content_datetime,
         manufacturer=manufacturer,
         software_version=software_version,

@@ -54,13 +54,15 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.series import DEMO_SUFFIX
+from dicom_sr.series import series_description as method_series_description
+from dicom_sr.series import series_number as method_series_number
 from dicom_sr.source import cleaned_sources
 from dicom_sr.templates import KeySliceOutlineGroup, LesionMeasurementGroup, Prediction, ReportEvaluations
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
-from inference.results import DEMO_WARNING, LesionResult, StudyResult
+from inference.results import LesionResult, StudyResult
 
 __all__ = [
-    "DEFAULT_SERIES_DESCRIPTION",
     "PERSON_NAME_WARNING",
     "SOFTWARE_VERSION",
     "build_measurement_report",
@@ -71,7 +73,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SERIES_DESCRIPTION = "AI Radiomics (pacs-agent)"
 PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
 """highdicom's warning about a Patient Name; it quotes the name, so it is always silenced."""
 _PATIENT_STUDY_KEYWORDS = (
@@ -120,13 +121,14 @@ def build_measurement_report(
     evidence: Sequence[Dataset],
     *,
     segmentation_dataset: Dataset | None = None,
-    series_number: int = 900,
+    series_number: int | None = None,
     institution_name: str | None = None,
     manufacturer: str = "pacs-agent",
     software_version: str = SOFTWARE_VERSION,
     procedure_reported: Code | CodedConcept = codes.CT_OF_ABDOMEN,
     finding_site: Code | CodedConcept | None = None,
-    series_description: str = DEFAULT_SERIES_DESCRIPTION,
+    series_description: str | None = None,
+    result_kind: str = "Radiomics",
     device_uid: str | None = None,
     predictions: Mapping[str, Sequence[Prediction]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
@@ -154,8 +156,8 @@ def build_measurement_report(
     segmentation_dataset: pydicom.Dataset | None, optional
         The SEG or RTSTRUCT instance; added to the evidence when not already there. A SEG
         referenced by a lesion must be in the evidence.
-    series_number: int, optional
-        Series Number of the SR series.
+    series_number: int | None, optional
+        Series Number of the SR series; default the method's (:mod:`dicom_sr.series`).
     institution_name: str | None, optional
         Institution Name of the SR.
     manufacturer: str, optional
@@ -166,8 +168,11 @@ def build_measurement_report(
         TID 1500 "Procedure reported" (CID 100); default SCT 169070004 "CT of abdomen".
     finding_site: pydicom.sr.coding.Code | highdicom.sr.CodedConcept | None, optional
         Anatomic site of all lesions (e.g. ``codes.SCT.Liver``), when known.
-    series_description: str, optional
-        Series Description; prefixed with the DEMO warning for DEMO algorithms.
+    series_description: str | None, optional
+        Series Description; default "AI <result_kind> <method>"
+        (:func:`dicom_sr.series.series_description`). DEMO algorithms always get the DEMO notice.
+    result_kind: str, optional
+        What the result is about, for the default Series Description (e.g. the package's label).
     device_uid: str | None, optional
         Device Observer UID (TID 1004); default derived from manufacturer and institution.
     predictions: Mapping[str, Sequence[dicom_sr.templates.Prediction]] | None, optional
@@ -198,13 +203,15 @@ def build_measurement_report(
         raise TypeError('Argument "evidence" must be a non-empty sequence of pydicom.Dataset.')
     if segmentation_dataset is not None:
         _require(segmentation_dataset, Dataset, "segmentation_dataset", "pydicom.Dataset")
+    if series_number is None:
+        series_number = method_series_number(result.method, "SR")
     _require(series_number, int, "series_number", "int")
     if institution_name is not None:
         _require(institution_name, str, "institution_name", "str")
     for name, value in (
         ("manufacturer", manufacturer),
         ("software_version", software_version),
-        ("series_description", series_description),
+        ("result_kind", result_kind),
     ):
         _require(value, str, name, "str")
     _require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
@@ -303,7 +310,13 @@ def build_measurement_report(
         algorithm_version=f"{algorithm.name}/{algorithm.version}/{algorithm.weights_sha256 or '-'}",
         kind="SR",
     )
-    description = f"{DEMO_WARNING} | {series_description}" if algorithm.is_demo else series_description
+    if series_description is None:
+        description = method_series_description(result.method, result_kind, demo=algorithm.is_demo)
+    else:
+        _require(series_description, str, "series_description", "str")
+        description = series_description
+        if algorithm.is_demo and "DEMO" not in description.upper():
+            description = description[: 64 - len(DEMO_SUFFIX)] + DEMO_SUFFIX
     return comprehensive_3d_sr(
         evidence=all_evidence,
         content=report,

@@ -143,4 +143,4 @@ class PipelineOutput:
     result: StudyResult
     key_images: Mapping[str, KeyImage] = field(default_factory=dict)
     result_kind: str = "Radiomics"
-    """Stable name of the result kind: SeriesDescription ``AI <kind> (pacs-agent)``; feeds the UIDs."""
+    """Stable name of the result kind: Series Description ``AI <kind> <method>``; feeds the UIDs."""

@@ -78,7 +78,7 @@ def run_comparator(
             )
     return assemble(
         method=METHOD,
-        result_kind=f"{label} RF",  # radiomics random forest; short: the DEMO prefix must fit in 64 chars
+        result_kind=f"{label} RF",  # radiomics random forest: "AI KRAS RF" (dicom_sr.series)
         package=package,
         study=study,
         probabilities=[{label: float(p)} for p in probabilities],

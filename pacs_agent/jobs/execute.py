@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
-from dicom_sr.sc import build_lesion_capture, build_summary_capture, series_description
+from dicom_sr.sc import build_lesion_capture, build_summary_capture
 from dicom_sr.source import source_fixes
 from dicom_sr.sr import build_measurement_report, write_dataset
 from inference.pipelines import PACKAGED_METHODS, PIPELINES
@@ -90,7 +90,7 @@ def build_result_objects(
         [*ct_headers, segmentation],
         segmentation_dataset=segmentation,
         predictions=result.predictions,
-        series_description=series_description(output.result_kind, demo=False),  # sr.py adds the DEMO prefix
+        result_kind=output.result_kind,
     )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in ct_headers}
     objects: list[Dataset] = [

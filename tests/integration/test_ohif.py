@@ -160,8 +160,8 @@ def test_the_study_with_our_results_loads(viewer_run: ViewerRun) -> None:
     assert {
         ("CT", "ABDOMEN PORTAL VENOUS 70s"),
         ("SEG", "LIVER LESIONS SEG"),
-        ("SR", "AI Radiomics (pacs-agent)"),
-        ("OT", "AI Radiomics (pacs-agent)"),
+        ("SR", "AI Radiomics"),
+        ("OT", "AI Radiomics"),
     } <= series, series
     assert "I:1 (1/40)" in step["overlay"]  # the CT series is displayed
     assert viewer_run.report["pageErrors"] == []
@@ -173,7 +173,7 @@ def test_the_secondary_captures_display(viewer_run: ViewerRun) -> None:
     summary, lesion = viewer_run.step("sc"), viewer_run.step("sc-lesion")
     assert summary["ok"], summary.get("error")
     assert lesion["ok"], lesion.get("error")
-    assert "AI Radiomics (pacs-agent)" in summary["overlay"]
+    assert "AI Radiomics" in summary["overlay"]
     assert f"I:1 (1/{viewer_run.sc_count})" in summary["overlay"]
     assert f"I:2 (2/{viewer_run.sc_count})" in lesion["overlay"]
     # OHIF fetched the frames of our series through DICOMweb ...

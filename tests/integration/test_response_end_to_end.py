@@ -31,7 +31,7 @@ from tests.unit.test_response_pipeline import blank_segments
 
 pytestmark = pytest.mark.integration
 
-RESPONSE_SERIES = "AI Response 8w (pacs-agent)"
+RESPONSE_SERIES = "AI Response 8w M5"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def response_objects(orthanc: Orthanc, modality: str) -> dict[str, dict]:
     return {
         i["StudyInstanceUID"]: i
         for i in orthanc.instances_with_modality(modality)
-        if str(i.get("SeriesDescription", "")).endswith(RESPONSE_SERIES)
+        if str(i.get("SeriesDescription", "")).startswith(RESPONSE_SERIES)
     }
 
 

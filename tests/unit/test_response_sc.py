@@ -24,7 +24,7 @@ from dicom_sr.sr import write_dataset
 from inference.pipelines.response import run_response
 from inference.response import ResponseResult
 from inference.response.signature import load_signature
-from inference.results import DEMO_WARNING, AlgorithmInfo, KeyImage
+from inference.results import AlgorithmInfo, KeyImage
 from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.unit.response_helpers import DEMO_PACKAGE, dciodvfy, find_key_image, green_box
 
@@ -101,8 +101,8 @@ def test_capture_is_in_the_follow_up_study_with_a_stable_description(case: Case,
     assert sc.Modality == "OT" and sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
     assert sc.BurnedInAnnotation == "YES"
     assert (sc.Rows, sc.Columns, sc.SamplesPerPixel) == (1024, 1024, 3)
-    assert sc.SeriesDescription == f"{DEMO_WARNING} | AI Response 8w (pacs-agent)"[:64]
-    assert capture(case, case.plain).SeriesDescription == "AI Response 8w (pacs-agent)"
+    assert (sc.SeriesDescription, sc.SeriesNumber) == ("AI Response 8w M5 - DEMO, not for clinical use", 917)
+    assert capture(case, case.plain).SeriesDescription == "AI Response 8w M5"
     assert str(sc.ContentDate) == "20250304"
     save_example(sc.pixel_array, tmp_path, "response_sc.png")
 

@@ -229,7 +229,7 @@ def test_sr_joins_the_follow_up_study_and_cites_both_studies(
     assert str(ev.follow_up_seg.SOPInstanceUID) in cited(sr.CurrentRequestedProcedureEvidenceSequence)
     assert str(ev.baseline_seg.SOPInstanceUID) in cited(sr.PertinentOtherEvidenceSequence)
     assert len(cited(sr.PertinentOtherEvidenceSequence)) == len(ev.baseline_ct) + 1
-    assert sr.SeriesDescription == f"{DEMO_WARNING} | AI Response 8w (pacs-agent)"[:64]
+    assert (sr.SeriesDescription, sr.SeriesNumber) == ("AI Response 8w M5 - DEMO, not for clinical use", 907)
 
 
 def test_one_group_per_matched_lesion_with_both_time_points_and_deltas(
@@ -409,7 +409,7 @@ def test_uids_are_deterministic_and_depend_on_the_model(
         demo_result, algorithm=dataclasses.replace(demo_result.algorithm, version="9.9.9")
     )
     assert build(other_model, ev).SOPInstanceUID != first.SOPInstanceUID
-    assert response_series_description(plain_result) == "AI Response 8w (pacs-agent)"
+    assert response_series_description(plain_result) == "AI Response 8w M5"
 
 
 # --- validation ----------------------------------------------------------------------------------

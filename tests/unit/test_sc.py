@@ -38,14 +38,15 @@ from dicom_sr.render import (
     render_lesion_page,
     window_to_uint8,
 )
-from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture, series_description
+from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture
+from dicom_sr.series import DEMO_SUFFIX, series_description
 from dicom_sr.sr import write_dataset
 from dicom_sr.templates import Prediction
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import find_lesions
 from inference.imaging.masks import load_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
-from inference.results import DEMO_WARNING, AlgorithmInfo, FeatureValue, LesionResult, StudyResult
+from inference.results import AlgorithmInfo, FeatureValue, LesionResult, StudyResult
 from pacs_agent.phantom import PhantomStudy, generate_study
 
 WHEN = datetime.datetime(2025, 3, 4, 10, 30, 15)
@@ -311,12 +312,14 @@ def test_linkage_and_header(case: Case) -> None:
         assert str(sc.get(keyword)) == str(ref.get(keyword)), keyword
     assert sc.SeriesInstanceUID != ref.SeriesInstanceUID
     assert sc.BurnedInAnnotation == "YES"
-    assert sc.SeriesDescription == f"{DEMO_WARNING} | AI KRAS (pacs-agent)"
+    assert sc.SeriesDescription == "AI KRAS" + DEMO_SUFFIX  # method "M1" is not one of the node's names
+    assert sc.SeriesNumber == 910
     assert (str(sc.ContentDate), str(sc.ContentTime)) == ("20250304", "103015")
     assert sc.InstanceNumber == 2
     assert "PixelSpacing" not in sc
-    research = capture(case, result=dataclasses.replace(case.result, algorithm=RESEARCH))
-    assert research.SeriesDescription == "AI Radiomics (pacs-agent)" == series_description("Radiomics", demo=False)
+    research = capture(case, result=dataclasses.replace(case.result, algorithm=RESEARCH, method="radiomics"))
+    assert research.SeriesDescription == "AI Radiomics" == series_description("radiomics", "Radiomics", demo=False)
+    assert research.SeriesNumber == 911
 
 
 def test_uids_are_deterministic(case: Case) -> None:

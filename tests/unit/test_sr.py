@@ -22,7 +22,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 
 from dicom_sr import codes
-from dicom_sr.sr import DEFAULT_SERIES_DESCRIPTION, build_measurement_report, write_dataset
+from dicom_sr.series import DEMO_SUFFIX
+from dicom_sr.sr import build_measurement_report, write_dataset
 from dicom_sr.text import render_sr_text
 from dicom_sr.uids import derive_uid
 from inference.results import (
@@ -343,8 +344,7 @@ def test_uids_are_deterministic_and_follow_the_model_version(ct: list[Dataset], 
 def test_demo_warning_in_content_and_series_description(ct: list[Dataset], seg: Dataset) -> None:
     sr = build(ct, seg, "DEMO")
     assert DEMO_WARNING in text_values(sr)
-    assert DEMO_WARNING in sr.SeriesDescription
-    assert len(sr.SeriesDescription) <= 64
+    assert sr.SeriesDescription == "AI Radiomics" + DEMO_SUFFIX  # what, then the notice
     assert DEMO_WARNING in render_sr_text(roundtrip(sr))
 
 
@@ -352,7 +352,8 @@ def test_demo_warning_in_content_and_series_description(ct: list[Dataset], seg: 
 def test_no_demo_warning_for_other_algorithms(ct: list[Dataset], seg: Dataset, status: str) -> None:
     sr = build(ct, seg, status)
     assert all(DEMO_WARNING not in value for value in text_values(sr))
-    assert sr.SeriesDescription == DEFAULT_SERIES_DESCRIPTION
+    assert sr.SeriesDescription == "AI Radiomics"
+    assert sr.SeriesNumber == 900  # "M5" is no method of the node's table (dicom_sr.series): the default
     assert status in text_values(sr)  # the validation status is always stated
 
 
@@ -539,3 +540,20 @@ def test_feature_concept_and_unit_errors() -> None:
     assert codes.ucum("[hnsf'U]").meaning == "Hounsfield unit"
     assert codes.ucum(sr_codes.UCUM.Millimeter).value == "mm"
     assert codes.split_feature_name("shape_VoxelVolume") == ("original", "shape", "VoxelVolume")
+
+
+def test_each_method_has_its_own_series_number_and_description() -> None:
+    """A study browser tells the results apart: distinct numbers per method and kind, the method first."""
+    from dicom_sr.series import SERIES_NUMBERS, series_description, series_number
+
+    numbers = [series_number(method, kind) for method in SERIES_NUMBERS for kind in ("SR", "SC")]
+    assert len(set(numbers)) == len(numbers)
+    kinds = {"radiomics": "Radiomics", "m1": "KRAS", "m2": "EGFR/KRAS", "m3": "RAS", "m4": "Deep-RadScore",
+             "comparator": "KRAS RF", "response": "Response 8w"}  # fmt: skip
+    described = {method: series_description(method, kind, demo=True) for method, kind in kinds.items()}
+    assert described["m1"] == "AI KRAS M1 - DEMO, not for clinical use"
+    assert described["comparator"] == "AI KRAS RF - DEMO, not for clinical use"
+    assert len(set(described.values())) == len(described)
+    assert all(len(text) <= 64 for text in described.values())
+    long = series_description("m3", "PIK3CA+BRAF and a very long label that does not fit " * 2, demo=True)
+    assert len(long) == 64 and long.endswith("DEMO, not for clinical use")  # the notice is never cut
