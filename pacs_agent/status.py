@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.models import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
+from pacs_agent.routing.pairing import baseline_of
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -98,6 +99,7 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                     "reason": study.state_reason,
                     "series_notes": json.loads(study.series_notes) if study.series_notes else [],
                     "pairing": _pairing(session, study.id),
+                    "baseline_for": baseline_of(session, study),
                     "skipped_methods": json.loads(study.method_notes) if study.method_notes else [],
                     "structures": json.loads(study.structure_notes) if study.structure_notes else [],
                     "input_warnings": json.loads(study.input_warnings) if study.input_warnings else [],
@@ -258,6 +260,8 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  method skipped: {note['reason']}")
         if study.get("pairing"):
             lines.append(f"  baseline search: {study['pairing']['state']} - {study['pairing']['reason']}")
+        for follow_up in study.get("baseline_for", []):
+            lines.append(f"  used as baseline for {follow_up} (response method)")
         for j in study["jobs"]:
             line = f"  job {j['id']} {j['method']}: {j['state']} (attempt {j['attempts']}/{j['max_attempts']})"
             if j.get("duration_seconds") is not None:

@@ -25,7 +25,7 @@ from inference.structures import StructureSelection
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Pairing, Study, utcnow
+from pacs_agent.models import Job, Pairing, Study, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,17 @@ def study_selection(study: Study) -> StructureSelection | None:
     )
 
 
+def baseline_of(session: Session, study: Study) -> list[str]:
+    """Study Instance UIDs of the follow-ups whose response job uses ``study`` as their baseline."""
+    rows = session.execute(
+        select(Study.study_instance_uid)
+        .join(Pairing, Pairing.followup_study_id == Study.id)
+        .where(Pairing.baseline_study_instance_uid == study.study_instance_uid, Pairing.state == "paired")
+        .order_by(Study.study_instance_uid)
+    ).scalars()
+    return list(rows)
+
+
 def _selection_dict(study: Study) -> dict[str, object] | None:
     selection = study_selection(study)
     return None if selection is None else selection.to_dict()
@@ -206,6 +217,13 @@ def schedule_response(session: Session, pairing: Pairing, followup: Study, basel
     job = schedule_job(session, followup.id, RESPONSE_METHOD, inputs, settings.jobs.max_attempts)
     if followup.state in ("done", "failed", "incomplete", "receiving"):
         followup.state = "queued"
+    if (
+        baseline.state in ("queued", "done")
+        and not session.execute(select(Job.id).where(Job.study_id == baseline.id)).first()
+    ):
+        # a study that is only a baseline: say what it is for instead of leaving it queued
+        baseline.state = "done"
+        baseline.state_reason = f"used as baseline for {followup.study_instance_uid} (response method)"
     record_event(
         session,
         "job_scheduled",

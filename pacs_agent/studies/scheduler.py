@@ -20,7 +20,7 @@ from inference.structures import SegmentationSummary, read_summary
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Instance, Series, Study, utcnow
+from pacs_agent.models import Instance, Job, Pairing, Series, Study, utcnow
 from pacs_agent.receive.header import ENHANCED_CT_IMAGE, SEGMENTATION_SOP_CLASSES
 from pacs_agent.routing.methods import (
     DEFAULT_METHOD_REGIONS,
@@ -29,7 +29,7 @@ from pacs_agent.routing.methods import (
     StudyText,
     select_methods,
 )
-from pacs_agent.routing.pairing import RESPONSE_METHOD, complete_open_pairings, pair_followup
+from pacs_agent.routing.pairing import RESPONSE_METHOD, baseline_of, complete_open_pairings, pair_followup
 from pacs_agent.routing.phase import SeriesPhaseInfo
 from pacs_agent.routing.references import CTGeometry, parse_vector
 from pacs_agent.studies.readiness import (
@@ -270,7 +270,38 @@ def run_once(
                 job_id=job.id,
                 detail=f"{method}: {decision.reason}",
             )
+        _settle_without_jobs(session, study, choice)
     return SchedulerOutcome(decisions=decisions, jobs_created=created)
+
+
+def _settle_without_jobs(session: Session, study: Study, choice: MethodChoice) -> None:
+    """A ready study with nothing to run is ``done`` with the reason, not ``queued`` for ever.
+
+    A study that only serves as the baseline of a follow-up says so; one still waiting for its own
+    baseline (response method) stays ``queued`` with the baseline search in its reason.
+    """
+    if (
+        study.state != "queued"
+        or session.execute(
+            select(Job.id).where(Job.study_id == study.id, Job.state.in_(("pending", "running")))
+        ).first()
+    ):
+        return
+    follow_ups = baseline_of(session, study)
+    pairing = session.execute(select(Pairing).where(Pairing.followup_study_id == study.id)).scalar_one_or_none()
+    if follow_ups:
+        why = f"used as baseline for {', '.join(follow_ups)} (response method)"
+    elif pairing is not None and pairing.state in ("query", "retrieving"):
+        study.state_reason = f"{study.state_reason}; waiting for its baseline: {pairing.reason}"
+        return
+    elif not choice.selected:
+        why = "nothing to run: no enabled method applies to this study (see 'method skipped')"
+    elif pairing is not None:
+        why = f"nothing to run: response method: {pairing.reason}"
+    else:
+        why = "nothing to run"
+    study.state = "done"
+    study.state_reason = f"{study.state_reason}; {why}"
 
 
 def _record_inputs(session: Session, study: Study, decision: Decision) -> None:

@@ -9,10 +9,11 @@ from datetime import date
 import pytest
 from sqlalchemy import select
 
-from pacs_agent.config import settings_from_mapping
+from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
 from pacs_agent.models import Event, Job, Pairing, Study
 from pacs_agent.routing.pairing import Candidate, choose_baseline, parse_da, window_dates
+from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import record_instance
@@ -75,7 +76,14 @@ SETTINGS = settings_from_mapping({"jobs": {"methods": ["radiomics", "response"]}
 RULES = ReadinessRules(quiet_seconds=0)
 
 
-def add_study(db: Database, study_uid: str, study_date: str, patient: str = "P1", birth: str = "19600101") -> None:
+def add_study(
+    db: Database,
+    study_uid: str,
+    study_date: str,
+    patient: str = "P1",
+    birth: str = "19600101",
+    settings: Settings = SETTINGS,
+) -> None:
     header = replace(
         CT, study_instance_uid=study_uid, study_date=study_date, patient_id=patient, patient_birth_date=birth
     )
@@ -100,7 +108,7 @@ def add_study(db: Database, study_uid: str, study_date: str, patient: str = "P1"
         record_instance(session, seg, path="x", size_bytes=1, calling_ae_title="CT")
         record_summary(session, seg)
     with db.session() as session, session.begin():
-        run_once(session, RULES, SETTINGS.jobs.methods, 3, settings=SETTINGS)
+        run_once(session, RULES, settings.jobs.methods, 3, settings=settings)
 
 
 def pairing_of(db: Database, study_uid: str) -> Pairing:
@@ -141,6 +149,36 @@ def test_followup_first_then_baseline(any_db: Database) -> None:
     with any_db.session() as session:
         kinds = session.execute(select(Event.kind)).scalars().all()
     assert "pairing_paired" in kinds
+
+
+def study_state(db: Database, study_uid: str) -> tuple[str, str]:
+    with db.session() as session:
+        study = session.execute(select(Study).where(Study.study_instance_uid == study_uid)).scalar_one()
+        return study.state, study.state_reason or ""
+
+
+@pytest.mark.parametrize("baseline_first", [True, False])
+def test_a_study_that_is_only_a_baseline_says_so_instead_of_staying_queued(
+    any_db: Database, baseline_first: bool
+) -> None:
+    response_only = settings_from_mapping({"jobs": {"methods": ["response"]}})
+    order = [("1.1", "20260105"), ("1.2", "20260302")]
+    for uid, day in order if baseline_first else order[::-1]:
+        add_study(any_db, uid, day, settings=response_only)
+    state, reason = study_state(any_db, "1.1")
+    assert state == "done"
+    assert "used as baseline for 1.2 (response method)" in reason
+    assert study_state(any_db, "1.2")[0] == "queued"  # its response job is pending
+    status = format_status(collect_status(any_db, 10))
+    assert "used as baseline for 1.2 (response method)" in status
+    assert "study 1.1  [done]" in status
+
+
+def test_a_study_no_method_applies_to_is_done_with_the_reason(any_db: Database) -> None:
+    chest_only = settings_from_mapping({"jobs": {"methods": ["m2"]}})
+    add_study(any_db, "1.1", "20260105", settings=chest_only)  # an abdominal CT
+    state, reason = study_state(any_db, "1.1")
+    assert state == "done" and "nothing to run: no enabled method applies to this study" in reason
 
 
 def test_other_patients_never_pair(any_db: Database) -> None:
