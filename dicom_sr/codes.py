@@ -77,6 +77,11 @@ CT_OF_ABDOMEN = CodedConcept(value="169070004", meaning="CT of abdomen", scheme_
 NEOPLASM = CodedConcept(value="108369006", meaning="Neoplasm", scheme_designator="SCT")
 VOLUME = CodedConcept(value="118565006", meaning="Volume", scheme_designator="SCT")
 LONG_AXIS = CodedConcept(value="103339001", meaning="Long Axis", scheme_designator="SCT")
+AREA = CodedConcept(value="42798000", meaning="Area", scheme_designator="SCT")
+COMMENT = CodedConcept(value="121106", meaning="Comment", scheme_designator="DCM")
+OHIF_FREEHAND_TOOL = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+"""Tracking Identifier prefix by which OHIF (dcmjs / Cornerstone3D adapters) recognises a planar
+freehand ROI it can load as a measurement: ``<prefix>:<human-readable identifier>``."""
 QUALITATIVE_EVALUATIONS = CodedConcept(value="C0034375", meaning="Qualitative Evaluations", scheme_designator="UMLS")
 """TID 1500 row 12: report-level container of CODE / TEXT qualitative evaluations."""
 

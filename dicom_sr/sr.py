@@ -58,7 +58,13 @@ from dicom_sr.series import DEMO_SUFFIX
 from dicom_sr.series import series_description as method_series_description
 from dicom_sr.series import series_number as method_series_number
 from dicom_sr.source import cleaned_sources
-from dicom_sr.templates import KeySliceOutlineGroup, LesionMeasurementGroup, Prediction, ReportEvaluations
+from dicom_sr.templates import (
+    KeySliceOutlineGroup,
+    LesionMeasurementGroup,
+    Prediction,
+    ReportEvaluations,
+    viewer_label,
+)
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.results import LesionResult, StudyResult
 
@@ -272,6 +278,8 @@ def build_measurement_report(
                     algorithm=result.algorithm,
                     key_slice=by_uid[lesion.key_slice_sop_instance_uid],
                     finding_site=finding_site,
+                    predictions=tuple(predictions.get(lesion.tracking_uid, ())),
+                    comment=viewer_label(lesion, tuple(predictions.get(lesion.tracking_uid, ())), result.algorithm),
                 )
             )
         groups.append(

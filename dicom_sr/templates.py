@@ -97,6 +97,7 @@ __all__ = [
     "ResultAlgorithm",
     "UsageWarning",
     "prediction_concepts",
+    "viewer_label",
 ]
 
 logger = logging.getLogger(__name__)
@@ -651,18 +652,25 @@ def _key_outline(lesion: LesionResult, key_slice: Dataset) -> np.ndarray:
 class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
     """TID 1410 Planar ROI measurement group: the lesion outlined on its key slice, for viewers.
 
-    The same lesion as its TID 1411 group (:class:`LesionMeasurementGroup`): same TID 4108
-    tracking identifier and tracking UID, finding "Neoplasm" (SCT 108369006), finding site
-    (optional); its Image Region (TID 1410 row 7) is an SCOORD POLYLINE, closed (first point =
-    last, PS3.3 C.18.6.1.2), in pixel coordinates of the key slice, which it references (SELECTED
-    FROM); its TID 300 measurements are the lesion's Volume (ml) and Long Axis (mm, the longest
-    axial diameter), each with TID 4019 algorithm identification. Nothing else: no features,
-    predictions or TEXT items - the TID 1411 group stays the complete record, and
-    :mod:`dicom_sr.reader` reads this group as the viewer copy of the same lesion (by tracking UID).
+    The same lesion as its TID 1411 group (:class:`LesionMeasurementGroup`): same TID 4108 tracking
+    UID, finding "Neoplasm" (SCT 108369006), finding site (optional). Laid out as OHIF's
+    Cornerstone3D adapters read a planar freehand ROI, so OHIF loads it as a measurement it can
+    display, list and track (no "not compatible" badge):
 
-    Why: viewers draw measurement groups that carry an image graphic; OHIF 3 skips TID 1411 groups
-    that reference a SEG segment and cannot draw SCOORD3D POLYGON volume surfaces, but draws this
-    group's POLYLINE with its measurements next to it.
+    - Tracking Identifier ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI:<tracking id>``
+      (:data:`dicom_sr.codes.OHIF_FREEHAND_TOOL`; OHIF picks its tool by this prefix);
+    - first NUM: Area (SCT 42798000, mm2) of the key-slice outline, INFERRED FROM an SCOORD
+      POLYLINE, closed (first point = last, PS3.3 C.18.6.1.2), in pixel coordinates of the key
+      slice, SELECTED FROM it (OHIF draws this graphic);
+    - then, per prediction, the probability of the positive class in percent (``<LABEL>
+      probability``, UCUM ``%``), then the lesion's Volume (ml) and Long Axis (mm), each with TID
+      4019 algorithm identification: the labels OHIF writes next to the outline;
+    - TEXT Comment (DCM 121106): one line naming the lesion and its result, e.g. "[DEMO] Liver
+      lesions lesion 1: KRAS mutant (87 %)" - OHIF's label of the measurement in its panel;
+    - the Image Region (TID 1410 row 7): the same POLYLINE, SELECTED FROM the key slice.
+
+    The TID 1411 group stays the complete record; :mod:`dicom_sr.reader` reads this group as the
+    viewer copy of the same lesion (by tracking UID) and checks that they agree.
     """
 
     def __init__(
@@ -672,6 +680,8 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
         algorithm: AlgorithmInfo,
         key_slice: Dataset,
         finding_site: Code | CodedConcept | None = None,
+        predictions: Sequence[Prediction] = (),
+        comment: str | None = None,
     ) -> None:
         """Validate the arguments and build the content.
 
@@ -680,12 +690,17 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
         lesion: inference.results.LesionResult
             The lesion; its ``key_outline_px`` must not be empty.
         algorithm: inference.results.AlgorithmInfo
-            Algorithm identified on both measurements.
+            Algorithm identified on the measurements.
         key_slice: pydicom.Dataset
             The key slice instance (``lesion.key_slice_sop_instance_uid``; pixel data not needed):
-            its SOP Class UID is referenced, its Rows / Columns bound the outline.
+            its SOP Class UID is referenced, its Rows / Columns bound the outline, its Pixel
+            Spacing scales the area.
         finding_site: pydicom.sr.coding.Code | highdicom.sr.CodedConcept | None, optional
             Anatomic site (e.g. ``codes.SCT.Liver``).
+        predictions: Sequence[Prediction], optional
+            The lesion's predictions; their probabilities are shown next to the outline.
+        comment: str | None, optional
+            The label of the measurement (TEXT Comment), at most 1024 characters.
 
         Raises
         ------
@@ -693,13 +708,22 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
             When an argument has the wrong type.
         ValueError
             Empty, degenerate, non-finite or out-of-image outline; ``key_slice`` is not the
-            lesion's key slice; non-finite volume or diameter.
+            lesion's key slice or has no Pixel Spacing; non-finite volume or diameter; an invalid
+            prediction; an empty or over-long comment.
         """
         _require(lesion, LesionResult, "lesion", "LesionResult")
         _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
         _require(key_slice, Dataset, "key_slice", "pydicom.Dataset")
         if finding_site is not None:
             _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+        if isinstance(predictions, (str, Prediction)) or not isinstance(predictions, Sequence):
+            raise TypeError('Argument "predictions" must be a sequence of Prediction.')
+        for prediction in predictions:
+            check_prediction(prediction, "predictions")
+        if comment is not None:
+            _require(comment, str, "comment", "str")
+            if not comment.strip() or len(comment) > 1024:
+                raise ValueError('Argument "comment" must be 1 to 1024 characters.')
         if not lesion.key_outline_px:
             raise ValueError(f'Lesion "{lesion.tracking_id}" has no "key_outline_px" to draw.')
         if str(key_slice.get("SOPInstanceUID", "")) != lesion.key_slice_sop_instance_uid:
@@ -709,18 +733,73 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
             )
         if "SOPClassUID" not in key_slice:
             raise ValueError('Argument "key_slice" has no SOP Class UID.')
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_key_outline(lesion, key_slice),
-            source_image=hd.sr.SourceImageForRegion(
+        outline = _key_outline(lesion, key_slice)
+
+        def source() -> hd.sr.SourceImageForRegion:
+            return hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(key_slice.SOPClassUID),
                 referenced_sop_instance_uid=str(key_slice.SOPInstanceUID),
-            ),
+            )
+
+        area = hd.sr.Measurement(
+            name=codes.AREA,
+            value=_outline_area_mm2(outline, key_slice, lesion.tracking_id),
+            unit=codes.ucum("mm2"),
+            algorithm_id=ResultAlgorithm(algorithm, ["key-slice outline"]),
         )
+        percentages = [
+            hd.sr.Measurement(
+                name=prediction_concepts(prediction.label)[1],
+                value=round(100.0 * float(prediction.probability), 6),
+                unit=codes.ucum("%"),
+                algorithm_id=ResultAlgorithm(algorithm),
+            )
+            for prediction in predictions
+        ]
         super().__init__(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id),
-            referenced_region=region,
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=lesion.tracking_uid, identifier=f"{codes.OHIF_FREEHAND_TOOL}:{lesion.tracking_id}"
+            ),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=source()
+            ),
             finding_type=codes.NEOPLASM,
             finding_sites=[hd.sr.FindingSite(anatomic_location=finding_site)] if finding_site else None,
-            measurements=_size_measurements(lesion, algorithm, key_slice),
+            measurements=[area, *percentages, *_size_measurements(lesion, algorithm, key_slice)],
         )
+        # The outline the area was measured on, INFERRED FROM under the area NUM: where OHIF's
+        # adapters look for the graphic of a freehand ROI (highdicom refuses it in the
+        # constructor of a TID 1410 group, so it is added to the built NUM).
+        area_item = next(item for item in self[0].ContentSequence if item.ValueType == "NUM")
+        area_item.ContentSequence.append(
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=source()
+            )
+        )
+        if comment is not None:
+            self[0].ContentSequence.append(_text(codes.COMMENT, comment.strip()))
+
+
+def viewer_label(lesion: LesionResult, predictions: Sequence[Prediction], algorithm: AlgorithmInfo) -> str:
+    """One line naming a lesion and its result, for viewers (the Comment of :class:`KeySliceOutlineGroup`).
+
+    ``[DEMO] Liver lesions lesion 1: KRAS mutant (87 %)``; without predictions the size
+    (``Liver lesions lesion 1: 12.9 ml, long axis 30.8 mm``). DEMO models are named first, so a
+    viewer that shows only the start of the label still shows it.
+    """
+    if predictions:
+        result = "; ".join(f"{p.label} {p.status} ({100 * p.probability:.0f} %)" for p in predictions)
+    else:
+        result = f"{lesion.volume_ml:.1f} ml, long axis {lesion.longest_axial_diameter_mm:.1f} mm"
+    return f"{'[DEMO] ' if algorithm.is_demo else ''}{lesion.tracking_id}: {result}"[:1024]
+
+
+def _outline_area_mm2(outline: np.ndarray, key_slice: Dataset, tracking_id: str) -> float:
+    """Area (mm2) enclosed by a closed outline in (column, row) pixel coordinates of ``key_slice``."""
+    spacing = key_slice.get("PixelSpacing")
+    if not spacing or len(spacing) != 2:
+        raise ValueError(f'Lesion "{tracking_id}": the key slice has no Pixel Spacing to measure the area.')
+    row_spacing, column_spacing = (float(v) for v in spacing)
+    x, y = outline[:, 0], outline[:, 1]
+    pixels = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return pixels * row_spacing * column_spacing

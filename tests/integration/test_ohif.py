@@ -235,3 +235,16 @@ def test_the_sr_viewport_shows_our_measurements(viewer_run: ViewerRun) -> None:
     assert _near_green(page, outline) > 0.8, "the lesion outline is not drawn where the lesion is"
     assert _near_green(page, outline - np.array([width / 4, 0.0])) < 0.2, "green everywhere: the check cannot tell"
     assert viewer_run.report["pageErrors"] == []
+
+
+def test_our_sr_is_loaded_as_tracked_measurements_listing_every_lesion(viewer_run: ViewerRun) -> None:
+    """No "not compatible" badge: OHIF offers to track the SR, then lists each lesion with its label."""
+    step = viewer_run.step("sr-track")
+    assert step["ok"], step.get("error")
+    assert step["asked"], "OHIF did not offer to track the SR's measurements (not compatible?)"
+    panel = step["panel"]
+    count = len(viewer_run.volumes_ml)
+    assert panel["header"] == f"Measurements ({count})", panel
+    for n in range(1, count + 1):
+        assert f"Liver lesions lesion {n}: " in panel["text"], panel["text"]
+    assert "ml, long axis" in panel["text"], panel["text"]  # the Comment: the lesion's result

@@ -302,16 +302,18 @@ def test_a_viewer_copy_precedes_each_outlined_lesion(ct: list[Dataset], seg: Dat
         ]
         assert len(copies) == 1
         copy = copies[0]
-        assert copy.tracking_identifier == lesion.tracking_id
+        assert copy.tracking_identifier == f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI:{lesion.tracking_id}"
         assert copy.finding_type == sr_codes.SCT.Neoplasm
         assert [site.value for site in copy.finding_sites] == [sr_codes.SCT.Liver]
         assert copy.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         np.testing.assert_array_equal(copy.roi.value, outline)
         assert copy.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key_slice.SOPInstanceUID
-        values = [(m.name.value, m.value, m.unit.value) for m in copy.get_measurements()]
-        assert values == [
-            ("118565006", lesion.volume_ml, "ml"),
-            ("103339001", lesion.longest_axial_diameter_mm, "mm"),
+        values = [(m.name.value, m.unit.value) for m in copy.get_measurements()]
+        assert values == [("42798000", "mm2"), ("118565006", "ml"), ("103339001", "mm")]  # area first (OHIF)
+        assert [m.value for m in copy.get_measurements()][1:] == [lesion.volume_ml, lesion.longest_axial_diameter_mm]
+        comment = hd.sr.utils.find_content_items(copy[0], name=hd.sr.CodedConcept("121106", "DCM", "Comment"))
+        assert [str(c.TextValue) for c in comment] == [
+            f"{lesion.tracking_id}: {lesion.volume_ml:.1f} ml, long axis {lesion.longest_axial_diameter_mm:.1f} mm"
         ]
     # the RTSTRUCT lesion keeps its record with the SCOORD3D volume surface
     assert report.get_volumetric_roi_measurement_groups(tracking_uid=rt_lesion.tracking_uid)[0].roi is not None

@@ -271,7 +271,11 @@ def test_the_reader_checks_the_viewer_copies(case: tuple[StudyResult, Dataset], 
     with pytest.raises(ValueError, match="two viewer groups"):
         read_measurement_report(sr)
     sr, groups = fresh()  # a copy whose volume differs from the record's
-    volume = next(i for i in groups[0].ContentSequence if i.ValueType == "NUM")
+    volume = next(
+        i
+        for i in groups[0].ContentSequence
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "118565006"
+    )
     volume.MeasuredValueSequence[0].FloatingPointValue += 1.0
     with pytest.raises(ValueError, match="differs from the lesion"):
         read_measurement_report(sr)

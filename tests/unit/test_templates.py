@@ -24,6 +24,7 @@ from dicom_sr.templates import (
     UsageWarning,
     check_prediction,
     prediction_concepts,
+    viewer_label,
 )
 from dicom_sr.uids import derive_uid
 from inference.results import DEMO_WARNING, AlgorithmInfo, FeatureValue, LesionResult, SegmentationSource
@@ -321,6 +322,7 @@ def key_slice(uid: str = "1.2.3.4.7", rows: int = 64, columns: int = 48) -> Data
     ds.SOPClassUID = CT_IMAGE
     ds.SOPInstanceUID = uid
     ds.Rows, ds.Columns = rows, columns
+    ds.PixelSpacing = [0.5, 0.8]  # rows 0.5 mm apart, columns 0.8 mm
     return ds
 
 
@@ -333,7 +335,10 @@ def test_key_slice_outline_group() -> None:
         outlined(), algorithm=ALGORITHM, key_slice=key_slice(), finding_site=sr_codes.SCT.Liver
     )
     assert isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
-    assert (group.tracking_identifier, group.tracking_uid) == ("Liver lesion 1", derive_uid("test", "Liver"))
+    assert (group.tracking_identifier, group.tracking_uid) == (
+        "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:Liver lesion 1",  # OHIF loads it as a freehand ROI
+        derive_uid("test", "Liver"),
+    )
     assert group.finding_type == sr_codes.SCT.Neoplasm
     assert [site.value for site in group.finding_sites] == [sr_codes.SCT.Liver]
     region = group.roi
@@ -345,17 +350,40 @@ def test_key_slice_outline_group() -> None:
     assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.7"
     assert source.ReferencedSOPSequence[0].ReferencedSOPClassUID == CT_IMAGE
     measurements = group.get_measurements()
+    shoelace_px = 15.125  # the outline's area in pixels
     assert [(m.name.value, m.value, m.unit.value) for m in measurements] == [
+        ("42798000", pytest.approx(shoelace_px * 0.5 * 0.8), "mm2"),  # first: OHIF's adapter reads it
         ("118565006", 3.25, "ml"),
         ("103339001", 20.5, "mm"),
     ]
-    for measurement in measurements:  # TID 4019 on both
+    for measurement in measurements:  # TID 4019 on all
         names = hd.sr.utils.find_content_items(measurement[0], name=sr_codes.DCM.AlgorithmName)
         assert [str(item.TextValue) for item in names] == ["kras-resnet2d"]
-    # nothing that would make it a second lesion: no features, predictions or per-lesion TEXT items
+    # the area NUM carries the outline (INFERRED FROM SCOORD, SELECTED FROM the key slice, nothing else)
+    (scoord,) = [i for i in measurements[0][0].ContentSequence if i.ValueType == "SCOORD"]
+    assert (scoord.RelationshipType, scoord.GraphicType) == ("INFERRED FROM", "POLYLINE")
+    np.testing.assert_array_equal(np.asarray(scoord.GraphicData).reshape(-1, 2), [*OUTLINE, OUTLINE[0]])
+    assert [(c.ValueType, c.RelationshipType) for c in scoord.ContentSequence] == [("IMAGE", "SELECTED FROM")]
+    # nothing that would make it a second lesion: no features, qualitative evaluations or per-lesion TEXT items
     texts = [item for item in group[0].ContentSequence if item.ValueType == "TEXT"]
     assert [item.ConceptNameCodeSequence[0].CodeValue for item in texts] == ["112039"]  # Tracking Identifier
     assert group.get_qualitative_evaluations() == []
+
+
+def test_key_slice_outline_group_labels_the_lesion_with_its_result() -> None:
+    prediction = Prediction("KRAS", "mutant", 0.8721, 0.5)
+    demo = dataclasses.replace(ALGORITHM, validation_status="DEMO")
+    label = viewer_label(outlined(), [prediction], demo)
+    assert label == "[DEMO] Liver lesion 1: KRAS mutant (87 %)"
+    group = KeySliceOutlineGroup(
+        outlined(), algorithm=demo, key_slice=key_slice(), predictions=[prediction], comment=label
+    )
+    names = [(m.name.meaning, m.value, m.unit.value) for m in group.get_measurements()]
+    assert names[1] == ("KRAS probability", pytest.approx(87.21), "%")  # next to the outline, in percent
+    texts = [item for item in group[0].ContentSequence if item.ValueType == "TEXT"]
+    assert [str(item.TextValue) for item in texts][-1] == label  # the Comment: OHIF's label in its panel
+    research = dataclasses.replace(ALGORITHM, validation_status="RESEARCH")
+    assert viewer_label(outlined(), [], research) == "Liver lesion 1: 3.2 ml, long axis 20.5 mm"
 
 
 def test_key_slice_outline_group_keeps_a_closed_outline() -> None:
@@ -380,6 +408,9 @@ def test_key_slice_outline_group_keeps_a_closed_outline() -> None:
         ({"lesion": outlined(((1.0, 1.0), (48.5, 2.0), (3.0, 1.0)))}, ValueError, "leaves the key slice"),
         ({"lesion": outlined(((1.0, -0.5), (2.0, 2.0), (3.0, 1.0)))}, ValueError, "leaves the key slice"),
         ({"lesion": dataclasses.replace(outlined(), volume_ml=float("inf"))}, ValueError, "volume_ml"),
+        ({"comment": ""}, ValueError, "1 to 1024 characters"),
+        ({"comment": 5}, TypeError, '"comment"'),
+        ({"predictions": Prediction("KRAS", "mutant", 0.9, 0.5)}, TypeError, '"predictions"'),
     ],
 )
 def test_key_slice_outline_group_validation(kwargs: dict[str, object], error: type[Exception], match: str) -> None:

@@ -126,15 +126,30 @@ async function seriesLabel(page, modality) {
       return { drawn };
     });
 
-    await step('sr-panel', page, async () => {
-      await page.locator('[data-cy="trackedMeasurements-btn"]').first().click();
+    await step('sr-track', page, async () => {
+      // a structured report OHIF can load as measurements asks whether to track them; one it
+      // cannot load ("not compatible with this application") does not ask
+      const prompt = page.getByText('Do you want to continue tracking measurements', { exact: false }).first();
+      const asked = await prompt.waitFor({ timeout: 15000 }).then(() => true, () => false);
+      if (asked) {
+        await page.getByRole('button', { name: 'Yes', exact: true }).first().click();
+        await page.waitForTimeout(3000);
+      }
+      const panelButton = page.locator('[data-cy="trackedMeasurements-btn"]').first();
+      const measurementsHeader = page.getByText(/^Measurements \(\d+\)/).first();
+      if (!(await measurementsHeader.isVisible().catch(() => false)) && (await panelButton.count())) {
+        await panelButton.click();
+      }
       await page.waitForTimeout(1500);
       const panel = await page.evaluate(() => {
-        const right = document.querySelector('[data-cy="side-panel-header-right"]');
-        const container = right ? right.parentElement : null;
-        return container ? container.innerText : '';
+        const header = [...document.querySelectorAll('*')].find(
+          e => e.children.length === 0 && /^Measurements \(\d+\)/.test(e.textContent.trim()),
+        );
+        let container = header;
+        for (let i = 0; container && i < 6; i++) container = container.parentElement;
+        return { header: header ? header.textContent.trim() : '', text: container ? container.innerText : '' };
       });
-      return { panel };
+      return { asked, panel };
     });
   } finally {
     await browser.close();
