@@ -114,7 +114,13 @@ from dicom_sr import codes
 from dicom_sr.series import series_description as _series_description
 from dicom_sr.series import series_number as _series_number
 from dicom_sr.sr import SOFTWARE_VERSION, comprehensive_3d_sr
-from dicom_sr.templates import STATUS_CODES, LesionMeasurementGroup, ReportEvaluations, ResultAlgorithm
+from dicom_sr.templates import (
+    STATUS_CODES,
+    KeySliceOutlineGroup,
+    LesionMeasurementGroup,
+    ReportEvaluations,
+    ResultAlgorithm,
+)
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.radiomics.delta import FEATURE_NAMES, FeatureDeltas
 from inference.response import LesionMeasurement, LesionPair, ResponseResult
@@ -252,6 +258,7 @@ def lesion_result(lesion: LesionMeasurement) -> LesionResult:
         key_slice_index=lesion.key_slice_index,
         key_slice_sop_instance_uid=lesion.key_slice_sop_instance_uid,
         outline_mm=lesion.outline_mm,
+        key_outline_px=lesion.key_outline_px,
     )
 
 
@@ -499,6 +506,25 @@ class _GroupBuilder:
         # The reference (SEG segment, RTSTRUCT outline) is built exactly as for the other methods.
         return LesionMeasurementGroup._group(lesion_result(shown), common, time_point_ct_series, frame_of_reference_uid)
 
+    def viewer_copy(self, shown: LesionMeasurement, label: str) -> list[KeySliceOutlineGroup]:
+        """The lesion on its key slice as OHIF loads a measurement (:class:`KeySliceOutlineGroup`), if outlined.
+
+        ``label`` names the lesion and its change; DEMO results get "[DEMO] " in front.
+        """
+        key_slice = self.images.get(shown.key_slice_sop_instance_uid)
+        if not shown.key_outline_px or key_slice is None:
+            return []
+        demo = "[DEMO] " if self.result.algorithm.is_demo else ""
+        return [
+            KeySliceOutlineGroup(
+                lesion_result(shown),
+                algorithm=self.algorithm,
+                key_slice=key_slice,
+                finding_site=pydicom_codes.SCT.Liver,
+                comment=f"{demo}{label}",
+            )
+        ]
+
     def matched(self, pair: LesionPair) -> _LesionGroup:
         """Group of a lesion seen at both time points: both values, the deltas, the match."""
         base, follow = pair.baseline, pair.follow_up
@@ -580,6 +606,20 @@ class _GroupBuilder:
             time_point_ct_series=self.result.baseline.ct_series_instance_uid,
             frame_of_reference_uid=self.result.baseline.frame_of_reference_uid,
         )
+
+
+def _pair_label(pair: LesionPair) -> str:
+    """``<lesion>: volume -52 %, long axis -18 % (12.9 -> 6.2 ml)``: a matched lesion's change at a glance."""
+    base, follow = pair.baseline, pair.follow_up
+    parts = []
+    for name, b, f in (
+        ("volume", base.volume_ml, follow.volume_ml),
+        ("long axis", base.longest_axial_diameter_mm, follow.longest_axial_diameter_mm),
+    ):
+        change = _percent_change(b, f)
+        if change is not None:
+            parts.append(f"{name} {change:+.0f} %")
+    return f"{base.tracking_id}: {', '.join(parts) or 'matched'} ({base.volume_ml:.1f} -> {follow.volume_ml:.1f} ml)"
 
 
 def _study_date(ds: Dataset) -> datetime.date | None:
@@ -776,9 +816,15 @@ def build_response_report(
     segmentations = {str(ds.SOPInstanceUID): ds for ds in (follow_up_segmentation, baseline_segmentation)}
     notes = _notes(result)
     builder = _GroupBuilder(result, images, segmentations, notes)
-    groups: list[hd.sr.Template] = [builder.matched(pair) for pair in result.pairs]
-    groups.extend(builder.new(lesion) for lesion in result.new_lesions)
-    groups.extend(builder.disappeared(lesion) for lesion in result.disappeared_lesions)
+    groups: list[hd.sr.Template] = []
+    for pair in result.pairs:
+        groups.extend([*builder.viewer_copy(pair.follow_up, _pair_label(pair)), builder.matched(pair)])
+    for lesion in result.new_lesions:
+        groups.extend([*builder.viewer_copy(lesion, f"{lesion.tracking_id}: new lesion, {lesion.volume_ml:.1f} ml"),
+                       builder.new(lesion)])  # fmt: skip
+    for lesion in result.disappeared_lesions:
+        label = f"{lesion.tracking_id}: disappeared (baseline {lesion.volume_ml:.1f} ml)"
+        groups.extend([*builder.viewer_copy(lesion, label), builder.disappeared(lesion)])
     base_date, follow_date = _study_date(baseline_ct[0]), _study_date(follow_up_ct[0])
     interval = (follow_date - base_date).days if base_date and follow_date else None
     groups.append(_patient_group(result, interval, notes))

@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 
 from dicom_sr.uids import derive_uid
-from inference.imaging.lesions import Lesion, find_lesions, outline_mm
+from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
 from inference.imaging.masks import (
     EmptySegmentationError,
     LabelMask,
@@ -267,6 +267,7 @@ def _measure(
                 key_slice_sop_instance_uid=data.volume.sop_instance_uids[lesion.key_slice_index],
                 features=features,
                 outline_mm=outline_mm(lesion, data.volume) if source.kind == "rtstruct" else (),
+                key_outline_px=key_outline_px(lesion.mask[lesion.key_slice_index]),
             )
         )
     provenance.pop("mask_voxel_count", None)  # per lesion, not per run

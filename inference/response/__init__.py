@@ -70,6 +70,8 @@ class LesionMeasurement:
     features: LesionFeatures | None
     outline_mm: tuple[tuple[tuple[float, float, float], ...], ...] = ()
     """Closed polygons (patient coordinates) for RTSTRUCT-derived lesions (SCOORD3D references)."""
+    key_outline_px: tuple[tuple[float, float], ...] = ()
+    """Outline (column, row pixel coordinates) of the lesion on its key slice, for viewers."""
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,23 @@ def walk(item: Dataset) -> Iterator[Dataset]:
         yield from walk(child)
 
 
-def groups(sr: Dataset) -> list[Dataset]:
-    """The measurement groups of the Imaging Measurements container, in order."""
+def all_groups(sr: Dataset) -> list[Dataset]:
+    """Every measurement group of the Imaging Measurements container, in order (viewer copies too)."""
     imaging = next(i for i in sr.ContentSequence if code(i) == ("126010", "DCM"))
     return [g for g in imaging.ContentSequence if code(g) == ("125007", "DCM")]
+
+
+def is_viewer_copy(group: Dataset) -> bool:
+    """True for a lesion's key-slice group for viewers (its Tracking Identifier names OHIF's tool)."""
+    return any(
+        code(i) == ("112039", "DCM") and str(i.TextValue).startswith("Cornerstone3DTools@")
+        for i in group.ContentSequence
+    )
+
+
+def groups(sr: Dataset) -> list[Dataset]:
+    """The lesion records and the patient-level group, in order (without the viewer copies)."""
+    return [g for g in all_groups(sr) if not is_viewer_copy(g)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,12 +34,14 @@ from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.unit.response_helpers import (
     DEMO_PACKAGE,
     Evidence,
+    all_groups,
     code,
     codes_in,
     dciodvfy,
     dsr2html_text,
     evidence,
     groups,
+    is_viewer_copy,
     lesion_count,
     nums,
     segmentation_file,
@@ -179,6 +181,26 @@ def test_document_renderers_name_every_item(demo_result: ResponseResult, ev_std:
     for name in ("Tracking Identifier", "Volume:", "Long Axis:", "Response Evaluation", "DEMO MODEL"):
         assert name in text, name
     assert "Low risk Target Lesion Stable Disease" not in text  # the numbers-without-names rendering
+
+
+def test_each_lesion_has_a_key_slice_group_viewers_draw_and_label(
+    demo_result: ResponseResult, ev_std: Evidence
+) -> None:
+    """OHIF loads the response SR like the others: a freehand ROI per lesion, labelled with its change."""
+    sr = roundtrip(build(demo_result, ev_std))
+    everything = all_groups(sr)
+    copies = [g for g in everything if is_viewer_copy(g)]
+    assert len(copies) == lesion_count(demo_result)
+    for viewer in copies:  # each right before the record of the same lesion
+        assert tracking_uid(everything[everything.index(viewer) + 1]) == tracking_uid(viewer)
+        first_num = next(i for i in viewer.ContentSequence if i.ValueType == "NUM")
+        assert code(first_num) == ("42798000", "SCT")  # Area, with the outline under it
+        assert any(i.ValueType == "SCOORD" and i.GraphicType == "POLYLINE" for i in first_num.ContentSequence)
+    labels = [t for viewer in copies for t in texts(viewer) if t.startswith("[DEMO] ")]
+    assert len(labels) == len(copies)
+    pair = demo_result.pairs[0]
+    change = 100 * (pair.follow_up.volume_ml - pair.baseline.volume_ml) / pair.baseline.volume_ml
+    assert any(f"{pair.baseline.tracking_id}: volume {change:+.0f} %" in label for label in labels), labels
 
 
 def test_rtstruct_pair_passes_dciodvfy(tmp_path: Path) -> None:
