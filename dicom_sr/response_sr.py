@@ -11,6 +11,9 @@ Content tree written by :func:`build_response_report`::
       Language, Observation Context: device observer = pacs-agent         TID 1204, 1001, 1002, 1004
       Procedure reported (default: CT of abdomen)
       CONTAINER Imaging Measurements
+        per tracked lesion, first its key-slice group for viewers          TID 1410
+          (:class:`dicom_sr.templates.KeySliceOutlineGroup`: outline on the key slice of the lesion as
+          shown, area, volume, long axis, a Comment with its change), then:
         CONTAINER Measurement Group, one per tracked lesion               TID 1411 (TID 1410)
           Tracking Identifier + Tracking Unique Identifier (shared by both time points)   TID 4108
           Finding = Neoplasm, Finding Site = Liver
@@ -25,6 +28,7 @@ Content tree written by :func:`build_response_report`::
           CODE Baseline Category = Target / Non-Target Lesion at Baseline (RECIST target selection)
           IMAGE / COMPOSITE "Baseline segment or ROI" (matched lesions: the lesion at baseline)
           TEXT Lesion matching rule
+      CONTAINER Derived Imaging Measurements                              TID 1500 row 9
         CONTAINER Measurement Group "Patient-level response"               TID 1501
           NUM the four volume-weighted features per time point, and their deltas (as above)
           NUM Total lesion volume per time point [ml] and its change [%] (volumetric change)
@@ -213,6 +217,9 @@ _LesionGroup = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 _PATIENT_LEVEL = "Patient-level response"
+DERIVED_IMAGING_MEASUREMENTS = CodedConcept(
+    value="126011", meaning="Derived Imaging Measurements", scheme_designator="DCM"
+)
 
 
 def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
@@ -827,7 +834,7 @@ def build_response_report(
         groups.extend([*builder.viewer_copy(lesion, label), builder.disappeared(lesion)])
     base_date, follow_date = _study_date(baseline_ct[0]), _study_date(follow_up_ct[0])
     interval = (follow_date - base_date).days if base_date and follow_date else None
-    groups.append(_patient_group(result, interval, notes))
+    patient = _patient_group(result, interval, notes)
 
     observer = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid or derive_uid("pacs-agent device", manufacturer, institution_name or ""),
@@ -843,6 +850,13 @@ def build_response_report(
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=procedure_reported, imaging_measurements=groups
     )
+    # The patient-level group has no image region: under "Imaging Measurements" it would be taken by
+    # viewers that load every group there as an annotation (OHIF 3 fails on the whole SR), so it is
+    # the content of "Derived Imaging Measurements" (TID 1500 row 9), as measurements derived from
+    # all the lesions.
+    derived = hd.sr.ContainerContentItem(name=DERIVED_IMAGING_MEASUREMENTS, relationship_type=_CONTAINS)
+    derived.ContentSequence = hd.sr.ContentSequence([*patient])
+    report[0].ContentSequence.append(derived)
     evaluations = ReportEvaluations(
         result.algorithm,
         result.provenance,

@@ -30,7 +30,7 @@ from pydicom import dcmread
 
 from dicom_sr.reader import read_measurement_report
 from dicom_sr.text import render_sr_text
-from pacs_agent.phantom import PhantomStudy, generate_study
+from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.integration.ohif.install import RegistryUnavailable, ViewerInstall, install_viewer
 from tests.integration.ohif.server import ViewerServer
 from tests.integration.peers import Node, Orthanc, storescu, wait_for
@@ -68,6 +68,25 @@ class ViewerRun:
         assert box, f"no viewport in step {name}"
         x, y, w, h = (round(box[k]) for k in ("x", "y", "width", "height"))
         return image[y : y + h, x : x + w]
+
+
+def _drive(install: ViewerInstall, orthanc: Orthanc, arguments: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    """Serve OHIF in front of Orthanc and run the driver; returns its report and the proxied requests."""
+    timeout = int(arguments.get("timeoutSeconds", 150)) + 20
+    with ViewerServer(install.dist, orthanc.url) as server:
+        result = subprocess.run(
+            ["node", str(DRIVER), json.dumps({**arguments, "viewer": server.url, "chromium": str(CHROMIUM)})],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            env={**os.environ, "NODE_PATH": str(install.node_modules)},
+        )
+        proxied = list(server.requests)
+    assert result.stdout, f"the driver printed nothing (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    report = json.loads(result.stdout)
+    assert "fatal" not in report, f"{report['fatal']}\n{result.stderr[-3000:]}"
+    return report, proxied
 
 
 def _require_viewer() -> ViewerInstall:
@@ -110,26 +129,12 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ViewerRun]:
         volumes = [lesion.volume_ml for lesion in lesions]
         shots = root / "screenshots"
         shots.mkdir()
-        with ViewerServer(install.dist, orthanc.url) as server:
-            arguments = {
-                "viewer": server.url,
-                "study": study.study_instance_uid,
-                "scImages": sc_count,
-                "out": str(shots),
-                "chromium": str(CHROMIUM),
-            }
-            result = subprocess.run(
-                ["node", str(DRIVER), json.dumps(arguments)],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=170,
-                env={**os.environ, "NODE_PATH": str(install.node_modules)},
-            )
-            proxied = list(server.requests)
-        assert result.stdout, f"the driver printed nothing (exit {result.returncode}):\n{result.stderr[-3000:]}"
-        report = json.loads(result.stdout)
-        assert "fatal" not in report, f"{report['fatal']}\n{result.stderr[-3000:]}"
+        arguments = {
+            "study": study.study_instance_uid,
+            "scImages": sc_count,
+            "out": str(shots),
+        }
+        report, proxied = _drive(install, orthanc, arguments)
         target = os.environ.get("PACS_AGENT_OHIF_SCREENSHOTS")
         if target:
             Path(target).mkdir(parents=True, exist_ok=True)
@@ -248,3 +253,127 @@ def test_our_sr_is_loaded_as_tracked_measurements_listing_every_lesion(viewer_ru
     for n in range(1, count + 1):
         assert f"Liver lesions lesion {n}: " in panel["text"], panel["text"]
     assert "ml, long axis" in panel["text"], panel["text"]  # the Comment: the lesion's result
+
+
+# --- every method's SR, and the response SR ----------------------------------------------------------
+
+EVERY_METHOD = ("radiomics", "m1", "m3", "comparator", "response")
+"""The methods that apply to the abdominal phantom (M2 / M4 are chest methods), with the DEMO packages."""
+
+
+@dataclass
+class EveryMethodRun:
+    report: dict[str, Any]
+    descriptions: dict[str, str]
+    """Series Description of each method's SR in the follow-up study."""
+    lesions: dict[str, int]
+    """Lesions (measurement groups of lesion records) in each method's SR."""
+    study_series: list[dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+def every_method_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EveryMethodRun]:
+    """A baseline and an 8-week follow-up through every method; OHIF opens each SR of the follow-up."""
+    install = _require_viewer()
+    root = tmp_path_factory.mktemp("ohif-every")
+    baseline = generate_study(root / "baseline", seed=41, lesions=2, slices=40, rows=128, columns=128)
+    follow_up = generate_follow_up(baseline, root / "follow-up", shrink=0.5, texture_change="homogenise")
+    orthanc = Orthanc(root / "orthanc", plugins=["dicomweb"])
+    node = Node(
+        root / "node",
+        extra_config=(
+            f'[[destinations]]\nname = "pacs"\ntype = "stowrs"\nurl = "{orthanc.dicomweb_url}"\n'
+            f"[jobs]\nmethods = {json.dumps(list(EVERY_METHOD))}\n[models]\nuse_demo = true\n"
+        ),
+    )
+    orthanc.start()
+    try:
+        for study in (baseline, follow_up):
+            assert study.seg_file is not None
+            orthanc.upload([*study.ct_files, study.seg_file])
+        node.start("serve")
+        for study in (baseline, follow_up):
+            assert storescu(node.port, [*study.ct_files, study.seg_file]).returncode == 0  # type: ignore[list-item]
+
+        def follow_up_srs() -> list[dict[str, Any]]:
+            found = [
+                sr
+                for sr in orthanc.instances_with_modality("SR")
+                if sr["StudyInstanceUID"] == follow_up.study_instance_uid
+            ]
+            return found if len(found) == len(EVERY_METHOD) else []
+
+        srs = wait_for(follow_up_srs, 420, "an SR of every method for the follow-up in Orthanc")
+        node.stop()
+        descriptions: dict[str, str] = {}
+        lesions: dict[str, int] = {}
+        for sr in srs:
+            ds = dcmread(BytesIO(orthanc.file(sr["ID"])))
+            method = {901: "radiomics", 902: "m1", 904: "m3", 906: "comparator", 907: "response"}[int(ds.SeriesNumber)]
+            descriptions[method] = str(ds.SeriesDescription)
+            lesions[method] = _viewer_groups(ds)
+        shots = root / "screenshots"
+        shots.mkdir()
+        report, _ = _drive(
+            install,
+            orthanc,
+            {
+                "study": follow_up.study_instance_uid,
+                "srs": [descriptions[m] for m in EVERY_METHOD],
+                "out": str(shots),
+                "timeoutSeconds": 420,
+            },
+        )
+        target = os.environ.get("PACS_AGENT_OHIF_SCREENSHOTS")
+        if target:
+            for png in shots.glob("sr-*.png"):
+                shutil.copy(png, Path(target) / f"ohif-{png.name}")
+        yield EveryMethodRun(report, descriptions, lesions, report["steps"]["study"]["series"])
+    finally:
+        if node.process is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def _viewer_groups(sr: Any) -> int:
+    """How many key-slice groups (one per lesion) an SR holds."""
+    imaging = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return sum(
+        1
+        for group in imaging.ContentSequence
+        for item in group.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "112039" and str(item.TextValue).startswith("Cornerstone3D")
+    )
+
+
+def test_every_result_series_is_told_apart_in_the_study_browser(every_method_run: EveryMethodRun) -> None:
+    ours = [s for s in every_method_run.study_series if s["description"].startswith("AI ")]
+    srs = [s["description"] for s in ours if s["modality"] == "SR"]
+    assert sorted(srs) == sorted(every_method_run.descriptions.values())
+    assert len(set(srs)) == len(srs) == len(EVERY_METHOD)
+    assert every_method_run.descriptions["m1"] == "AI KRAS M1 - DEMO, not for clinical use"
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_every_methods_sr_opens_drawn_and_tracked_with_its_lesions(
+    every_method_run: EveryMethodRun, method: str
+) -> None:
+    description = every_method_run.descriptions[method]
+    step = every_method_run.report["steps"].get(f"sr:{description}")
+    assert step is not None and step["ok"], step
+    assert step["drawn"], f"OHIF drew nothing of the {method} SR"
+    assert step["asked"], f"OHIF does not offer to track the {method} SR (not compatible?)"
+    count = every_method_run.lesions[method]
+    assert count >= 1
+    panel = step["panel"]
+    assert panel["header"] == f"Measurements ({count})", panel
+    demo = method != "radiomics"  # the committed DEMO packages; plain radiomics has no model
+    assert panel["text"].count("[DEMO] ") == (count if demo else 0), panel["text"]  # DEMO first on every label
+    expected = {
+        "radiomics": "ml, long axis",
+        "m1": "KRAS ",
+        "m3": "RAS ",
+        "comparator": "KRAS ",
+        "response": "volume ",
+    }[method]
+    assert expected in panel["text"], panel["text"]

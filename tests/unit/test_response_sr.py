@@ -141,7 +141,10 @@ def roundtrip(sr: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def patient_group(sr: pydicom.Dataset) -> pydicom.Dataset:
-    return groups(sr)[-1]
+    """The patient-level group: the content of "Derived Imaging Measurements" (not an image annotation)."""
+    derived = next(i for i in sr.ContentSequence if code(i) == ("126011", "DCM"))
+    (group,) = derived.ContentSequence
+    return group
 
 
 # --- standard conformance -------------------------------------------------------------------
@@ -213,7 +216,7 @@ def test_rtstruct_pair_passes_dciodvfy(tmp_path: Path) -> None:
     assert result.pairs
     sr = roundtrip(build(result, evidence(baseline, follow)))
     # RTSTRUCT lesions are outlined as SCOORD3D; the baseline ROI is referenced as a COMPOSITE item
-    for group in groups(sr)[:-1]:
+    for group in groups(sr):
         assert any(i.ValueType == "SCOORD3D" for i in walk(group))
         composite = [i for i in group.ContentSequence if i.ValueType == "COMPOSITE"]
         assert [str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for c in composite] == [
@@ -258,7 +261,7 @@ def test_one_group_per_matched_lesion_with_both_time_points_and_deltas(
     pair: Pair, demo_result: ResponseResult, ev_std: Evidence
 ) -> None:
     sr = roundtrip(build(demo_result, ev_std))
-    lesion_groups = groups(sr)[:-1]
+    lesion_groups = groups(sr)
     assert len(demo_result.pairs) == 2 and len(lesion_groups) == 2
     for group, lesion_pair in zip(lesion_groups, demo_result.pairs, strict=True):
         assert tracking_uid(group) == lesion_pair.tracking_uid
@@ -370,7 +373,7 @@ def test_lesion_at_baseline_only_is_reported_as_disappeared(
     assert len(result.pairs) == 1 and len(result.disappeared_lesions) == 1
     ev = evidence(pair.baseline, pair.follow_up, follow_seg=seg)
     sr = roundtrip(build(result, ev))
-    lesion_groups = groups(sr)[:-1]
+    lesion_groups = groups(sr)
     assert len(lesion_groups) == lesion_count(result) == 2
     gone = lesion_groups[-1]
     assert codes_in(gone)[LESION_STATUS] == ("DISAPPEARED", "99PACSAGENT")
@@ -389,7 +392,7 @@ def test_lesion_at_follow_up_only_is_new_and_progression(
     assert len(result.new_lesions) == 1
     ev = dataclasses.replace(ev_std, baseline_seg=pydicom.dcmread(seg))
     sr = roundtrip(build(result, ev))
-    new = groups(sr)[-2]
+    new = groups(sr)[-1]
     assert codes_in(new)[LESION_STATUS] == ("NEW", "99PACSAGENT")
     assert {n.modifiers.get(TIME_POINT) for n in nums(new)} == {FOLLOW_UP_TP}
     assert codes_in(patient_group(sr))[CURRENT_RESPONSE] == ("112043", "DCM")  # Target Lesion Progressive Disease

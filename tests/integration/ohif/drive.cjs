@@ -4,16 +4,20 @@
 //
 // usage: NODE_PATH=<cache>/node_modules node drive.cjs '{"viewer": "http://127.0.0.1:PORT",
 //          "study": "1.2...", "scImages": 4, "out": "/tmp/shots", "chromium": "/usr/bin/chromium"}'
+// With "srs": ["AI KRAS M1 - DEMO, not for clinical use", ...] it opens each of those SR series
+// instead (a fresh page each), and reports per SR whether OHIF draws it, offers to track it and
+// lists its lesions (steps "sr:<description>").
 'use strict';
 const { chromium } = require('playwright-core');
 
 const args = JSON.parse(process.argv[2]);
 const report = { steps: {}, pageErrors: [], consoleErrors: [], consoleWarnings: [], httpErrors: [] };
+const limit = args.timeoutSeconds || 150;
 const guard = setTimeout(() => {
-  report.fatal = 'driver timed out after 150 s';
+  report.fatal = `driver timed out after ${limit} s`;
   process.stdout.write(JSON.stringify(report));
   process.exit(2);
-}, 150000);
+}, limit * 1000);
 
 async function viewportState(page) {
   return page.evaluate(() => {
@@ -38,13 +42,74 @@ async function step(name, page, action) {
     report.steps[name] = { ok: false, error: String(error).split('\n')[0] };
   }
   report.steps[name].seconds = (Date.now() - started) / 1000;
-  const path = `${args.out}/${name}.png`;
+  const path = `${args.out}/${name.replace(/[^A-Za-z0-9]+/g, '-').replace(/-+$/, '')}.png`;
   await page.screenshot({ path }).catch(() => {});
   report.steps[name].screenshot = path;
 }
 
 async function seriesLabel(page, modality) {
   return page.locator('[data-cy="series-modality-label"]', { hasText: new RegExp(`^${modality}$`) }).first();
+}
+
+
+function srItem(page, description) {
+  // the study browser entry of the SR series with this exact description (SC series share it)
+  const exact = new RegExp(`^${description.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+  return page
+    .locator('[data-cy="study-browser-thumbnail-no-image"], [data-cy="study-browser-thumbnail"]')
+    .filter({ has: page.locator('[data-cy="series-modality-label"]', { hasText: /^SR$/ }) })
+    .filter({ has: page.locator('[data-cy="series-description-label"]', { hasText: exact }) })
+    .first();
+}
+
+async function openStudy(page) {
+  await page.goto(`${args.viewer}/viewer?StudyInstanceUIDs=${args.study}`, { waitUntil: 'load' });
+  await page.locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: 'I:1 (1/' }).waitFor({ timeout: 60000 });
+  await page.waitForTimeout(1500);
+}
+
+async function waitForSrDrawing(page) {
+  // an SR whose measurements OHIF can draw shows their labels (SVG text) in the viewport
+  const labels = page.locator('[data-cy="viewport-pane"] svg text').first();
+  let drawn = await labels.waitFor({ timeout: 15000 }).then(() => true, () => false);
+  if (!drawn) {
+    // OHIF 3.13 sometimes hydrates the SR after the key slice was rendered and draws its
+    // annotations only at the next render of that slice: step one slice away and back.
+    await page.locator('[data-cy="viewport-pane"]').first().hover();
+    await page.keyboard.press('ArrowDown');
+    await page.waitForTimeout(1000);
+    await page.keyboard.press('ArrowUp');
+    drawn = await labels.waitFor({ timeout: 10000 }).then(() => true, () => false);
+    report.srRedrawn = true;
+  }
+  await page.waitForTimeout(2000);
+  return drawn;
+}
+
+async function trackAndReadPanel(page) {
+  // a structured report OHIF can load as measurements asks whether to track them; one it
+  // cannot load ("not compatible with this application") does not ask
+  const prompt = page.getByText('Do you want to continue tracking measurements', { exact: false }).first();
+  const asked = await prompt.waitFor({ timeout: 15000 }).then(() => true, () => false);
+  if (asked) {
+    await page.getByRole('button', { name: 'Yes', exact: true }).first().click();
+    await page.waitForTimeout(3000);
+  }
+  const panelButton = page.locator('[data-cy="trackedMeasurements-btn"]').first();
+  const measurementsHeader = page.getByText(/^Measurements \(\d+\)/).first();
+  if (!(await measurementsHeader.isVisible().catch(() => false)) && (await panelButton.count())) {
+    await panelButton.click();
+  }
+  await page.waitForTimeout(1500);
+  const panel = await page.evaluate(() => {
+    const header = [...document.querySelectorAll('*')].find(
+      e => e.children.length === 0 && /^Measurements \(\d+\)/.test(e.textContent.trim()),
+    );
+    let container = header;
+    for (let i = 0; container && i < 6; i++) container = container.parentElement;
+    return { header: header ? header.textContent.trim() : '', text: container ? container.innerText : '' };
+  });
+  return { asked, panel };
 }
 
 (async () => {
@@ -74,9 +139,7 @@ async function seriesLabel(page, modality) {
     });
 
     await step('study', page, async () => {
-      await page.goto(`${args.viewer}/viewer?StudyInstanceUIDs=${args.study}`, { waitUntil: 'load' });
-      await page.locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: 'I:1 (1/' }).waitFor({ timeout: 60000 });
-      await page.waitForTimeout(1500);
+      await openStudy(page);
       const series = await page.evaluate(() =>
         [...document.querySelectorAll('[data-cy="series-modality-label"]')].map(e => {
           const item = e.closest('[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]');
@@ -86,6 +149,18 @@ async function seriesLabel(page, modality) {
       );
       return { series };
     });
+
+    if (args.srs) {
+      for (const description of args.srs) {
+        await step(`sr:${description}`, page, async () => {
+          await openStudy(page);
+          await srItem(page, description).dblclick();
+          const drawn = await waitForSrDrawing(page);
+          return { drawn, ...(await trackAndReadPanel(page)) };
+        });
+      }
+      return;
+    }
 
     await step('sc', page, async () => {
       await (await seriesLabel(page, 'OT')).dblclick();
@@ -109,48 +184,10 @@ async function seriesLabel(page, modality) {
 
     await step('sr', page, async () => {
       await (await seriesLabel(page, 'SR')).dblclick();
-      // an SR whose measurements OHIF can draw shows their labels (SVG text) in the viewport
-      const labels = page.locator('[data-cy="viewport-pane"] svg text').first();
-      let drawn = await labels.waitFor({ timeout: 15000 }).then(() => true, () => false);
-      if (!drawn) {
-        // OHIF 3.13 sometimes hydrates the SR after the key slice was rendered and draws its
-        // annotations only at the next render of that slice: step one slice away and back.
-        await page.locator('[data-cy="viewport-pane"]').first().hover();
-        await page.keyboard.press('ArrowDown');
-        await page.waitForTimeout(1000);
-        await page.keyboard.press('ArrowUp');
-        drawn = await labels.waitFor({ timeout: 10000 }).then(() => true, () => false);
-        report.srRedrawn = true;
-      }
-      await page.waitForTimeout(2000);
-      return { drawn };
+      return { drawn: await waitForSrDrawing(page) };
     });
 
-    await step('sr-track', page, async () => {
-      // a structured report OHIF can load as measurements asks whether to track them; one it
-      // cannot load ("not compatible with this application") does not ask
-      const prompt = page.getByText('Do you want to continue tracking measurements', { exact: false }).first();
-      const asked = await prompt.waitFor({ timeout: 15000 }).then(() => true, () => false);
-      if (asked) {
-        await page.getByRole('button', { name: 'Yes', exact: true }).first().click();
-        await page.waitForTimeout(3000);
-      }
-      const panelButton = page.locator('[data-cy="trackedMeasurements-btn"]').first();
-      const measurementsHeader = page.getByText(/^Measurements \(\d+\)/).first();
-      if (!(await measurementsHeader.isVisible().catch(() => false)) && (await panelButton.count())) {
-        await panelButton.click();
-      }
-      await page.waitForTimeout(1500);
-      const panel = await page.evaluate(() => {
-        const header = [...document.querySelectorAll('*')].find(
-          e => e.children.length === 0 && /^Measurements \(\d+\)/.test(e.textContent.trim()),
-        );
-        let container = header;
-        for (let i = 0; container && i < 6; i++) container = container.parentElement;
-        return { header: header ? header.textContent.trim() : '', text: container ? container.innerText : '' };
-      });
-      return { asked, panel };
-    });
+    await step('sr-track', page, async () => trackAndReadPanel(page));
   } finally {
     await browser.close();
   }
