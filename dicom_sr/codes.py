@@ -78,6 +78,10 @@ NEOPLASM = CodedConcept(value="108369006", meaning="Neoplasm", scheme_designator
 VOLUME = CodedConcept(value="118565006", meaning="Volume", scheme_designator="SCT")
 LONG_AXIS = CodedConcept(value="103339001", meaning="Long Axis", scheme_designator="SCT")
 AREA = CodedConcept(value="42798000", meaning="Area", scheme_designator="SCT")
+DERIVED_IMAGING_MEASUREMENTS = CodedConcept(
+    value="126011", meaning="Derived Imaging Measurements", scheme_designator="DCM"
+)
+"""TID 1500 row 9: measurements derived from several ROIs (the patient-level results)."""
 COMMENT = CodedConcept(value="121106", meaning="Comment", scheme_designator="DCM")
 OHIF_FREEHAND_TOOL = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 """Tracking Identifier prefix by which OHIF (dcmjs / Cornerstone3D adapters) recognises a planar

@@ -394,6 +394,7 @@ def read_measurement_report(ds: Dataset) -> StudyResult:
         ),
         lesions=lesions,
         provenance=provenance,
+        patient_predictions=_patient_predictions(ds),
     )
 
 
@@ -422,26 +423,53 @@ def read_predictions(ds: Dataset) -> dict[str, tuple[Prediction, ...]]:
         When ``ds`` is not a pacs-agent report or a prediction lacks its probability or threshold.
     """
     _check_sr(ds)
-    by_code = {(c.value, c.scheme_designator): status for status, c in STATUS_CODES.items()}
     found: dict[str, tuple[Prediction, ...]] = {}
     for group in _groups(ds):
         uid_item = _find(group, _TRACKING_UID)
         if uid_item is None:
             continue
-        numbers = {_key(n): _number(n) for n in _children(group) if n.ValueType == "NUM"}
-        predictions = []
-        for item in _children(group):
-            value, scheme = _key(item)
-            if item.ValueType != "CODE" or scheme != _PRIVATE or not value.endswith("-STATUS"):
-                continue
-            label = value.removesuffix("-STATUS")
-            code = item.ConceptCodeSequence[0]
-            status = by_code.get((str(code.CodeValue), str(code.CodingSchemeDesignator)))
-            probability = numbers.get((f"{label}-PROB", _PRIVATE))
-            threshold = numbers.get((f"{label}-THRESH", _PRIVATE))
-            if status is None or probability is None or threshold is None:
-                raise ValueError(f"prediction {label} of {uid_item.UID}: status, probability or threshold missing.")
-            predictions.append(Prediction(label=label, status=status, probability=probability, threshold=threshold))
+        predictions = _group_predictions(group, str(uid_item.UID))
         if predictions:
-            found[str(uid_item.UID)] = tuple(predictions)
+            found[str(uid_item.UID)] = predictions
     return found
+
+
+def _group_predictions(group: Dataset, what: str) -> tuple[Prediction, ...]:
+    """The predictions of one measurement group: each STATUS code with its PROB and THRESH numbers."""
+    by_code = {(c.value, c.scheme_designator): status for status, c in STATUS_CODES.items()}
+    numbers = {_key(n): _number(n) for n in _children(group) if n.ValueType == "NUM"}
+    predictions = []
+    for item in _children(group):
+        value, scheme = _key(item)
+        if item.ValueType != "CODE" or scheme != _PRIVATE or not value.endswith("-STATUS"):
+            continue
+        label = value.removesuffix("-STATUS")
+        code = item.ConceptCodeSequence[0]
+        status = by_code.get((str(code.CodeValue), str(code.CodingSchemeDesignator)))
+        probability = numbers.get((f"{label}-PROB", _PRIVATE))
+        threshold = numbers.get((f"{label}-THRESH", _PRIVATE))
+        if status is None or probability is None or threshold is None:
+            raise ValueError(f"prediction {label} of {what}: status, probability or threshold missing.")
+        name = str(item.ConceptNameCodeSequence[0].CodeMeaning).removesuffix(" status (predicted)")
+        predictions.append(
+            Prediction(
+                label=label,
+                status=status,
+                probability=probability,
+                threshold=threshold,
+                name="" if name == label else name,
+            )
+        )
+    return tuple(predictions)
+
+
+def _patient_predictions(ds: Dataset) -> tuple[Prediction, ...]:
+    """The patient-level predictions under "Derived Imaging Measurements", if the report has them."""
+    derived = _find(ds, _concept_key(codes.DERIVED_IMAGING_MEASUREMENTS))
+    if derived is None:
+        return ()
+    return tuple(
+        prediction
+        for group in _children(derived)
+        for prediction in _group_predictions(group, "the patient-level result")
+    )

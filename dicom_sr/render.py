@@ -48,6 +48,7 @@ __all__ = [
     "mask_outline",
     "render_lesion_page",
     "render_summary_page",
+    "text_width",
     "window_to_uint8",
 ]
 
@@ -259,6 +260,11 @@ MIN_SHRUNK_SIZE = 24
 """Smallest size (px) a single too-long line is set in before it is wrapped instead."""
 MIN_PANEL_SIZE = 18
 """Smallest size (px) when a whole column of text shrinks to fit its height."""
+
+
+def text_width(text: str, size: int) -> float:
+    """Width in pixels of ``text`` in the pages' font at ``size`` (to check that a cell fits its column)."""
+    return float(_font(size).getlength(text))
 
 
 def line_height(size: int) -> int:

@@ -217,9 +217,6 @@ _LesionGroup = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 _PATIENT_LEVEL = "Patient-level response"
-DERIVED_IMAGING_MEASUREMENTS = CodedConcept(
-    value="126011", meaning="Derived Imaging Measurements", scheme_designator="DCM"
-)
 
 
 def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
@@ -854,7 +851,7 @@ def build_response_report(
     # viewers that load every group there as an annotation (OHIF 3 fails on the whole SR), so it is
     # the content of "Derived Imaging Measurements" (TID 1500 row 9), as measurements derived from
     # all the lesions.
-    derived = hd.sr.ContainerContentItem(name=DERIVED_IMAGING_MEASUREMENTS, relationship_type=_CONTAINS)
+    derived = hd.sr.ContainerContentItem(name=codes.DERIVED_IMAGING_MEASUREMENTS, relationship_type=_CONTAINS)
     derived.ContentSequence = hd.sr.ContentSequence([*patient])
     report[0].ContentSequence.append(derived)
     evaluations = ReportEvaluations(

@@ -232,7 +232,7 @@ def _lesion_lines(
     lines: list[TextLine] = []
     size = 38 if len(predictions) <= 1 else 28
     for prediction in predictions:
-        lines.append(TextLine(f"{prediction.label}: {prediction.status}", size, RESULT_YELLOW))
+        lines.append(TextLine(f"{prediction.display}: {prediction.status}", size, RESULT_YELLOW))
         lines.append(
             TextLine(
                 f"probability {prediction.probability:.2f} (decision threshold {prediction.threshold:.2f})",
@@ -386,6 +386,44 @@ def build_lesion_capture(
     )
 
 
+def summary_table(
+    result: StudyResult, predictions: Mapping[str, Sequence[Prediction]]
+) -> tuple[list[tuple[str, int]], list[list[str]]]:
+    """Columns (caption, x) and rows of the summary page's table.
+
+    With predictions, one row per label of each lesion, the lesion's name and size on its first
+    row, so that every label ("PIK3CA or BRAF wild type") and probability is shown in full; without,
+    one row per lesion with its key features.
+    """
+    by_lesion = predictions
+    labels = [p.label for values in by_lesion.values() for p in values]
+    rows: list[list[str]] = []
+    if labels:
+        # one row per label of a lesion, so that every label and probability is shown in full
+        columns = [("Lesion", 24), ("Volume ml", 300), ("Diam. mm", 430), ("Result", 560), ("Prob.", 900)]
+        for lesion in result.lesions:
+            values = by_lesion.get(lesion.tracking_uid, ())
+            size = [lesion.tracking_id, f"{lesion.volume_ml:.1f}", f"{lesion.longest_axial_diameter_mm:.1f}"]
+            if not values:
+                rows.append([*size, "-", "-"])
+            for index, p in enumerate(values):
+                rows.append(
+                    [*(size if index == 0 else ["", "", ""]), f"{p.display} {p.status}", f"{p.probability:.2f}"]
+                )
+    else:
+        columns = [("Lesion", 24), ("Volume ml", 330), ("Diam. mm", 480), ("Key features", 650)]
+        for lesion in result.lesions:
+            rows.append(
+                [
+                    lesion.tracking_id,
+                    f"{lesion.volume_ml:.1f}",
+                    f"{lesion.longest_axial_diameter_mm:.1f}",
+                    " | ".join(_feature_text(lesion).split(" | ")[:2]) or "-",
+                ]
+            )
+    return columns, rows
+
+
 def build_summary_capture(
     result: StudyResult,
     ref_dataset: Dataset,
@@ -451,35 +489,20 @@ def build_summary_capture(
     kind = _kind(result_kind, labels)
     algorithm = result.algorithm
 
-    rows: list[list[str]] = []
-    if labels:
-        columns = [("Lesion", 24), ("Volume ml", 330), ("Diam. mm", 480), ("Result", 620), ("Probability", 850)]
-        for lesion in result.lesions:
-            values = by_lesion.get(lesion.tracking_uid, ())
-            rows.append(
-                [
-                    lesion.tracking_id,
-                    f"{lesion.volume_ml:.1f}",
-                    f"{lesion.longest_axial_diameter_mm:.1f}",
-                    ", ".join(f"{p.label} {p.status}" for p in values) or "-",
-                    ", ".join(f"{p.probability:.2f}" for p in values) or "-",
-                ]
-            )
-    else:
-        columns = [("Lesion", 24), ("Volume ml", 330), ("Diam. mm", 480), ("Key features", 650)]
-        for lesion in result.lesions:
-            rows.append(
-                [
-                    lesion.tracking_id,
-                    f"{lesion.volume_ml:.1f}",
-                    f"{lesion.longest_axial_diameter_mm:.1f}",
-                    " | ".join(_feature_text(lesion).split(" | ")[:2]) or "-",
-                ]
-            )
-    thresholds = sorted({f"{p.label} {p.threshold:.2f}" for values in by_lesion.values() for p in values})
+    columns, rows = summary_table(result, by_lesion)
+    thresholds = sorted({f"{p.display} {p.threshold:.2f}" for values in by_lesion.values() for p in values})
     footer = _model_lines(result, content_datetime, software_version)
     if thresholds:
         footer.insert(0, TextLine(f"Decision thresholds: {', '.join(thresholds)}", 24))
+    for p in reversed(result.patient_predictions):
+        footer.insert(
+            0,
+            TextLine(
+                f"Patient: {p.display} {p.status} (probability {p.probability:.2f}, volume-weighted over the lesions)",
+                28,
+                RESULT_YELLOW,
+            ),
+        )
     count = len(result.lesions)
     pixels = render_summary_page(
         title=f"AI {kind} - study summary",

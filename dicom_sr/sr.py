@@ -63,6 +63,7 @@ from dicom_sr.templates import (
     LesionMeasurementGroup,
     Prediction,
     ReportEvaluations,
+    patient_level_container,
     viewer_label,
 )
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
@@ -298,6 +299,15 @@ def build_measurement_report(
         procedure_reported=procedure_reported,
         imaging_measurements=groups,
     )
+    if result.patient_predictions:
+        report[0].ContentSequence.append(
+            patient_level_container(
+                result.patient_predictions,
+                result.algorithm,
+                tracking_uid=str(derive_uid("patient-level", result.study_instance_uid, result.method)),
+                rule=result.provenance.get("patient_level_rule", ""),
+            )
+        )
     report[0].ContentSequence.append(
         ReportEvaluations(
             result.algorithm,

@@ -96,6 +96,7 @@ __all__ = [
     "ReportEvaluations",
     "ResultAlgorithm",
     "UsageWarning",
+    "patient_level_container",
     "prediction_concepts",
     "viewer_label",
 ]
@@ -156,13 +157,15 @@ def _source_items(source: SegmentationSource) -> list[hd.sr.TextContentItem]:
     ]
 
 
-def prediction_concepts(label: str) -> tuple[CodedConcept, CodedConcept, CodedConcept]:
+def prediction_concepts(label: str, name: str = "") -> tuple[CodedConcept, CodedConcept, CodedConcept]:
     """Concept names of the status, probability and threshold items of a prediction label.
 
     Parameters
     ----------
     label: str
-        Upper-case prediction label, 1-9 characters ``A-Z0-9`` (``"KRAS"``).
+        Upper-case prediction label, 1-9 characters ``A-Z0-9`` (``"KRAS"``): the code values.
+    name: str, optional
+        How readers see the label (``"PIK3CA or BRAF"``): the code meanings; default ``label``.
 
     Returns
     -------
@@ -179,10 +182,12 @@ def prediction_concepts(label: str) -> tuple[CodedConcept, CodedConcept, CodedCo
     _require(label, str, "label", "str")
     if not _LABEL_PATTERN.fullmatch(label):
         raise ValueError(f'Prediction label "{label}" must be 1-9 characters A-Z or 0-9 (e.g. "KRAS").')
+    _require(name, str, "name", "str")
+    shown = name.strip() or label
     return (
-        _private(f"{label}-STATUS", f"{label} status (predicted)"),
-        _private(f"{label}-PROB", f"{label} probability"),
-        _private(f"{label}-THRESH", f"{label} decision threshold"),
+        _private(f"{label}-STATUS", f"{shown} status (predicted)"),
+        _private(f"{label}-PROB", f"{shown} probability"),
+        _private(f"{label}-THRESH", f"{shown} decision threshold"),
     )
 
 
@@ -282,7 +287,7 @@ class PredictionEvaluation(hd.sr.QualitativeEvaluation):
             When the prediction is invalid.
         """
         check_prediction(prediction)
-        status_name, _, _ = prediction_concepts(prediction.label)
+        status_name, _, _ = prediction_concepts(prediction.label, prediction.name)
         super().__init__(name=status_name, value=STATUS_CODES[prediction.status])
 
 
@@ -312,7 +317,7 @@ class PredictionMeasurements(list[hd.sr.Measurement]):
         """
         check_prediction(prediction)
         _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
-        _, probability_name, threshold_name = prediction_concepts(prediction.label)
+        _, probability_name, threshold_name = prediction_concepts(prediction.label, prediction.name)
         unity = codes.ucum("1")
         super().__init__(
             hd.sr.Measurement(name=name, value=float(value), unit=unity, algorithm_id=ResultAlgorithm(algorithm))
@@ -749,7 +754,7 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
         )
         percentages = [
             hd.sr.Measurement(
-                name=prediction_concepts(prediction.label)[1],
+                name=prediction_concepts(prediction.label, prediction.name)[1],
                 value=round(100.0 * float(prediction.probability), 6),
                 unit=codes.ucum("%"),
                 algorithm_id=ResultAlgorithm(algorithm),
@@ -788,7 +793,7 @@ def viewer_label(lesion: LesionResult, predictions: Sequence[Prediction], algori
     viewer that shows only the start of the label still shows it.
     """
     if predictions:
-        result = "; ".join(f"{p.label} {p.status} ({100 * p.probability:.0f} %)" for p in predictions)
+        result = "; ".join(f"{p.display} {p.status} ({100 * p.probability:.0f} %)" for p in predictions)
     else:
         result = f"{lesion.volume_ml:.1f} ml, long axis {lesion.longest_axial_diameter_mm:.1f} mm"
     return f"{'[DEMO] ' if algorithm.is_demo else ''}{lesion.tracking_id}: {result}"[:1024]
@@ -803,3 +808,40 @@ def _outline_area_mm2(outline: np.ndarray, key_slice: Dataset, tracking_id: str)
     x, y = outline[:, 0], outline[:, 1]
     pixels = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
     return pixels * row_spacing * column_spacing
+
+
+PATIENT_LEVEL_RESULT = "Patient-level result"
+
+
+def patient_level_container(
+    predictions: Sequence[Prediction], algorithm: AlgorithmInfo, *, tracking_uid: str, rule: str = ""
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Derived Imaging Measurements" holding the patient-level predictions as one TID 1501 group.
+
+    Per label a coded ``<name> status (predicted)`` qualitative evaluation, its probability and its
+    decision threshold (as in the lesions' records), and the aggregation rule as TEXT. Not under
+    "Imaging Measurements": it has no image region, and viewers that load every group there as an
+    annotation (OHIF 3) would fail on it.
+
+    Raises
+    ------
+    ValueError
+        No prediction, or an invalid one.
+    """
+    if not predictions:
+        raise ValueError('Argument "predictions" must not be empty.')
+    measurements: list[hd.sr.Measurement] = []
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    for prediction in predictions:
+        evaluations.append(PredictionEvaluation(prediction))
+        measurements.extend(PredictionMeasurements(prediction, algorithm))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=PATIENT_LEVEL_RESULT),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    if rule:
+        group[0].ContentSequence.append(_text(_private("PATIENT-RULE", "Patient-level rule"), rule))
+    container = hd.sr.ContainerContentItem(name=codes.DERIVED_IMAGING_MEASUREMENTS, relationship_type=_CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([*group])
+    return container

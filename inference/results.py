@@ -100,6 +100,13 @@ class Prediction:
     """``mutant``, ``wild type``, ``high risk``, ``low risk``, ``positive`` or ``negative``."""
     probability: float
     threshold: float = 0.5
+    name: str = ""
+    """How readers see the label (the package's ``[label_names]``, e.g. ``PIK3CA or BRAF``); empty: the label."""
+
+    @property
+    def display(self) -> str:
+        """``name``, else ``label``."""
+        return self.name or self.label
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ class StudyResult:
     """Reproducibility facts (library versions, parameter-file hash)."""
     predictions: Mapping[str, tuple[Prediction, ...]] = field(default_factory=dict)
     """Model predictions per lesion, keyed by tracking UID (empty for plain radiomics)."""
+    patient_predictions: tuple[Prediction, ...] = ()
+    """Patient-level predictions (one per label, from the lesions' by the method's rule), if any."""
 
     def __hash__(self) -> int:  # dict field: hash by identity-relevant fields only
         return hash((self.method, self.study_instance_uid, self.ct_series_instance_uid, self.lesions))

@@ -330,7 +330,7 @@ def report_label(label: str) -> str:
     return code
 
 
-def make_prediction(label: str, probability: float, threshold: float) -> Prediction:
+def make_prediction(label: str, probability: float, threshold: float, name: str | None = None) -> Prediction:
     """One prediction: the report label, the status the threshold decides, the probability.
 
     Parameters
@@ -341,6 +341,8 @@ def make_prediction(label: str, probability: float, threshold: float) -> Predict
         Probability of the positive class (mutant / positive), in [0, 1].
     threshold
         The package's decision threshold for the label.
+    name
+        How readers see the label (the package's ``[label_names]``); default the package label.
 
     Returns
     -------
@@ -352,7 +354,14 @@ def make_prediction(label: str, probability: float, threshold: float) -> Predict
         status = "mutant" if positive else "wild type"
     else:
         status = "positive" if positive else "negative"
-    return Prediction(label=report_label(label), status=status, probability=probability, threshold=float(threshold))
+    code, shown = report_label(label), name or label
+    return Prediction(
+        label=code,
+        status=status,
+        probability=probability,
+        threshold=float(threshold),
+        name="" if shown == code else shown,
+    )
 
 
 def patient_predictions(result: StudyResult) -> tuple[Prediction, ...]:
@@ -383,7 +392,7 @@ def patient_predictions(result: StudyResult) -> tuple[Prediction, ...]:
         probability = float(np.dot(weights, values) / weights.sum())
         positive = probability >= first.threshold
         status = _positive_status(first.status) if positive else _negative_status(first.status)
-        out.append(Prediction(first.label, status, probability, first.threshold))
+        out.append(Prediction(first.label, status, probability, first.threshold, first.name))
     return tuple(out)
 
 
@@ -452,7 +461,8 @@ def assemble(
     for item, probs, heatmap in zip(study.lesions, probabilities, maps, strict=True):
         lesions.append(lesion_result(volume, item))
         predictions[item.tracking_uid] = tuple(
-            make_prediction(label, probs[label], package.thresholds[label]) for label in package.labels
+            make_prediction(label, probs[label], package.thresholds[label], package.label_name(label))
+            for label in package.labels
         )
         key_images[item.tracking_uid] = key_image(volume, item.lesion, heatmap)
     info = package.algorithm_info()
@@ -475,13 +485,14 @@ def assemble(
         provenance=facts,
         predictions=predictions,
     )
-    patient = {
+    patient = patient_predictions(result)
+    facts_patient = {
         f"patient_{p.label}": (
             f"{p.status} (probability {p.probability:.3f}, threshold {p.threshold:.3f}, {len(lesions)} lesion(s))"
         )
-        for p in patient_predictions(result)
+        for p in patient
     }
-    result = replace(result, provenance={**facts, **patient})
+    result = replace(result, provenance={**facts, **facts_patient}, patient_predictions=patient)
     return PipelineOutput(result=result, key_images=key_images, result_kind=result_kind)
 
 

@@ -38,7 +38,7 @@ INPUT_RANK = {"m1": 2, "m2": 3, "m3": 2, "m4": 2}
 
 _REQUIRED = ("format_version", "name", "version", "method", "labels", "validation_status", "intended_use")
 _TABLES = ("input", "thresholds", "training_data", "metrics", "weights")
-_KNOWN_KEYS = frozenset((*_REQUIRED, *_TABLES, "architecture", "normalisation", "description"))
+_KNOWN_KEYS = frozenset((*_REQUIRED, *_TABLES, "architecture", "normalisation", "description", "label_names"))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -85,12 +85,28 @@ def manifest_problems(data: Mapping[str, Any], *, network_tables: bool = True) -
     if problems:
         return problems
     problems += _threshold_problems(data["thresholds"], labels)
+    problems += _label_name_problems(data.get("label_names", {}), labels)
     description = data["training_data"].get("description")
     if not isinstance(description, str) or not description.strip():
         problems.append("[training_data] needs a non-empty description")
     problems += _weights_problems(data["weights"], method)
     if method in NETWORK_METHODS and network_tables:
         problems += _network_problems(data, method)
+    return problems
+
+
+def _label_name_problems(names: Any, labels: list[str]) -> list[str]:
+    """``[label_names]``: optional human-readable names of labels (e.g. ``"PIK3CA+BRAF" = "PIK3CA or BRAF"``)."""
+    if not isinstance(names, dict):
+        return ["[label_names] must be a table"]
+    problems = [
+        f"[label_names] names {key!r}, which is not one of the labels {labels}" for key in names if key not in labels
+    ]
+    problems += [
+        f"[label_names] {key!r} must be a non-empty string of at most 40 characters"
+        for key, value in names.items()
+        if not (isinstance(value, str) and value.strip() and len(value) <= 40)
+    ]
     return problems
 
 

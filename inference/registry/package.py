@@ -83,6 +83,12 @@ class ModelPackage:
     architecture: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     source: PackageSource | None = field(default=None, repr=False)
+    label_names: Mapping[str, str] = field(default_factory=dict)
+    """Human-readable names of labels (``[label_names]``); a label without one is shown as it is."""
+
+    def label_name(self, label: str) -> str:
+        """How results name ``label``: its ``[label_names]`` entry, else the label itself."""
+        return self.label_names.get(label, label)
 
     @property
     def weights_sha256(self) -> str:
@@ -396,6 +402,7 @@ def _inspect(path: Path, *, deep: bool) -> tuple[ModelPackage | None, list[str]]
         architecture=data.get("architecture", {}),
         description=str(data.get("description", "")),
         source=source,
+        label_names={str(k): str(v) for k, v in data.get("label_names", {}).items()},
     )
     if deep:
         problems += _file_problems(package, source)

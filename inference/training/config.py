@@ -247,7 +247,12 @@ def config_from_mapping(
     if chosen in ("m1", "radiomics") and len(labels) != 1:
         problems.append(f"labels: {chosen} predicts exactly one label, got {labels}")
     package = _table(data, "package", problems)
-    _known(package, {"name", "version", "validation_status", "intended_use", "description"}, "package", problems)
+    _known(
+        package,
+        {"name", "version", "validation_status", "intended_use", "description", "label_names"},
+        "package",
+        problems,
+    )
     for key in ("name", "version", "intended_use"):
         if not isinstance(package.get(key), str) or not package[key].strip():
             problems.append(f"package.{key}: required (a non-empty string)")

@@ -664,6 +664,8 @@ def train(
     if config.method != "radiomics":
         metadata["architecture"] = dict(config.architecture)
         metadata["normalisation"] = fitted.normalisation
+    if pkg.get("label_names"):
+        metadata["label_names"] = dict(pkg["label_names"])
     package_dir = write_package(out, metadata, fitted.weights)
     cfg = config.training
     summary: dict[str, Any] = {

@@ -345,6 +345,10 @@ def test_report_labels_and_statuses() -> None:
     assert make_prediction("KRAS", 0.3, 0.5).status == "wild type"
     assert make_prediction("LVI", 0.5, 0.5).status == "positive"
     assert make_prediction("T-stage", 0.1, 0.5).status == "negative"
+    named = make_prediction("PIK3CA+BRAF", 0.2, 0.5, "PIK3CA or BRAF")
+    assert (named.label, named.display) == ("PIK3CABRA", "PIK3CA or BRAF")  # codes stay short, readers see the name
+    assert make_prediction("PIK3CA+BRAF", 0.2, 0.5).display == "PIK3CA+BRAF"  # no name: the package label
+    assert make_prediction("KRAS", 0.2, 0.5).name == ""  # the label says it all
 
 
 def test_patient_level_is_volume_weighted(outputs: dict) -> None:

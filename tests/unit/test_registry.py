@@ -246,6 +246,17 @@ def test_manifest_value_checks(m1_package: Path):
         assert expected in problems
 
 
+def test_label_names_name_the_labels_for_readers(m1_package: Path):
+    edit_manifest(m1_package, label_names={"KRAS": "KRAS (codon 12/13)"})
+    package = load_package(m1_package)
+    assert package.label_name("KRAS") == "KRAS (codon 12/13)"
+    assert package.label_name("EGFR") == "EGFR"  # a label without a name is shown as it is
+    edit_manifest(m1_package, label_names={"NRAS": "x", "KRAS": ""})
+    problems = "\n".join(verify_package(m1_package))
+    assert "[label_names] names 'NRAS', which is not one of the labels ['KRAS']" in problems
+    assert "[label_names] 'KRAS' must be a non-empty string of at most 40 characters" in problems
+
+
 def test_label_mismatch_with_the_weights(tmp_path: Path):
     torch.manual_seed(0)
     net = EfficientNetAttention(len(FIVE_LABELS), **M3_ARCH)

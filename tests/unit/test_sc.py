@@ -36,9 +36,10 @@ from dicom_sr.render import (
     line_height,
     mask_outline,
     render_lesion_page,
+    text_width,
     window_to_uint8,
 )
-from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture
+from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture, summary_table
 from dicom_sr.series import DEMO_SUFFIX, series_description
 from dicom_sr.sr import write_dataset
 from dicom_sr.templates import Prediction
@@ -439,3 +440,30 @@ def test_invalid_inputs(case: Case) -> None:
         capture(case, predictions=[Prediction("KRAS", "mutant", 0.1, 0.5)])
     with pytest.raises(ValueError, match="unknown Tracking UID"):
         build_summary_capture(case.result, ref, content_datetime=WHEN, predictions={"1.2.3": [KRAS]})
+
+
+def test_a_multi_label_summary_shows_every_label_and_probability_in_full(case: Case, tmp_path: Path) -> None:
+    """M3's three grouped labels: one table row per label, each cell fits its column; the patient result too."""
+    m3 = [
+        Prediction("RAS", "mutant", 0.91, 0.53, name="RAS (KRAS or NRAS)"),
+        Prediction("PIK3CABRA", "wild type", 0.02, 0.51, name="PIK3CA or BRAF"),
+        Prediction("OTHER", "wild type", 0.11, 0.46, name="Other gene"),
+    ]
+    predictions = {lesion.tracking_uid: m3 for lesion in case.result.lesions}
+    columns, rows = summary_table(case.result, predictions)
+    assert len(rows) == 3 * len(case.result.lesions)
+    assert [row[3] for row in rows[:3]] == [
+        "RAS (KRAS or NRAS) mutant",
+        "PIK3CA or BRAF wild type",
+        "Other gene wild type",
+    ]
+    assert [row[4] for row in rows[:3]] == ["0.91", "0.02", "0.11"]
+    assert rows[1][:3] == ["", "", ""]  # the lesion is named once, on its first row
+    edges = [x for _, x in columns[1:]] + [1024 - 24]
+    for row in [[caption for caption, _ in columns], *rows]:
+        for cell, (_, left), right in zip(row, columns, edges, strict=True):
+            assert text_width(cell, 24) <= right - left - 12, cell  # drawn whole, never cut with "..."
+    patient = dataclasses.replace(case.result, patient_predictions=(m3[0],))
+    page = build_summary_capture(patient, case.slice_of(0)[2], content_datetime=WHEN, predictions=predictions)
+    Image.fromarray(page.pixel_array).save(tmp_path / "m3_summary.png")  # to look at
+    assert page.SeriesDescription.startswith("AI RAS")

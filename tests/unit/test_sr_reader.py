@@ -289,3 +289,34 @@ def test_the_reader_checks_the_viewer_copies(case: tuple[StudyResult, Dataset], 
     container.ContentSequence.append(groups[1])
     with pytest.raises(ValueError, match="share a Tracking UID"):
         read_measurement_report(sr)
+
+
+def test_named_labels_and_the_patient_level_result_are_coded_and_read_back(
+    results: dict[str, tuple[StudyResult, Dataset]], ct: list[Dataset], tmp_path: Path
+) -> None:
+    """A package's label names are the concept meanings; the patient-level result is a coded group of its own."""
+    result, segmentation = results["seg"]
+    named = Prediction("PIK3CABRA", "wild type", 0.25, 0.5, name="PIK3CA or BRAF")
+    patient = (Prediction("PIK3CABRA", "wild type", 0.3, 0.5, name="PIK3CA or BRAF"),)
+    demo = dataclasses.replace(
+        result,
+        method="m3",
+        algorithm=AlgorithmInfo("m3-demo", "0.1.0", "DEMO", "cd" * 32),
+        patient_predictions=patient,
+        provenance={**result.provenance, "patient_level_rule": "volume-weighted mean"},
+    )
+    predictions = {lesion.tracking_uid: (named,) for lesion in demo.lesions}
+    sr = build_measurement_report(demo, [*ct, segmentation], segmentation_dataset=segmentation, predictions=predictions)
+    back = to_bytes_and_back(sr)
+    assert read_predictions(back) == predictions  # the name survives the round trip
+    assert_same(demo, read_measurement_report(back))
+    derived = next(i for i in back.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126011")
+    (group,) = derived.ContentSequence
+    items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in group.ContentSequence}
+    assert items["Tracking Identifier"].TextValue == "Patient-level result"
+    assert items["PIK3CA or BRAF status (predicted)"].ConceptCodeSequence[0].CodeMeaning == "Wild type"
+    assert float(items["PIK3CA or BRAF probability"].MeasuredValueSequence[0].NumericValue) == 0.3
+    assert items["Patient-level rule"].TextValue == "volume-weighted mean"
+    path = write_dataset(sr, tmp_path / "sr.dcm")
+    run = subprocess.run([_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
