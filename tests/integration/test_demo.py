@@ -22,8 +22,10 @@ def test_demo_prints_the_sr_and_writes_the_captures(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # four SRs (radiomics, m1, m3, comparator; m2 and m4 are chest models, skipped on this abdominal
-    # study), each with one group per planted lesion plus its key-slice outline copy (TID 1410)
-    assert run.stdout.count("Measurement Group") == 4 * 6
+    # study), each with one group per planted lesion plus its key-slice outline copy (TID 1410), and
+    # the three model methods' patient-level result
+    assert run.stdout.count("Measurement Group") == 4 * 6 + 3
+    assert run.stdout.count("Tracking Identifier: Patient-level result") == 3
     assert "DEMO MODEL - NOT FOR CLINICAL USE" in run.stdout
     assert "KRAS status (predicted)" in run.stdout
     assert "Tracking Identifier: Liver lesions lesion 1" in run.stdout
