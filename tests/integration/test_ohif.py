@@ -257,8 +257,8 @@ def test_our_sr_is_loaded_as_tracked_measurements_listing_every_lesion(viewer_ru
 
 # --- every method's SR, and the response SR ----------------------------------------------------------
 
-EVERY_METHOD = ("radiomics", "m1", "m3", "comparator", "response")
-"""The methods that apply to the abdominal phantom (M2 / M4 are chest methods), with the DEMO packages."""
+EVERY_METHOD = ("radiomics", "m1", "m2", "m3", "m4", "comparator", "response")
+"""Every method, with the DEMO packages (M2 / M4, chest methods, are routed to the abdominal phantom too)."""
 
 
 @dataclass
@@ -284,6 +284,7 @@ def every_method_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Every
         extra_config=(
             f'[[destinations]]\nname = "pacs"\ntype = "stowrs"\nurl = "{orthanc.dicomweb_url}"\n'
             f"[jobs]\nmethods = {json.dumps(list(EVERY_METHOD))}\n[models]\nuse_demo = true\n"
+            "[routing.method_regions]\n"  # no method is restricted to a body region here
         ),
     )
     orthanc.start()
@@ -309,7 +310,7 @@ def every_method_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Every
         lesions: dict[str, int] = {}
         for sr in srs:
             ds = dcmread(BytesIO(orthanc.file(sr["ID"])))
-            method = {901: "radiomics", 902: "m1", 904: "m3", 906: "comparator", 907: "response"}[int(ds.SeriesNumber)]
+            method = EVERY_METHOD[int(ds.SeriesNumber) - 901]  # 901-907 in this order (dicom_sr.series)
             descriptions[method] = str(ds.SeriesDescription)
             lesions[method] = _viewer_groups(ds)
         shots = root / "screenshots"
@@ -372,7 +373,9 @@ def test_every_methods_sr_opens_drawn_and_tracked_with_its_lesions(
     expected = {
         "radiomics": "ml, long axis",
         "m1": "KRAS ",
+        "m2": "EGFR ",
         "m3": "RAS ",
+        "m4": "EGFR ",
         "comparator": "KRAS ",
         "response": "volume ",
     }[method]
