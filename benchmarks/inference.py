@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_input  # noqa: E402
 from inference.models import DeepRadInput, MultiViewInput, build_network  # noqa: E402
+from inference.phantom import generate_study  # noqa: E402
 from inference.pipelines import PIPELINES  # noqa: E402
 from inference.pipelines.m2_egfr_kras import covariates_from_header  # noqa: E402
 from inference.pipelines.model_methods import (  # noqa: E402
@@ -61,7 +62,6 @@ from inference.pipelines.study import LoadedStudy, forget_loaded_study, load_stu
 from inference.registry import ModelPackage, write_package  # noqa: E402
 from pacs_agent import __version__  # noqa: E402
 from pacs_agent.config import DEMO_MODELS_DIR  # noqa: E402
-from pacs_agent.phantom import generate_study  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "inference.json"
 METHODS = ("m1", "m2", "m3", "m4")

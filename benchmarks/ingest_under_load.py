@@ -49,7 +49,7 @@ from common import (
 )
 from latency import parse_time, prepare_models
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 
 WORK = WORK_ROOT / "ingest_under_load"
 

@@ -56,9 +56,9 @@ from common import (
     write_results,
 )
 
+from inference.phantom import generate_study
 from inference.pipelines.model_methods import find_package
 from pacs_agent.config import DEMO_MODELS_DIR
-from pacs_agent.phantom import generate_study
 
 WORK = WORK_ROOT / "latency"
 SETS: dict[str, tuple[str, ...]] = {

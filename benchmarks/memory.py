@@ -44,7 +44,7 @@ from common import (
 )
 from latency import prepare_models, study_facts
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 
 WORK = WORK_ROOT / "memory"
 TARGET_MB = 2048

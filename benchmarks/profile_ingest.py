@@ -47,7 +47,7 @@ from common import (
     write_results,
 )
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 
 WORK = WORK_ROOT / "profile_ingest"
 PY_SPY = ROOT / ".venv" / "bin" / "py-spy"

@@ -44,7 +44,7 @@ from common import (
 from latency import parse_time, prepare_models, study_facts
 from profile_ingest import PY_SPY, parse_frame
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 
 WORK = WORK_ROOT / "profile_job"
 OWN = ("pacs_agent/", "inference/", "dicom_sr/")

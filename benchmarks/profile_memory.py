@@ -36,7 +36,7 @@ from common import (
 )
 from latency import prepare_models
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 
 WORK = WORK_ROOT / "profile_memory"
 

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 from common import WORK_ROOT, fresh_dir, header, load_average, markdown_table, spread, write_results
 
+from inference.phantom import generate_follow_up, generate_study
 from inference.pipelines import PIPELINES
 from inference.pipelines.model_methods import find_package
 from inference.pipelines.response import run_response
 from inference.pipelines.study import forget_loaded_study
 from inference.response.signature import load_signature
 from pacs_agent.config import DEMO_MODELS_DIR
-from pacs_agent.phantom import generate_follow_up, generate_study
 
 WORK = WORK_ROOT / "response"
 SHIFT_MM = (6.0, -8.0, 5.0)

@@ -63,8 +63,8 @@ from dicom_sr.response_sr import NO_MODEL_NOTE, RESULT_KIND, response_series_des
 from dicom_sr.sc import ABDOMEN_WINDOW, sc_image
 from dicom_sr.series import series_number as _series_number
 from dicom_sr.sr import SOFTWARE_VERSION
-from inference.radiomics.delta import FEATURE_NAMES
 from inference.response import LesionMeasurement, ResponseResult
+from inference.response.results import FEATURE_NAMES
 from inference.results import DEMO_WARNING, KeyImage
 
 __all__ = ["PANEL_SIZE", "build_response_capture", "key_lesions"]

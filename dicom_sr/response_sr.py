@@ -126,8 +126,8 @@ from dicom_sr.templates import (
     ResultAlgorithm,
 )
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
-from inference.radiomics.delta import FEATURE_NAMES, FeatureDeltas
 from inference.response import LesionMeasurement, LesionPair, ResponseResult
+from inference.response.results import FEATURE_NAMES, FeatureDeltas
 from inference.results import AlgorithmInfo, LesionResult
 
 __all__ = [

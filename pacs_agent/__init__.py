@@ -4,11 +4,6 @@ The package ``pacs_agent`` is the service (receive, studies, routing, jobs, send
 imports torch, so the receiving process stays small and fast; models live in ``inference``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("pacs-agent")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from inference.version import __version__
 
 __all__ = ["__version__"]

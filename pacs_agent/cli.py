@@ -94,7 +94,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_phantom(argv: Sequence[str]) -> int:
-    from pacs_agent.phantom import main as phantom_main
+    from inference.phantom import main as phantom_main
 
     return phantom_main(argv)
 

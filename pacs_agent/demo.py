@@ -176,7 +176,7 @@ def _step(text: str) -> None:
 
 def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
     """Run the demonstration in folder ``out``; returns the process exit code."""
-    from pacs_agent.phantom import generate_study
+    from inference.phantom import generate_study
     from pacs_agent.show import show
 
     if out.exists():

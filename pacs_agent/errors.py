@@ -1,32 +1,20 @@
-"""Exception hierarchy of pacs-agent.
+"""Exception hierarchy of pacs-agent: the shared classes (:mod:`inference.errors`) and the service's own.
 
 Every error the node raises on purpose derives from :class:`PacsAgentError`. The worker maps the
 subclasses to job states: :class:`InputError` fails a job at once (the input will not get better
 by retrying), anything else is retried and finally marked dead.
 """
 
+from inference.errors import ConfigError, InputError, ModelPackageError, PacsAgentError
 
-class PacsAgentError(Exception):
-    """Root of all errors raised by pacs-agent on purpose."""
-
-
-class ConfigError(PacsAgentError):
-    """The configuration file or an environment override is invalid.
-
-    ``problems`` lists every problem found, each as ``"section.key: message"``.
-    """
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n  " + "\n  ".join(self.problems))
-
-
-class InputError(PacsAgentError):
-    """A study, series or object cannot be processed as sent (bad geometry, missing data, ...).
-
-    Not retried automatically: the message says what is wrong with the input in words an
-    imaging IT person can act on.
-    """
+__all__ = [
+    "ConfigError",
+    "DeliveryError",
+    "InputError",
+    "ModelPackageError",
+    "PacsAgentError",
+    "StorageError",
+]
 
 
 class StorageError(PacsAgentError):
@@ -35,7 +23,3 @@ class StorageError(PacsAgentError):
 
 class DeliveryError(PacsAgentError):
     """A result could not be delivered to a destination (association refused, failure status)."""
-
-
-class ModelPackageError(PacsAgentError):
-    """A model package is invalid, tampered with or incompatible."""

@@ -3,7 +3,7 @@
 Reproducible: the same arguments give the same phantoms, the same deltas and the same forest
 (fixed seeds; scikit-learn ``random_state=0``, one job). Steps:
 
-1. Phantom pairs (:func:`pacs_agent.phantom.generate_study` + :func:`generate_follow_up`, 128 x 128
+1. Phantom pairs (:func:`inference.phantom.generate_study` + :func:`generate_follow_up`, 128 x 128
    x 40 CT with a SEG, 1-3 liver lesions). Pair ``i`` is labelled by what was planted:
 
    - even ``i``: **treatment-sensitive** (label 0): lesion volume x U(0.30, 0.70) and texture
@@ -46,9 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
+from inference.phantom import generate_follow_up, generate_study  # noqa: E402
 from inference.pipelines.response import run_response  # noqa: E402
 from inference.response.signature import CSV_COLUMNS, LABEL_COLUMN, train_signature, write_signature_package  # noqa: E402
-from pacs_agent.phantom import generate_follow_up, generate_study  # noqa: E402
 
 NAME = "response-demo"
 VERSION = "0.1.0"
@@ -181,7 +181,7 @@ def build(out: Path, *, train: int, test: int, work: Path, deltas: Path | None =
         "heldout_accuracy": round(accuracy, 4),
     }
     description = (
-        f"{train} synthetic phantom pairs (pacs_agent.phantom, 128 x 128 x 40 CT, 1-3 liver lesions; seeds from "
+        f"{train} synthetic phantom pairs (inference.phantom, 128 x 128 x 40 CT, 1-3 liver lesions; seeds from "
         f"scripts/make_response_demo.py): label insensitive = volume x {INSENSITIVE_SHRINK[0]}-{INSENSITIVE_SHRINK[1]} "
         f"with texture unchanged, sensitive = volume x {SENSITIVE_SHRINK[0]}-{SENSITIVE_SHRINK[1]} with texture "
         f"homogenised. Held out: {test} further pairs. No patient data."

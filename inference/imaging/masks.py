@@ -20,12 +20,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from skimage.draw import polygon as fill_polygon
 
+from inference.errors import InputError
 from inference.imaging.volume import CTVolume, split_phases
 from inference.results import SegmentationSource
 from inference.structures import StructureSelection, no_tumour_message, select_structures
 from inference.structures import referenced_instance_uids as header_instance_uids
 from inference.structures import referenced_series_uids as header_series_uids
-from pacs_agent.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from pacs_agent.errors import InputError
+from inference.errors import InputError
 
 logger = logging.getLogger(__name__)
 

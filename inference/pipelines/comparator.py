@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inference.comparator import RadiomicsComparator, radiomics_params
+from inference.errors import InputError
 from inference.pipelines.model_methods import assemble, resolve_package
 from inference.pipelines.study import load_study
 from inference.radiomics.features import compute_features
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
 from inference.structures import StructureSelection
-from pacs_agent.errors import InputError
 
 __all__ = ["METHOD", "run_comparator"]
 

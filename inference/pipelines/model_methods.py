@@ -47,11 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from inference.errors import InputError, ModelPackageError
 from inference.pipelines.study import LoadedStudy, key_image, lesion_result
 from inference.registry import MANIFEST, ModelPackage, list_packages, load_package
 from inference.registry.files import open_source
 from inference.results import KeyImage, PipelineOutput, Prediction, StudyResult
-from pacs_agent.errors import InputError, ModelPackageError
 
 __all__ = [
     "GENE_LABELS",

@@ -15,7 +15,7 @@ from inference.pipelines.study import key_image, lesion_result, load_study
 from inference.radiomics.features import compute_features, feature_unit
 from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
 from inference.structures import StructureSelection
-from pacs_agent import __version__
+from inference.version import __version__
 
 __all__ = [
     "INTENDED_USE",

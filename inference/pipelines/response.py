@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from dicom_sr.uids import derive_uid
+from inference.errors import InputError
 from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
 from inference.imaging.masks import (
     EmptySegmentationError,
@@ -53,8 +53,8 @@ from inference.response.recist import MeasuredLesion, assess_response
 from inference.response.signature import ResponseSignature, signature_from
 from inference.results import AlgorithmInfo
 from inference.structures import StructureSelection
-from pacs_agent import __version__
-from pacs_agent.errors import InputError
+from inference.uids import derive_uid
+from inference.version import __version__
 
 logger = logging.getLogger(__name__)
 

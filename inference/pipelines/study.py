@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from dicom_sr.uids import derive_uid
+from inference.errors import InputError
 from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
 from inference.imaging.masks import LabelMask, default_structures, load_segmentation, phase_of_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.results import FeatureValue, KeyImage, LesionResult, SegmentationSource
 from inference.structures import StructureSelection
-from pacs_agent.errors import InputError
+from inference.uids import derive_uid
 
 __all__ = ["LoadedStudy", "StudyLesion", "forget_loaded_study", "key_image", "lesion_result", "load_study"]
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inference.errors import InputError, PacsAgentError
 from inference.imaging.lesions import find_lesions
 from inference.imaging.masks import (
     LabelMask,
@@ -25,8 +26,7 @@ from inference.imaging.masks import (
 )
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.radiomics.features import FeatureSet, compute_features
-from pacs_agent import __version__
-from pacs_agent.errors import InputError, PacsAgentError
+from inference.version import __version__
 
 EXIT_OK, EXIT_ERROR = 0, 1
 

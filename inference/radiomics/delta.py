@@ -46,17 +46,15 @@ import SimpleITK as sitk
 from inference.imaging.volume import CTVolume
 from inference.radiomics.features import compute_features, feature_unit
 from inference.radiomics.shape import SMOOTHING_MM, SMOOTHING_VOXELS, si4
+from inference.response.results import (  # noqa: F401 - the types live there
+    FEATURE_LABELS,
+    FEATURE_NAMES,
+    FeatureDelta,
+    FeatureDeltas,
+    LesionFeatures,
+    PatientFeatures,
+)
 from inference.results import FeatureValue
-
-FEATURE_NAMES: tuple[str, ...] = ("si4", "log_z_entropy", "log_x_entropy", "ngtdm_contrast")
-"""The four signature features, in the order the model takes their deltas."""
-
-FEATURE_LABELS: dict[str, str] = {
-    "si4": "Shape SI4 (surface fraction with shape index in [-1/3, -1/9))",
-    "log_z_entropy": "Entropy after LoG filtering along z",
-    "log_x_entropy": "Entropy after LoG filtering along x",
-    "ngtdm_contrast": "NGTDM (GTDM) contrast",
-}
 
 RESPONSE_PARAMS = Path(__file__).resolve().parents[2] / "config" / "radiomics" / "response.yaml"
 """The M5 parameter file (in the source tree; see RESPONSE_SETTINGS when installed)."""
@@ -75,88 +73,6 @@ FEATURE_SCALES: dict[str, float] = dict.fromkeys(FEATURE_NAMES, 1.0)
 
 Axis = Literal["x", "y", "z"]
 _AXIS_INDEX = {"x": 0, "y": 1, "z": 2}
-
-
-@dataclass(frozen=True)
-class LesionFeatures:
-    """The four signature features of one lesion at one time point, and its volume.
-
-    ``reference`` holds pyradiomics values computed beside them (3D LoG entropy at the same sigma,
-    unfiltered entropy, mesh volume) for comparison with other tools; they do not enter the model.
-    """
-
-    si4: float
-    log_z_entropy: float
-    log_x_entropy: float
-    ngtdm_contrast: float
-    volume_ml: float
-    reference: tuple[FeatureValue, ...] = ()
-
-    def values(self) -> dict[str, float]:
-        """The four features by name, in :data:`FEATURE_NAMES` order."""
-        return {name: float(getattr(self, name)) for name in FEATURE_NAMES}
-
-
-@dataclass(frozen=True)
-class PatientFeatures:
-    """Volume-weighted average of the four features over the lesions of one time point."""
-
-    si4: float
-    log_z_entropy: float
-    log_x_entropy: float
-    ngtdm_contrast: float
-    total_volume_ml: float
-    lesion_count: int
-
-    def values(self) -> dict[str, float]:
-        """The four features by name, in :data:`FEATURE_NAMES` order."""
-        return {name: float(getattr(self, name)) for name in FEATURE_NAMES}
-
-
-@dataclass(frozen=True)
-class FeatureDelta:
-    """Change of one feature between baseline and follow-up.
-
-    ``relative`` is ``(follow_up - baseline) / |baseline|`` or None when ``|baseline|`` is below the
-    feature's epsilon; ``value`` is what the signature uses: ``relative`` if defined, else ``absolute``.
-    """
-
-    name: str
-    baseline: float
-    follow_up: float
-    absolute: float
-    relative: float | None
-
-    @property
-    def value(self) -> float:
-        """The delta: relative change, or absolute change when the baseline is ~0."""
-        return self.absolute if self.relative is None else self.relative
-
-    @property
-    def is_relative(self) -> bool:
-        """True when ``value`` is a relative change."""
-        return self.relative is not None
-
-
-@dataclass(frozen=True)
-class FeatureDeltas:
-    """The deltas of the four features, in :data:`FEATURE_NAMES` order."""
-
-    deltas: tuple[FeatureDelta, ...]
-
-    def __getitem__(self, name: str) -> FeatureDelta:
-        for delta in self.deltas:
-            if delta.name == name:
-                return delta
-        raise KeyError(name)
-
-    def vector(self) -> tuple[float, ...]:
-        """The delta values in :data:`FEATURE_NAMES` order (the signature's input)."""
-        return tuple(self[name].value for name in FEATURE_NAMES)
-
-    def as_dict(self) -> dict[str, float]:
-        """Delta values by feature name."""
-        return {name: self[name].value for name in FEATURE_NAMES}
 
 
 @dataclass(frozen=True)

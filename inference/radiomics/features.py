@@ -23,8 +23,8 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from inference.errors import InputError
 from inference.imaging.volume import CTVolume
-from pacs_agent.errors import InputError
 
 logger = logging.getLogger(__name__)
 # pyradiomics logs every step at INFO and "GLCM is symmetrical..." at WARNING: keep errors only, both

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from inference.errors import ModelPackageError
 from inference.registry.package import install_package, list_packages, load_package, verify_package
-from pacs_agent.errors import ModelPackageError
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "models_install", "models_list", "models_verify"]
 

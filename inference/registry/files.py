@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pacs_agent.errors import ModelPackageError
+from inference.errors import ModelPackageError
 
 __all__ = [
     "MANIFEST",

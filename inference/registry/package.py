@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
+from inference.errors import ModelPackageError
 from inference.registry.files import (
     MANIFEST,
     SKOPS_SUFFIX,
@@ -43,7 +44,6 @@ from inference.registry.manifest import (
     manifest_problems,
 )
 from inference.results import AlgorithmInfo, ValidationStatus
-from pacs_agent.errors import ModelPackageError
 
 __all__ = [
     "ModelPackage",

@@ -43,6 +43,7 @@ from scipy.optimize import linear_sum_assignment
 
 from inference.imaging.lesions import Lesion
 from inference.imaging.volume import CTVolume
+from inference.response.results import Alignment, AlignmentMethod  # noqa: F401 - the types live there
 
 logger = logging.getLogger(__name__)
 
@@ -63,53 +64,6 @@ MIN_DICE = 0.05
 MAX_DISTANCE_MM = 20.0
 """Largest centroid distance (mm, after alignment) that makes two lesions a pair in the distance step."""
 _NO_PAIR = 1e6
-
-AlignmentMethod = Literal["frame-of-reference", "rigid-registration"]
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """How follow-up coordinates were brought into the baseline's.
-
-    ``parameters`` are the Euler3DTransform parameters (rotation x, y, z in radians; translation x, y,
-    z in mm) of the transform that maps a baseline point to the follow-up point at the same anatomy,
-    about ``centre_mm``. For ``frame-of-reference`` it is the identity.
-    """
-
-    method: AlignmentMethod
-    parameters: tuple[float, float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    centre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    metric_start: float | None = None
-    metric_final: float | None = None
-    iterations: int = 0
-    seconds: float = 0.0
-    region: str = ""
-    start: str = ""
-    stop_condition: str = ""
-
-    def transform(self) -> sitk.Euler3DTransform:
-        """The baseline -> follow-up transform as a SimpleITK object."""
-        t = sitk.Euler3DTransform()
-        t.SetCenter(self.centre_mm)
-        t.SetParameters(self.parameters)
-        return t
-
-    def to_baseline(self, points_mm: np.ndarray) -> np.ndarray:
-        """Map follow-up patient coordinates (n, 3) to baseline patient coordinates."""
-        inverse = self.transform().GetInverse()
-        pts = np.asarray(points_mm, dtype=float).reshape(-1, 3)
-        return np.array([inverse.TransformPoint(tuple(float(v) for v in p)) for p in pts]).reshape(-1, 3)
-
-    @property
-    def rotation_degrees(self) -> float:
-        """Angle of the rotation part (degrees)."""
-        matrix = np.asarray(self.transform().GetMatrix()).reshape(3, 3)
-        return float(np.degrees(np.arccos(np.clip((np.trace(matrix) - 1) / 2, -1.0, 1.0))))
-
-    @property
-    def translation_mm(self) -> tuple[float, float, float]:
-        """Translation part (mm)."""
-        return (float(self.parameters[3]), float(self.parameters[4]), float(self.parameters[5]))
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ What is computed (pure functions, no images):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+
+from inference.response.results import CATEGORY_NAMES, Category, MeasuredLesion, RecistResult  # noqa: F401
 
 MIN_TARGET_DIAMETER_MM = 10.0
 MAX_TARGETS_PER_ORGAN = 2
@@ -37,53 +37,6 @@ PD_THRESHOLD_PERCENT = 20.0
 PD_MIN_ABSOLUTE_MM = 5.0
 _TOLERANCE = 1e-9
 """Percentages within this of a threshold count as reaching it (floating-point rounding)."""
-
-Category = Literal["CR", "PR", "SD", "PD", "NE"]
-CATEGORY_NAMES: dict[str, str] = {
-    "CR": "complete response",
-    "PR": "partial response",
-    "SD": "stable disease",
-    "PD": "progressive disease",
-    "NE": "not evaluable",
-}
-
-
-@dataclass(frozen=True)
-class MeasuredLesion:
-    """One baseline lesion with its follow-up measurement (None: it disappeared).
-
-    ``lesion_id`` is any stable identifier (the baseline tracking id); ``organ`` groups lesions for the
-    two-per-organ rule.
-    """
-
-    lesion_id: str
-    organ: str
-    baseline_diameter_mm: float
-    baseline_volume_ml: float
-    follow_up_diameter_mm: float | None
-    follow_up_volume_ml: float | None
-
-
-@dataclass(frozen=True)
-class RecistResult:
-    """The RECIST-like category, its sums, and the volumetric change."""
-
-    category: Category
-    reason: str
-    target_ids: tuple[str, ...]
-    baseline_sum_mm: float
-    follow_up_sum_mm: float
-    percent_change: float | None
-    absolute_change_mm: float
-    new_lesions: int
-    baseline_volume_ml: float
-    follow_up_volume_ml: float
-    volumetric_change_percent: float | None
-
-    @property
-    def category_name(self) -> str:
-        """The category in words, e.g. ``partial response``."""
-        return CATEGORY_NAMES[self.category]
 
 
 def select_targets(lesions: Sequence[MeasuredLesion]) -> list[MeasuredLesion]:

@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from inference.errors import InputError, ModelPackageError
 from inference.radiomics.delta import DELTA_EPSILON, FEATURE_NAMES, FeatureDeltas
 from inference.registry import TRUSTED_SKOPS_TYPES, load_package, write_package
+from inference.response.results import SignatureScore
 from inference.results import AlgorithmInfo, ValidationStatus
-from pacs_agent.errors import InputError, ModelPackageError
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +54,6 @@ _LABEL_VALUES = {"1": 1, "0": 0, "insensitive": 1, "sensitive": 0, "true": 1, "f
 
 class TrainingDataError(InputError):
     """The training CSV cannot be used (missing columns, non-numeric values, one class only)."""
-
-
-@dataclass(frozen=True)
-class SignatureScore:
-    """Output of the signature for one patient."""
-
-    probability: float
-    """Probability of treatment insensitivity, in [0, 1]."""
-    threshold: float
-    high_risk: bool
-
-    @property
-    def risk_group(self) -> str:
-        """``high`` (probability > threshold) or ``low``."""
-        return "high" if self.high_risk else "low"
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import cross_val_predict, train_test_split
 
+from inference.errors import PacsAgentError
 from inference.response.signature import (
     DEFAULT_THRESHOLD,
     read_training_csv,
@@ -26,7 +27,6 @@ from inference.response.signature import (
 )
 from inference.training.evaluate import evaluate_label
 from inference.training.report import write_report
-from pacs_agent.errors import PacsAgentError
 
 EXIT_OK, EXIT_INVALID = 0, 1
 LABEL = "INSENSITIVE"

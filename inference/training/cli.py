@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from inference.errors import ConfigError, PacsAgentError
 from inference.training.config import METHODS
-from pacs_agent.errors import ConfigError, PacsAgentError
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "main"]
 

@@ -62,9 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference.errors import ConfigError
 from inference.training.augment import DEFAULT_AUGMENTATION, Augmentation
 from inference.training.phantom_data import PhantomCohortSpec
-from pacs_agent.errors import ConfigError
 
 __all__ = [
     "METHODS",

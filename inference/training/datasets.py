@@ -36,6 +36,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from inference.errors import InputError
 from inference.imaging.lesions import find_lesions
 from inference.imaging.masks import (
     RTSTRUCT_STORAGE,
@@ -48,7 +49,6 @@ from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_i
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.models.m2_multiview import Covariates
 from inference.pipelines.m2_egfr_kras import covariates_from_header
-from pacs_agent.errors import InputError
 
 __all__ = [
     "DEFAULT_INPUTS",

@@ -1,6 +1,6 @@
 """Phantom cohorts with planted labels: synthetic "patients" whose label is visible in the image.
 
-Each patient is one phantom study (``pacs_agent.phantom.generate_study``: portal-venous abdominal
+Each patient is one phantom study (``inference.phantom.generate_study``: portal-venous abdominal
 CT, liver lesions, DICOM SEG or RTSTRUCT). Each label is tied to one image property of all the
 patient's lesions, and each property is assigned independently and balanced over the cohort (a
 random half of the patients has it):
@@ -72,7 +72,7 @@ class PhantomCohortSpec:
     lesions
         Liver lesions per patient.
     rows, slices, pixel_spacing_mm, slice_thickness_mm, lesion_scale
-        Phantom geometry (see ``pacs_agent.phantom.generate_study``).
+        Phantom geometry (see ``inference.phantom.generate_study``).
     segmentation
         ``"seg"``, ``"rtstruct"`` or ``"alternate"`` (even patients SEG, odd RTSTRUCT).
     """
@@ -162,7 +162,7 @@ def _modify_lesions(study: Any, attenuation: bool, rim: bool) -> None:
     import pydicom
     from scipy import ndimage
 
-    from pacs_agent.phantom import label_volume
+    from inference.phantom import label_volume
 
     labels = label_volume(study)  # k = 0 is the most inferior slice; ct_files[0] the most superior
     n = len(study.ct_files)
@@ -217,7 +217,7 @@ def make_phantom_cohort(
     -------
     PhantomCohort
     """
-    from pacs_agent.phantom import generate_study
+    from inference.phantom import generate_study
 
     root = Path(out_dir)
     marker = root / "cohort.json"

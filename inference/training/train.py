@@ -583,7 +583,7 @@ def train(
     progress = progress or _no_progress
     out = Path(out_dir)
     if (out / MANIFEST).exists():
-        from pacs_agent.errors import ModelPackageError
+        from inference.errors import ModelPackageError
 
         raise ModelPackageError(f"{out} already holds a model package; choose a new folder")
     if config.method != "radiomics":

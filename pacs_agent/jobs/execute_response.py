@@ -4,10 +4,10 @@ The pairing (:mod:`pacs_agent.routing.pairing`) schedules the job on the **follo
 inputs ``ct_series_instance_uid`` and ``segmentation_sop_instance_uid`` (follow-up) and
 ``baseline_study_instance_uid``, ``baseline_ct_series_instance_uid`` and
 ``baseline_segmentation_sop_instance_uid``. Both time points are resolved from the spool like any
-job's inputs (:func:`pacs_agent.jobs.execute.resolve_inputs`), the pair is compared by
+job's inputs (:func:`pacs_agent.jobs.files.resolve_inputs`), the pair is compared by
 :func:`inference.pipelines.response.run_response`, and the results - one TID 1500 SR and one
 Secondary Capture page, both in the follow-up study - are recorded and queued for every
-destination exactly as for the single-study methods (:func:`pacs_agent.jobs.execute._record`).
+destination exactly as for the single-study methods (:func:`pacs_agent.jobs.files.record_results`).
 
 The response model (a ``response`` model package, :mod:`inference.response.signature`) is looked up
 in :attr:`pacs_agent.config.Settings.model_dirs`, in order: ``[models] dir`` (default
@@ -43,7 +43,7 @@ from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError, ModelPackageError
-from pacs_agent.jobs.execute import JobInputs, _record, record_source_warnings, resolve_inputs
+from pacs_agent.jobs.files import JobInputs, record_results, record_source_warnings, resolve_inputs
 from pacs_agent.jobs.queue import ClaimedJob
 
 __all__ = [
@@ -310,7 +310,7 @@ def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple
     )
     objects = build_response_objects(result, inputs, datetime.datetime.now())
     summary = study_summary(result)
-    ids = _record(db, settings, job, PipelineOutput(result=summary, result_kind=RESULT_KIND), objects)
+    ids = record_results(db, settings, job, PipelineOutput(result=summary, result_kind=RESULT_KIND), objects)
     score = "none" if result.score is None else f"{result.score.probability:.2f} ({result.score.risk_group} risk)"
     logger.info(
         "response job %d: %d matched, %d new, %d disappeared lesion(s); RECIST-like %s; score %s; %d object(s)",

@@ -19,9 +19,9 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
 from pacs_agent.models import Event, Instance
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
 from pacs_agent.models import Instance, Job, Study
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.integration.peers import Node, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
 from pacs_agent.models import Delivery, Job, Study
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

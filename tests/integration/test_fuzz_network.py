@@ -18,10 +18,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
 from pacs_agent.demo import LocalReceiver
 from pacs_agent.models import Job
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from pydicom import dcmread
 
 from dicom_sr.reader import read_measurement_report
 from dicom_sr.text import render_sr_text
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.integration.ohif.install import RegistryUnavailable, ViewerInstall, install_viewer
 from tests.integration.ohif.server import ViewerServer
 from tests.integration.peers import Node, Orthanc, storescu, wait_for

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_agent.phantom import generate_study
+from inference.phantom import generate_study
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
+from inference.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
 from pacs_agent.db import Database
 from pacs_agent.models import Event, Instance, Study
-from pacs_agent.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

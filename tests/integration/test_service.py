@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.demo import LocalReceiver, free_port
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.integration.peers import Node, storescu, wait_for
 from tests.unit.test_health import parse_prometheus, value
 

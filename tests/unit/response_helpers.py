@@ -16,10 +16,10 @@ import pytest
 from pydicom import Dataset
 
 from inference.imaging import find_lesions, load_ct_series, load_segmentation
+from inference.phantom import PhantomStudy
 from inference.pipelines.study import key_image
 from inference.response import LesionMeasurement, ResponseResult
 from inference.results import KeyImage
-from pacs_agent.phantom import PhantomStudy
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_PACKAGE = REPO / "config" / "models" / "response-demo"

@@ -155,8 +155,8 @@ def test_train_from_features_csv_writes_a_skops_package(tmp_path):
 
 def test_radiomics_settings_round_trip(tmp_path):
     from inference.imaging import find_lesions, load_ct_series, load_segmentation
+    from inference.phantom import generate_study
     from inference.radiomics.features import compute_features
-    from pacs_agent.phantom import generate_study
 
     study = generate_study(
         tmp_path / "s", seed=5, lesions=1, rows=96, columns=96, slices=24, pixel_spacing_mm=3.4, segmentation="seg"

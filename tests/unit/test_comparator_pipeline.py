@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from inference.phantom import generate_study
 from inference.pipelines import PIPELINES
 from inference.pipelines.comparator import run_comparator
 from inference.pipelines.model_methods import installed_package
 from pacs_agent.config import DEMO_MODELS_DIR, KNOWN_METHODS
-from pacs_agent.phantom import generate_study
 
 PACKAGE = DEMO_MODELS_DIR / "radiomics-kras-crc-demo"
 

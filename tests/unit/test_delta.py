@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.imaging import LabelMask, find_lesions, load_ct_series, load_segmentation, volume_from_image
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.radiomics.delta import (
     FEATURE_NAMES,
     RESPONSE_PARAMS,
@@ -24,7 +25,6 @@ from inference.radiomics.delta import (
     log_settings,
     patient_features,
 )
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 
 
 @pytest.fixture(scope="module")

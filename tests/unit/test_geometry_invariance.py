@@ -27,8 +27,8 @@ from pydicom.valuerep import DS
 
 from inference.imaging.masks import SegmentationError, load_segmentation
 from inference.imaging.volume import load_ct_series
+from inference.phantom import PhantomStudy, generate_study
 from inference.radiomics.cli import radiomics_report
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 ALL_CLASSES = {
     "setting": {"binWidth": 25, "label": 1, "minimumROIDimensions": 2},

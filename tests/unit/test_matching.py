@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from inference.imaging import CTVolume, Lesion, find_lesions, load_ct_series, load_segmentation, volume_from_image
 from inference.imaging.masks import LabelMask
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.response.matching import Alignment, align, match_lesions, register_rigid
 from inference.results import SegmentationSource
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 
 SOURCE = SegmentationSource("seg", "1.2.3", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.4", 1, "Liver lesions")
 

@@ -17,6 +17,7 @@ from dicom_sr.text import render_sr_text
 from inference.imaging.lesions import key_outline_px
 from inference.imaging.roi import m1_input, m3_input
 from inference.models import Covariates
+from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines import MODEL_METHODS, PIPELINES
 from inference.pipelines.m2_egfr_kras import covariates_from_header
 from inference.pipelines.m3_ras import lesion_means
@@ -38,7 +39,6 @@ from inference.results import StudyResult
 from pacs_agent.cli import main
 from pacs_agent.config import DEMO_MODELS_DIR, KNOWN_METHODS, load_settings, settings_from_mapping
 from pacs_agent.errors import ConfigError, InputError
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.model_packages import LABELS, write_test_package
 
 RESULT_KINDS = {"m1": "KRAS", "m2": "EGFR/KRAS", "m3": "RAS", "m4": "Deep-RadScore"}

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
-from pacs_agent.phantom import (
+from inference.phantom import (
     SUPPORTED_TRANSFER_SYNTAXES,
     PhantomStudy,
     generate_follow_up,
@@ -22,7 +22,7 @@ from pacs_agent.phantom import (
     label_volume,
     main,
 )
-from pacs_agent.phantom.anatomy import FAT_HU, LIVER, LIVER_HU, Anatomy
+from inference.phantom.anatomy import FAT_HU, LIVER, LIVER_HU, Anatomy
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 

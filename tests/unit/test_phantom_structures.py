@@ -12,10 +12,10 @@ import pytest
 
 from inference.imaging.masks import load_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
-from pacs_agent.phantom import PhantomStructure, PhantomStudy, generate_follow_up, generate_study, label_volume, main
-from pacs_agent.phantom.anatomy import Anatomy, PhantomGeometry
-from pacs_agent.phantom.segmentation import write_rtstruct_structures, write_seg_structures
-from pacs_agent.phantom.structures import StructureMask, clinical_structures
+from inference.phantom import PhantomStructure, PhantomStudy, generate_follow_up, generate_study, label_volume, main
+from inference.phantom.anatomy import Anatomy, PhantomGeometry
+from inference.phantom.segmentation import write_rtstruct_structures, write_seg_structures
+from inference.phantom.structures import StructureMask, clinical_structures
 from tests.unit.test_phantom import dciodvfy_errors
 
 SMALL = {"seed": 0, "slices": 24, "rows": 64, "columns": 64}

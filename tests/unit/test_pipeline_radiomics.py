@@ -9,11 +9,11 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from inference.imaging.masks import segmentation_phase
+from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines import PIPELINES
 from inference.pipelines.radiomics import run_radiomics
 from pacs_agent.config import KNOWN_METHODS
 from pacs_agent.errors import InputError
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from inference.imaging.volume import load_ct_series
+from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.cli import main
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 
 @pytest.fixture(scope="module")

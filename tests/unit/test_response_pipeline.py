@@ -13,6 +13,8 @@ from pydicom.pixels import pack_bits
 from pydicom.uid import generate_uid
 
 from inference.imaging import load_ct_series, load_segmentation
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
+from inference.phantom.segmentation import write_seg
 from inference.pipelines.response import NoLesionError, run_response
 from inference.radiomics.delta import FEATURE_NAMES, FeatureDeltas, feature_delta
 from inference.response import ResponseResult
@@ -27,8 +29,6 @@ from inference.response.signature import (
     write_signature_package,
 )
 from pacs_agent.errors import InputError, ModelPackageError
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
-from pacs_agent.phantom.segmentation import write_seg
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from PIL import Image
 from dicom_sr.render import CONTOUR, DEMO_RED, HEADER_GREY, HEADER_HEIGHT
 from dicom_sr.response_sc import PANEL_LEFT, PANEL_SIZE, PANEL_TOP, build_response_capture, key_lesions
 from dicom_sr.sr import write_dataset
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.pipelines.response import run_response
 from inference.response import ResponseResult
 from inference.response.signature import load_signature
 from inference.results import AlgorithmInfo, KeyImage
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.unit.response_helpers import DEMO_PACKAGE, dciodvfy, find_key_image, green_box
 
 WHEN = datetime.datetime(2025, 3, 4, 10, 30, 15)

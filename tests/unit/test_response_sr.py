@@ -25,12 +25,12 @@ from dicom_sr.response_sr import (
 )
 from dicom_sr.sr import write_dataset
 from dicom_sr.text import render_sr_text
+from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.pipelines.response import run_response
 from inference.radiomics.delta import FEATURE_NAMES
 from inference.response import ResponseResult
 from inference.response.signature import load_signature
 from inference.results import DEMO_WARNING
-from pacs_agent.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.unit.response_helpers import (
     DEMO_PACKAGE,
     Evidence,

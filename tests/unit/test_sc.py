@@ -1,6 +1,6 @@
 """Secondary Capture pages (dicom_sr.sc, dicom_sr.render): pixels, linkage, UIDs, dciodvfy.
 
-Input is a small synthetic phantom (pacs_agent.phantom): exact masks, a real CT header. Example PNGs
+Input is a small synthetic phantom (inference.phantom): exact masks, a real CT header. Example PNGs
 are written to the test's tmp dir, and also to $PACS_AGENT_SC_EXAMPLES when that is set (the README
 example: ``PACS_AGENT_SC_EXAMPLES=docs/img pytest tests/unit/test_sc.py -k examples``).
 """
@@ -47,8 +47,8 @@ from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import find_lesions
 from inference.imaging.masks import load_segmentation
 from inference.imaging.volume import CTVolume, load_ct_series
+from inference.phantom import PhantomStudy, generate_study
 from inference.results import AlgorithmInfo, FeatureValue, LesionResult, StudyResult
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 WHEN = datetime.datetime(2025, 3, 4, 10, 30, 15)
 DEMO = AlgorithmInfo("kras-resnet2d", "0.1.0", "DEMO", "ab" * 32, "demonstration only")

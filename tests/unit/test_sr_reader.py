@@ -22,9 +22,9 @@ from dicom_sr.reader import read_measurement_report, read_predictions
 from dicom_sr.sr import build_measurement_report, write_dataset
 from dicom_sr.templates import Prediction
 from inference.imaging.lesions import key_outline_px
+from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines.radiomics import run_radiomics
 from inference.results import AlgorithmInfo, PipelineOutput, StudyResult
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines.radiomics import run_radiomics
 from inference.pipelines.study import forget_loaded_study, load_study
 from inference.structures import (
@@ -23,7 +24,6 @@ from inference.structures import (
 )
 from pacs_agent.config import settings_from_mapping
 from pacs_agent.errors import ConfigError, InputError
-from pacs_agent.phantom import PhantomStudy, generate_study
 from tests.conftest import shared_data
 
 RULES = StructureRules()

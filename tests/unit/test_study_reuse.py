@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines.study import forget_loaded_study, load_study
 from pacs_agent.errors import InputError
-from pacs_agent.phantom import PhantomStudy, generate_study
 
 
 @pytest.fixture(scope="module")

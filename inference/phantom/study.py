@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from pacs_agent.phantom.anatomy import (
+from inference.phantom.anatomy import (
     TEXTURES,
     Anatomy,
     Ellipsoid,
@@ -24,10 +24,10 @@ from pacs_agent.phantom.anatomy import (
     rasterise_mask,
     texture_values,
 )
-from pacs_agent.phantom.ct import SUPPORTED_TRANSFER_SYNTAXES, SeriesInfo, ct_dataset, to_stored, write_instance
-from pacs_agent.phantom.lesions import place_lesions, scaled_to_volume
-from pacs_agent.phantom.segmentation import write_rtstruct_structures, write_seg_structures
-from pacs_agent.phantom.structures import PhantomStructure, StructureKind, StructureRole, file_structures
+from inference.phantom.ct import SUPPORTED_TRANSFER_SYNTAXES, SeriesInfo, ct_dataset, to_stored, write_instance
+from inference.phantom.lesions import place_lesions, scaled_to_volume
+from inference.phantom.segmentation import write_rtstruct_structures, write_seg_structures
+from inference.phantom.structures import PhantomStructure, StructureKind, StructureRole, file_structures
 
 Segmentation = Literal["seg", "rtstruct", "both", "none"]
 FIELD_OF_VIEW_MM = 400.0

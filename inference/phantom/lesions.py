@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from pacs_agent.phantom.anatomy import (
+from inference.phantom.anatomy import (
     Anatomy,
     Ellipsoid,
     PhantomGeometry,

@@ -19,9 +19,9 @@ from pydicom.uid import (
 )
 from skimage import measure
 
-from pacs_agent.phantom.anatomy import PhantomGeometry
-from pacs_agent.phantom.ct import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, SeriesInfo, add_patient_and_study
-from pacs_agent.phantom.structures import ROI_NAME, SEG_LABEL, StructureMask, lesion_structures
+from inference.phantom.anatomy import PhantomGeometry
+from inference.phantom.ct import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, SeriesInfo, add_patient_and_study
+from inference.phantom.structures import ROI_NAME, SEG_LABEL, StructureMask, lesion_structures
 
 __all__ = [
     "ROI_NAME",

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pacs_agent.phantom.study import PhantomStudy, generate_follow_up, generate_study
+from inference.phantom.study import PhantomStudy, generate_follow_up, generate_study
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """What the segmentation objects of a phantom study hold: the lesions, and optionally organs and target volumes.
 
-The writers in :mod:`pacs_agent.phantom.segmentation` write one segment / ROI per :class:`StructureMask`, numbered
+The writers in :mod:`inference.phantom.segmentation` write one segment / ROI per :class:`StructureMask`, numbered
 from 1 in list order; :class:`PhantomStructure` tells a reader of the files what each number is (pure numpy, no
 pydicom here: codes are ``(value, scheme, meaning)`` tuples).
 """
@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from pacs_agent.phantom.anatomy import LIVER, OUTSIDE, SPLEEN, Anatomy, PhantomGeometry
+from inference.phantom.anatomy import LIVER, OUTSIDE, SPLEEN, Anatomy, PhantomGeometry
 
 StructureKind = Literal["seg", "rtstruct"]
 StructureRole = Literal["tumour", "organ", "other"]

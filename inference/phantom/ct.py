@@ -21,7 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from pacs_agent.phantom.anatomy import PhantomGeometry
+from inference.phantom.anatomy import PhantomGeometry
 
 #: Transfer syntaxes the phantom can write CT slices in. JPEG Lossless (Process 14, 1.2.840.10008.1.2.4.70)
 #: and the lossy ones are missing: pydicom has no encoder for the former, and lossy ones would not

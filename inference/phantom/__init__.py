@@ -5,11 +5,11 @@ arguments (UIDs included) and carries the ground truth of its lesions and of wha
 hold (``PhantomStudy.structures``), so readers can be checked against what was planted.
 """
 
-from pacs_agent.phantom.anatomy import PhantomGeometry
-from pacs_agent.phantom.cli import main
-from pacs_agent.phantom.ct import SERIES_DESCRIPTION, SUPPORTED_TRANSFER_SYNTAXES
-from pacs_agent.phantom.structures import PhantomStructure
-from pacs_agent.phantom.study import (
+from inference.phantom.anatomy import PhantomGeometry
+from inference.phantom.cli import main
+from inference.phantom.ct import SERIES_DESCRIPTION, SUPPORTED_TRANSFER_SYNTAXES
+from inference.phantom.structures import PhantomStructure
+from inference.phantom.study import (
     PhantomLesion,
     PhantomOptions,
     PhantomStudy,
