@@ -24,20 +24,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+from inference.methods import METHODS
+
 __all__ = ["DEMO_SUFFIX", "SERIES_NUMBERS", "series_description", "series_number"]
 
-SERIES_NUMBERS: dict[str, tuple[int, int]] = {
-    "radiomics": (901, 911),
-    "m1": (902, 912),
-    "m2": (903, 913),
-    "m3": (904, 914),
-    "m4": (905, 915),
-    "comparator": (906, 916),
-    "response": (907, 917),
-}
-"""Method -> (SR series number, Secondary Capture series number)."""
+SERIES_NUMBERS: dict[str, tuple[int, int]] = {spec.name: spec.series for spec in METHODS}
+"""Method -> (SR series number, Secondary Capture series number): the registry's (:mod:`inference.methods`)."""
 DEFAULT_SERIES_NUMBERS = (900, 910)
-METHOD_TAGS = {"m1": "M1", "m2": "M2", "m3": "M3", "m4": "M4", "comparator": "RF", "response": "M5"}
+METHOD_TAGS = {spec.name: spec.tag for spec in METHODS if spec.tag}
 """The short name of a method in the description (radiomics has none: "AI Radiomics" says it)."""
 DEMO_SUFFIX = " - DEMO, not for clinical use"
 _LO = 64

@@ -21,18 +21,19 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inference.methods import method_names
 from inference.structures import StructureRules
 from pacs_agent.errors import ConfigError
 from pacs_agent.routing.methods import DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PATTERNS
 from pacs_agent.routing.phase import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_PORTAL_VENOUS_PATTERNS, PhaseRules
 
 ENV_PREFIX = "PACS_AGENT__"
-KNOWN_METHODS = ("radiomics", "m1", "m2", "m3", "m4", "comparator")
-"""Methods a job can run (``[jobs] methods``); each has a pipeline in ``inference.pipelines``.
-``m1`` .. ``m4`` run a model from an installed model package (``[models]``)."""
+KNOWN_METHODS = method_names(pair=False)
+"""Methods a job can run on one study (``[jobs] methods``): the registry's (:mod:`inference.methods`).
+``m1`` .. ``m4`` and the comparator run a model from an installed model package (``[models]``)."""
 DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "config" / "models"
 """The committed demo model packages (DEMO - NOT FOR CLINICAL USE), used when ``[models] use_demo``."""
-PAIR_METHODS = ("response",)
+PAIR_METHODS = method_names(pair=True)
 """Methods that run on a pair of studies (baseline + follow-up) once the pair is found."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 

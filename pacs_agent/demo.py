@@ -9,6 +9,7 @@ Captures as PNG, 7. stop everything.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from inference.methods import method_names
 from pacs_agent.config import Destination
 from pacs_agent.db import Database
 from pacs_agent.models import Delivery, Job
@@ -105,7 +107,7 @@ def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalRe
                 "quiet_seconds = 2",
                 "[jobs]",
                 "# every method; routing skips the chest models (m2, m4) on this abdominal study",
-                'methods = ["radiomics", "m1", "m2", "m3", "m4", "comparator"]',
+                f"methods = {json.dumps(list(method_names(pair=False)))}",
                 "[models]",
                 "use_demo = true  # the committed DEMO packages: NOT FOR CLINICAL USE",
                 "[delivery]",

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import InputError, ModelPackageError
+from inference.methods import METHODS
 from inference.pipelines.study import LoadedStudy, key_image, lesion_result
 from inference.registry import MANIFEST, ModelPackage, list_packages, load_package
 from inference.registry.files import open_source
@@ -74,14 +75,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_METHODS = ("m1", "m2", "m3", "m4")
+MODEL_METHODS = tuple(spec.name for spec in METHODS if spec.network)
 """The CNN methods (a network from a model package, with Grad-CAM)."""
 
-PACKAGED_METHODS = (*MODEL_METHODS, "comparator")
-"""Every method whose pipeline needs a model package (the worker passes ``model=``)."""
+PACKAGED_METHODS = tuple(spec.name for spec in METHODS if spec.package_required and not spec.pair)
+"""Every single-study method whose pipeline needs a model package (the worker passes ``model=``)."""
 
-PACKAGE_METHODS = {"comparator": "radiomics"}
-"""Method -> the ``method`` its model packages declare, where the two names differ."""
+PACKAGE_METHODS = {spec.name: spec.package for spec in METHODS if spec.package and spec.package != spec.name}
+"""Method -> the ``method`` its model packages declare, where the two names differ (the registry's)."""
 
 GENE_LABELS = frozenset(
     {"KRAS", "NRAS", "HRAS", "RAS", "BRAF", "PIK3CA", "PIK3CA+BRAF", "EGFR", "ALK", "TP53", "ROS1", "MET", "RET",

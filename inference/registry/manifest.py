@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, get_args
 
+from inference.methods import METHODS as REGISTRY
 from inference.registry.files import SKOPS_SUFFIX, TORCH_SUFFIXES, file_name_problem
 from inference.results import ValidationStatus
 
@@ -26,8 +27,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-NETWORK_METHODS = ("m1", "m2", "m3", "m4")
-SKLEARN_METHODS = ("radiomics", "response")
+NETWORK_METHODS = tuple(spec.package for spec in REGISTRY if spec.network and spec.package)
+"""Package methods whose weights are a torch network (the registry's M1-M4)."""
+SKLEARN_METHODS = tuple(dict.fromkeys(spec.package for spec in REGISTRY if spec.package and not spec.network))
+"""Package methods whose weights are a scikit-learn classifier (radiomics comparator, response)."""
 METHODS = NETWORK_METHODS + SKLEARN_METHODS
 VALIDATION_STATUSES: tuple[str, ...] = get_args(ValidationStatus)
 PRIMARY_ROLE = {**dict.fromkeys(NETWORK_METHODS, "model"), **dict.fromkeys(SKLEARN_METHODS, "classifier")}

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.errors import ConfigError
+from inference.methods import METHODS as REGISTRY
 from inference.training.augment import DEFAULT_AUGMENTATION, Augmentation
 from inference.training.phantom_data import PhantomCohortSpec
 
@@ -76,7 +77,8 @@ __all__ = [
     "load_train_config",
 ]
 
-METHODS = ("m1", "m2", "m3", "m4", "radiomics")
+METHODS = tuple(dict.fromkeys(spec.package for spec in REGISTRY if spec.package and not spec.pair))
+"""Package methods ``pacs-agent train`` trains (the registry's; the response score has its own command)."""
 
 _PAPER_TRAINING: dict[str, dict[str, Any]] = {
     "m1": {"optimizer": "adam", "lr": 1e-3, "batch_size": 40, "balance": "sampler"},

@@ -14,13 +14,15 @@ from pydicom import Dataset, dcmread
 
 from dicom_sr.sc import build_lesion_capture, build_summary_capture
 from dicom_sr.sr import build_measurement_report
-from inference.pipelines import PACKAGED_METHODS, PIPELINES
+from inference.methods import UnknownMethodError, method_spec
+from inference.pipelines import PIPELINES
 from inference.pipelines.model_methods import installed_package
 from inference.results import PipelineOutput, StudyResult
 from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
+from pacs_agent.jobs.execute_response import run_response_job
 from pacs_agent.jobs.files import JobInputs, record_results, record_source_warnings, resolve_inputs
 from pacs_agent.jobs.queue import ClaimedJob
 
@@ -88,15 +90,15 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
         Unknown method, inputs the pipeline rejects (bad geometry, empty mask, ...), or a model
         method without a usable model package in ``Settings.model_dirs``.
     """
-    if job.method == "response":  # a pair of studies (M5): baseline + follow-up
-        from pacs_agent.jobs.execute_response import run_response_job
-
+    try:
+        spec = method_spec(job.method)
+    except UnknownMethodError as exc:
+        raise InputError(str(exc)) from None
+    if spec.pair:  # a baseline + follow-up pair (M5)
         return run_response_job(job, settings, db)
-    pipeline = PIPELINES.get(job.method)
-    if pipeline is None:
-        raise InputError(f"unknown method {job.method!r}; known: {', '.join(sorted(PIPELINES))}")
+    pipeline = PIPELINES[spec.name]
     options: dict[str, object] = {}
-    if job.method in PACKAGED_METHODS:  # verified and loaded once per worker process, then cached
+    if spec.package_required:  # verified and loaded once per worker process, then cached
         options["model"] = installed_package(job.method, settings.model_dirs)
     structures = job.inputs.get("structures")
     if structures:  # routing's choice of tumour / organ structures (jobs scheduled before 0.2 have none)

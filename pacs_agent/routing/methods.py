@@ -14,13 +14,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-DEFAULT_METHOD_REGIONS: dict[str, str] = {
-    "m1": "abdomen",
-    "m3": "abdomen",
-    "comparator": "abdomen",
-    "m2": "chest",
-    "m4": "chest",
-}
+from inference.methods import METHODS
+
+DEFAULT_METHOD_REGIONS: dict[str, str] = {spec.name: spec.region for spec in METHODS if spec.region}
+"""Method -> the body region it was trained on, from the registry (:mod:`inference.methods`)."""
 DEFAULT_REGION_PATTERNS: dict[str, tuple[str, ...]] = {
     "abdomen": ("abdom", "liver", "hepat", "colo", "rect", "pelvi", r"\bABD\b"),
     "chest": ("chest", "thora", "lung", "pulmo", r"\bTHX\b"),

@@ -21,6 +21,7 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from inference.methods import pair_method
 from inference.structures import StructureSelection
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
@@ -29,7 +30,8 @@ from pacs_agent.models import Job, Pairing, Study, utcnow
 
 logger = logging.getLogger(__name__)
 
-RESPONSE_METHOD = "response"
+RESPONSE_METHOD = pair_method()
+"""The method run on a baseline + follow-up pair (from the registry)."""
 OPEN_STATES = ("query", "retrieving", "none", "failed")
 
 

@@ -21,6 +21,7 @@ LIGHT_INFERENCE = (
     "inference",
     "inference.errors",
     "inference.version",
+    "inference.methods",
     "inference.uids",
     "inference.results",
     "inference.structures",
@@ -160,3 +161,25 @@ def test_the_receiving_process_never_imports_torch(tmp_path: Path) -> None:
     )
     loaded = loaded_after(code)
     assert "torch" not in loaded and "radiomics" not in loaded and "SimpleITK" not in loaded
+
+
+def test_the_method_registry_is_the_one_list_of_methods() -> None:
+    """Configuration, routing, pipelines and result series all read the registry (inference.methods)."""
+    from dicom_sr.series import SERIES_NUMBERS
+    from inference.methods import METHODS, method_names
+    from inference.pipelines import PIPELINES
+    from pacs_agent.config import KNOWN_METHODS, PAIR_METHODS
+    from pacs_agent.routing.methods import DEFAULT_METHOD_REGIONS
+    from pacs_agent.routing.pairing import RESPONSE_METHOD
+
+    assert set(KNOWN_METHODS) == set(PIPELINES) == set(method_names(pair=False))
+    assert PAIR_METHODS == (RESPONSE_METHOD,) == method_names(pair=True)
+    assert set(SERIES_NUMBERS) == {spec.name for spec in METHODS}
+    assert set(DEFAULT_METHOD_REGIONS) <= set(KNOWN_METHODS)
+    # no other module spells a method name as a string literal list (the registry's job)
+    literal = [
+        module
+        for module, path in modules().items()
+        if module != "inference.methods" and '"m1", "m2", "m3", "m4"' in path.read_text()
+    ]
+    assert literal == [], literal
