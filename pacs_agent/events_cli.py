@@ -24,7 +24,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pacs_agent.config import Settings
-from pacs_agent.errors import PacsAgentError
+from pacs_agent.errors import PacsAgentError  # noqa: F401 - callers catch it from here
+from pacs_agent.jobs.queue import RetryRefused, retry_job
+from pacs_agent.studies.store import retry_study
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -60,10 +62,6 @@ EVENT_KINDS = (
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-class RetryRefused(PacsAgentError):
-    """``retry`` cannot do what was asked (unknown id, job still running, ...); the message says why."""
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -186,96 +184,6 @@ def _record(session: Session, kind: str, **kwargs: Any) -> None:
     from pacs_agent.audit import record_event
 
     record_event(session, kind, log=False, **kwargs)
-
-
-def retry_job(session: Session, job_id: int, *, operator: str) -> str:
-    """Put a ``failed`` or ``dead`` job back to ``pending`` with its attempts reset (the caller commits).
-
-    Returns
-    -------
-    str
-        What was done, for the terminal.
-
-    Raises
-    ------
-    RetryRefused
-        Unknown job, or a job that is pending, running or done.
-    """
-    from pacs_agent.jobs.queue import DEAD, DONE, FAILED, PENDING
-    from pacs_agent.models import Job, Study, utcnow
-
-    job = session.get(Job, job_id)
-    if job is None:
-        raise RetryRefused(f"there is no job {job_id} (pacs-agent status lists the jobs of each study)")
-    study = session.get(Study, job.study_id)
-    assert study is not None
-    if job.state == DONE:
-        raise RetryRefused(
-            f"job {job_id} is done; to process the study again: pacs-agent retry --study {study.study_instance_uid}"
-        )
-    if job.state not in (FAILED, DEAD):
-        raise RetryRefused(f"job {job_id} is {job.state} already; nothing to retry")
-    was = f"{job.state} after {job.attempts} attempt(s)" + (f": {job.last_error}" if job.last_error else "")
-    now = utcnow()
-    job.state = PENDING
-    job.attempts = 0
-    job.not_before = now
-    job.worker_id = None
-    job.heartbeat_at = None
-    job.started_at = None
-    job.finished_at = None
-    job.last_error = None
-    study.state = "queued"
-    study.state_reason = None
-    _record(
-        session,
-        "job_retry_requested",
-        study_instance_uid=study.study_instance_uid,
-        job_id=job_id,
-        detail=f"by {operator}: {job.method} job was {was}; pending again with attempts reset",
-    )
-    return f"job {job_id} ({job.method}, study {study.study_instance_uid}) is pending again (was {was})"
-
-
-def retry_study(session: Session, study_instance_uid: str, *, operator: str) -> str:
-    """Have the receiver evaluate a study again at its next pass, which schedules new jobs.
-
-    Returns
-    -------
-    str
-        What was done, for the terminal.
-
-    Raises
-    ------
-    RetryRefused
-        Unknown study, or a study with a job pending or running (it would be processed twice).
-    """
-    from sqlalchemy import select
-
-    from pacs_agent.jobs.queue import PENDING, RUNNING
-    from pacs_agent.models import Job, Study
-
-    study = session.execute(select(Study).where(Study.study_instance_uid == study_instance_uid)).scalar_one_or_none()
-    if study is None:
-        raise RetryRefused(f"there is no study {study_instance_uid} (pacs-agent status lists the recent ones)")
-    active = session.execute(
-        select(Job.id, Job.state).where(Job.study_id == study.id, Job.state.in_([PENDING, RUNNING])).order_by(Job.id)
-    ).first()
-    if active is not None:
-        raise RetryRefused(f"job {active[0]} of this study is {active[1]}; wait until it ends, then retry")
-    previous = study.state
-    study.evaluated_at = None
-    study.state_reason = f"evaluation requested by {operator} (was {previous})"
-    _record(
-        session,
-        "study_retry_requested",
-        study_instance_uid=study.study_instance_uid,
-        detail=f"by {operator}: evaluate again (was {previous}); new jobs follow when it is ready",
-    )
-    return (
-        f"study {study_instance_uid} (was {previous}) will be evaluated again within seconds by the running "
-        "receiver (pacs-agent scp/serve); follow it with pacs-agent status"
-    )
 
 
 def add_parsers(

@@ -17,12 +17,12 @@ from sqlalchemy import case, extract, func, select
 from sqlalchemy.engine import Connection
 
 from pacs_agent.config import Destination
-from pacs_agent.models import Delivery, Event, Instance, Job, Study
+from pacs_agent.models import Delivery, DeliveryState, Event, Instance, Job, JobState, Study, StudyState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STUDY_STATES = ("receiving", "incomplete", "queued", "processing", "done", "failed")
-JOB_STATES = ("pending", "running", "done", "failed", "dead")
-DELIVERY_STATES = ("pending", "done", "dead")
+STUDY_STATES = tuple(state.value for state in StudyState)
+JOB_STATES = tuple(state.value for state in JobState)
+DELIVERY_STATES = tuple(state.value for state in DeliveryState)
 DURATION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 """Upper bounds (seconds) of the job duration histogram."""
 DELIVERY_EVENTS = ("delivered", "delivery_retry", "delivery_dead")

@@ -7,6 +7,7 @@ single description of it. Times are timezone-aware UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -49,6 +50,51 @@ class UTCDateTime(TypeDecorator[datetime]):
 def utcnow() -> datetime:
     """Return the current time as aware UTC."""
     return datetime.now(UTC)
+
+
+class StudyState(StrEnum):
+    """``studies.state``; the transitions live in ``studies/`` (readiness, scheduler) and ``jobs/queue.py``."""
+
+    RECEIVING = "receiving"
+    """Instances arriving, or the quiet period running."""
+    INCOMPLETE = "incomplete"
+    """Quiet, but nothing can be processed (``state_reason`` says why)."""
+    QUEUED = "queued"
+    """A job is scheduled (or the study waits for its baseline)."""
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    """``jobs.state``; the transitions live in ``jobs/queue.py``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    """The input cannot be processed (not retried automatically)."""
+    DEAD = "dead"
+    """Crashed ``max_attempts`` times."""
+
+
+class DeliveryState(StrEnum):
+    """``deliveries.state``; the transitions live in ``send/outbox.py``."""
+
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+    """Given up after ``[delivery] max_age_hours`` (``pacs-agent send retry`` requeues it)."""
+
+
+class PairingState(StrEnum):
+    """``pairings.state``; the transitions live in ``routing/pairing.py`` and ``routing/agent.py``."""
+
+    QUERY = "query"
+    RETRIEVING = "retrieving"
+    PAIRED = "paired"
+    NONE = "none"
+    FAILED = "failed"
 
 
 class Base(DeclarativeBase):

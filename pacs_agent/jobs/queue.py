@@ -18,9 +18,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_agent.audit import record_event
-from pacs_agent.models import Job, Study, utcnow
+from pacs_agent.errors import PacsAgentError
+from pacs_agent.models import Job, JobState, Study, StudyState, utcnow
 
-PENDING, RUNNING, DONE, FAILED, DEAD = "pending", "running", "done", "failed", "dead"
+PENDING, RUNNING, DONE, FAILED, DEAD = JobState.PENDING, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.DEAD
 
 
 def worker_identity() -> str:
@@ -90,7 +91,7 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
     assert job is not None
     study = session.get(Study, job.study_id)
     assert study is not None
-    study.state = "processing"
+    study.state = StudyState.PROCESSING
     record_event(
         session,
         "job_started",
@@ -180,7 +181,7 @@ def fail(
     if job.state in (FAILED, DEAD):
         _finish_study(session, job, "failed", error)
     else:
-        study.state = "queued"
+        study.state = StudyState.QUEUED
     record_event(
         session,
         f"job_{job.state}" if job.state != PENDING else "job_retry",
@@ -228,3 +229,54 @@ def requeue_stale(session: Session, lease_seconds: float, now: datetime | None =
         )
         count += 1
     return count
+
+
+class RetryRefused(PacsAgentError):
+    """``retry`` cannot do what was asked (unknown id, job still running, ...); the message says why."""
+
+
+def retry_job(session: Session, job_id: int, *, operator: str) -> str:
+    """Put a ``failed`` or ``dead`` job back to ``pending`` with its attempts reset (the caller commits).
+
+    Returns
+    -------
+    str
+        What was done, for the terminal.
+
+    Raises
+    ------
+    RetryRefused
+        Unknown job, or a job that is pending, running or done.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise RetryRefused(f"there is no job {job_id} (pacs-agent status lists the jobs of each study)")
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    if job.state == DONE:
+        raise RetryRefused(
+            f"job {job_id} is done; to process the study again: pacs-agent retry --study {study.study_instance_uid}"
+        )
+    if job.state not in (FAILED, DEAD):
+        raise RetryRefused(f"job {job_id} is {job.state} already; nothing to retry")
+    was = f"{job.state} after {job.attempts} attempt(s)" + (f": {job.last_error}" if job.last_error else "")
+    now = utcnow()
+    job.state = PENDING
+    job.attempts = 0
+    job.not_before = now
+    job.worker_id = None
+    job.heartbeat_at = None
+    job.started_at = None
+    job.finished_at = None
+    job.last_error = None
+    study.state = StudyState.QUEUED
+    study.state_reason = None
+    record_event(
+        session,
+        "job_retry_requested",
+        study_instance_uid=study.study_instance_uid,
+        job_id=job_id,
+        detail=f"by {operator}: {job.method} job was {was}; pending again with attempts reset",
+        log=False,
+    )
+    return f"job {job_id} ({job.method}, study {study.study_instance_uid}) is pending again (was {was})"

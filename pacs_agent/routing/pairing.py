@@ -26,7 +26,7 @@ from inference.structures import StructureSelection
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Job, Pairing, Study, utcnow
+from pacs_agent.models import Job, Pairing, PairingState, Study, StudyState, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -218,13 +218,13 @@ def schedule_response(session: Session, pairing: Pairing, followup: Study, basel
     }
     job = schedule_job(session, followup.id, RESPONSE_METHOD, inputs, settings.jobs.max_attempts)
     if followup.state in ("done", "failed", "incomplete", "receiving"):
-        followup.state = "queued"
+        followup.state = StudyState.QUEUED
     if (
         baseline.state in ("queued", "done")
         and not session.execute(select(Job.id).where(Job.study_id == baseline.id)).first()
     ):
         # a study that is only a baseline: say what it is for instead of leaving it queued
-        baseline.state = "done"
+        baseline.state = StudyState.DONE
         baseline.state_reason = f"used as baseline for {followup.study_instance_uid} (response method)"
     record_event(
         session,
@@ -244,7 +244,9 @@ def pair_followup(session: Session, followup: Study, settings: Settings, now: da
     now = now or utcnow()
     pairing = session.execute(select(Pairing).where(Pairing.followup_study_id == followup.id)).scalar_one_or_none()
     if pairing is None:
-        pairing = Pairing(followup_study_id=followup.id, state="none", reason="", created_at=now, updated_at=now)
+        pairing = Pairing(
+            followup_study_id=followup.id, state=PairingState.NONE, reason="", created_at=now, updated_at=now
+        )
         session.add(pairing)
         session.flush()
     followup_date = parse_da(followup.study_date)

@@ -114,7 +114,8 @@ def retry_deliveries(
     from sqlalchemy import select
 
     from pacs_agent.audit import record_event
-    from pacs_agent.models import Delivery, Result, Study, utcnow
+    from pacs_agent.models import Delivery, DeliveryState, Result, Study, utcnow
+    from pacs_agent.send.outbox import requeue
 
     now = now or utcnow()
     report = RetryReport()
@@ -124,7 +125,7 @@ def retry_deliveries(
         .join(Study, Study.id == Result.study_id)
         .order_by(Delivery.id)
     )
-    query = query.where(Delivery.id.in_(list(ids)) if ids else Delivery.state == "dead")
+    query = query.where(Delivery.id.in_(list(ids)) if ids else Delivery.state == DeliveryState.DEAD)
     if destination is not None:
         query = query.where(Delivery.destination == destination)
     with db.session() as session, session.begin():
@@ -132,12 +133,11 @@ def retry_deliveries(
         found = {delivery.id for delivery, _ in rows}
         report.unknown = [i for i in ids if i not in found]
         for delivery, study_uid in rows:
-            if delivery.state == "done":
+            if delivery.state == DeliveryState.DONE:
                 report.skipped[delivery.id] = "already delivered"
                 continue
             was = delivery.state
-            delivery.state = "pending"
-            delivery.next_attempt_at = now
+            requeue(delivery, now)
             report.requeued.append(delivery.id)
             detail = f"{delivery.destination}: delivery {delivery.id} requeued (was {was}"
             detail += f" after {delivery.attempts} attempt(s)"

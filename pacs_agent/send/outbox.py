@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pacs_agent.audit import record_event
 from pacs_agent.config import DeliverySettings, Destination, Settings
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Result, Study, utcnow
+from pacs_agent.models import Delivery, DeliveryState, Result, Study, utcnow
 from pacs_agent.send.scu import store_files
 from pacs_agent.send.stow import stow_files
 
@@ -40,13 +40,19 @@ def enqueue(session: Session, result_id: int, destinations: Iterable[str]) -> No
             .values(
                 result_id=result_id,
                 destination=name,
-                state="pending",
+                state=DeliveryState.PENDING,
                 attempts=0,
                 created_at=now,
                 next_attempt_at=now,
             )
             .on_conflict_do_nothing()
         )
+
+
+def requeue(delivery: Delivery, now: datetime) -> None:
+    """Put a delivery back to ``pending``, due now (an operator's ``send retry``); the caller records why."""
+    delivery.state = DeliveryState.PENDING
+    delivery.next_attempt_at = now
 
 
 def backoff_seconds(attempts: int, policy: DeliverySettings) -> float:
@@ -104,7 +110,7 @@ class DestinationSender:
                 delivery.last_status = outcome.status
                 done_at = utcnow()
                 if outcome.ok:
-                    delivery.state = "done"
+                    delivery.state = DeliveryState.DONE
                     delivery.delivered_at = done_at
                     delivery.last_error = None
                     record_event(
@@ -120,7 +126,7 @@ class DestinationSender:
                 delivery.last_error = outcome.reason
                 too_old = done_at - delivery.created_at > timedelta(hours=policy.max_age_hours)
                 if too_old:
-                    delivery.state = "dead"
+                    delivery.state = DeliveryState.DEAD
                 else:
                     delay = backoff_seconds(delivery.attempts, policy)
                     delivery.next_attempt_at = done_at + timedelta(seconds=delay)

@@ -20,7 +20,7 @@ from inference.structures import SegmentationSummary, read_summary
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Instance, Job, Pairing, Series, Study, utcnow
+from pacs_agent.models import Instance, Job, Pairing, Series, Study, StudyState, utcnow
 from pacs_agent.receive.header import ENHANCED_CT_IMAGE, SEGMENTATION_SOP_CLASSES
 from pacs_agent.routing.methods import (
     DEFAULT_METHOD_REGIONS,
@@ -234,7 +234,7 @@ def run_once(
         study.series_notes = json.dumps([asdict(note) for note in decision.series_notes])
         _record_inputs(session, study, decision)
         if decision.state == "incomplete":
-            study.state = "incomplete"
+            study.state = StudyState.INCOMPLETE
             record_event(
                 session,
                 "study_incomplete",
@@ -243,7 +243,7 @@ def run_once(
                 detail=decision.reason,
             )
             continue
-        study.state = "queued"
+        study.state = StudyState.QUEUED
         study.ct_series_instance_uid = decision.ct_series_instance_uid
         study.segmentation_sop_instance_uid = decision.segmentation_sop_instance_uid
         inputs = {
@@ -300,7 +300,7 @@ def _settle_without_jobs(session: Session, study: Study, choice: MethodChoice) -
         why = f"nothing to run: response method: {pairing.reason}"
     else:
         why = "nothing to run"
-    study.state = "done"
+    study.state = StudyState.DONE
     study.state_reason = f"{study.state_reason}; {why}"
 
 

@@ -16,7 +16,9 @@ from sqlalchemy import Connection, Insert, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from pacs_agent.models import Instance, Series, Study, utcnow
+from pacs_agent.audit import record_event
+from pacs_agent.jobs.queue import RetryRefused
+from pacs_agent.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from pacs_agent.receive.header import InstanceHeader
 
 
@@ -69,7 +71,7 @@ _STUDY_RECEIVING = (
     .where(Study.id == bindparam("study_id"))
     .values(
         last_received_at=bindparam("now", type_=Study.__table__.c.last_received_at.type),
-        state="receiving",
+        state=StudyState.RECEIVING,
         state_reason=None,
     )
 )
@@ -150,7 +152,7 @@ def _study_and_series(session: Executor, header: InstanceHeader, now: datetime) 
             "study_date": header.study_date,
             "accession_number": header.accession_number,
             "study_description": header.study_description,
-            "state": "receiving",
+            "state": StudyState.RECEIVING,
             "first_received_at": now,
             "last_received_at": now,
         },
@@ -180,3 +182,42 @@ def _study_and_series(session: Executor, header: InstanceHeader, now: datetime) 
         select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
     ).scalar_one()
     return study_id, series_id
+
+
+def retry_study(session: Session, study_instance_uid: str, *, operator: str) -> str:
+    """Have the receiver evaluate a study again at its next pass, which schedules new jobs.
+
+    Returns
+    -------
+    str
+        What was done, for the terminal.
+
+    Raises
+    ------
+    RetryRefused
+        Unknown study, or a study with a job pending or running (it would be processed twice).
+    """
+    study = session.execute(select(Study).where(Study.study_instance_uid == study_instance_uid)).scalar_one_or_none()
+    if study is None:
+        raise RetryRefused(f"there is no study {study_instance_uid} (pacs-agent status lists the recent ones)")
+    active = session.execute(
+        select(Job.id, Job.state)
+        .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+        .order_by(Job.id)
+    ).first()
+    if active is not None:
+        raise RetryRefused(f"job {active[0]} of this study is {active[1]}; wait until it ends, then retry")
+    previous = study.state
+    study.evaluated_at = None
+    study.state_reason = f"evaluation requested by {operator} (was {previous})"
+    record_event(
+        session,
+        "study_retry_requested",
+        study_instance_uid=study.study_instance_uid,
+        detail=f"by {operator}: evaluate again (was {previous}); new jobs follow when it is ready",
+        log=False,
+    )
+    return (
+        f"study {study_instance_uid} (was {previous}) will be evaluated again within seconds by the running "
+        "receiver (pacs-agent scp/serve); follow it with pacs-agent status"
+    )

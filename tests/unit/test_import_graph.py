@@ -183,3 +183,21 @@ def test_the_method_registry_is_the_one_list_of_methods() -> None:
         if module != "inference.methods" and '"m1", "m2", "m3", "m4"' in path.read_text()
     ]
     assert literal == [], literal
+
+
+def test_states_are_written_through_their_enums() -> None:
+    """No module assigns a bare string to a state column: each table's states are one enum (pacs_agent.models)."""
+    bare = []
+    for module, path in modules().items():
+        if not module.startswith("pacs_agent"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and target.attr == "state":
+                        bare.append(f"{module}:{node.lineno}")
+    assert bare == []
