@@ -87,7 +87,7 @@ def test_demo_package_verifies_says_demo_and_learns_the_planted_labels(name, fre
 @pytest.mark.parametrize("name", [n for n in PACKAGES if not n.startswith("radiomics")])
 def test_worker_pipeline_gives_the_probabilities_training_evaluated(name, fresh_cohort):
     """The worker's method pipeline and the training evaluation agree on a study, lesion by lesion."""
-    from inference.pipelines import run_m1, run_m2, run_m3, run_m4
+    from inference.pipelines import PIPELINES
     from inference.training.datasets import index_studies
     from inference.training.predict import Predictor, caseset_for_package
 
@@ -99,7 +99,7 @@ def test_worker_pipeline_gives_the_probabilities_training_evaluated(name, fresh_
         cases.subset([i for i, c in enumerate(cases.cases) if c.study_uid == uid])
     )
     files = index_studies(cohort.studies_dir)[uid]
-    run = {"m1": run_m1, "m2": run_m2, "m3": run_m3, "m4": run_m4}[package.method]
+    run = PIPELINES[package.method]
     result = run(files.ct_files, files.segmentation, model=package, explain=False).result
     theirs = [[p.probability for p in result.predictions[lesion.tracking_uid]] for lesion in result.lesions]
     assert np.allclose(mine, theirs, atol=1e-6)
