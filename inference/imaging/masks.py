@@ -47,30 +47,25 @@ class EmptySegmentationError(SegmentationError):
     """Every requested segment / ROI is merely empty on this CT (nothing drawn): e.g. every lesion gone."""
 
 
-_EMPTY_PROBLEMS = ("is empty on this CT", "has no closed planar contour")
-
-
 @dataclass(frozen=True, eq=False)
 class LabelMask:
     """One segment (SEG) or ROI (RTSTRUCT) rasterised on the CT grid.
 
     ``mask`` is a bool (z, y, x) array with the shape of ``CTVolume.array``. When ``problem`` is
-    set the segment could not be used (the message says why) and ``mask`` is all False.
+    set the segment could not be used (the message says why) and ``mask`` is all False; ``empty``
+    says that the only problem is that nothing was drawn on this CT (no voxel, no closed contour),
+    e.g. every lesion gone at follow-up, as opposed to a segment that is broken.
     """
 
     source: SegmentationSource
     mask: np.ndarray
     problem: str | None = None
+    empty: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the mask is usable."""
         return self.problem is None
-
-    @property
-    def empty(self) -> bool:
-        """True when the only problem is that nothing was drawn (no voxel, no closed contour)."""
-        return self.problem is not None and self.problem.endswith(_EMPTY_PROBLEMS)
 
 
 def referenced_series_uids(ds: pydicom.Dataset) -> set[str]:
@@ -316,10 +311,11 @@ def _load_seg(
     out = []
     for n in sorted(labels):
         problem = problems.get(n)
-        if problem is None and not masks[n].any():
+        empty = problem is None and not masks[n].any()
+        if empty:
             problem = f"segment {n} ({labels[n]}) is empty on this CT"
         mask = masks[n] if problem is None else np.zeros(volume.shape, dtype=bool)
-        out.append(LabelMask(make_source(ds, "seg", n, labels[n]), mask, problem))
+        out.append(LabelMask(make_source(ds, "seg", n, labels[n]), mask, problem, empty))
     return out
 
 
@@ -385,23 +381,24 @@ def _load_rtstruct(ds: pydicom.Dataset, volume: CTVolume, wanted: frozenset[int]
             continue
         name = f"ROI {number} ({label})"
         roi_for = str(roi.get("ReferencedFrameOfReferenceUID", "") or volume.frame_of_reference_uid)
+        empty = False
         if roi_for != volume.frame_of_reference_uid:
             mask = _EMPTY
             problem: str | None = (
                 f"{name} is in frame of reference {roi_for}, not the CT's {volume.frame_of_reference_uid}"
             )
         else:
-            mask, problem = _rasterise_roi(contours_by_roi.get(number, []), volume, name)
+            mask, problem, empty = _rasterise_roi(contours_by_roi.get(number, []), volume, name)
             if problem is None and not mask.any():
-                problem = f"{name} is empty on this CT"
+                problem, empty = f"{name} is empty on this CT", True
         if problem is not None:
             mask = np.zeros(volume.shape, dtype=bool)
-        out.append(LabelMask(make_source(ds, "rtstruct", number, label), mask, problem))
+        out.append(LabelMask(make_source(ds, "rtstruct", number, label), mask, problem, empty))
     return sorted(out, key=lambda m: m.source.number)
 
 
-def _rasterise_roi(contours: list[pydicom.Dataset], volume: CTVolume, name: str) -> tuple[np.ndarray, str | None]:
-    """Fill the closed planar contours of one ROI on the CT grid.
+def _rasterise_roi(contours: list[pydicom.Dataset], volume: CTVolume, name: str) -> tuple[np.ndarray, str | None, bool]:
+    """Fill the closed planar contours of one ROI on the CT grid: (mask, problem, nothing drawn).
 
     Contours in one plane combine by the even-odd rule (holes, islands in holes). A contour off
     the slice planes goes to the nearest slice; contours of different planes that land on the
@@ -415,20 +412,20 @@ def _rasterise_roi(contours: list[pydicom.Dataset], volume: CTVolume, name: str)
         if kind == "POINT":
             continue
         if kind != "CLOSED_PLANAR":
-            return _EMPTY, f"{name} has a contour of type {kind}; only CLOSED_PLANAR contours describe a region"
+            return _EMPTY, f"{name} has a contour of type {kind}; only CLOSED_PLANAR contours describe a region", False
         points = _contour_points(c, name)
         if len(points) < 3:
             continue
         idx = volume.mm_to_index(points)
         z = idx[:, 2]
         if z.max() - z.min() > PLANAR_TOLERANCE:
-            return _EMPTY, f"{name} has a contour that is not parallel to the CT slices"
+            return _EMPTY, f"{name} has a contour that is not parallel to the CT slices", False
         k = int(np.round(z.mean()))
         if not 0 <= k < nz:
             at = float(points[0] @ volume.direction[:, 2])
-            return _EMPTY, f"{name} has a contour at {at:.2f} mm along the slice normal, outside the CT volume"
+            return _EMPTY, f"{name} has a contour at {at:.2f} mm along the slice normal, outside the CT volume", False
         if idx[:, 0].min() < -0.5 or idx[:, 0].max() > nx - 0.5 or idx[:, 1].min() < -0.5 or idx[:, 1].max() > ny - 0.5:
-            return _EMPTY, f"{name} has a contour that extends beyond the CT field of view"
+            return _EMPTY, f"{name} has a contour that extends beyond the CT field of view", False
         rr, cc = fill_polygon(idx[:, 1], idx[:, 0], shape=(ny, nx))
         same_plane = [f for zp, f in planes.setdefault(k, []) if abs(zp - z.mean()) <= PLANAR_TOLERANCE]
         if same_plane:
@@ -439,12 +436,12 @@ def _rasterise_roi(contours: list[pydicom.Dataset], volume: CTVolume, name: str)
             planes[k].append((float(z.mean()), fill))
         closed += 1
     if closed == 0:
-        return _EMPTY, f"{name} has no closed planar contour"
+        return _EMPTY, f"{name} has no closed planar contour", True
     mask = np.zeros(volume.shape, dtype=bool)
     for k, fills in planes.items():
         for _, fill in fills:
             mask[k] |= fill
-    return mask, None
+    return mask, None, False
 
 
 _EMPTY = np.zeros((0, 0, 0), dtype=bool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,9 @@ class CTVolume:
 
     ``image`` and ``array`` share the same buffer: ``array`` is a read-only (z, y, x) view of
     ``image``. Index ``k`` of ``sop_instance_uids`` / ``positions_mm`` is slice ``array[k]``.
+    ``headers`` are the headers (no pixel data) of the instances the volume was built from, in
+    the order the files were given: what a result's evidence and copied attributes need, so
+    nothing reads the files again (empty for a volume made without DICOM).
     """
 
     image: sitk.Image
@@ -56,6 +59,7 @@ class CTVolume:
     frame_of_reference_uid: str
     sop_instance_uids: tuple[str, ...]
     positions_mm: tuple[tuple[float, float, float], ...]
+    headers: tuple[pydicom.Dataset, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -330,8 +334,32 @@ def load_ct_series(
             raise VolumeError(f"{where}: SOP Instance {ds.get('SOPInstanceUID')} has no pixel data")
     study_uid = _one_value(datasets, "StudyInstanceUID", "Study Instance UID")
     for_uid = _one_value(datasets, "FrameOfReferenceUID", "Frame of Reference UID")
+    headers = tuple(header_of(ds) for ds in datasets)
     slices = [s for ds in datasets for s in _slices(ds, where)]
-    return _stack(slices, where, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid)
+    volume = _stack(slices, where, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid)
+    return replace(volume, headers=headers)
+
+
+def header_of(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` up to its pixel data, as ``dcmread(..., stop_before_pixels=True)`` would return it.
+
+    The element objects are shared, not copied (cheap; the loader clears each file's dataset once
+    its pixels are in the volume, which does not touch this copy). A file's dataset stays a
+    ``FileDataset`` with its file meta, from which deferred values are read.
+    """
+    elements = {tag: element for tag, element in ds.items() if tag < _PIXEL_DATA}
+    implicit, little = ds.original_encoding
+    if isinstance(ds, pydicom.FileDataset):
+        header: pydicom.Dataset = pydicom.FileDataset(
+            ds.filename or "", elements, ds.preamble, ds.file_meta, implicit is not False, little is not False
+        )
+    else:
+        header = pydicom.Dataset(elements)
+    header.set_original_encoding(implicit, little, ds.original_character_set)
+    return header
+
+
+_PIXEL_DATA = pydicom.tag.Tag(0x7FE0, 0x0010)
 
 
 def _read(path: Path, *, headers_only: bool = False) -> pydicom.Dataset:

@@ -15,7 +15,7 @@ from pathlib import Path
 from inference.comparator import RadiomicsComparator, radiomics_params
 from inference.errors import InputError
 from inference.pipelines.model_methods import assemble, resolve_package
-from inference.pipelines.study import load_study
+from inference.pipelines.study import LoadedStudy, load_study
 from inference.radiomics.features import compute_features
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
@@ -35,6 +35,7 @@ def run_comparator(
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
     structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Predict the package's label per lesion from radiomic features.
 
@@ -48,6 +49,8 @@ def run_comparator(
         Put the strongest feature contributions of each lesion into the provenance.
     structures
         Which segments / ROIs are tumours (routing's choice); None: the default rules.
+    study
+        The study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Raises
     ------
@@ -60,7 +63,7 @@ def run_comparator(
         params = radiomics_params(str(package.input_spec["radiomics_settings"]))
     except (KeyError, ValueError) as exc:
         raise InputError(f"model package {package.name}: not a usable radiomics comparator ({exc})") from exc
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     features = [compute_features(study.volume, item.lesion.mask, params=params).features for item in study.lesions]
     try:
         probabilities = comparator.predict_proba(features)

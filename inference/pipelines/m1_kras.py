@@ -45,6 +45,7 @@ def run_m1(
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
     structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Predict KRAS status per lesion with an M1 model package.
 
@@ -60,6 +61,8 @@ def run_m1(
         Compute Grad-CAM heat maps for the Secondary Captures.
     structures
         Which segments / ROIs are tumours (routing's choice); None: the default rules.
+    study
+        The study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Returns
     -------
@@ -73,7 +76,7 @@ def run_m1(
         (:class:`~inference.pipelines.model_methods.ModelUnavailableError`).
     """
     package = resolve_package(model, METHOD)
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     margin_px = spec_value(package, "margin_px", 20, int)
     square = spec_value(package, "square", False, bool)

@@ -107,6 +107,7 @@ def run_m2(
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
     structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Predict EGFR and KRAS status per nodule with an M2 model package.
 
@@ -122,6 +123,8 @@ def run_m2(
         Compute Grad-CAM heat maps (axial view) for the Secondary Captures.
     structures
         Which segments / ROIs are tumours (routing's choice); None: the default rules.
+    study
+        The study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Returns
     -------
@@ -144,7 +147,7 @@ def run_m2(
     cube_mm = spec_value(package, "cube_mm", 64.0)
     spacing_mm = spec_value(package, "spacing_mm", 1.0)
     order = spec_value(package, "order", 3, int)
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     covariates = covariates_from_header(dcmread(ct_paths[0], stop_before_pixels=True))
     inputs = [
         m2_input(

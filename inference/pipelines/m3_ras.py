@@ -48,6 +48,7 @@ def run_m3(
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
     structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Predict RAS-family mutation status per lesion with an M3 model package.
 
@@ -63,6 +64,8 @@ def run_m3(
         Compute Grad-CAM heat maps for the Secondary Captures.
     structures
         Which segments / ROIs are tumours (routing's choice); None: the default rules.
+    study
+        The study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Returns
     -------
@@ -76,7 +79,7 @@ def run_m3(
         Unusable CT or segmentation, no lesion, or a package that fails verification.
     """
     package = resolve_package(model, METHOD)
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     options = {
         "area_fraction": spec_value(package, "area_fraction", 0.4),

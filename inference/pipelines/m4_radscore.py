@@ -103,6 +103,7 @@ def run_m4(
     model: ModelPackage | str | os.PathLike[str],
     explain: bool = True,
     structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Predict the package's endpoints per lesion with an M4 (Deep-RadScore) model package.
 
@@ -118,6 +119,8 @@ def run_m4(
         Compute Grad-CAM heat maps for the Secondary Captures.
     structures
         Which segments / ROIs are tumours (routing's choice); None: the default rules.
+    study
+        The study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Returns
     -------
@@ -139,7 +142,7 @@ def run_m4(
             f"model package {package.name}: the network fuses {network.radscores} RadScores but the package "
             "defines none ([input.radscore.tumour] and [input.radscore.peritumoral])"
         )
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
     ring_mm = spec_value(package, "ring_mm", 3.0)
     inputs = [

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from inference.pipelines.study import key_image, lesion_result, load_study
+from inference.pipelines.study import LoadedStudy, key_image, lesion_result, load_study
 from inference.radiomics.features import compute_features, feature_unit
 from inference.results import AlgorithmInfo, FeatureValue, KeyImage, LesionResult, PipelineOutput, StudyResult
 from inference.structures import StructureSelection
@@ -36,11 +36,16 @@ INTENDED_USE = (
 
 
 def run_radiomics(
-    ct_paths: Sequence[Path], segmentation_path: Path, *, structures: StructureSelection | None = None
+    ct_paths: Sequence[Path],
+    segmentation_path: Path,
+    *,
+    structures: StructureSelection | None = None,
+    study: LoadedStudy | None = None,
 ) -> PipelineOutput:
     """Compute per-lesion radiomics for one CT series and one segmentation object.
 
     ``structures`` says which segments / ROIs are tumours (routing's choice); None: the default rules.
+    ``study`` is the study as the worker's loader already loaded it (read-only); None: loaded here.
 
     Raises
     ------
@@ -48,7 +53,7 @@ def run_radiomics(
         The CT cannot be assembled into a volume, the segmentation does not fit it, or no
         lesion remains after the minimum-volume filter.
     """
-    study = load_study(ct_paths, segmentation_path, structures)
+    study = study or load_study(ct_paths, segmentation_path, structures)
     volume = study.volume
     lesions: list[LesionResult] = []
     key_images: dict[str, KeyImage] = {}

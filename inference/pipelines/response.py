@@ -2,8 +2,7 @@
 
 Data flow::
 
-    both CT series  -> volumes                    (inference.imaging.load_ct_series)
-    both SEG/RTSTRUCT -> masks -> lesions         (load_segmentation, find_lesions)
+    both CT + SEG/RTSTRUCT -> volumes, masks, lesions   (inference.pipelines.study, as every method)
     each lesion     -> SI4, LoG z/x entropy, NGTDM contrast   (inference.radiomics.delta)
     the two CTs     -> alignment -> lesion pairs, new, disappeared   (inference.response.matching)
     each time point -> volume-weighted patient features -> deltas
@@ -27,18 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
 
 from inference.errors import InputError
-from inference.imaging.lesions import Lesion, find_lesions, key_outline_px, outline_mm
-from inference.imaging.masks import (
-    EmptySegmentationError,
-    LabelMask,
-    SegmentationError,
-    default_structures,
-    load_segmentation,
-)
-from inference.imaging.volume import CTVolume, load_ct_series
+from inference.imaging.lesions import Lesion, key_outline_px, outline_mm
+from inference.imaging.volume import CTVolume
+from inference.pipelines.study import LoadedStudy, StudyLesion, load_study
 from inference.radiomics.delta import (
     LesionFeatures,
     PatientFeatures,
@@ -53,7 +45,6 @@ from inference.response.recist import MeasuredLesion, assess_response
 from inference.response.signature import ResponseSignature, signature_from
 from inference.results import AlgorithmInfo
 from inference.structures import StructureSelection
-from inference.uids import derive_uid
 from inference.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -74,13 +65,23 @@ class NoLesionError(InputError):
 
 @dataclass(frozen=True, eq=False)
 class _TimePointData:
-    volume: CTVolume
-    masks: tuple[LabelMask, ...]
-    lesions: tuple[tuple[Lesion, LabelMask], ...]
+    """One time point as the response method sees it: the loaded study, its liver and organs."""
+
+    study: LoadedStudy
     liver: np.ndarray | None
     problems: tuple[str, ...]
     organs: tuple[tuple[str, np.ndarray], ...] = ()
     """Organ structures (name, mask): a lesion lying in one of them is assigned to it (RECIST per organ)."""
+
+    @property
+    def volume(self) -> CTVolume:
+        """The time point's CT volume."""
+        return self.study.volume
+
+    @property
+    def lesions(self) -> tuple[StudyLesion, ...]:
+        """The time point's lesions (tracking UIDs as every method derives them)."""
+        return self.study.lesions
 
     def organ_of(self, lesion: Lesion) -> str:
         """The organ holding most of ``lesion``; the liver when no organ was segmented (M5: liver metastases)."""
@@ -101,6 +102,8 @@ def run_response(
     model: ResponseSignature | str | os.PathLike[str] | None = None,
     baseline_structures: StructureSelection | None = None,
     followup_structures: StructureSelection | None = None,
+    baseline_study: LoadedStudy | None = None,
+    followup_study: LoadedStudy | None = None,
 ) -> ResponseResult:
     """Compare a baseline and a follow-up study of one patient.
 
@@ -116,6 +119,9 @@ def run_response(
     baseline_structures, followup_structures
         Which segments / ROIs of each segmentation are tumours and organs (the node's routing passes
         its choice); None: decided with the default rules of :mod:`inference.structures`.
+    baseline_study, followup_study
+        Each time point as the worker's study loader already loaded it (with ``allow_no_lesion``),
+        read-only; None: loaded here with :func:`~inference.pipelines.study.load_study`.
 
     Returns
     -------
@@ -131,8 +137,14 @@ def run_response(
         ``model`` is a path to a package that fails verification.
     """
     signature = signature_from(model)
-    base = _load_time_point(baseline_ct_paths, baseline_seg_path, "baseline", baseline_structures)
-    follow = _load_time_point(followup_ct_paths, followup_seg_path, "follow-up", followup_structures)
+    base = _time_point_data(
+        baseline_study or load_study(baseline_ct_paths, baseline_seg_path, baseline_structures, allow_no_lesion=True),
+        "baseline",
+    )
+    follow = _time_point_data(
+        followup_study or load_study(followup_ct_paths, followup_seg_path, followup_structures, allow_no_lesion=True),
+        "follow-up",
+    )
     if not base.lesions and not follow.lesions:
         raise NoLesionError(
             "neither the baseline nor the follow-up segmentation holds a lesion above the minimum volume: "
@@ -147,9 +159,9 @@ def run_response(
     alignment = align(base.volume, follow.volume, region_mask=region, region_label=region_label)
     matching = match_lesions(
         base.volume,
-        [lesion for lesion, _ in base.lesions],
+        [item.lesion for item in base.lesions],
         follow.volume,
-        [lesion for lesion, _ in follow.lesions],
+        [item.lesion for item in follow.lesions],
         alignment=alignment,
     )
     pairs = []
@@ -200,51 +212,27 @@ def run_response(
     )
 
 
-def _load_time_point(
-    ct_paths: Sequence[Path], seg_path: Path, when: str, structures: StructureSelection | None
-) -> _TimePointData:
-    volume = load_ct_series(ct_paths)
-    problems: list[str] = []
-    segmentation = pydicom.dcmread(seg_path)
-    if structures is None:
-        structures, no_tumour = default_structures(segmentation)
-        if no_tumour:
-            problems.append(f"{when}: {no_tumour}")
-    organs = dict(structures.organs)
-    wanted = [*structures.tumours, *organs]
-    try:
-        masks = tuple(load_segmentation(segmentation, volume, numbers=wanted)) if wanted else ()
-    except SegmentationError as exc:
-        if not isinstance(exc, EmptySegmentationError):
-            raise
-        # The reader drew nothing on this CT (e.g. every lesion gone): zero lesions, reported.
-        problems.append(f"{when}: the segmentation holds no lesion ({exc})")
-        return _TimePointData(volume, (), (), None, tuple(problems))
-    lesions: list[tuple[Lesion, LabelMask]] = []
+def _time_point_data(study: LoadedStudy, when: str) -> _TimePointData:
+    """The liver (registration region), the organs and the problems of one loaded time point."""
+    problems = [f"{when}: {reason}" for reason in study.skipped]
+    if study.no_lesion is not None and study.no_lesion.reason != "too-small":
+        problems.insert(0, f"{when}: {study.no_lesion}")
     liver: np.ndarray | None = None
-    organ_masks: list[tuple[str, np.ndarray]] = []
-    for label_mask in masks:
-        source = label_mask.source
-        if not label_mask.ok:
-            problems.append(f"{when}: {source.label} ({source.kind} {source.number}) skipped: {label_mask.problem}")
-            continue
-        organ = organs.get(source.number)
-        if organ is not None:
-            is_liver = LIVER_ORGAN.match(organ)
-            if is_liver:
-                liver = label_mask.mask if liver is None else liver | label_mask.mask
-            organ_masks.append((ORGAN if is_liver else organ, label_mask.mask))
-            continue
-        lesions.extend((lesion, label_mask) for lesion in find_lesions(label_mask, volume))
-    return _TimePointData(volume, masks, tuple(lesions), liver, tuple(problems), tuple(organ_masks))
+    organs: list[tuple[str, np.ndarray]] = []
+    for name, label_mask in study.organs:
+        is_liver = LIVER_ORGAN.match(name)
+        if is_liver:
+            liver = label_mask.mask if liver is None else liver | label_mask.mask
+        organs.append((ORGAN if is_liver else name, label_mask.mask))
+    return _TimePointData(study, liver, tuple(problems), tuple(organs))
 
 
 def _measure(
     data: _TimePointData, when: str, problems: list[str], provenance: dict[str, str]
 ) -> list[LesionMeasurement]:
     out = []
-    for lesion, label_mask in data.lesions:
-        source = label_mask.source
+    for item in data.lesions:
+        lesion, source = item.lesion, item.source
         features: LesionFeatures | None
         try:
             features, lesion_provenance = lesion_features(data.volume, lesion.mask)
@@ -255,9 +243,7 @@ def _measure(
         out.append(
             LesionMeasurement(
                 tracking_id=lesion.tracking_id,
-                tracking_uid=str(
-                    derive_uid("response-tracking", source.sop_instance_uid, str(source.number), lesion.tracking_id)
-                ),
+                tracking_uid=item.tracking_uid,
                 source=source,
                 organ=data.organ_of(lesion),
                 volume_ml=lesion.volume_ml,
@@ -305,8 +291,8 @@ def _registration_region(data: _TimePointData) -> tuple[np.ndarray | None, str]:
     if not data.lesions:
         return None, "whole CT"
     region = np.zeros(data.volume.shape, dtype=bool)
-    for lesion, _ in data.lesions:
-        region |= lesion.mask
+    for item in data.lesions:
+        region |= item.lesion.mask
     return region, "lesions"
 
 
@@ -315,7 +301,7 @@ def _time_point(data: _TimePointData) -> TimePoint:
         study_instance_uid=data.volume.study_instance_uid,
         ct_series_instance_uid=data.volume.series_instance_uid,
         frame_of_reference_uid=data.volume.frame_of_reference_uid,
-        segmentation=data.masks[0].source if data.masks else None,
+        segmentation=data.study.masks[0].source if data.study.masks else None,
         lesion_count=len(data.lesions),
     )
 

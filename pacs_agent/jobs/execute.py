@@ -10,29 +10,24 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from dicom_sr.sc import build_lesion_capture, build_summary_capture
 from dicom_sr.sr import build_measurement_report
 from inference.methods import UnknownMethodError, method_spec
 from inference.pipelines import PIPELINES
 from inference.pipelines.model_methods import installed_package
+from inference.pipelines.study import StudyLoader
 from inference.results import PipelineOutput, StudyResult
 from inference.structures import StructureSelection
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import InputError
 from pacs_agent.jobs.execute_response import run_response_job
-from pacs_agent.jobs.files import JobInputs, record_results, record_source_warnings, resolve_inputs
+from pacs_agent.jobs.files import record_results, record_source_warnings, resolve_inputs
 from pacs_agent.jobs.queue import ClaimedJob
 
 logger = logging.getLogger(__name__)
-
-
-def _evidence(inputs: JobInputs) -> tuple[list[Dataset], Dataset]:
-    ct = [dcmread(p, stop_before_pixels=True) for p in inputs.ct_paths]
-    segmentation = dcmread(inputs.segmentation_path)
-    return ct, segmentation
 
 
 def build_result_objects(
@@ -79,10 +74,14 @@ def build_result_objects(
     return objects
 
 
-def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyResult, list[int]]:
+def run_job(
+    job: ClaimedJob, settings: Settings, db: Database, loader: StudyLoader | None = None
+) -> tuple[StudyResult, list[int]]:
     """Execute ``job`` and record its result objects (Result rows + outbox), not its final state.
 
-    Returns the pipeline result and the ids of the Result rows written.
+    Returns the pipeline result and the ids of the Result rows written. ``loader`` is the worker's
+    study loader: the study (both, for a pair) is read once and handed to each method of it; None:
+    a loader for this job only.
 
     Raises
     ------
@@ -94,18 +93,20 @@ def run_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyRes
         spec = method_spec(job.method)
     except UnknownMethodError as exc:
         raise InputError(str(exc)) from None
+    loader = StudyLoader() if loader is None else loader
     if spec.pair:  # a baseline + follow-up pair (M5)
-        return run_response_job(job, settings, db)
+        return run_response_job(job, settings, db, loader)
     pipeline = PIPELINES[spec.name]
     options: dict[str, object] = {}
     if spec.package_required:  # verified and loaded once per worker process, then cached
         options["model"] = installed_package(job.method, settings.model_dirs)
-    structures = job.inputs.get("structures")
-    if structures:  # routing's choice of tumour / organ structures (jobs scheduled before 0.2 have none)
-        options["structures"] = StructureSelection.from_dict(structures)
+    chosen = job.inputs.get("structures")
+    # routing's choice of tumour / organ structures (jobs scheduled before 0.2 have none)
+    structures = StructureSelection.from_dict(chosen) if chosen else None
     inputs = resolve_inputs(db, settings.storage.spool_dir, job)
-    output = pipeline(inputs.ct_paths, inputs.segmentation_path, **options)
-    ct_headers, segmentation = _evidence(inputs)
+    study = loader.load(inputs.ct_paths, inputs.segmentation_path, structures)
+    output = pipeline(inputs.ct_paths, inputs.segmentation_path, structures=structures, study=study, **options)
+    ct_headers, segmentation = study.ct_headers, study.segmentation_dataset
     record_source_warnings(db, job, [ct_headers[0], segmentation])  # patient / study attributes: one header
     objects = build_result_objects(output, ct_headers, segmentation, datetime.now())
     return output.result, record_results(db, settings, job, output, objects)

@@ -28,14 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from dicom_sr.response_sc import build_response_capture, key_lesions
 from dicom_sr.response_sr import RESULT_KIND, build_response_report, lesion_result
-from inference.imaging import find_lesions, load_ct_series, load_segmentation
 from inference.pipelines.model_methods import ModelUnavailableError, find_package
 from inference.pipelines.response import METHOD, run_response
-from inference.pipelines.study import key_image
+from inference.pipelines.study import LoadedStudy, StudyLoader, key_image
 from inference.response import LesionMeasurement, ResponseResult
 from inference.response.signature import ResponseSignature, load_signature
 from inference.results import KeyImage, PipelineOutput, StudyResult
@@ -169,21 +168,17 @@ def _study_date(ds: Dataset) -> datetime.date | None:
         return None
 
 
-def _key_image(inputs: JobInputs, lesion: LesionMeasurement | None) -> KeyImage | None:
-    """The key slice and mask of ``lesion`` (found again by segment number and tracking id)."""
+def _key_image(study: LoadedStudy, lesion: LesionMeasurement | None) -> KeyImage | None:
+    """The key slice and mask of ``lesion``, from the study the pipeline measured it in (nothing is read again).
+
+    A matched lesion's follow-up measurement carries the baseline's tracking UID; it is found by its
+    segment number and tracking id, which are its own at each time point.
+    """
     if lesion is None:
         return None
-    try:
-        volume = load_ct_series(inputs.ct_paths)
-        for label_mask in load_segmentation(inputs.segmentation_path, volume, numbers=[lesion.source.number]):
-            if label_mask.source.number != lesion.source.number or not label_mask.ok:
-                continue
-            for found in find_lesions(label_mask, volume):
-                if found.tracking_id == lesion.tracking_id:
-                    return key_image(volume, found)
-    except InputError as exc:
-        logger.warning("key slice of %s not drawn: %s", lesion.tracking_uid, exc)
-        return None
+    for item in study.lesions:
+        if item.source.number == lesion.source.number and item.lesion.tracking_id == lesion.tracking_id:
+            return key_image(study.volume, item.lesion)
     logger.warning("key slice of %s not drawn: the lesion was not found again", lesion.tracking_uid)
     return None
 
@@ -193,19 +188,17 @@ def _selection(value: object) -> StructureSelection | None:
     return StructureSelection.from_dict(value) if isinstance(value, dict) else None
 
 
-def _headers(paths: Sequence[Path]) -> list[Dataset]:
-    return [dcmread(p, stop_before_pixels=True) for p in paths]
-
-
-def build_response_objects(result: ResponseResult, inputs: PairInputs, when: datetime.datetime) -> list[Dataset]:
+def build_response_objects(
+    result: ResponseResult, baseline: LoadedStudy, follow_up: LoadedStudy, when: datetime.datetime
+) -> list[Dataset]:
     """The DICOM objects of one pair: the TID 1500 response SR and the Secondary Capture page.
 
     Parameters
     ----------
     result
-        The output of :func:`~inference.pipelines.response.run_response` for ``inputs``.
-    inputs
-        Both time points' files.
+        The output of :func:`~inference.pipelines.response.run_response` for these two studies.
+    baseline, follow_up
+        Both time points as the pipeline loaded them (headers, segmentation, key slices).
     when
         Content date / time of the SC (the page shows it).
 
@@ -219,8 +212,8 @@ def build_response_objects(result: ResponseResult, inputs: PairInputs, when: dat
     InputError
         The result cannot be written as DICOM (e.g. the two studies carry different Patient IDs).
     """
-    follow_ct, base_ct = _headers(inputs.follow_up.ct_paths), _headers(inputs.baseline.ct_paths)
-    follow_seg, base_seg = dcmread(inputs.follow_up.segmentation_path), dcmread(inputs.baseline.segmentation_path)
+    follow_ct, base_ct = list(follow_up.ct_headers), list(baseline.ct_headers)
+    follow_seg, base_seg = follow_up.segmentation_dataset, baseline.segmentation_dataset
     base_lesion, follow_lesion = key_lesions(result)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in follow_ct}
     ref = by_uid.get(follow_lesion.key_slice_sop_instance_uid, follow_ct[0]) if follow_lesion else follow_ct[0]
@@ -230,8 +223,8 @@ def build_response_objects(result: ResponseResult, inputs: PairInputs, when: dat
             result,
             ref,
             content_datetime=when,
-            baseline_image=_key_image(inputs.baseline, base_lesion),
-            follow_up_image=_key_image(inputs.follow_up, follow_lesion),
+            baseline_image=_key_image(baseline, base_lesion),
+            follow_up_image=_key_image(follow_up, follow_lesion),
             baseline_date=_study_date(base_ct[0]),
             follow_up_date=_study_date(follow_ct[0]),
         )
@@ -260,7 +253,9 @@ def study_summary(result: ResponseResult) -> StudyResult:
     )
 
 
-def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple[StudyResult, list[int]]:
+def run_response_job(
+    job: ClaimedJob, settings: Settings, db: Database, loader: StudyLoader | None = None
+) -> tuple[StudyResult, list[int]]:
     """Execute a ``response`` job and record its SR and SC (Result rows + outbox), not its final state.
 
     Parameters
@@ -271,6 +266,9 @@ def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple
         Node settings (spool, results directory, model directories, destinations).
     db
         The node's database.
+    loader
+        The worker's study loader (both studies are read once and may be kept for the follow-up's
+        other methods); None: a loader for this job only.
 
     Returns
     -------
@@ -288,27 +286,34 @@ def run_response_job(job: ClaimedJob, settings: Settings, db: Database) -> tuple
         raise InputError(f"run_response_job runs {METHOD!r} jobs, not {job.method!r}")
     inputs = resolve_pair_inputs(db, settings.storage.spool_dir, job)
     signature = load_response_model(settings.model_dirs)
+    loader = StudyLoader() if loader is None else loader
+    baseline_structures = _selection(job.inputs.get("baseline_structures"))
+    followup_structures = _selection(job.inputs.get("structures"))
+    baseline = loader.load(
+        inputs.baseline.ct_paths, inputs.baseline.segmentation_path, baseline_structures, allow_no_lesion=True
+    )
+    follow_up = loader.load(
+        inputs.follow_up.ct_paths, inputs.follow_up.segmentation_path, followup_structures, allow_no_lesion=True
+    )
     result = run_response(
         inputs.baseline.ct_paths,
         inputs.baseline.segmentation_path,
         inputs.follow_up.ct_paths,
         inputs.follow_up.segmentation_path,
         model=signature,
-        baseline_structures=_selection(job.inputs.get("baseline_structures")),
-        followup_structures=_selection(job.inputs.get("structures")),
+        baseline_structures=baseline_structures,
+        followup_structures=followup_structures,
+        baseline_study=baseline,
+        followup_study=follow_up,
     )
     if result.follow_up.study_instance_uid != job.study_instance_uid:
         raise InputError("the follow-up CT series named by the job belongs to another study")
     record_source_warnings(
         db,
         job,
-        [
-            *_headers(inputs.follow_up.ct_paths[:1]),
-            dcmread(inputs.follow_up.segmentation_path, stop_before_pixels=True),
-            *_headers(inputs.baseline.ct_paths[:1]),
-        ],
+        [follow_up.ct_headers[0], follow_up.segmentation_dataset, baseline.ct_headers[0]],
     )
-    objects = build_response_objects(result, inputs, datetime.datetime.now())
+    objects = build_response_objects(result, baseline, follow_up, datetime.datetime.now())
     summary = study_summary(result)
     ids = record_results(db, settings, job, PipelineOutput(result=summary, result_kind=RESULT_KIND), objects)
     score = "none" if result.score is None else f"{result.score.probability:.2f} ({result.score.risk_group} risk)"

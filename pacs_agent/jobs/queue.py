@@ -120,6 +120,11 @@ def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def open_jobs(session: Session, study_id: int) -> int:
+    """How many jobs of the study are pending or running (a worker keeps the study loaded until 0)."""
+    return len(session.execute(select(Job.id).where(Job.study_id == study_id, Job.state.in_([PENDING, RUNNING]))).all())
+
+
 def _finish_study(session: Session, job: Job, state: str, reason: str | None) -> Study:
     study = session.get(Study, job.study_id)
     assert study is not None

@@ -3,16 +3,20 @@
 SIGTERM lets the current job finish and then exits 0. A job whose pipeline raises
 :class:`InputError` fails at once with the reason; any other exception is retried (bounded) and
 then the job is dead. If the process itself dies, the lease runs out and the job is requeued.
+
+The worker owns one study loader (:class:`inference.pipelines.study.StudyLoader`): the jobs of a
+study follow each other, each gets the study as the first one loaded it, and the loader forgets it
+when the study has no job left to run (or the queue is empty).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
@@ -20,6 +24,9 @@ from pacs_agent.errors import InputError
 from pacs_agent.health import WorkerHeartbeat
 from pacs_agent.jobs import queue
 from pacs_agent.jobs.queue import ClaimedJob
+
+if TYPE_CHECKING:
+    from inference.pipelines.study import StudyLoader
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,21 @@ class Worker:
         """Heartbeat file read by ``/healthz``; its :meth:`~WorkerHeartbeat.beat` time is our liveness."""
         self.on_status: Callable[[str], object] = lambda _text: None
         """Told what the worker does (``pacs-agent worker`` forwards it to systemd as STATUS)."""
+        self._loader: StudyLoader | None = None
+
+    @property
+    def loader(self) -> StudyLoader:
+        """The worker's study loader (created on the first job: it imports the imaging stack)."""
+        if self._loader is None:
+            from inference.pipelines.study import StudyLoader  # heavy imports live in the worker only
+
+            self._loader = StudyLoader()
+        return self._loader
+
+    def forget_studies(self) -> None:
+        """Drop the studies the loader keeps (nothing was loaded: nothing to do)."""
+        if self._loader is not None:
+            self._loader.forget()
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         interval = max(self.settings.jobs.lease_seconds / 4, 0.5)
@@ -67,7 +89,7 @@ class Worker:
         beat.start()
         started = time.monotonic()
         try:
-            result, result_ids = run_job(job, self.settings, self.db)
+            result, result_ids = run_job(job, self.settings, self.db, self.loader)
         except InputError as exc:
             self._fail(job, str(exc), retryable=False, started=started)
         except Exception as exc:
@@ -85,7 +107,19 @@ class Worker:
         finally:
             done.set()
             beat.join(timeout=5)
+            self._forget_when_done(job)
             self.on_status("waiting for jobs")
+
+    def _forget_when_done(self, job: ClaimedJob) -> None:
+        """Drop the loaded studies once ``job``'s study has no job left to run (its memory is freed)."""
+        try:
+            with self.db.session() as session:
+                left = queue.open_jobs(session, job.study_id)
+        except Exception:
+            logger.exception("cannot count the jobs left of study %d; its loaded data is dropped", job.study_id)
+            left = 0
+        if not left:
+            self.forget_studies()
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool, started: float) -> None:
         with self.db.session() as session, session.begin():
@@ -114,14 +148,7 @@ class Worker:
                 logger.exception("worker loop error; continuing")
                 busy = False
             if not busy:
-                _forget_loaded_study()
+                self.forget_studies()
                 self.stop.wait(self.poll_seconds)
         self.heartbeat.remove()
         logger.info("worker %s stopped", self.worker_id)
-
-
-def _forget_loaded_study() -> None:
-    """Free the study the pipelines keep for the next job of the same study (once the queue is empty)."""
-    study_module = sys.modules.get("inference.pipelines.study")  # not imported: nothing is kept
-    if study_module is not None:
-        study_module.forget_loaded_study()

@@ -10,7 +10,7 @@ import pytest
 
 from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines.radiomics import run_radiomics
-from inference.pipelines.study import forget_loaded_study, load_study
+from inference.pipelines.study import load_study
 from inference.structures import (
     CodedTerm,
     SegmentationSummary,
@@ -210,7 +210,6 @@ def test_default_rules_find_the_phantom_tumours_organs_and_the_rest(clinical: Ph
 def test_only_tumours_become_lesions_and_the_liver_is_kept_as_context(clinical: PhantomStudy, kind: str) -> None:
     path = clinical.seg_file if kind == "seg" else clinical.rtstruct_file
     assert path is not None
-    forget_loaded_study()
     study = load_study(clinical.ct_files, path)
     assert len(study.lesions) == len(clinical.lesions)
     assert {item.source.number for item in study.lesions} <= set(clinical.structure_numbers(kind))  # type: ignore[arg-type]
@@ -225,22 +224,18 @@ def test_only_tumours_become_lesions_and_the_liver_is_kept_as_context(clinical: 
     assert (organs["liver"].mask | ~lesions).all()  # the liver holds the lesions
     result = run_radiomics(clinical.ct_files, path).result
     assert {lesion.source.label for lesion in result.lesions}.isdisjoint({"BODY", "Liver", "Spleen", "CTV_Liver"})
-    forget_loaded_study()
 
 
 def test_a_selection_from_routing_is_obeyed_and_no_tumour_is_refused(clinical: PhantomStudy) -> None:
     assert clinical.rtstruct_file is not None
-    forget_loaded_study()
     liver_only = StructureSelection(tumours=clinical.structure_numbers("rtstruct", "organ")[:1])
     study = load_study(clinical.ct_files, clinical.rtstruct_file, liver_only)  # a site that wants the liver
     assert [item.source.label for item in study.lesions] == ["Liver"]
-    forget_loaded_study()
     with pytest.raises(InputError, match="no tumour structure was chosen"):
         load_study(clinical.ct_files, clinical.rtstruct_file, StructureSelection(tumours=()))
 
 
 def test_the_liver_seg_alone_is_refused_with_the_reason(tmp_path: Path) -> None:
     folder = shared_data("dicom_ct_seg", "dcmqi_ct3slice_liver")
-    forget_loaded_study()
     with pytest.raises(InputError, match=r"no tumour structure: Liver \(organ, coded Tissue / Liver\)"):
         load_study(sorted(folder.glob("0*.dcm")), folder / "liver.dcm")
