@@ -455,7 +455,7 @@ def summarise(ds: Dataset) -> SegmentationSummary:
         if sop_class in SEG_SOP_CLASSES:
             kind: Kind = "seg"
             structures = _seg_structures(ds)
-            frames = (str(ds.get("FrameOfReferenceUID", "")),)
+            frames: tuple[str, ...] = (str(ds.get("FrameOfReferenceUID", "")),)
         elif sop_class == RTSTRUCT_SOP_CLASS:
             kind = "rtstruct"
             structures = _roi_structures(ds)
