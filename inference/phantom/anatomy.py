@@ -8,7 +8,7 @@ inferior slice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,18 +34,6 @@ TEXTURES: dict[str, tuple[float, float]] = {"coarse": (30.0, 2.5), "smooth": (4.
 
 # Labels of the anatomy map; lesions may only be planted where the label is LIVER.
 OUTSIDE, BODY, LIVER, SPLEEN = 0, 1, 2, 3
-
-
-def vector3(values: Iterable[float]) -> tuple[float, float, float]:
-    """Exactly three numbers (a point, radii, a shift) as a tuple of floats.
-
-    Raises
-    ------
-    ValueError
-        If there are not three values.
-    """
-    x, y, z = values
-    return float(x), float(y), float(z)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from inference.phantom.anatomy import (
     check_lesions,
     rasterise_mask,
     texture_values,
-    vector3,
 )
+from inference.vectors import vector3
 
 
 def place_lesions(

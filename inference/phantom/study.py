@@ -23,12 +23,12 @@ from inference.phantom.anatomy import (
     iter_slices,
     rasterise_mask,
     texture_values,
-    vector3,
 )
 from inference.phantom.ct import SUPPORTED_TRANSFER_SYNTAXES, SeriesInfo, ct_dataset, to_stored, write_instance
 from inference.phantom.lesions import place_lesions, scaled_to_volume
 from inference.phantom.segmentation import write_rtstruct_structures, write_seg_structures
 from inference.phantom.structures import PhantomStructure, StructureKind, StructureRole, file_structures
+from inference.vectors import vector3
 
 Segmentation = Literal["seg", "rtstruct", "both", "none"]
 FIELD_OF_VIEW_MM = 400.0
