@@ -49,6 +49,7 @@ lint: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy pacs_agent inference dicom_sr
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
@@ -75,7 +76,7 @@ demo-models: install
 	$(BIN)/python -m inference.training.demo --jobs 2
 
 clean:
-	rm -rf $(VENV) demo-output pacs-agent-state .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output pacs-agent-state .pytest_cache .ruff_cache .mypy_cache
 
 # Production install on a Debian server with systemd, as root (docs/operations.md): a venv under
 # $(PREFIX), the systemd units, the pacs-agent user, /var/lib/pacs-agent (0700) and a first

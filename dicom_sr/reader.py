@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import cast
 
 import numpy as np
 from highdicom.sr import CodedConcept
@@ -39,8 +40,10 @@ from inference.results import (
     AlgorithmInfo,
     FeatureValue,
     LesionResult,
+    SegmentationKind,
     SegmentationSource,
     StudyResult,
+    ValidationStatus,
 )
 
 __all__ = ["read_measurement_report", "read_predictions"]
@@ -48,6 +51,7 @@ __all__ = ["read_measurement_report", "read_predictions"]
 _COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 _SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+_SEGMENTATION_KINDS: dict[str, SegmentationKind] = {_SEG_CLASS: "seg", _RTSTRUCT_CLASS: "rtstruct"}
 _CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
 _Key = tuple[str, str]
 """(Code Value, Coding Scheme Designator) of a concept name."""
@@ -235,11 +239,11 @@ def _source(item: Dataset, evidence: dict[str, tuple[str, str]], what: str) -> S
     else:
         fallback = (_RTSTRUCT_CLASS, "")
     sop_class, series = evidence.get(uid, fallback)
-    kind = {_SEG_CLASS: "seg", _RTSTRUCT_CLASS: "rtstruct"}.get(sop_class)
+    kind = _SEGMENTATION_KINDS.get(sop_class)
     if kind is None:
         raise ValueError(f"{what}: segmentation SOP class {sop_class} is neither SEG nor RTSTRUCT.")
     return SegmentationSource(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         sop_instance_uid=uid,
         sop_class_uid=sop_class,
         series_instance_uid=series,
@@ -388,7 +392,7 @@ def read_measurement_report(ds: Dataset) -> StudyResult:
         algorithm=AlgorithmInfo(
             name=name,
             version=version,
-            validation_status=status,  # type: ignore[arg-type]
+            validation_status=cast(ValidationStatus, status),  # one of its values: checked above
             weights_sha256=sha,
             intended_use=report_text(codes.INTENDED_USE, required=False) or "",
         ),

@@ -294,15 +294,15 @@ def _render(
     for index, left in enumerate(PANEL_LEFT):
         font = _font(26)
         draw.text((left, HEADER_HEIGHT + 12), _fit(captions[index], font, PANEL_SIZE), font=font, fill=WHITE)
-        placement = placements[index]
-        if placement is None:
+        shown = placements[index]
+        if shown is None:
             draw.rectangle((left, PANEL_TOP, left + PANEL_SIZE - 1, PANEL_TOP + PANEL_SIZE - 1), fill=HEADER_GREY)
             centre = (left + PANEL_SIZE / 2, PANEL_TOP + PANEL_SIZE / 2)
             why = empty[index] if lesions[index] is None else ("key slice not available", "")
             draw.text((centre[0], centre[1] - 20), why[0], font=font, fill=GREY, anchor="mm")
             draw.text((centre[0], centre[1] + 20), why[1], font=font, fill=GREY, anchor="mm")
         else:
-            _scale_bar(draw, placement)
+            _scale_bar(draw, shown)
         caption_font = _font(22)
         caption = _fit(_lesion_caption(lesions[index]), caption_font, PANEL_SIZE)
         draw.text((left, PANEL_TOP + PANEL_SIZE + 10), caption, font=caption_font, fill=WHITE)

@@ -820,7 +820,7 @@ def build_response_report(
     segmentations = {str(ds.SOPInstanceUID): ds for ds in (follow_up_segmentation, baseline_segmentation)}
     notes = _notes(result)
     builder = _GroupBuilder(result, images, segmentations, notes)
-    groups: list[hd.sr.Template] = []
+    groups: list[_LesionGroup] = []
     for pair in result.pairs:
         groups.extend([*builder.viewer_copy(pair.follow_up, _pair_label(pair)), builder.matched(pair)])
     for lesion in result.new_lesions:

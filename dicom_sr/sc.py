@@ -208,7 +208,7 @@ def _model_lines(result: StudyResult, content_datetime: datetime.datetime, softw
 
 
 def _feature_text(lesion: LesionResult) -> str:
-    values = {}
+    values: dict[str, float] = {}
     for feature in lesion.features:
         image_type, feature_class, name = split_feature_name(feature.name)
         if image_type == "original" and math.isfinite(feature.value):  # not filtered (LoG, wavelet) images

@@ -400,10 +400,10 @@ class ReportEvaluations(hd.sr.ContainerContentItem):
                 raise TypeError('Argument "provenance" must map str to str.')
             if not key or "=" in key:
                 raise ValueError(f'Provenance key "{key}" must be non-empty and contain no "=".')
-        for name, value in (("method", method), ("frame_of_reference_uid", frame_of_reference_uid)):
-            if value is not None:
-                _require(value, str, name, "str")
-                if not value:
+        for name, text in (("method", method), ("frame_of_reference_uid", frame_of_reference_uid)):
+            if text is not None:
+                _require(text, str, name, "str")
+                if not text:
                     raise ValueError(f'Argument "{name}" must not be empty.')
         if segmentation is not None:
             _require(segmentation, SegmentationSource, "segmentation", "SegmentationSource")

@@ -419,7 +419,7 @@ class RadiomicsComparator:
     def _matrix(self, X: np.ndarray | Sequence[Mapping[str, float]], names: Sequence[str] | None) -> np.ndarray:
         selected = self.features
         if names is None:
-            rows = list(X)  # type: ignore[arg-type]
+            rows = list(X)
             missing = sorted({f for r in rows for f in selected if f not in r})
             if missing:
                 raise KeyError(f"features missing from the input: {missing}")

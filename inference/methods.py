@@ -135,4 +135,4 @@ def pair_method() -> str:
 def load_pipeline(name: str) -> Callable[..., Any]:
     """Import the pipeline of ``name`` (worker only: this loads numpy, SimpleITK, pyradiomics, torch)."""
     module, _, function = method_spec(name).pipeline.partition(":")
-    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)

@@ -42,6 +42,8 @@ from typing import Any, Literal
 import pydicom
 from pydicom.dataset import Dataset
 
+from inference.vectors import vector3
+
 __all__ = [
     "DEFAULT_EXCLUDE_LABELS",
     "DEFAULT_INCLUDE_LABELS",
@@ -215,7 +217,7 @@ class SegmentationSummary:
                     category=CodedTerm(**item["category"]) if item.get("category") else None,
                     property_type=CodedTerm(**item["property_type"]) if item.get("property_type") else None,
                     interpreted_type=item.get("interpreted_type"),
-                    plane_points=tuple(tuple(map(float, p)) for p in item.get("plane_points", ())),  # type: ignore[misc]
+                    plane_points=tuple(vector3(p) for p in item.get("plane_points", ())),
                 )
             )
         return cls(
@@ -455,7 +457,7 @@ def summarise(ds: Dataset) -> SegmentationSummary:
         if sop_class in SEG_SOP_CLASSES:
             kind: Kind = "seg"
             structures = _seg_structures(ds)
-            frames = (str(ds.get("FrameOfReferenceUID", "")),)
+            frames: tuple[str, ...] = (str(ds.get("FrameOfReferenceUID", "")),)
         elif sop_class == RTSTRUCT_SOP_CLASS:
             kind = "rtstruct"
             structures = _roi_structures(ds)

@@ -126,7 +126,7 @@ def last_delivery_attempts(
 
 
 def _by_state(conn: Connection, column: Any, states: Iterable[str]) -> list[Sample]:
-    counts = dict(conn.execute(select(column, func.count()).group_by(column)).all())
+    counts: dict[str, int] = dict(conn.execute(select(column, func.count()).group_by(column)).all())
     return [({"state": s}, counts.get(s, 0)) for s in dict.fromkeys([*states, *sorted(counts)])]
 
 

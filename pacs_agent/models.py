@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -99,6 +101,9 @@ class PairingState(StrEnum):
 
 class Base(DeclarativeBase):
     """Declarative base of all tables."""
+
+    __table__: ClassVar[Table]
+    """Every model maps one Table (SQLAlchemy types it as any FromClause, which may be a join)."""
 
 
 class Study(Base):

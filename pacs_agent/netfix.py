@@ -26,4 +26,5 @@ def _shutdown_socket(self: AssociationSocket) -> None:
         sock.close()
 
 
+# A deliberate monkeypatch of pynetdicom's method (see above); mypy refuses assignments to methods.
 AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]

@@ -16,9 +16,13 @@ import ssl
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacs_agent.config import Destination, Settings, TlsSettings
 from pacs_agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from socket import _Address  # typeshed's alias for what socket.connect() takes
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +48,9 @@ class RecordingContext(ssl.SSLContext):
 
 
 class _RecordingSocket(ssl.SSLSocket):
-    def connect(self, address: object) -> None:
+    def connect(self, address: _Address) -> None:
         try:
-            super().connect(address)  # type: ignore[arg-type]
+            super().connect(address)
         except OSError as exc:
             if isinstance(self.context, RecordingContext):
                 self.context.last_error = exc

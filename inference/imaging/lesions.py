@@ -93,9 +93,11 @@ def find_lesions(label_mask: LabelMask, volume: CTVolume, *, min_volume_ml: floa
     for rank, i in enumerate(keep, start=1):
         local_box = boxes[i]
         assert local_box is not None
-        box = tuple(
-            slice(axis.start + outer.start, axis.stop + outer.start)
-            for axis, outer in zip(local_box, region, strict=True)
+        (kz, ky, kx), (rz, ry, rx) = local_box, region
+        box = (
+            slice(kz.start + rz.start, kz.stop + rz.start),
+            slice(ky.start + ry.start, ky.stop + ry.start),
+            slice(kx.start + rx.start, kx.stop + rx.start),
         )
         local = labels[local_box] == i + 1
         component = np.zeros(mask.shape, dtype=bool)
@@ -111,7 +113,7 @@ def find_lesions(label_mask: LabelMask, volume: CTVolume, *, min_volume_ml: floa
                 mask=component,
                 volume_ml=float(counts[i] * voxel_ml),
                 centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-                bbox=box,  # type: ignore[arg-type]
+                bbox=box,
                 longest_axial_diameter_mm=diameter,
                 key_slice_index=int(box[0].start + np.argmax(areas)),
                 voxel_count=int(counts[i]),

@@ -22,7 +22,7 @@ from skimage.draw import polygon as fill_polygon
 
 from inference.errors import InputError
 from inference.imaging.volume import CTVolume, split_phases
-from inference.results import SegmentationSource
+from inference.results import SegmentationKind, SegmentationSource
 from inference.structures import StructureSelection, no_tumour_message, select_structures
 from inference.structures import referenced_instance_uids as header_instance_uids
 from inference.structures import referenced_series_uids as header_series_uids
@@ -248,10 +248,10 @@ def check_references(ds: pydicom.Dataset, volume: CTVolume, for_uids: set[str]) 
         )
 
 
-def make_source(ds: pydicom.Dataset, kind: str, number: int, label: str) -> SegmentationSource:
+def make_source(ds: pydicom.Dataset, kind: SegmentationKind, number: int, label: str) -> SegmentationSource:
     """SegmentationSource for one segment / ROI of ``ds``."""
     return SegmentationSource(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         sop_instance_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.SOPClassUID),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),

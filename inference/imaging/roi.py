@@ -24,6 +24,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from skimage.transform import resize
 
+from inference.vectors import vector3
+
 PAD_HU = -1024.0
 """Value of pixels outside the volume in every crop (air)."""
 
@@ -226,21 +228,21 @@ def mask_centroid(mask: np.ndarray) -> tuple[float, float, float]:
     if box is None:
         raise ValueError("the mask is empty")
     local = ndimage.center_of_mass(mask[box])
-    return tuple(float(c + axis.start) for c, axis in zip(local, box, strict=True))  # type: ignore[return-value]
+    return vector3(c + axis.start for c, axis in zip(local, box, strict=True))
 
 
 def _check_spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(v) for v in spacing_zyx)
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"spacing_zyx must be three positive numbers (mm), got {spacing_zyx!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_size(size: Sequence[int], what: str) -> tuple[int, int]:
     values = tuple(int(v) for v in size)
     if len(values) != 2 or min(values) < 1:
         raise ValueError(f"{what} must be two positive integers, got {size!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def largest_slice(mask: np.ndarray) -> int:
@@ -454,7 +456,7 @@ def m2_cube(
     )
     cube = sitk.GetArrayFromImage(cube_image).astype(np.float32)
     cube_mask = sitk.GetArrayFromImage(mask_image) > 0
-    return cube, cube_mask, centroid, padded  # type: ignore[return-value]
+    return cube, cube_mask, centroid, padded
 
 
 def cube_views(cube: np.ndarray) -> dict[str, np.ndarray]:

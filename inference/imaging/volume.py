@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import pydicom
@@ -18,6 +19,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from inference.errors import InputError
+from inference.vectors import vector3
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def volume_from_image(
     uids = tuple(sop_instance_uids) if sop_instance_uids is not None else ("",) * nz
     if len(uids) != nz:
         raise ValueError(f"{len(uids)} SOP Instance UIDs for {nz} slices")
-    positions = tuple(tuple(float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))) for k in range(nz))
+    positions = tuple(vector3(image.TransformIndexToPhysicalPoint((0, 0, k))) for k in range(nz))
     return CTVolume(
         image=image,
         array=array_view(image),
@@ -172,7 +174,7 @@ def volume_from_image(
         series_instance_uid=series_instance_uid,
         frame_of_reference_uid=frame_of_reference_uid,
         sop_instance_uids=uids,
-        positions_mm=positions,  # type: ignore[arg-type]
+        positions_mm=positions,
     )
 
 
@@ -378,9 +380,16 @@ def _one_value(datasets: Sequence[pydicom.Dataset], keyword: str, what: str) -> 
     return values.pop()
 
 
-def _floats(values: Sequence[object], n: int, what: str, where: str) -> tuple[float, ...]:
+@overload
+def _floats(values: Any, n: Literal[2], what: str, where: str) -> tuple[float, float]: ...
+@overload
+def _floats(values: Any, n: Literal[3], what: str, where: str) -> tuple[float, float, float]: ...
+@overload
+def _floats(values: Any, n: int, what: str, where: str) -> tuple[float, ...]: ...
+def _floats(values: Any, n: int, what: str, where: str) -> tuple[float, ...]:
+    """``n`` numbers from a header value as read (any VR, maybe not a sequence), or a VolumeError."""
     try:
-        out = tuple(float(v) for v in values)  # type: ignore[arg-type]
+        out = tuple(float(v) for v in values)
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{where}: {what} is not numeric") from exc
     if len(out) != n:
@@ -400,9 +409,9 @@ def _slices(ds: pydicom.Dataset, where: str) -> list[_Slice]:
         return [
             _Slice(
                 sop_instance_uid=uid,
-                position=_floats(ds.ImagePositionPatient, 3, "Image Position (Patient)", where),  # type: ignore[arg-type]
+                position=_floats(ds.ImagePositionPatient, 3, "Image Position (Patient)", where),
                 orientation=_floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)", where),
-                pixel_spacing=_floats(ds.PixelSpacing, 2, "Pixel Spacing", where),  # type: ignore[arg-type]
+                pixel_spacing=_floats(ds.PixelSpacing, 2, "Pixel Spacing", where),
                 size=(int(ds.Rows), int(ds.Columns)),
                 slope=float(ds.get("RescaleSlope", 1) or 1),
                 intercept=float(ds.get("RescaleIntercept", 0) or 0),
@@ -430,9 +439,9 @@ def _slices(ds: pydicom.Dataset, where: str) -> list[_Slice]:
         out.append(
             _Slice(
                 sop_instance_uid=uid,
-                position=_floats(pos.ImagePositionPatient, 3, "Image Position (Patient)", where),  # type: ignore[arg-type]
+                position=_floats(pos.ImagePositionPatient, 3, "Image Position (Patient)", where),
                 orientation=_floats(ori.ImageOrientationPatient, 6, "Image Orientation (Patient)", where),
-                pixel_spacing=_floats(meas.PixelSpacing, 2, "Pixel Spacing", where),  # type: ignore[arg-type]
+                pixel_spacing=_floats(meas.PixelSpacing, 2, "Pixel Spacing", where),
                 size=(int(ds.Rows), int(ds.Columns)),
                 slope=float(rescale.get("RescaleSlope", 1) or 1),
                 intercept=float(rescale.get("RescaleIntercept", 0) or 0),
@@ -492,7 +501,7 @@ def _stack(slices: list[_Slice], where: str, *, study_uid: str, series_uid: str,
         series_instance_uid=series_uid,
         frame_of_reference_uid=for_uid,
         sop_instance_uids=tuple(s.sop_instance_uid for s in slices),
-        positions_mm=tuple(tuple(float(v) for v in p) for p in positions),  # type: ignore[misc]
+        positions_mm=tuple(vector3(p) for p in positions),
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
 import torch
@@ -304,8 +304,8 @@ class InceptionAttentionTrunk(nn.Module):
         in_channels: int = 3,
         width: float = 1.0,
         *,
-        repeats: tuple[int, int, int] = (10, 20, 10),
-        mask_depths: tuple[int, int, int] = (2, 1, 1),
+        repeats: Sequence[int] = (10, 20, 10),
+        mask_depths: Sequence[int] = (2, 1, 1),
         attention: bool = True,
         dropout: float = 0.2,
     ) -> None:
@@ -362,13 +362,23 @@ class _TaskHead(nn.Module):
         return self.layers(torch.cat([features, covariates], dim=1))
 
 
+class _TrunkOptions(TypedDict):
+    """The keyword arguments of :class:`InceptionAttentionTrunk` that every view branch shares."""
+
+    width: float
+    repeats: Sequence[int]
+    mask_depths: Sequence[int]
+    attention: bool
+    dropout: float
+
+
 class _ViewBranch(nn.Module):
     """One view's model: learned 3x3 conv 1 -> 3, trunk, one head per task."""
 
-    def __init__(self, trunk_kwargs: dict[str, object], tasks: int, covariates: int, head_dims: Sequence[int]) -> None:
+    def __init__(self, trunk_kwargs: _TrunkOptions, tasks: int, covariates: int, head_dims: Sequence[int]) -> None:
         super().__init__()
         self.to_rgb = nn.Conv2d(1, 3, 3, padding=1)
-        self.trunk = InceptionAttentionTrunk(3, **trunk_kwargs)  # type: ignore[arg-type]
+        self.trunk = InceptionAttentionTrunk(3, **trunk_kwargs)
         self.heads = nn.ModuleList(_TaskHead(self.trunk.out_features, covariates, head_dims) for _ in range(tasks))
 
     def forward(self, view: torch.Tensor, covariates: torch.Tensor) -> torch.Tensor:
@@ -415,7 +425,7 @@ class MultiViewMultiTask(nn.Module):
         super().__init__()
         if views < 1 or tasks < 1:
             raise ValueError(f"views and tasks must be >= 1, got {views}, {tasks}")
-        trunk_kwargs: dict[str, object] = {
+        trunk_kwargs: _TrunkOptions = {
             "width": width,
             "repeats": tuple(repeats),
             "mask_depths": tuple(mask_depths),

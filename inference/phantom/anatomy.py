@@ -244,7 +244,9 @@ class RasterLesion:
 
     def box_slices(self) -> tuple[slice, slice, slice]:
         """Index ranges of the bounding box in the volume."""
-        return tuple(slice(s, s + n) for s, n in zip(self.box_start, self.mask.shape, strict=True))  # type: ignore[return-value]
+        k, r, c = self.box_start
+        nk, nr, nc = self.mask.shape
+        return slice(k, k + nk), slice(r, r + nr), slice(c, c + nc)
 
     def slice_region(self, k: int) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
         """``(rows, columns, mask, values)`` of the lesion on slice ``k``, or None."""
@@ -263,22 +265,22 @@ def rasterise_mask(geometry: PhantomGeometry, ellipsoid: Ellipsoid) -> tuple[tup
     ValueError
         If the ellipsoid reaches outside the volume.
     """
-    lo = geometry.index_of(tuple(c - r for c, r in zip(ellipsoid.centre_mm, ellipsoid.radii_mm, strict=True)))
-    hi = geometry.index_of(tuple(c + r for c, r in zip(ellipsoid.centre_mm, ellipsoid.radii_mm, strict=True)))
-    start = tuple(int(np.ceil(v)) for v in lo)
+    cx, cy, cz = ellipsoid.centre_mm
+    rx, ry, rz = ellipsoid.radii_mm
+    lo = geometry.index_of((cx - rx, cy - ry, cz - rz))
+    hi = geometry.index_of((cx + rx, cy + ry, cz + rz))
+    start = (int(np.ceil(lo[0])), int(np.ceil(lo[1])), int(np.ceil(lo[2])))
     stop = tuple(int(np.floor(v)) + 1 for v in hi)
     if any(s < 1 for s in start) or any(e > n - 1 for e, n in zip(stop, geometry.shape, strict=True)):
         raise ValueError("the lesion reaches the edge of the volume")
     k = np.arange(start[0], stop[0])
     r = np.arange(start[1], stop[1])
     c = np.arange(start[2], stop[2])
-    cx, cy, cz = ellipsoid.centre_mm
-    rx, ry, rz = ellipsoid.radii_mm
     dz = ((geometry.origin_mm[2] + k * geometry.slice_thickness_mm - cz) / rz) ** 2
     dy = ((geometry.origin_mm[1] + r * geometry.pixel_spacing_mm - cy) / ry) ** 2
     dx = ((geometry.origin_mm[0] + c * geometry.pixel_spacing_mm - cx) / rx) ** 2
     mask = dz[:, None, None] + dy[None, :, None] + dx[None, None, :] <= 1.0
-    return start, mask  # type: ignore[return-value]
+    return start, mask
 
 
 def texture_values(

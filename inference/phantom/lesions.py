@@ -15,6 +15,7 @@ from inference.phantom.anatomy import (
     rasterise_mask,
     texture_values,
 )
+from inference.vectors import vector3
 
 
 def place_lesions(
@@ -59,12 +60,11 @@ def place_lesions(
         for attempt in range(2000):
             shrink = 0.85 ** (attempt // 100)  # smaller lesions when the liver is crowded or the volume thin
             radius = max(min_radius, layout_rng.uniform(5.0, 20.0) * scale * shrink)
-            radii = tuple(float(v) for v in np.maximum(min_radius, radius * layout_rng.uniform(0.8, 1.2, 3)))
-            centre = tuple(
-                float(v)
-                for v in np.asarray(liver.centre_mm) + layout_rng.uniform(-0.8, 0.8, 3) * np.asarray(liver.radii_mm)
+            radii = vector3(np.maximum(min_radius, radius * layout_rng.uniform(0.8, 1.2, 3)))
+            centre = vector3(
+                np.asarray(liver.centre_mm) + layout_rng.uniform(-0.8, 0.8, 3) * np.asarray(liver.radii_mm)
             )
-            ellipsoid = Ellipsoid(centre, radii)  # type: ignore[arg-type]
+            ellipsoid = Ellipsoid(centre, radii)
             if not _fits(ellipsoid, anatomy, geometry, placed, gap):
                 continue
             start, mask = rasterise_mask(geometry, ellipsoid)
@@ -143,7 +143,7 @@ def scaled_to_volume(
     """
 
     def raster(factor: float) -> tuple[Ellipsoid, tuple[int, int, int], np.ndarray]:
-        ellipsoid = Ellipsoid(centre, tuple(round(r * factor, 6) for r in radii))  # type: ignore[arg-type]
+        ellipsoid = Ellipsoid(centre, vector3(round(r * factor, 6) for r in radii))
         return (ellipsoid, *rasterise_mask(geometry, ellipsoid))
 
     low, high = 0.0, 2.0 * (target / max(1.0, _ellipsoid_voxels(geometry, radii))) ** (1 / 3)

@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRLittleEndian,
     RTStructureSetStorage,
     generate_uid,
@@ -296,7 +297,7 @@ def write_rtstruct_structures(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -350,7 +351,7 @@ def write_rtstruct_structures(
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         roi_items.append(roi)
 
-        contours = []
+        contours: list[Dataset] = []
         for part in structure.parts:
             for i, ct in enumerate(ct_datasets):
                 mask2d = part[i]

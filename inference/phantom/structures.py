@@ -117,7 +117,7 @@ def lesion_structures(labels: np.ndarray, kind: StructureKind, *, per_lesion: bo
     numbers = list(range(1, count + 1))
     if per_lesion:
         names = [f"Liver lesion {i}" if kind == "seg" else f"GTV_Lesion_{i}" for i in numbers]
-        groups = [(i,) for i in numbers]
+        groups: list[tuple[int, ...]] = [(i,) for i in numbers]
     else:
         names, groups = [SEG_LABEL if kind == "seg" else ROI_NAME], [tuple(numbers)]
     return [

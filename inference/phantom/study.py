@@ -28,6 +28,7 @@ from inference.phantom.ct import SUPPORTED_TRANSFER_SYNTAXES, SeriesInfo, ct_dat
 from inference.phantom.lesions import place_lesions, scaled_to_volume
 from inference.phantom.segmentation import write_rtstruct_structures, write_seg_structures
 from inference.phantom.structures import PhantomStructure, StructureKind, StructureRole, file_structures
+from inference.vectors import vector3
 
 Segmentation = Literal["seg", "rtstruct", "both", "none"]
 FIELD_OF_VIEW_MM = 400.0
@@ -313,16 +314,16 @@ def generate_follow_up(
     rng = np.random.default_rng([seed, 11])
     if body_shift_mm is None:
         body_shift_mm = (float(rng.uniform(-4, 4)), float(rng.uniform(-4, 4)), float(rng.uniform(-3, 3)))
-    total_shift = tuple(float(a + b) for a, b in zip(baseline.body_shift_mm, body_shift_mm, strict=True))
+    total_shift = vector3(a + b for a, b in zip(baseline.body_shift_mm, body_shift_mm, strict=True))
     geometry = baseline.geometry
-    anatomy = Anatomy(z_extent_mm=geometry.slices * geometry.slice_thickness_mm, shift_mm=total_shift)  # type: ignore[arg-type]
+    anatomy = Anatomy(z_extent_mm=geometry.slices * geometry.slice_thickness_mm, shift_mm=total_shift)
     texture_rng = np.random.default_rng([seed, 12])
     changed = []
     for number, lesion in enumerate(baseline.lesions, start=1):
-        centre = tuple(c + s for c, s in zip(lesion.centre_mm, body_shift_mm, strict=True))
+        centre = vector3(c + s for c, s in zip(lesion.centre_mm, body_shift_mm, strict=True))
         target = shrink * lesion.volume_ml / geometry.voxel_volume_ml
         try:
-            ellipsoid, start, mask = scaled_to_volume(geometry, centre, lesion.radii_mm, target)  # type: ignore[arg-type]
+            ellipsoid, start, mask = scaled_to_volume(geometry, centre, lesion.radii_mm, target)
         except ValueError as exc:
             raise ValueError(f"the follow-up cannot be drawn with shrink={shrink}: lesion {number}: {exc}") from exc
         texture = {"homogenise": "smooth", "coarsen": "coarse", None: lesion.texture}[texture_change]

@@ -134,15 +134,15 @@ def _weights_problems(weights: Mapping[str, Any], method: str) -> list[str]:
             problems.append(f"[weights.{role}] file {entry['file']!r}: {name_problem}")
         if not isinstance(entry["sha256"], str) or not _SHA256.match(entry["sha256"]):
             problems.append(f"[weights.{role}] sha256 must be 64 lower-case hex digits")
-    role = PRIMARY_ROLE.get(method)
-    if role is None:
+    primary = PRIMARY_ROLE.get(method)
+    if primary is None:
         return problems
-    if role not in weights:
-        problems.append(f"method {method} needs a [weights.{role}] file")
-    elif isinstance(weights[role], dict):
+    if primary not in weights:
+        problems.append(f"method {method} needs a [weights.{primary}] file")
+    elif isinstance(weights[primary], dict):
         suffixes = TORCH_SUFFIXES if method in NETWORK_METHODS else (SKOPS_SUFFIX,)
-        if not str(weights[role].get("file", "")).endswith(suffixes):
-            problems.append(f"[weights.{role}] file must end with {' or '.join(suffixes)}")
+        if not str(weights[primary].get("file", "")).endswith(suffixes):
+            problems.append(f"[weights.{primary}] file must end with {' or '.join(suffixes)}")
     return problems
 
 

@@ -44,6 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from inference.imaging.lesions import Lesion
 from inference.imaging.volume import CTVolume
 from inference.response.results import Alignment, AlignmentMethod  # noqa: F401 - the types live there
+from inference.vectors import vector3
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +189,11 @@ def register_rigid(
         )
         result, metric_final = start_transform, metric_start
     seconds = time.perf_counter() - started
+    angle_x, angle_y, angle_z, shift_x, shift_y, shift_z = (float(v) for v in result.GetParameters())
     alignment = Alignment(
         method="rigid-registration",
-        parameters=tuple(float(v) for v in result.GetParameters()),  # type: ignore[arg-type]
-        centre_mm=tuple(float(v) for v in result.GetCenter()),  # type: ignore[arg-type]
+        parameters=(angle_x, angle_y, angle_z, shift_x, shift_y, shift_z),
+        centre_mm=vector3(result.GetCenter()),
         metric_start=float(metric_start),
         metric_final=float(metric_final),
         iterations=iterations,
@@ -395,9 +397,11 @@ def match_lesions(
     matches: list[LesionMatch] = []
     if nb and nf:
         cost = np.where(dice >= min_dice, -dice, _NO_PAIR)
-        for i, j in zip(*linear_sum_assignment(cost), strict=True):
-            if dice[i, j] >= min_dice:
-                matches.append(LesionMatch(int(i), int(j), float(dice[i, j]), float(distance[i, j]), "overlap"))
+        for row, col in zip(*linear_sum_assignment(cost), strict=True):
+            if dice[row, col] >= min_dice:
+                matches.append(
+                    LesionMatch(int(row), int(col), float(dice[row, col]), float(distance[row, col]), "overlap")
+                )
         left_b = [i for i in range(nb) if i not in {m.baseline_index for m in matches}]
         left_f = [j for j in range(nf) if j not in {m.follow_up_index for m in matches}]
         if left_b and left_f:
@@ -415,5 +419,5 @@ def match_lesions(
         matches=tuple(matches),
         new=tuple(j for j in range(nf) if j not in matched_f),
         disappeared=tuple(i for i in range(nb) if i not in matched_b),
-        follow_up_centroids_in_baseline_mm=tuple(tuple(float(v) for v in c) for c in centroids),  # type: ignore[misc]
+        follow_up_centroids_in_baseline_mm=tuple(vector3(c) for c in centroids),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -24,7 +24,9 @@ from scipy import ndimage
 __all__ = ["DEFAULT_AUGMENTATION", "Augmentation", "affine2d", "flip_rotate"]
 
 
-def affine2d(image: np.ndarray, shift: tuple[float, float], angle_deg: float, *, order: int = 1) -> np.ndarray:
+def affine2d(
+    image: np.ndarray, shift: tuple[float, float], angle_deg: float, *, order: Literal[0, 1, 2, 3, 4, 5] = 1
+) -> np.ndarray:
     """Rotate a 2D image about its centre by ``angle_deg`` and shift it by ``shift`` (rows, cols) pixels.
 
     Parameters
@@ -36,7 +38,7 @@ def affine2d(image: np.ndarray, shift: tuple[float, float], angle_deg: float, *,
     angle_deg
         Counter-clockwise rotation in degrees.
     order
-        Spline order of the interpolation.
+        Spline order of the interpolation (0 to 5).
 
     Returns
     -------

@@ -60,12 +60,19 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from inference.errors import ConfigError
 from inference.methods import METHODS as REGISTRY
 from inference.training.augment import DEFAULT_AUGMENTATION, Augmentation
 from inference.training.phantom_data import PhantomCohortSpec
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from inference.comparator import UnivariateTest
+
+_Settings = TypeVar("_Settings", bound="DataclassInstance")
 
 __all__ = [
     "METHODS",
@@ -131,7 +138,7 @@ class RadiomicsSettings:
 
     params: Path | None = None
     p_value: float = 0.05
-    test: str = "mannwhitney"
+    test: UnivariateTest = "mannwhitney"
     cv_folds: int = 10
     n_trees: int = 200
     max_depth: int = 4
@@ -161,7 +168,7 @@ class TrainConfig:
 
     method: str
     labels: tuple[str, ...]
-    package: Mapping[str, str]
+    package: Mapping[str, Any]
     data: DataSettings
     input: Mapping[str, Any] = field(default_factory=dict)
     architecture: Mapping[str, Any] = field(default_factory=dict)
@@ -186,7 +193,9 @@ def _known(table: Mapping[str, Any], allowed: set[str], where: str, problems: li
         problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _settings(cls: type, table: Mapping[str, Any], where: str, problems: list[str], **defaults: Any) -> Any:
+def _settings(
+    cls: type[_Settings], table: Mapping[str, Any], where: str, problems: list[str], **defaults: Any
+) -> _Settings:
     fields = set(cls.__dataclass_fields__)
     _known(table, fields, where, problems)
     values = {**defaults, **{k: v for k, v in table.items() if k in fields}}

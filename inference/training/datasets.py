@@ -24,13 +24,14 @@ inference use. Logs count studies and lesions; they never name a patient or a fo
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -151,7 +152,7 @@ class LabelRecord:
     labels: tuple[float, ...]
     lesion: int | None = None
     age: float | None = None
-    sex: str | None = None
+    sex: Literal["M", "F"] | None = None
     smoking: bool | None = None
 
 
@@ -201,7 +202,7 @@ def read_labels_csv(path: str | Path, labels: Sequence[str]) -> list[LabelRecord
                     labels=tuple(parse_label(row[label]) for label in labels),
                     lesion=int(lesion) if lesion else None,
                     age=_parse_age(row.get("age", "")),
-                    sex=sex if sex in ("M", "F") else None,
+                    sex="M" if sex == "M" else "F" if sex == "F" else None,
                     smoking=_parse_smoking(row.get("smoking", "")),
                 )
             )
@@ -318,7 +319,7 @@ def iter_lesions(
         try:
             segmentation = pydicom.dcmread(files.segmentation)
             volume = load_ct_series(
-                files.ct_files, choose_phase=lambda phases, seg=segmentation: phase_of_segmentation(phases, seg)
+                files.ct_files, choose_phase=functools.partial(phase_of_segmentation, segmentation=segmentation)
             )
             masks = [m for m in load_segmentation(segmentation, volume) if m.ok]
             lesions = [lesion for m in masks for lesion in find_lesions(m, volume, min_volume_ml=min_volume_ml)]
@@ -335,7 +336,7 @@ def iter_lesions(
                 continue
             covariates = Covariates(
                 age=row.age if row.age is not None else header.age,
-                sex=row.sex if row.sex is not None else header.sex,  # type: ignore[arg-type]
+                sex=row.sex if row.sex is not None else header.sex,
                 smoking=row.smoking,
             )
             case = LesionCase(row.patient_id, uid, number, row.labels, covariates, lesion.volume_ml)
@@ -408,8 +409,8 @@ def method_inputs(method: str, spec: Mapping[str, Any], volume: CTVolume, mask: 
         )
         return {"slices": np.stack([s.image for s in slices])}
     if method == "m4":
-        item = m4_input(ct, mask, spacing, patch_size=shape, ring_mm=float(spec.get("ring_mm", 3.0)))
-        return {"patch": item.patch_hu, "ring": item.ring_mask}
+        patch = m4_input(ct, mask, spacing, patch_size=shape, ring_mm=float(spec.get("ring_mm", 3.0)))
+        return {"patch": patch.patch_hu, "ring": patch.ring_mask}
     raise ValueError(f"method_inputs: unknown method {method!r}")
 
 
@@ -621,7 +622,8 @@ def read_features_csv(
         raise TrainingDataError(f"{path.name} lacks column(s) {missing}")
     if not names:
         raise TrainingDataError(f"{path.name} has no feature columns")
-    cases, matrix = [], []
+    cases: list[LesionCase] = []
+    matrix: list[list[float]] = []
     for number, row in enumerate(rows, start=2):
         try:
             values = [float(row[n]) for n in names]

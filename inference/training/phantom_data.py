@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class PhantomCohortSpec:
     pixel_spacing_mm: float = 2.5
     slice_thickness_mm: float = 2.5
     lesion_scale: float = 1.0
-    segmentation: str = "alternate"
+    segmentation: Literal["seg", "rtstruct", "alternate"] = "alternate"
 
     def __post_init__(self) -> None:
         if not self.planted:
@@ -247,7 +247,7 @@ def make_phantom_cohort(
             slices=spec.slices,
             pixel_spacing_mm=spec.pixel_spacing_mm,
             slice_thickness_mm=spec.slice_thickness_mm,
-            segmentation=kind,  # type: ignore[arg-type]
+            segmentation=kind,
             patient_id=patient_id,
             lesion_texture="coarse" if props.get("texture") else "smooth",
             lesion_scale=spec.lesion_scale,

@@ -10,7 +10,12 @@ target_metadata = Base.metadata
 
 
 def run_migrations() -> None:
-    engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url"))
+    engine = config.attributes.get("engine")
+    if engine is None:  # run by the alembic command rather than by pacs_agent.db
+        url = config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("no engine handed over by pacs_agent.db and no sqlalchemy.url in the alembic config")
+        engine = create_engine(url)
     with engine.begin() as connection:
         context.configure(
             connection=connection,

@@ -12,8 +12,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import cast
 
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_agent.audit import record_event, uid_hash
@@ -51,15 +53,23 @@ def _transport(event: evt.Event) -> str:
     if not isinstance(sock, ssl.SSLSocket):
         return ""
     text = f"over {sock.version()}"
-    subject = dict(item[0] for item in (sock.getpeercert() or {}).get("subject", ()) if item)
+    # The certificate dict's values are typed as any of its value shapes; "subject" is always the
+    # tuple of relative distinguished names, each a tuple of (attribute, value) pairs.
+    rdns = cast("tuple[tuple[tuple[str, str], ...], ...]", (sock.getpeercert() or {}).get("subject", ()))
+    subject = dict(rdn[0] for rdn in rdns if rdn)
     if "commonName" in subject:
         text += f", client certificate CN={subject['commonName']}"
     return text
 
 
+def _store_request(event: evt.Event) -> C_STORE:
+    """The request of an ``EVT_C_STORE`` event (pynetdicom types ``Event.request`` as any DIMSE primitive)."""
+    return cast(C_STORE, event.request)
+
+
 def _received_bytes(event: evt.Event) -> int:
     """Size of the received dataset, without copying or decoding it."""
-    stream = event.request.DataSet
+    stream = _store_request(event).DataSet
     if isinstance(stream, BytesIO):
         with stream.getbuffer() as view:
             return view.nbytes
@@ -80,7 +90,7 @@ class ReceiveHandlers:
         security = settings.security
         self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
 
-    def bindings(self) -> list[tuple[evt.EventType, object]]:
+    def bindings(self) -> list[evt.EventHandlerType]:
         """The ``evt_handlers`` list for ``AE.start_server``."""
         return [
             (evt.EVT_REQUESTED, self.on_requested),
@@ -92,10 +102,31 @@ class ReceiveHandlers:
             (evt.EVT_C_STORE, self.on_store),
         ]
 
-    def _event(self, kind: str, **kwargs: object) -> None:
+    def _event(
+        self,
+        kind: str,
+        *,
+        level: str,
+        peer: str,
+        detail: str,
+        ae_title: str | None = None,
+        sop_instance_uid: str | None = None,
+        status: int | None = None,
+        duration_seconds: float | None = None,
+    ) -> None:
         try:
             with self.db.session() as session, session.begin():
-                record_event(session, kind, **kwargs)  # type: ignore[arg-type]
+                record_event(
+                    session,
+                    kind,
+                    level=level,
+                    peer=peer,
+                    detail=detail,
+                    ae_title=ae_title,
+                    sop_instance_uid=sop_instance_uid,
+                    status=status,
+                    duration_seconds=duration_seconds,
+                )
         except SQLAlchemyError:
             logger.exception("could not record event %s", kind)
 
@@ -182,7 +213,7 @@ class ReceiveHandlers:
         return status
 
     def _check(self, event: evt.Event, header: InstanceHeader) -> tuple[int, str] | None:
-        request = event.request
+        request = _store_request(event)
         if header.sop_class_uid != request.AffectedSOPClassUID:
             return (
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -206,19 +237,19 @@ class ReceiveHandlers:
                 event,
                 OUT_OF_RESOURCES,
                 f"instance of {size / MEGABYTE:.1f} MB is larger than [security] max_instance_mb = {limit_mb}",
-                event.request.AffectedSOPInstanceUID,
+                _store_request(event).AffectedSOPInstanceUID,
             )
         try:
             data = event.encoded_dataset(include_meta=True)
             header = read_header(data)
         except HeaderError as exc:
-            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), event.request.AffectedSOPInstanceUID)
+            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), _store_request(event).AffectedSOPInstanceUID)
         except Exception as exc:  # pynetdicom can fail to build the file meta of garbage
             return self._refuse(
                 event,
                 CANNOT_UNDERSTAND,
                 f"cannot decode the dataset: {type(exc).__name__}",
-                event.request.AffectedSOPInstanceUID,
+                _store_request(event).AffectedSOPInstanceUID,
             )
         problem = self._check(event, header)
         if problem is not None:

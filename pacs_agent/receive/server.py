@@ -33,7 +33,7 @@ from pydicom.uid import (
     JPEGLossless as JPEGLosslessP14,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom sets it via globals()
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -111,6 +111,8 @@ class TlsAssociationServer(ThreadedAssociationServer):
         self.handshake_timeout = handshake_timeout
         super().__init__(*args, **kwargs)
 
+    # Narrower than the base's signature, which also covers UDP servers' (bytes, socket) requests:
+    # this is a TCP server, so it is always handed a connected socket and an (address, port) pair.
     def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
         """Do the TLS handshake, then run the association on the encrypted socket."""
         address = str(client_address[0])
@@ -160,7 +162,7 @@ class ReceiveServer:
         self.ae = build_ae(settings)
         self.tls_context = server_context(settings.tls) if settings.node.tls_port else None
         self._server: ThreadedAssociationServer | None = None
-        self._tls_server: TlsAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
@@ -180,7 +182,7 @@ class ReceiveServer:
         warn_about_certificate(self.settings.tls)
         server = self.ae.make_server(
             (node.host, node.tls_port),
-            evt_handlers=self.handlers.bindings(),  # type: ignore[arg-type]
+            evt_handlers=self.handlers.bindings(),
             server_class=TlsAssociationServer,
             tls_context=self.tls_context,
             on_tls_refused=self.handlers.on_tls_refused,
@@ -199,7 +201,7 @@ class ReceiveServer:
             self._server = self.ae.start_server(
                 (node.host, node.port),
                 block=False,
-                evt_handlers=self.handlers.bindings(),  # type: ignore[arg-type]
+                evt_handlers=self.handlers.bindings(),
             )
             logger.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
         if node.tls_port:

@@ -16,12 +16,20 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 Point = tuple[float, float, float]
+Orientation = tuple[float, float, float, float, float, float]
 
 __all__ = ["CTGeometry", "Coverage", "coverage", "parse_vector"]
 
 
+@overload
+def parse_vector(text: str | None, size: Literal[3]) -> Point | None: ...
+@overload
+def parse_vector(text: str | None, size: Literal[6]) -> Orientation | None: ...
+@overload
+def parse_vector(text: str | None, size: int) -> tuple[float, ...] | None: ...
 def parse_vector(text: str | None, size: int) -> tuple[float, ...] | None:
     """``size`` numbers from a backslash-separated DICOM DS value, or None when absent or malformed."""
     if not text:
@@ -39,7 +47,7 @@ def parse_vector(text: str | None, size: int) -> tuple[float, ...] | None:
 class CTGeometry:
     """Slice geometry of a received CT series: one orientation, one position per slice."""
 
-    orientation: tuple[float, float, float, float, float, float]
+    orientation: Orientation
     """Image Orientation (Patient): row then column direction cosines."""
     positions: tuple[Point, ...]
     """Image Position (Patient) of each received slice."""

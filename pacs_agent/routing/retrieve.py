@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom sets its SOP classes via globals()
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -117,9 +117,9 @@ def find_studies(
     return [study for study in found if study.study_instance_uid]
 
 
-def _outcome(source: Source, what: str, responses: object) -> RetrieveOutcome:
+def _outcome(source: Source, what: str, responses: Iterator[tuple[Dataset, Dataset | None]]) -> RetrieveOutcome:
     last = None
-    for status, _identifier in responses:  # type: ignore[attr-defined]
+    for status, _identifier in responses:
         if status is None or "Status" not in status:
             raise RetrieveError(f"source {source.name} stopped answering the {what}")
         last = status
@@ -175,15 +175,13 @@ def get_study(
 ) -> RetrieveOutcome:
     """C-GET a study; every instance goes through ``on_store`` (the node's C-STORE handler)."""
     ae = _associate(source, calling_ae_title, timeout, [StudyRootQueryRetrieveInformationModelGet])
-    roles = []
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
-        roles.append(build_role(sop_class, scp_role=True))
     assoc = ae.associate(
         source.host,
         source.port,
         ae_title=source.ae_title,
-        ext_neg=roles,
+        ext_neg=[build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES],
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
     if not assoc.is_established:

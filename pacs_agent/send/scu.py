@@ -71,7 +71,12 @@ def store_files(
     failed outcome with the reason (refused, unreachable, ...); nothing raises for network
     trouble.
     """
-    if destination.type != "dimse" or destination.host is None or destination.port is None:
+    if (
+        destination.type != "dimse"
+        or destination.ae_title is None
+        or destination.host is None
+        or destination.port is None
+    ):
         raise ValueError(f'Argument "destination" must be a DIMSE destination, not type {destination.type!r}.')
     datasets = []
     outcomes: list[SendOutcome] = []

@@ -88,9 +88,10 @@ def segmentation_summary(
 def _geometry(orientation: str | None, positions: list[str | None]) -> CTGeometry | None:
     iop = parse_vector(orientation, 6)
     points = [parse_vector(p, 3) for p in positions]
-    if iop is None or not points or any(p is None for p in points):
+    present = tuple(p for p in points if p is not None)
+    if iop is None or not points or len(present) != len(points):
         return None
-    return CTGeometry(orientation=iop, positions=tuple(points))  # type: ignore[arg-type]
+    return CTGeometry(orientation=iop, positions=present)
 
 
 def snapshot_study(session: Session, study: Study, spool_dir: Path | None = None) -> StudySnapshot:

@@ -46,6 +46,7 @@ def _insert_ignore_statement(dialect: str, table: Table, columns: tuple[str, ...
     so an instance costs an execution, not a statement construction and compilation.
     """
     values = {name: bindparam(name, type_=table.c[name].type) for name in columns}
+    stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
         stmt = postgresql.insert(table).values(values).on_conflict_do_nothing()
     elif dialect == "sqlite":
