@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -446,6 +446,10 @@ class MultiViewMultiTask(nn.Module):
         with torch.no_grad():  # start as the mean of (mutant - wild-type) sigmoid outputs over the views
             self.fusion_weight[..., 0] = -1.0 / views
             self.fusion_weight[..., 1] = 1.0 / views
+
+    def branch(self, view: int) -> _ViewBranch:
+        """The branch that sees view ``view`` (the one shared branch when ``shared_views``)."""
+        return cast(_ViewBranch, self.branches[0 if self.shared_views else view])
 
     def view_outputs(self, views: torch.Tensor, covariates: torch.Tensor) -> torch.Tensor:
         """Per-view sigmoid outputs O (paper eq. 5-6), shape (N, tasks, views, 2)."""

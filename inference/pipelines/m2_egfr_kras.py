@@ -220,7 +220,7 @@ def m2_explained(
     """
     network = cast(MultiViewMultiTask, net.network)
     axial = VIEW_NAMES.index("axial")
-    branch = network.branches[0 if network.shared_views else axial]
+    branch = network.branch(axial)
     views = network.views
 
     def axial_only(maps: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
                 attempts=Job.attempts + 1,
             )
         )
-        if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        if claimed.rowcount == 1:  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult; Session.execute is typed Result
             break
     job = session.get(Job, candidate, populate_existing=True)
     assert job is not None
@@ -117,7 +117,7 @@ def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == RUNNING)
         .values(heartbeat_at=utcnow())
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return result.rowcount == 1  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult; Session.execute is typed Result
 
 
 def open_jobs(session: Session, study_id: int) -> int:
