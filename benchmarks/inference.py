@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_input  # noqa: E402
-from inference.models import DeepRadInput, MultiViewInput, build_network  # noqa: E402
+from inference.networks import DeepRadInput, MultiViewInput, build_network  # noqa: E402
 from inference.phantom import generate_study  # noqa: E402
 from inference.pipelines import PIPELINES  # noqa: E402
 from inference.pipelines.m2_egfr_kras import covariates_from_header  # noqa: E402

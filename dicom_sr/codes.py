@@ -56,6 +56,7 @@ __all__ = [
     "VOLUME",
     "WEIGHTS_SHA256",
     "feature_concept",
+    "private_concept",
     "split_feature_name",
     "ucum",
 ]
@@ -64,7 +65,8 @@ PRIVATE_SCHEME_DESIGNATOR = "99PACSAGENT"
 PRIVATE_SCHEME_NAME = "pacs-agent private concepts"
 
 
-def _private(value: str, meaning: str) -> CodedConcept:
+def private_concept(value: str, meaning: str) -> CodedConcept:
+    """A concept of the pacs-agent private coding scheme (:data:`PRIVATE_SCHEME_DESIGNATOR`)."""
     return CodedConcept(value=value, meaning=meaning, scheme_designator=PRIVATE_SCHEME_DESIGNATOR)
 
 
@@ -90,12 +92,12 @@ QUALITATIVE_EVALUATIONS = CodedConcept(value="C0034375", meaning="Qualitative Ev
 """TID 1500 row 12: report-level container of CODE / TEXT qualitative evaluations."""
 
 # Private concepts (99PACSAGENT), see the module docstring.
-WEIGHTS_SHA256 = _private("WEIGHTS-SHA256", "Algorithm weights SHA-256")
-DECISION_THRESHOLD = _private("DECISION-THRESH", "Decision threshold")
-PIPELINE_PROVENANCE = _private("PROVENANCE", "Pipeline provenance")
-VALIDATION_STATUS = _private("VALIDATION-STAT", "Validation status")
-INTENDED_USE = _private("INTENDED-USE", "Intended use")
-USAGE_WARNING = _private("USAGE-WARNING", "Usage warning")
+WEIGHTS_SHA256 = private_concept("WEIGHTS-SHA256", "Algorithm weights SHA-256")
+DECISION_THRESHOLD = private_concept("DECISION-THRESH", "Decision threshold")
+PIPELINE_PROVENANCE = private_concept("PROVENANCE", "Pipeline provenance")
+VALIDATION_STATUS = private_concept("VALIDATION-STAT", "Validation status")
+INTENDED_USE = private_concept("INTENDED-USE", "Intended use")
+USAGE_WARNING = private_concept("USAGE-WARNING", "Usage warning")
 
 FEATURE_CONCEPTS: dict[str, CodedConcept] = {
     # shape (IBSI "Morphological features", HCUG)
@@ -104,14 +106,14 @@ FEATURE_CONCEPTS: dict[str, CodedConcept] = {
     "shape_SurfaceArea": _ibsi("C0JK", "Surface area"),
     "shape_Sphericity": _ibsi("QCFX", "Sphericity"),
     "shape_Maximum3DDiameter": _ibsi("L0JK", "Maximum 3D diameter"),
-    "shape_Maximum2DDiameterSlice": _private("MAX2D-DIAM-SLICE", "Maximum 2D diameter (axial slice)"),
+    "shape_Maximum2DDiameterSlice": private_concept("MAX2D-DIAM-SLICE", "Maximum 2D diameter (axial slice)"),
     # firstorder (IBSI intensity-based statistics / intensity histogram)
     "firstorder_Mean": _ibsi("Q4LE", "Mean"),
     "firstorder_Variance": _ibsi("ECT3", "Variance"),
     "firstorder_Skewness": _ibsi("KE2A", "Skewness"),
     "firstorder_RootMeanSquared": _ibsi("5ZWQ", "Root mean square"),
     "firstorder_Entropy": _ibsi("TLU2", "Intensity histogram entropy"),
-    "firstorder_Kurtosis": _private("KURTOSIS-PYRAD", "Kurtosis (pyradiomics, not excess)"),
+    "firstorder_Kurtosis": private_concept("KURTOSIS-PYRAD", "Kurtosis (pyradiomics, not excess)"),
     # texture
     "glcm_Contrast": _ibsi("ACUI", "(GLCM) Contrast"),
     "glcm_JointEntropy": _ibsi("TU9B", "Joint entropy"),
@@ -229,3 +231,84 @@ def ucum(unit: str | Code | CodedConcept) -> CodedConcept:
     except KeyError:
         raise ValueError(f'Unknown unit "{unit}"; known UCUM codes: {", ".join(_UCUM)}.') from None
     return CodedConcept(value=unit, meaning=meaning, scheme_designator="UCUM")
+
+
+# --- the lesion groups and predictions of a measurement report (dicom_sr.sr.templates) ---
+STATUS_CODES: dict[str, CodedConcept] = {
+    "mutant": private_concept("MUTANT", "Mutant"),
+    "wild type": private_concept("WILD-TYPE", "Wild type"),
+    "high risk": CodedConcept(value="15508007", meaning="High risk", scheme_designator="SCT"),
+    "low risk": CodedConcept(value="75976002", meaning="Low risk", scheme_designator="SCT"),
+    "positive": CodedConcept(value="10828004", meaning="Positive", scheme_designator="SCT"),
+    "negative": CodedConcept(value="260385009", meaning="Negative", scheme_designator="SCT"),
+}
+"""Prediction status -> coded value of the qualitative evaluation."""
+
+POSITIVE_STATUSES = frozenset({"mutant", "high risk", "positive"})
+"""Statuses reported when the probability reaches the threshold."""
+
+METHOD = private_concept("METHOD", "Analysis method")
+FRAME_OF_REFERENCE_UID = CodedConcept(value="112227", meaning="Frame of Reference UID", scheme_designator="DCM")
+LESION_CONCEPTS: dict[str, CodedConcept] = {
+    "source_uid": private_concept("SOURCE-UID", "Segmentation SOP Instance UID"),
+    "source_number": private_concept("SOURCE-NUMBER", "Segment or ROI number"),
+    "source_label": private_concept("SOURCE-LABEL", "Segment or ROI label"),
+    "centroid_mm": private_concept("CENTROID-MM", "Lesion centroid (patient, mm)"),
+    "key_slice_index": private_concept("KEY-SLICE-INDEX", "Key slice index"),
+    "key_slice_uid": private_concept("KEY-SLICE-UID", "Key slice SOP Instance UID"),
+}
+"""Per-lesion TEXT items that let the reader rebuild a ``LesionResult`` (see module docstring)."""
+
+
+# --- the response report (dicom_sr.sr.response) ---
+# Standard concepts (PS3.16).
+TIME_POINT_TYPE = CodedConcept(value="126072", meaning="Time Point Type", scheme_designator="DCM")
+BASELINE = CodedConcept(value="C1442488", meaning="Baseline", scheme_designator="UMLS")
+"""CID 6146: the baseline CT."""
+FOLLOW_UP = CodedConcept(value="126074", meaning="Posttreatment", scheme_designator="DCM")
+"""CID 6146: the follow-up CT, taken after treatment started (about 8 weeks into it)."""
+FRACTIONAL_CHANGE = CodedConcept(value="125314", meaning="Fractional Change", scheme_designator="DCM")
+CURRENT_RESPONSE = CodedConcept(value="112048", meaning="Current Response", scheme_designator="DCM")
+RESPONSE_EVALUATION_METHOD = CodedConcept(value="112021", meaning="Response Evaluation Method", scheme_designator="DCM")
+RECIST_1_1 = CodedConcept(value="126081", meaning="RECIST 1.1", scheme_designator="DCM")
+BASELINE_CATEGORY = CodedConcept(value="112016", meaning="Baseline Category", scheme_designator="DCM")
+TARGET_AT_BASELINE = CodedConcept(value="112074", meaning="Target Lesion at Baseline", scheme_designator="DCM")
+NON_TARGET_AT_BASELINE = CodedConcept(value="112075", meaning="Non-Target Lesion at Baseline", scheme_designator="DCM")
+RECIST_CATEGORY_CODES: dict[str, CodedConcept] = {
+    "CR": CodedConcept(value="112041", meaning="Target Lesion Complete Response", scheme_designator="DCM"),
+    "PR": CodedConcept(value="112042", meaning="Target Lesion Partial Response", scheme_designator="DCM"),
+    "PD": CodedConcept(value="112043", meaning="Target Lesion Progressive Disease", scheme_designator="DCM"),
+    "SD": CodedConcept(value="112044", meaning="Target Lesion Stable Disease", scheme_designator="DCM"),
+    "NE": private_concept("RECIST-NE", "Not evaluable"),
+}
+"""RECIST-like category -> value of "Current Response" (CID 6144; NE private)."""
+
+# Private concepts (99PACSAGENT), see the module docstring.
+RESPONSE_FEATURE_CONCEPTS: dict[str, CodedConcept] = {
+    "si4": private_concept("SI4", "Shape index bin 4 fraction (SI4)"),
+    "log_z_entropy": private_concept("LOGZ-ENTROPY", "Entropy after LoG filter along z"),
+    "log_x_entropy": private_concept("LOGX-ENTROPY", "Entropy after LoG filter along x"),
+    "ngtdm_contrast": FEATURE_CONCEPTS["ngtdm_Contrast"],
+}
+"""The four response features (:data:`inference.radiomics.delta.FEATURE_NAMES`) -> concept name."""
+ABSOLUTE_CHANGE = private_concept("ABS-CHANGE", "Absolute change from baseline")
+TOTAL_VOLUME = private_concept("TOTAL-VOLUME", "Total lesion volume")
+SUM_OF_DIAMETERS = private_concept("SUM-DIAMETERS", "Sum of target lesion diameters")
+INTERVAL = private_concept("INTERVAL", "Interval between baseline and follow-up")
+INSENSITIVITY_PROBABILITY = private_concept("INSENS-PROB", "Probability of treatment insensitivity")
+RISK_GROUP = private_concept("RISK-GROUP", "Treatment insensitivity risk group")
+LESION_STATUS = private_concept("LESION-STATUS", "Lesion status between time points")
+LESION_STATUS_VALUES: dict[str, CodedConcept] = {
+    "matched": private_concept("MATCHED", "Seen at both time points"),
+    "new": private_concept("NEW", "New lesion (follow-up only)"),
+    "disappeared": private_concept("DISAPPEARED", "Disappeared (baseline only)"),
+}
+MATCH_DICE = private_concept("MATCH-DICE", "Overlap of matched lesions (Dice)")
+MATCH_DISTANCE = private_concept("MATCH-DISTANCE", "Centroid distance of matched lesions")
+MATCH_RULE = private_concept("MATCH-RULE", "Lesion matching rule")
+BASELINE_SEGMENT = private_concept("BASELINE-SEGMENT", "Baseline segment or ROI")
+RECIST_REASON = private_concept("RECIST-REASON", "Response category reason")
+RESULT_NOTE = private_concept("RESULT-NOTE", "Result note")
+BASELINE_STUDY = private_concept("BASELINE-STUDY", "Baseline Study Instance UID")
+BASELINE_SEGMENTATION = private_concept("BASELINE-SEG-UID", "Baseline segmentation SOP Instance UID")
+DAY = CodedConcept(value="d", meaning="day", scheme_designator="UCUM")

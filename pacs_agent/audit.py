@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pacs_agent.models import Event
+from pacs_agent.db.tables import Event
 
 audit_logger = logging.getLogger("pacs_agent.audit")
 

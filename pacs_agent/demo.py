@@ -28,7 +28,7 @@ from sqlalchemy import select
 from inference.methods import method_names
 from pacs_agent.config import Destination
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Job
+from pacs_agent.db.tables import Delivery, Job
 from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 from pacs_agent.receive.spool import durable_write, safe_name
 from pacs_agent.send.scu import store_files

@@ -118,7 +118,7 @@ def query_events(db: Database, query: EventQuery) -> list[dict[str, Any]]:
     """
     from sqlalchemy import select
 
-    from pacs_agent.models import Event
+    from pacs_agent.db.tables import Event
 
     statement = select(Event).order_by(Event.id.desc()).limit(query.limit)
     if query.since is not None:

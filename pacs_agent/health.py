@@ -40,8 +40,8 @@ from sqlalchemy.engine import Connection
 from pacs_agent import __version__
 from pacs_agent.config import Settings
 from pacs_agent.db import read_engine
+from pacs_agent.db.tables import Job
 from pacs_agent.metrics import CONTENT_TYPE, Exposition, database_metrics, last_delivery_attempts
-from pacs_agent.models import Job
 
 logger = logging.getLogger(__name__)
 

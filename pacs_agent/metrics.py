@@ -17,7 +17,7 @@ from sqlalchemy import case, extract, func, select
 from sqlalchemy.engine import Connection
 
 from pacs_agent.config import Destination
-from pacs_agent.models import Delivery, DeliveryState, Event, Instance, Job, JobState, Study, StudyState
+from pacs_agent.db.tables import Delivery, DeliveryState, Event, Instance, Job, JobState, Study, StudyState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STUDY_STATES = tuple(state.value for state in StudyState)

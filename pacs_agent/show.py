@@ -10,7 +10,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.text import render_sr_text
 
 
 def _dicom_files(path: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
+from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
 from pacs_agent.routing.pairing import baseline_of
 
 

@@ -20,7 +20,7 @@ from pydicom.uid import (
 from sqlalchemy import update
 
 from inference.structures import SegmentationSummary, StructureInfo
-from pacs_agent.models import Instance
+from pacs_agent.db.tables import Instance
 from pacs_agent.receive.header import InstanceHeader
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from inference.models import build_network
+from inference.networks import build_network
 from inference.registry import write_package
 
 LABELS: dict[str, tuple[str, ...]] = {

@@ -26,7 +26,7 @@ import torch
 
 from inference.explain import box_maps, grad_cam, register
 from inference.imaging.roi import M1Input, m1_input
-from inference.models import M1Model, Probabilities, ResNetKRAS
+from inference.networks import M1Model, Probabilities, ResNetKRAS
 from inference.pipelines.model_methods import assemble, device_name, input_size, resolve_package, spec_value, stack
 from inference.pipelines.study import LoadedStudy, load_study
 from inference.registry import ModelPackage
@@ -117,7 +117,7 @@ def m1_explained(
     Parameters
     ----------
     net
-        The package's :class:`~inference.models.M1Model`.
+        The package's :class:`~inference.networks.M1Model`.
     crops
         (N, rows, cols) HU crops as given to the model.
     inputs

@@ -32,7 +32,7 @@ from pydicom import Dataset, dcmread
 
 from inference.explain import cube_view_maps, grad_cam, register
 from inference.imaging.roi import VIEW_NAMES, M2Input, m2_input
-from inference.models import Covariates, M2Model, MultiViewInput, MultiViewMultiTask, Probabilities
+from inference.networks import Covariates, M2Model, MultiViewInput, MultiViewMultiTask, Probabilities
 from inference.pipelines.model_methods import (
     ModelUnavailableError,
     assemble,
@@ -202,7 +202,7 @@ def m2_explained(
     Parameters
     ----------
     net
-        The package's :class:`~inference.models.M2Model`.
+        The package's :class:`~inference.networks.M2Model`.
     batch
         The model input (views and covariates) of every lesion.
     inputs

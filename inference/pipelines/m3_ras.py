@@ -28,7 +28,7 @@ import torch
 
 from inference.explain import box_maps, grad_cam, register
 from inference.imaging.roi import M3Slice, m3_input
-from inference.models import EfficientNetAttention, M3Model
+from inference.networks import EfficientNetAttention, M3Model
 from inference.pipelines.model_methods import assemble, device_name, input_size, resolve_package, spec_value, stack
 from inference.pipelines.study import LoadedStudy, load_study
 from inference.registry import ModelPackage
@@ -151,7 +151,7 @@ def m3_heatmaps(net: M3Model, per_lesion: Sequence[Sequence[M3Slice]], study: Lo
     Parameters
     ----------
     net
-        The package's :class:`~inference.models.M3Model`.
+        The package's :class:`~inference.networks.M3Model`.
     per_lesion
         The M3 slices of each lesion (:func:`~inference.imaging.roi.m3_input`).
     study

@@ -35,8 +35,8 @@ import torch
 from inference.comparator import RadScore, radiomics_params
 from inference.explain import box_maps, grad_cam, register
 from inference.imaging.roi import M4Input, m4_input
-from inference.models import DeepRadInput, DeepRadScoreNet, M4Model, Probabilities
-from inference.models.m4_deep_radscore import RADSCORES as REGIONS
+from inference.networks import DeepRadInput, DeepRadScoreNet, M4Model, Probabilities
+from inference.networks.m4_deep_radscore import RADSCORES as REGIONS
 from inference.pipelines.model_methods import (
     ModelUnavailableError,
     assemble,
@@ -206,7 +206,7 @@ def m4_explained(
     Parameters
     ----------
     net
-        The package's :class:`~inference.models.M4Model`.
+        The package's :class:`~inference.networks.M4Model`.
     batch
         The model input (patches and RadScores) of every lesion.
     inputs

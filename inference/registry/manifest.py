@@ -147,7 +147,7 @@ def _weights_problems(weights: Mapping[str, Any], method: str) -> list[str]:
 
 
 def _network_problems(data: Mapping[str, Any], method: str) -> list[str]:
-    from inference.models import NORMALISATION_KEYS, architecture_keys
+    from inference.networks import NORMALISATION_KEYS, architecture_keys
 
     problems = []
     allowed = architecture_keys(method)

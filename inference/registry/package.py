@@ -63,7 +63,7 @@ class ModelPackage:
     """A verified model package (made by :func:`load_package`).
 
     The tables of ``model.toml`` are kept as read. :attr:`model` builds the method's model the
-    first time it is used - a :class:`~inference.models.MethodModel` for M1-M4, the scikit-learn
+    first time it is used - a :class:`~inference.networks.MethodModel` for M1-M4, the scikit-learn
     estimator for radiomics / response - re-checking the weights' checksums as it reads them.
     """
 
@@ -147,7 +147,7 @@ class ModelPackage:
         role = PRIMARY_ROLE[self.method]
         if self.method in SKLEARN_METHODS:
             return load_skops(self.read_file(role), self.weights_file(role).file)
-        from inference.models import build_model, build_network
+        from inference.networks import build_model, build_network
 
         network = build_network(self.method, self.labels, self.architecture)
         state = load_state_dict(self.read_file(role), self.weights_file(role).file)
@@ -430,7 +430,7 @@ def _file_problems(package: ModelPackage, source: PackageSource) -> list[str]:
 def _state_problems(package: ModelPackage, state: Mapping[str, Any]) -> list[str]:
     import torch
 
-    from inference.models import build_network, label_problem
+    from inference.networks import build_network, label_problem
 
     problem = label_problem(package.method, package.labels, state)
     if problem:

@@ -343,7 +343,7 @@ def config_from_mapping(
     if architecture and chosen == "radiomics":
         problems.append("architecture: the radiomics comparator has no network")
     elif architecture:
-        from inference.models import architecture_keys
+        from inference.networks import architecture_keys
 
         _known(architecture, set(architecture_keys(chosen)), "architecture", problems)
     seed, threads = data.get("seed", 0), data.get("threads", 1)

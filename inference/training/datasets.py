@@ -48,7 +48,7 @@ from inference.imaging.masks import (
 )
 from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_input, peritumoral_ring
 from inference.imaging.volume import CTVolume, load_ct_series
-from inference.models.m2_multiview import Covariates
+from inference.networks.m2_multiview import Covariates
 from inference.pipelines.m2_egfr_kras import covariates_from_header
 
 __all__ = [

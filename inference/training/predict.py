@@ -41,7 +41,7 @@ class Predictor:
     labels
         Output labels.
     model
-        The method wrapper (:class:`~inference.models.MethodModel`) or a fitted
+        The method wrapper (:class:`~inference.networks.MethodModel`) or a fitted
         :class:`~inference.comparator.RadiomicsComparator`.
     radscores
         M4: the tumour and peritumoral :class:`~inference.comparator.RadScore`.
@@ -65,7 +65,7 @@ class Predictor:
         if self.method == "radiomics":
             names = cases.feature_names["tumour"]
             return self.model.predict_proba(cases.features["tumour"], names)[:, None]
-        from inference.models import DeepRadInput, MultiViewInput
+        from inference.networks import DeepRadInput, MultiViewInput
 
         if self.method == "m1":
             out = self.model(cases.arrays["image"])

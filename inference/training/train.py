@@ -281,7 +281,7 @@ class _NetworkFit:
         return out, info
 
     def _batch_inputs(self, cases: CaseSet, x: np.ndarray, idx: np.ndarray, raw_scores: np.ndarray | None) -> Any:
-        from inference.models import DeepRadInput, MultiViewInput
+        from inference.networks import DeepRadInput, MultiViewInput
 
         if self.method in ("m1", "m3"):
             return x
@@ -294,7 +294,7 @@ class _NetworkFit:
         """Train with early stopping; returns the best validation epoch's model."""
         import torch
 
-        from inference.models import build_model, build_network
+        from inference.networks import build_model, build_network
 
         cfg = self.config.training
         torch.manual_seed(self.config.seed)

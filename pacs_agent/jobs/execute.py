@@ -12,8 +12,8 @@ from datetime import datetime
 
 from pydicom import Dataset
 
-from dicom_sr.sc import build_lesion_capture, build_summary_capture
-from dicom_sr.sr import build_measurement_report
+from dicom_sr.sc.lesions import build_lesion_capture, build_summary_capture
+from dicom_sr.sr.lesions import build_measurement_report
 from inference.methods import UnknownMethodError, method_spec
 from inference.pipelines import PIPELINES
 from inference.pipelines.model_methods import installed_package

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dicom_sr.response_sc import build_response_capture, key_lesions
-from dicom_sr.response_sr import RESULT_KIND, build_response_report, lesion_result
+from dicom_sr.sc.response import build_response_capture, key_lesions
+from dicom_sr.sr.response import RESULT_KIND, build_response_report, lesion_result
 from inference.pipelines.model_methods import ModelUnavailableError, find_package
 from inference.pipelines.response import METHOD, run_response
 from inference.pipelines.study import LoadedStudy, StudyLoader, key_image

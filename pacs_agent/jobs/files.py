@@ -15,14 +15,14 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from dicom_sr.source import source_fixes
-from dicom_sr.sr import write_dataset
+from dicom_sr.sr.lesions import write_dataset
 from inference.results import PipelineOutput
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Instance, Result, Series, Study
 from pacs_agent.errors import InputError
 from pacs_agent.jobs.queue import ClaimedJob
-from pacs_agent.models import Instance, Result, Series, Study
 from pacs_agent.receive.spool import safe_name
 from pacs_agent.send.outbox import enqueue
 

@@ -18,8 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_agent.audit import record_event
+from pacs_agent.db.tables import Job, JobState, Study, StudyState, utcnow
 from pacs_agent.errors import PacsAgentError
-from pacs_agent.models import Job, JobState, Study, StudyState, utcnow
 
 PENDING, RUNNING, DONE, FAILED, DEAD = JobState.PENDING, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.DEAD
 

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from pacs_agent.models import Base
+from pacs_agent.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.models import Pairing, Study, utcnow
+from pacs_agent.db.tables import Pairing, Study, utcnow
 from pacs_agent.routing.pairing import (
     Candidate,
     choose_baseline,

@@ -25,8 +25,8 @@ from inference.methods import pair_method
 from inference.structures import StructureSelection
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
+from pacs_agent.db.tables import Job, Pairing, PairingState, Study, StudyState, utcnow
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Job, Pairing, PairingState, Study, StudyState, utcnow
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def list_deliveries(
     """
     from sqlalchemy import select
 
-    from pacs_agent.models import Delivery, Result, Study
+    from pacs_agent.db.tables import Delivery, Result, Study
 
     query = (
         select(Delivery, Result.kind, Result.sop_instance_uid, Study.study_instance_uid)
@@ -114,7 +114,7 @@ def retry_deliveries(
     from sqlalchemy import select
 
     from pacs_agent.audit import record_event
-    from pacs_agent.models import Delivery, DeliveryState, Result, Study, utcnow
+    from pacs_agent.db.tables import Delivery, DeliveryState, Result, Study, utcnow
     from pacs_agent.send.outbox import requeue
 
     now = now or utcnow()

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pacs_agent.audit import record_event
 from pacs_agent.config import DeliverySettings, Destination, Settings
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, DeliveryState, Result, Study, utcnow
+from pacs_agent.db.tables import Delivery, DeliveryState, Result, Study, utcnow
 from pacs_agent.send.scu import store_files
 from pacs_agent.send.stow import stow_files
 

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 from inference.structures import SegmentationSummary, read_summary
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
+from pacs_agent.db.tables import Instance, Job, Pairing, Series, Study, StudyState, utcnow
 from pacs_agent.jobs.queue import schedule_job
-from pacs_agent.models import Instance, Job, Pairing, Series, Study, StudyState, utcnow
 from pacs_agent.receive.header import ENHANCED_CT_IMAGE, SEGMENTATION_SOP_CLASSES
 from pacs_agent.routing.methods import (
     DEFAULT_METHOD_REGIONS,

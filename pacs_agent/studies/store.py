@@ -17,8 +17,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pacs_agent.audit import record_event
+from pacs_agent.db.tables import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from pacs_agent.jobs.queue import RetryRefused
-from pacs_agent.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from pacs_agent.receive.header import InstanceHeader
 
 

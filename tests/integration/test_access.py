@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Instance
+from pacs_agent.db.tables import Event, Instance
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

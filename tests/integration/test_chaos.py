@@ -22,7 +22,7 @@ from sqlalchemy import select
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Destination
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Instance, Job
+from pacs_agent.db.tables import Delivery, Instance, Job
 from pacs_agent.send.scu import store_files
 from tests.integration.peers import Node, Orthanc, wait_for
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Instance, Job, Study
+from pacs_agent.db.tables import Instance, Job, Study
 from tests.integration.peers import Node, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ from sqlalchemy import select, update
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Event, Job, Result, Study, utcnow
+from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, utcnow
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

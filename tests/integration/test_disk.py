@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Destination
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Instance
+from pacs_agent.db.tables import Event, Instance
 from pacs_agent.send.scu import store_files
 from tests.integration.peers import Node
 

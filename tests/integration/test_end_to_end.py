@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Job, Study
+from pacs_agent.db.tables import Delivery, Job, Study
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,7 @@ def test_orthanc_sends_study_and_gets_sr_back(
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
     check_dciodvfy(data, tmp_path)
     # one measurement group per planted lesion, and a volume close to the planted one
-    from dicom_sr.text import render_sr_text
+    from dicom_sr.sr.text import render_sr_text
 
     text = render_sr_text(ds)
     assert text.count("lesion") >= len(phantom.lesions)

@@ -20,8 +20,8 @@ from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Job
 from pacs_agent.demo import LocalReceiver
-from pacs_agent.models import Job
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -208,7 +208,7 @@ def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(
 
 def ended(db: Database, study_uid: str) -> tuple[str, str | None] | None:
     """("job <state>", last error) once the study's job ended, ("study incomplete", reason), else None."""
-    from pacs_agent.models import Study
+    from pacs_agent.db.tables import Study
 
     job = ended_job(db, study_uid)
     if job is not None:
@@ -222,7 +222,7 @@ def ended(db: Database, study_uid: str) -> tuple[str, str | None] | None:
 
 def ended_job(db: Database, study_uid: str) -> tuple[str, str | None] | None:
     """(state, last error) of the study's job once it ended, else None."""
-    from pacs_agent.models import Study
+    from pacs_agent.db.tables import Study
 
     with db.session() as session:
         row = session.execute(

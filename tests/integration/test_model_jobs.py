@@ -15,12 +15,12 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicom_sr.render import IMAGE_BOX
-from dicom_sr.text import render_sr_text
+from dicom_sr.sc.render import IMAGE_BOX
+from dicom_sr.sr.text import render_sr_text
 from inference.phantom import PhantomStudy, generate_study
 from inference.registry import load_package
 from pacs_agent.db import Database
-from pacs_agent.models import Job, Result
+from pacs_agent.db.tables import Job, Result
 from tests.integration.peers import Node, storescu, wait_for
 from tests.model_packages import write_test_package
 

@@ -28,8 +28,8 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 
-from dicom_sr.reader import read_measurement_report
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.reader import read_measurement_report
+from dicom_sr.sr.text import render_sr_text
 from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from tests.integration.ohif.install import RegistryUnavailable, ViewerInstall, install_viewer
 from tests.integration.ohif.server import ViewerServer

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Job, Pairing, Study
+from pacs_agent.db.tables import Event, Job, Pairing, Study
 from tests.integration.peers import Node, Orthanc, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -31,12 +31,12 @@ from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 from sqlalchemy import select
 
-from dicom_sr.reader import read_measurement_report
+from dicom_sr.sr.reader import read_measurement_report
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.phantom import PhantomStudy, generate_study
 from inference.results import StudyResult
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Study
+from pacs_agent.db.tables import Event, Study
 from tests.conftest import shared_data
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from inference.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Instance, Study
+from pacs_agent.db.tables import Event, Instance, Study
 from tests.integration.peers import Node, storescu, wait_for
 
 pytestmark = pytest.mark.integration

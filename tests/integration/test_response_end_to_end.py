@@ -22,10 +22,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.text import render_sr_text
 from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Job, Study
+from pacs_agent.db.tables import Event, Job, Study
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 from tests.unit.test_response_pipeline import blank_segments
 

@@ -15,9 +15,9 @@ from pacs_agent.audit import record_event
 from pacs_agent.cli import main
 from pacs_agent.config import load_settings
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, utcnow
 from pacs_agent.events_cli import EventQuery, RetryRefused, parse_since, query_events, retry_job, retry_study
 from pacs_agent.jobs import queue
-from pacs_agent.models import Delivery, Event, Job, Result, Study, utcnow
 from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
 from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.readiness import ReadinessRules

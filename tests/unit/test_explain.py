@@ -8,7 +8,7 @@ import torch
 
 from inference.explain import AxisMap, box_maps, cube_view_maps, grad_cam, register, to_slice
 from inference.imaging.roi import m1_input, m2_input, m3_input, m4_input, window
-from inference.models import EfficientNetAttention, MultiViewMultiTask, ResNetKRAS
+from inference.networks import EfficientNetAttention, MultiViewMultiTask, ResNetKRAS
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -133,8 +133,8 @@ def test_there_is_no_import_cycle() -> None:
 
 def test_the_contract_test_sees_a_violation() -> None:
     """The graph is read from the source: the known downward import is found (the checks can fail)."""
-    assert "inference.results" in imports()["dicom_sr.sr"]
-    assert "dicom_sr.sr" in imports()["pacs_agent.jobs.execute"]
+    assert "inference.results" in imports()["dicom_sr.sr.lesions"]
+    assert "dicom_sr.sr.lesions" in imports()["pacs_agent.jobs.execute"]
 
 
 def loaded_after(code: str) -> list[str]:
@@ -186,7 +186,7 @@ def test_the_method_registry_is_the_one_list_of_methods() -> None:
 
 
 def test_states_are_written_through_their_enums() -> None:
-    """No module assigns a bare string to a state column: each table's states are one enum (pacs_agent.models)."""
+    """No module assigns a bare string to a state column: each table's states are one enum (pacs_agent.db.tables)."""
     bare = []
     for module, path in modules().items():
         if not module.startswith("pacs_agent"):

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from pacs_agent.config import settings_from_mapping
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Event, Job, Study
 from pacs_agent.errors import ConfigError
-from pacs_agent.models import Event, Job, Study
 from pacs_agent.routing.methods import (
     DEFAULT_METHOD_REGIONS,
     DEFAULT_REGION_PATTERNS,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from pydicom import Dataset, dcmread
 
-from dicom_sr.sr import build_measurement_report
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.lesions import build_measurement_report
+from dicom_sr.sr.text import render_sr_text
 from inference.imaging.lesions import key_outline_px
 from inference.imaging.roi import m1_input, m3_input
-from inference.models import Covariates
+from inference.networks import Covariates
 from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines import MODEL_METHODS, PIPELINES
 from inference.pipelines.m2_egfr_kras import covariates_from_header

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference.models import (
+from inference.networks import (
     FIVE_LABELS,
     GROUPED_LABELS,
     Covariates,
@@ -29,15 +29,15 @@ from inference.models import (
     encode_covariates,
     label_problem,
 )
-from inference.models.m2_multiview import (
+from inference.networks.m2_multiview import (
     MIN_VIEW_SIZE,
     AttentionModule,
     HourglassMask,
     InceptionAttentionTrunk,
     block35,
 )
-from inference.models.m3_efficientnet import EfficientNetB0Backbone
-from inference.models.m4_deep_radscore import DenseNetBackbone
+from inference.networks.m3_efficientnet import EfficientNetB0Backbone
+from inference.networks.m4_deep_radscore import DenseNetBackbone
 
 CPU = torch.device("cpu")
 Z_HU = ZScore(40.0, 100.0)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
-from pacs_agent.models import Event, Job, Pairing, Study
+from pacs_agent.db.tables import Event, Job, Pairing, Study
 from pacs_agent.routing.pairing import Candidate, choose_baseline, parse_da, window_dates
 from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.readiness import ReadinessRules

@@ -16,7 +16,7 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.preprocessing import FunctionTransformer
 
-from inference.models import FIVE_LABELS, GROUPED_LABELS, EfficientNetAttention, M1Model, ResNetKRAS
+from inference.networks import FIVE_LABELS, GROUPED_LABELS, EfficientNetAttention, M1Model, ResNetKRAS
 from inference.registry import (
     ModelPackage,
     install_package,

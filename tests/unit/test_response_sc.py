@@ -1,4 +1,4 @@
-"""The response Secondary Capture (dicom_sr.response_sc): page layout, linkage, UIDs, dciodvfy.
+"""The response Secondary Capture (dicom_sr.sc.response): page layout, linkage, UIDs, dciodvfy.
 
 Input: one small phantom pair with planted shrinkage (volume x0.2, texture homogenised) run through
 the real response pipeline with the committed DEMO package and without a model. The example page
@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_sr.render import CONTOUR, DEMO_RED, HEADER_GREY, HEADER_HEIGHT
-from dicom_sr.response_sc import PANEL_LEFT, PANEL_SIZE, PANEL_TOP, build_response_capture, key_lesions
-from dicom_sr.sr import write_dataset
+from dicom_sr.sc.render import CONTOUR, DEMO_RED, HEADER_GREY, HEADER_HEIGHT
+from dicom_sr.sc.response import PANEL_LEFT, PANEL_SIZE, PANEL_TOP, build_response_capture, key_lesions
+from dicom_sr.sr.lesions import write_dataset
 from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.pipelines.response import run_response
 from inference.response import ResponseResult

@@ -1,4 +1,4 @@
-"""The response SR (dicom_sr.response_sr): content, codes, evidence, UIDs, dciodvfy.
+"""The response SR (dicom_sr.sr.response): content, codes, evidence, UIDs, dciodvfy.
 
 Input: small phantom pairs with planted change (volume x0.2, texture homogenised: RECIST PR), run
 through the real response pipeline with the committed DEMO package and without a model; pairs with a
@@ -16,15 +16,15 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from dicom_sr.response_sr import (
+from dicom_sr.sr.lesions import write_dataset
+from dicom_sr.sr.response import (
     NO_MODEL_NOTE,
     RECIST_CATEGORY_CODES,
     build_response_report,
     lesion_result,
     response_series_description,
 )
-from dicom_sr.sr import write_dataset
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.text import render_sr_text
 from inference.phantom import PhantomStudy, generate_follow_up, generate_study
 from inference.pipelines.response import run_response
 from inference.radiomics.delta import FEATURE_NAMES

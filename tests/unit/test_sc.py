@@ -1,4 +1,4 @@
-"""Secondary Capture pages (dicom_sr.sc, dicom_sr.render): pixels, linkage, UIDs, dciodvfy.
+"""Secondary Capture pages (dicom_sr.sc.lesions, dicom_sr.sc.render): pixels, linkage, UIDs, dciodvfy.
 
 Input is a small synthetic phantom (inference.phantom): exact masks, a real CT header. Example PNGs
 are written to the test's tmp dir, and also to $PACS_AGENT_SC_EXAMPLES when that is set (the README
@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
-from dicom_sr.render import (
+from dicom_sr.sc.lesions import _lesion_lines, build_lesion_capture, build_summary_capture, summary_table
+from dicom_sr.sc.render import (
     BACKGROUND,
     CANVAS,
     CONTOUR,
@@ -39,10 +40,9 @@ from dicom_sr.render import (
     text_width,
     window_to_uint8,
 )
-from dicom_sr.sc import _lesion_lines, build_lesion_capture, build_summary_capture, summary_table
 from dicom_sr.series import DEMO_SUFFIX, series_description
-from dicom_sr.sr import write_dataset
-from dicom_sr.templates import Prediction
+from dicom_sr.sr.lesions import write_dataset
+from dicom_sr.sr.templates import Prediction
 from dicom_sr.uids import derive_uid
 from inference.imaging.lesions import find_lesions
 from inference.imaging.masks import load_segmentation

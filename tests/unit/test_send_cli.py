@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from pacs_agent.cli import main
 from pacs_agent.db import Database
-from pacs_agent.models import Delivery, Event, Job, Result, Study, utcnow
+from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, utcnow
 from pacs_agent.send.cli import list_deliveries, retry_deliveries
 
 

@@ -29,8 +29,8 @@ from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_sr import SourceFix, source_fixes, valid_source
-from dicom_sr.sc import build_lesion_capture, build_summary_capture
-from dicom_sr.sr import build_measurement_report, write_dataset
+from dicom_sr.sc.lesions import build_lesion_capture, build_summary_capture
+from dicom_sr.sr.lesions import build_measurement_report, write_dataset
 from dicom_sr.uids import derive_uid
 from inference.results import AlgorithmInfo, LesionResult, SegmentationSource, StudyResult
 from tests.conftest import shared_data

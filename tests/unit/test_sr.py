@@ -1,4 +1,4 @@
-"""TID 1500 SR writer, codes and text rendering (dicom_sr.sr, dicom_sr.codes, dicom_sr.text).
+"""TID 1500 SR writer, codes and text rendering (dicom_sr.sr.lesions, dicom_sr.codes, dicom_sr.sr.text).
 
 Evidence is the real 3-slice liver CT + SEG from dcmqi (../shared/data); the tests skip when that
 folder is absent. DCMTK (dsrdump, dsr2html) and dicom3tools (dciodvfy) checks skip when the tool is
@@ -23,8 +23,8 @@ from pydicom.sr.codedict import codes as sr_codes
 
 from dicom_sr import codes
 from dicom_sr.series import DEMO_SUFFIX
-from dicom_sr.sr import build_measurement_report, write_dataset
-from dicom_sr.text import render_sr_text
+from dicom_sr.sr.lesions import build_measurement_report, write_dataset
+from dicom_sr.sr.text import render_sr_text
 from dicom_sr.uids import derive_uid
 from inference.results import (
     DEMO_WARNING,

@@ -1,4 +1,4 @@
-"""SR reader (dicom_sr.reader): StudyResult -> SR -> bytes -> read -> the same values.
+"""SR reader (dicom_sr.sr.reader): StudyResult -> SR -> bytes -> read -> the same values.
 
 The results come from the real radiomics pipeline on a small synthetic phantom (SEG and RTSTRUCT),
 so the round trip covers what the worker actually writes. DCMTK / dicom3tools checks skip when the
@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from dicom_sr.reader import read_measurement_report, read_predictions
-from dicom_sr.sr import build_measurement_report, write_dataset
-from dicom_sr.templates import Prediction
+from dicom_sr.sr.lesions import build_measurement_report, write_dataset
+from dicom_sr.sr.reader import read_measurement_report, read_predictions
+from dicom_sr.sr.templates import Prediction
 from inference.imaging.lesions import key_outline_px
 from inference.phantom import PhantomStudy, generate_study
 from inference.pipelines.radiomics import run_radiomics

@@ -12,8 +12,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Base, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.jobs import queue
-from pacs_agent.models import Base, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once

@@ -21,10 +21,10 @@ from inference.pipelines.study import NoLesionError, StudyLoader, load_study
 from inference.structures import StructureSelection
 from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
+from pacs_agent.db.tables import Job, JobState
 from pacs_agent.errors import InputError
 from pacs_agent.jobs import queue
 from pacs_agent.jobs.worker import Worker
-from pacs_agent.models import Job, JobState
 from pacs_agent.receive.header import read_header
 from pacs_agent.studies.store import record_instance
 

@@ -1,4 +1,4 @@
-"""SR template classes (dicom_sr.templates): content, codes and argument validation. No test data needed."""
+"""SR template classes (dicom_sr.sr.templates): content, codes and argument validation. No test data needed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 
 from dicom_sr import codes
-from dicom_sr.templates import (
+from dicom_sr.sr.templates import (
     LESION_CONCEPTS,
     STATUS_CODES,
     KeySliceOutlineGroup,

@@ -31,34 +31,32 @@ The viewer copy comes first because OHIF (3.13) merges the groups that share a t
 draws the first SCOORD / SCOORD3D of the merged content: the key-slice POLYLINE then wins over an
 RTSTRUCT lesion's SCOORD3D POLYGON volume surface, which OHIF cannot draw.
 
-The content items come from the template classes of :mod:`dicom_sr.templates` (codes documented
-there); :func:`dicom_sr.reader.read_measurement_report` parses the SR back.
+The content items come from the template classes of :mod:`dicom_sr.sr.templates` (codes documented
+there); :func:`dicom_sr.sr.reader.read_measurement_report` parses the SR back.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
-from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.common import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, device_observer_context, require
 from dicom_sr.series import DEMO_SUFFIX
 from dicom_sr.series import series_description as method_series_description
 from dicom_sr.series import series_number as method_series_number
 from dicom_sr.source import cleaned_sources
-from dicom_sr.templates import (
+from dicom_sr.sr.templates import (
     KeySliceOutlineGroup,
     LesionMeasurementGroup,
     Prediction,
@@ -96,23 +94,6 @@ _PATIENT_STUDY_KEYWORDS = (
 """What highdicom copies from ``evidence[0]`` (Patient and General Study modules, Type 2)."""
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("pacs-agent")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-SOFTWARE_VERSION = _package_version()
-"""Version of the installed pacs-agent distribution ("0+unknown" when not installed)."""
-
-
-def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
-    """Raise highdicom-style ``TypeError('Argument "name" must have type X.')``; bool is not an int."""
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise TypeError(f'Argument "{name}" must have type {type_name}.')
-
-
 def _unique_evidence(evidence: Sequence[Dataset], segmentation_dataset: Dataset | None) -> list[Dataset]:
     unique: dict[str, Dataset] = {}
     for ds in [*evidence, *([segmentation_dataset] if segmentation_dataset is not None else [])]:
@@ -130,7 +111,7 @@ def build_measurement_report(
     segmentation_dataset: Dataset | None = None,
     series_number: int | None = None,
     institution_name: str | None = None,
-    manufacturer: str = "pacs-agent",
+    manufacturer: str = MANUFACTURER,
     software_version: str = SOFTWARE_VERSION,
     procedure_reported: Code | CodedConcept = codes.CT_OF_ABDOMEN,
     finding_site: Code | CodedConcept | None = None,
@@ -148,7 +129,7 @@ def build_measurement_report(
     features coded per :mod:`dicom_sr.codes`) each carrying TID 4019 algorithm identification.
     A lesion with a ``key_outline_px`` gets, just before it, a TID 1410 Planar ROI group with
     the same tracking identifier and UID: its outline on the key slice as a closed SCOORD
-    POLYLINE plus its volume and long axis (:class:`dicom_sr.templates.KeySliceOutlineGroup`),
+    POLYLINE plus its volume and long axis (:class:`dicom_sr.sr.templates.KeySliceOutlineGroup`),
     the copy of the lesion that viewers such as OHIF draw.
     DEMO algorithms get "DEMO MODEL - NOT FOR CLINICAL USE" in a TEXT item and in the
     Series Description. Series and SOP Instance UIDs derive from the inputs (:mod:`dicom_sr.uids`).
@@ -182,7 +163,7 @@ def build_measurement_report(
         What the result is about, for the default Series Description (e.g. the package's label).
     device_uid: str | None, optional
         Device Observer UID (TID 1004); default derived from manufacturer and institution.
-    predictions: Mapping[str, Sequence[dicom_sr.templates.Prediction]] | None, optional
+    predictions: Mapping[str, Sequence[dicom_sr.sr.templates.Prediction]] | None, optional
         Model predictions by lesion Tracking UID (at most one per label and lesion); each
         becomes a coded qualitative evaluation plus probability and threshold NUM items in the
         lesion's measurement group.
@@ -203,31 +184,31 @@ def build_measurement_report(
         lacks patient / study attributes or belongs to another study, or a prediction is
         invalid or keyed by an unknown Tracking UID.
     """
-    _require(result, StudyResult, "result", "StudyResult")
+    require(result, StudyResult, "result", "StudyResult")
     if isinstance(evidence, (str, bytes, Dataset)) or not isinstance(evidence, Sequence):
         raise TypeError('Argument "evidence" must be a sequence of pydicom.Dataset.')
     if not evidence or any(not isinstance(ds, Dataset) for ds in evidence):
         raise TypeError('Argument "evidence" must be a non-empty sequence of pydicom.Dataset.')
     if segmentation_dataset is not None:
-        _require(segmentation_dataset, Dataset, "segmentation_dataset", "pydicom.Dataset")
+        require(segmentation_dataset, Dataset, "segmentation_dataset", "pydicom.Dataset")
     if series_number is None:
         series_number = method_series_number(result.method, "SR")
-    _require(series_number, int, "series_number", "int")
+    require(series_number, int, "series_number", "int")
     if institution_name is not None:
-        _require(institution_name, str, "institution_name", "str")
+        require(institution_name, str, "institution_name", "str")
     for name, value in (
         ("manufacturer", manufacturer),
         ("software_version", software_version),
         ("result_kind", result_kind),
     ):
-        _require(value, str, name, "str")
-    _require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
+        require(value, str, name, "str")
+    require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
     if finding_site is not None:
-        _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+        require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
     if device_uid is not None:
-        _require(device_uid, str, "device_uid", "str")
+        require(device_uid, str, "device_uid", "str")
     predictions = {} if predictions is None else predictions
-    _require(predictions, Mapping, "predictions", "Mapping[str, Sequence[Prediction]]")
+    require(predictions, Mapping, "predictions", "Mapping[str, Sequence[Prediction]]")
     if any(isinstance(v, (str, Prediction)) or not isinstance(v, Sequence) for v in predictions.values()):
         raise TypeError('Argument "predictions" must map Tracking UIDs to sequences of Prediction.')
     if not result.lesions:
@@ -257,17 +238,7 @@ def build_measurement_report(
     if unknown:
         raise ValueError(f"predictions for unknown Tracking UID(s): {', '.join(sorted(map(str, unknown)))}.")
 
-    observer = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_uid or derive_uid("pacs-agent device", manufacturer, institution_name or ""),
-        name="pacs-agent",
-        manufacturer_name=manufacturer,
-        model_name=f"pacs-agent {software_version}",
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=pydicom_codes.DCM.Device, observer_identifying_attributes=observer
-        )
-    )
+    context = device_observer_context(manufacturer, institution_name, software_version, device_uid)
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     ] = []
@@ -331,7 +302,7 @@ def build_measurement_report(
     if series_description is None:
         description = method_series_description(result.method, result_kind, demo=algorithm.is_demo)
     else:
-        _require(series_description, str, "series_description", "str")
+        require(series_description, str, "series_description", "str")
         description = series_description
         if algorithm.is_demo and "DEMO" not in description.upper():
             description = description[: 64 - len(DEMO_SUFFIX)] + DEMO_SUFFIX
@@ -382,7 +353,7 @@ def comprehensive_3d_sr(
             is_complete=True,
             institution_name=institution_name,
             series_description=series_description,
-            manufacturer_model_name="pacs-agent",
+            manufacturer_model_name=MODEL_NAME,
             software_versions=software_version,
             # UTF-8 holds whatever character set the evidence used (PS3.3 C.12.1.1.2).
             specific_character_set="ISO_IR 192",
@@ -429,7 +400,7 @@ def write_dataset(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     pathlib.Path
         The written path. A reader never sees a partly written file at ``path``.
     """
-    _require(ds, Dataset, "ds", "pydicom.Dataset")
+    require(ds, Dataset, "ds", "pydicom.Dataset")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

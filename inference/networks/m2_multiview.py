@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.models.base import MethodModel, Probabilities, ZScore, check_array
-from inference.models.blocks import conv_bn_act, init_weights, scaled
+from inference.networks.base import MethodModel, Probabilities, ZScore, check_array
+from inference.networks.blocks import conv_bn_act, init_weights, scaled
 
 __all__ = [
     "COVARIATE_FEATURES",
@@ -549,7 +549,7 @@ class M2Model(MethodModel[MultiViewInput]):
     age
         Training-set age statistics (years).
     device, batch_size
-        See :class:`~inference.models.base.MethodModel`.
+        See :class:`~inference.networks.base.MethodModel`.
     """
 
     method = "m2"

@@ -12,7 +12,7 @@ Content tree written by :func:`build_response_report`::
       Procedure reported (default: CT of abdomen)
       CONTAINER Imaging Measurements
         per tracked lesion, first its key-slice group for viewers          TID 1410
-          (:class:`dicom_sr.templates.KeySliceOutlineGroup`: outline on the key slice of the lesion as
+          (:class:`dicom_sr.sr.templates.KeySliceOutlineGroup`: outline on the key slice of the lesion as
           shown, area, volume, long axis, a Comment with its change), then:
         CONTAINER Measurement Group, one per tracked lesion               TID 1411 (TID 1410)
           Tracking Identifier + Tracking Unique Identifier (shared by both time points)   TID 4108
@@ -98,7 +98,7 @@ BASELINE-SEG-UID    Baseline segmentation SOP Instance UID
 
 NGTDM contrast uses its IBSI code (65HE, "(NGTDM) Contrast"), the decision threshold the shared
 (DECISION-THRESH, 99PACSAGENT), the risk groups SNOMED CT "High risk" / "Low risk"
-(:data:`dicom_sr.templates.STATUS_CODES`).
+(:data:`dicom_sr.sr.templates.STATUS_CODES`).
 """
 
 from __future__ import annotations
@@ -115,10 +115,44 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.codes import (
+    ABSOLUTE_CHANGE,
+    BASELINE,
+    BASELINE_CATEGORY,
+    BASELINE_SEGMENT,
+    BASELINE_SEGMENTATION,
+    BASELINE_STUDY,
+    CURRENT_RESPONSE,
+    DAY,
+    FOLLOW_UP,
+    FRACTIONAL_CHANGE,
+    INSENSITIVITY_PROBABILITY,
+    INTERVAL,
+    LESION_STATUS,
+    LESION_STATUS_VALUES,
+    MATCH_DICE,
+    MATCH_DISTANCE,
+    MATCH_RULE,
+    NON_TARGET_AT_BASELINE,
+    RECIST_1_1,
+    RECIST_CATEGORY_CODES,
+    RECIST_REASON,
+    RESPONSE_EVALUATION_METHOD,
+    RESULT_NOTE,
+    RISK_GROUP,
+    SUM_OF_DIAMETERS,
+    TARGET_AT_BASELINE,
+    TIME_POINT_TYPE,
+    TOTAL_VOLUME,
+)
+from dicom_sr.codes import (
+    RESPONSE_FEATURE_CONCEPTS as FEATURE_CONCEPTS,
+)
+from dicom_sr.common import MANUFACTURER, SOFTWARE_VERSION, device_observer_context, require
 from dicom_sr.series import series_description as _series_description
 from dicom_sr.series import series_number as _series_number
-from dicom_sr.sr import SOFTWARE_VERSION, comprehensive_3d_sr
-from dicom_sr.templates import (
+from dicom_sr.sr.lesions import comprehensive_3d_sr
+from dicom_sr.sr.templates import (
     STATUS_CODES,
     KeySliceOutlineGroup,
     LesionMeasurementGroup,
@@ -158,72 +192,10 @@ _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _MODIFIER = hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
 
 
-def _private(value: str, meaning: str) -> CodedConcept:
-    return CodedConcept(value=value, meaning=meaning, scheme_designator=codes.PRIVATE_SCHEME_DESIGNATOR)
-
-
-# Standard concepts (PS3.16).
-TIME_POINT_TYPE = CodedConcept(value="126072", meaning="Time Point Type", scheme_designator="DCM")
-BASELINE = CodedConcept(value="C1442488", meaning="Baseline", scheme_designator="UMLS")
-"""CID 6146: the baseline CT."""
-FOLLOW_UP = CodedConcept(value="126074", meaning="Posttreatment", scheme_designator="DCM")
-"""CID 6146: the follow-up CT, taken after treatment started (about 8 weeks into it)."""
-FRACTIONAL_CHANGE = CodedConcept(value="125314", meaning="Fractional Change", scheme_designator="DCM")
-CURRENT_RESPONSE = CodedConcept(value="112048", meaning="Current Response", scheme_designator="DCM")
-RESPONSE_EVALUATION_METHOD = CodedConcept(value="112021", meaning="Response Evaluation Method", scheme_designator="DCM")
-RECIST_1_1 = CodedConcept(value="126081", meaning="RECIST 1.1", scheme_designator="DCM")
-BASELINE_CATEGORY = CodedConcept(value="112016", meaning="Baseline Category", scheme_designator="DCM")
-TARGET_AT_BASELINE = CodedConcept(value="112074", meaning="Target Lesion at Baseline", scheme_designator="DCM")
-NON_TARGET_AT_BASELINE = CodedConcept(value="112075", meaning="Non-Target Lesion at Baseline", scheme_designator="DCM")
-RECIST_CATEGORY_CODES: dict[str, CodedConcept] = {
-    "CR": CodedConcept(value="112041", meaning="Target Lesion Complete Response", scheme_designator="DCM"),
-    "PR": CodedConcept(value="112042", meaning="Target Lesion Partial Response", scheme_designator="DCM"),
-    "PD": CodedConcept(value="112043", meaning="Target Lesion Progressive Disease", scheme_designator="DCM"),
-    "SD": CodedConcept(value="112044", meaning="Target Lesion Stable Disease", scheme_designator="DCM"),
-    "NE": _private("RECIST-NE", "Not evaluable"),
-}
-"""RECIST-like category -> value of "Current Response" (CID 6144; NE private)."""
-
-# Private concepts (99PACSAGENT), see the module docstring.
-FEATURE_CONCEPTS: dict[str, CodedConcept] = {
-    "si4": _private("SI4", "Shape index bin 4 fraction (SI4)"),
-    "log_z_entropy": _private("LOGZ-ENTROPY", "Entropy after LoG filter along z"),
-    "log_x_entropy": _private("LOGX-ENTROPY", "Entropy after LoG filter along x"),
-    "ngtdm_contrast": codes.FEATURE_CONCEPTS["ngtdm_Contrast"],
-}
-"""The four response features (:data:`inference.radiomics.delta.FEATURE_NAMES`) -> concept name."""
-ABSOLUTE_CHANGE = _private("ABS-CHANGE", "Absolute change from baseline")
-TOTAL_VOLUME = _private("TOTAL-VOLUME", "Total lesion volume")
-SUM_OF_DIAMETERS = _private("SUM-DIAMETERS", "Sum of target lesion diameters")
-INTERVAL = _private("INTERVAL", "Interval between baseline and follow-up")
-INSENSITIVITY_PROBABILITY = _private("INSENS-PROB", "Probability of treatment insensitivity")
-RISK_GROUP = _private("RISK-GROUP", "Treatment insensitivity risk group")
-LESION_STATUS = _private("LESION-STATUS", "Lesion status between time points")
-LESION_STATUS_VALUES: dict[str, CodedConcept] = {
-    "matched": _private("MATCHED", "Seen at both time points"),
-    "new": _private("NEW", "New lesion (follow-up only)"),
-    "disappeared": _private("DISAPPEARED", "Disappeared (baseline only)"),
-}
-MATCH_DICE = _private("MATCH-DICE", "Overlap of matched lesions (Dice)")
-MATCH_DISTANCE = _private("MATCH-DISTANCE", "Centroid distance of matched lesions")
-MATCH_RULE = _private("MATCH-RULE", "Lesion matching rule")
-BASELINE_SEGMENT = _private("BASELINE-SEGMENT", "Baseline segment or ROI")
-RECIST_REASON = _private("RECIST-REASON", "Response category reason")
-RESULT_NOTE = _private("RESULT-NOTE", "Result note")
-BASELINE_STUDY = _private("BASELINE-STUDY", "Baseline Study Instance UID")
-BASELINE_SEGMENTATION = _private("BASELINE-SEG-UID", "Baseline segmentation SOP Instance UID")
-_DAY = CodedConcept(value="d", meaning="day", scheme_designator="UCUM")
 _LesionGroup = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 _PATIENT_LEVEL = "Patient-level response"
-
-
-def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
-    """Raise ``TypeError('Argument "name" must have type X.')``; bool is never a number here."""
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise TypeError(f'Argument "{name}" must have type {type_name}.')
 
 
 def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
@@ -251,7 +223,7 @@ def lesion_result(lesion: LesionMeasurement) -> LesionResult:
     inference.results.LesionResult
         Same tracking identifier and UID, source, size, centroid, key slice and outline.
     """
-    _require(lesion, LesionMeasurement, "lesion", "LesionMeasurement")
+    require(lesion, LesionMeasurement, "lesion", "LesionMeasurement")
     return LesionResult(
         tracking_id=lesion.tracking_id,
         tracking_uid=lesion.tracking_uid,
@@ -283,7 +255,7 @@ def measurement_algorithm(result: ResponseResult) -> AlgorithmInfo:
     -------
     inference.results.AlgorithmInfo
     """
-    _require(result, ResponseResult, "result", "ResponseResult")
+    require(result, ResponseResult, "result", "ResponseResult")
     if result.score is None and result.algorithm.weights_sha256 is None:
         return result.algorithm
     parameter_hash = result.provenance.get("parameter_hash", "unknown")[:8]
@@ -297,7 +269,7 @@ def measurement_algorithm(result: ResponseResult) -> AlgorithmInfo:
 
 def response_input_uids(result: ResponseResult) -> list[str]:
     """The input UIDs of a pair: both studies, CT series and segmentation objects."""
-    _require(result, ResponseResult, "result", "ResponseResult")
+    require(result, ResponseResult, "result", "ResponseResult")
     uids: list[str] = []
     for point in (result.baseline, result.follow_up):
         uids.extend((point.study_instance_uid, point.ct_series_instance_uid))
@@ -337,7 +309,7 @@ def response_uids(result: ResponseResult, kind: str, instance_part: str | None =
 
 def response_series_description(result: ResponseResult) -> str:
     """``AI Response 8w M5``, with the DEMO notice for a DEMO model (:func:`dicom_sr.series.series_description`)."""
-    _require(result, ResponseResult, "result", "ResponseResult")
+    require(result, ResponseResult, "result", "ResponseResult")
     return _series_description(result.method, RESULT_KIND, demo=result.algorithm.is_demo)
 
 
@@ -675,7 +647,7 @@ def _patient_group(
         measurements.append(diameters(recist.percent_change, percent, derivation=FRACTIONAL_CHANGE))
         measurements.append(diameters(recist.absolute_change_mm, mm, derivation=ABSOLUTE_CHANGE))
     if interval_days is not None:
-        measurements.append(_measurement(INTERVAL, interval_days, _DAY, algorithm, parameters=["StudyDate difference"]))
+        measurements.append(_measurement(INTERVAL, interval_days, DAY, algorithm, parameters=["StudyDate difference"]))
     evaluations: list[hd.sr.QualitativeEvaluation] = []
     score = result.score
     if score is not None:
@@ -730,7 +702,7 @@ def build_response_report(
     *,
     series_number: int | None = None,
     institution_name: str | None = None,
-    manufacturer: str = "pacs-agent",
+    manufacturer: str = MANUFACTURER,
     software_version: str = SOFTWARE_VERSION,
     procedure_reported: Code | CodedConcept = codes.CT_OF_ABDOMEN,
     device_uid: str | None = None,
@@ -781,21 +753,21 @@ def build_response_report(
         patients, lack patient / study attributes, a lesion references a SEG that is not given, a
         size is not finite, or the result has no lesion at all.
     """
-    _require(result, ResponseResult, "result", "ResponseResult")
+    require(result, ResponseResult, "result", "ResponseResult")
     follow_up_ct = _datasets(follow_up_ct, "follow_up_ct")
     baseline_ct = _datasets(baseline_ct, "baseline_ct")
-    _require(follow_up_segmentation, Dataset, "follow_up_segmentation", "pydicom.Dataset")
-    _require(baseline_segmentation, Dataset, "baseline_segmentation", "pydicom.Dataset")
+    require(follow_up_segmentation, Dataset, "follow_up_segmentation", "pydicom.Dataset")
+    require(baseline_segmentation, Dataset, "baseline_segmentation", "pydicom.Dataset")
     if series_number is None:
         series_number = _series_number(result.method, "SR")
-    _require(series_number, int, "series_number", "int")
+    require(series_number, int, "series_number", "int")
     if institution_name is not None:
-        _require(institution_name, str, "institution_name", "str")
-    _require(manufacturer, str, "manufacturer", "str")
-    _require(software_version, str, "software_version", "str")
-    _require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
+        require(institution_name, str, "institution_name", "str")
+    require(manufacturer, str, "manufacturer", "str")
+    require(software_version, str, "software_version", "str")
+    require(procedure_reported, (Code, CodedConcept), "procedure_reported", "Code or CodedConcept")
     if device_uid is not None:
-        _require(device_uid, str, "device_uid", "str")
+        require(device_uid, str, "device_uid", "str")
     if not (result.pairs or result.new_lesions or result.disappeared_lesions):
         raise ValueError('Argument "result" must contain at least one lesion.')
     for name, datasets, point in (
@@ -833,17 +805,7 @@ def build_response_report(
     interval = (follow_date - base_date).days if base_date and follow_date else None
     patient = _patient_group(result, interval, notes)
 
-    observer = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_uid or derive_uid("pacs-agent device", manufacturer, institution_name or ""),
-        name="pacs-agent",
-        manufacturer_name=manufacturer,
-        model_name=f"pacs-agent {software_version}",
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=pydicom_codes.DCM.Device, observer_identifying_attributes=observer
-        )
-    )
+    context = device_observer_context(manufacturer, institution_name, software_version, device_uid)
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=procedure_reported, imaging_measurements=groups
     )

@@ -29,7 +29,6 @@ import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,11 +36,12 @@ from highdicom._standard_utils import get_anatomic_region_map
 from pydicom import Dataset
 
 from dicom_sr.codes import split_feature_name
-from dicom_sr.render import GREY, RESULT_YELLOW, TextLine, render_lesion_page, render_summary_page
+from dicom_sr.common import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, require
+from dicom_sr.sc.render import GREY, RESULT_YELLOW, TextLine, render_lesion_page, render_summary_page
 from dicom_sr.series import series_description, series_number
 from dicom_sr.source import cleaned_sources
-from dicom_sr.sr import PERSON_NAME_WARNING, SOFTWARE_VERSION
-from dicom_sr.templates import Prediction, check_prediction
+from dicom_sr.sr.lesions import PERSON_NAME_WARNING
+from dicom_sr.sr.templates import Prediction, check_prediction
 from dicom_sr.uids import ResultUIDs, result_uids
 from inference.results import DEMO_WARNING, LesionResult, StudyResult
 
@@ -62,12 +62,6 @@ _KEY_FEATURES = (
 )
 
 
-def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise TypeError(f'Argument "{name}" must have type {type_name}.')
-
-
 def _series_number(given: int | None, result: StudyResult) -> int:
     return series_number(result.method, "SC") if given is None else given
 
@@ -75,7 +69,7 @@ def _series_number(given: int | None, result: StudyResult) -> int:
 def _kind(result_kind: str | None, labels: Sequence[str]) -> str:
     if result_kind is None:
         return "/".join(labels) if labels else "Radiomics"
-    _require(result_kind, str, "result_kind", "str")
+    require(result_kind, str, "result_kind", "str")
     if not result_kind.strip():
         raise ValueError('Argument "result_kind" must not be empty.')
     return result_kind
@@ -112,9 +106,9 @@ def _patient_orientation(ref: Dataset) -> tuple[str, str]:
 
 
 def _check_common(result: StudyResult, ref_dataset: Dataset, content_datetime: datetime.datetime) -> None:
-    _require(result, StudyResult, "result", "StudyResult")
-    _require(ref_dataset, Dataset, "ref_dataset", "pydicom.Dataset")
-    _require(content_datetime, datetime.datetime, "content_datetime", "datetime.datetime")
+    require(result, StudyResult, "result", "StudyResult")
+    require(ref_dataset, Dataset, "ref_dataset", "pydicom.Dataset")
+    require(content_datetime, datetime.datetime, "content_datetime", "datetime.datetime")
     missing = [k for k in _PATIENT_STUDY_KEYWORDS if k not in ref_dataset]
     if missing:
         raise ValueError(f"ref_dataset lacks {', '.join(missing)}: patient/study attributes come from it.")
@@ -145,13 +139,13 @@ def sc_image(
     warning (it quotes the name) is silenced. For a paired body part (PS3.16 Annex L), Laterality
     is the source's (R or L) or empty when unknown (General Series, Type 2C).
     """
-    _require(series_number, int, "series_number", "int")
-    _require(manufacturer, str, "manufacturer", "str")
-    _require(software_version, str, "software_version", "str")
+    require(series_number, int, "series_number", "int")
+    require(manufacturer, str, "manufacturer", "str")
+    require(software_version, str, "software_version", "str")
     if institution_name is not None:
-        _require(institution_name, str, "institution_name", "str")
+        require(institution_name, str, "institution_name", "str")
     if body_part_examined is not None:
-        _require(body_part_examined, str, "body_part_examined", "str")
+        require(body_part_examined, str, "body_part_examined", "str")
     ref_dataset = cleaned_sources([ref_dataset])[0]
     with warnings.catch_warnings():
         # highdicom warns about single-component Patient Names copied from the source; the
@@ -171,7 +165,7 @@ def sc_image(
             patient_orientation=_patient_orientation(ref_dataset),
             transfer_syntax_uid="1.2.840.10008.1.2.1",  # Explicit VR Little Endian
             series_description=description,
-            manufacturer_model_name="pacs-agent",
+            manufacturer_model_name=MODEL_NAME,
             software_versions=software_version,
             institution_name=institution_name,
             content_date=content_datetime.date(),
@@ -226,7 +220,7 @@ def _lesion_lines(
 ) -> list[TextLine]:
     """The text panel of a lesion page: predictions, size, key features, model, date.
 
-    :func:`dicom_sr.render.layout_text` sets each line smaller or wraps it when it is too
+    :func:`dicom_sr.sc.render.layout_text` sets each line smaller or wraps it when it is too
     long for the panel, so none is cut off.
     """
     lines: list[TextLine] = []
@@ -272,7 +266,7 @@ def build_lesion_capture(
     result_kind: str | None = None,
     fov_mm: float | None = None,
     series_number: int | None = None,
-    manufacturer: str = "pacs-agent",
+    manufacturer: str = MANUFACTURER,
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     body_part_examined: str | None = None,
@@ -294,7 +288,7 @@ def build_lesion_capture(
         study attributes, Pixel Spacing and Image Orientation (Patient) come from it.
     content_datetime: datetime.datetime
         Content Date / Time and the date printed on the page (pass the job's result time).
-    predictions: Sequence[dicom_sr.templates.Prediction], optional
+    predictions: Sequence[dicom_sr.sr.templates.Prediction], optional
         The model's predictions for this lesion (none for plain radiomics).
     heatmap: numpy.ndarray | None, optional
         Grad-CAM map on the slice grid, values in [0, 1]; drawn with a colour bar.
@@ -335,13 +329,13 @@ def build_lesion_capture(
         leaves [0, 1], a prediction is invalid.
     """
     _check_common(result, ref_dataset, content_datetime)
-    _require(lesion, LesionResult, "lesion", "LesionResult")
+    require(lesion, LesionResult, "lesion", "LesionResult")
     if lesion not in result.lesions:
         raise ValueError(f'Lesion "{lesion.tracking_id}" is not one of the lesions of "result".')
-    _require(ct_slice_hu, np.ndarray, "ct_slice_hu", "numpy.ndarray")
-    _require(lesion_mask, np.ndarray, "lesion_mask", "numpy.ndarray")
+    require(ct_slice_hu, np.ndarray, "ct_slice_hu", "numpy.ndarray")
+    require(lesion_mask, np.ndarray, "lesion_mask", "numpy.ndarray")
     if heatmap is not None:
-        _require(heatmap, np.ndarray, "heatmap", "numpy.ndarray")
+        require(heatmap, np.ndarray, "heatmap", "numpy.ndarray")
     predictions = _check_predictions(predictions)
     kind = _kind(result_kind, [p.label for p in predictions])
     if pixel_spacing is None:
@@ -432,7 +426,7 @@ def build_summary_capture(
     predictions: Mapping[str, Sequence[Prediction]] | None = None,
     result_kind: str | None = None,
     series_number: int | None = None,
-    manufacturer: str = "pacs-agent",
+    manufacturer: str = MANUFACTURER,
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     body_part_examined: str | None = None,
@@ -447,7 +441,7 @@ def build_summary_capture(
         A CT instance of the study (patient / study attributes, orientation).
     content_datetime: datetime.datetime
         Content Date / Time and the date printed on the page.
-    predictions: Mapping[str, Sequence[dicom_sr.templates.Prediction]] | None, optional
+    predictions: Mapping[str, Sequence[dicom_sr.sr.templates.Prediction]] | None, optional
         Predictions by lesion Tracking UID.
     result_kind: str | None, optional
         As for :func:`build_lesion_capture` (same series); default from the prediction labels.
@@ -478,7 +472,7 @@ def build_summary_capture(
     """
     _check_common(result, ref_dataset, content_datetime)
     predictions = {} if predictions is None else predictions
-    _require(predictions, Mapping, "predictions", "Mapping[str, Sequence[Prediction]]")
+    require(predictions, Mapping, "predictions", "Mapping[str, Sequence[Prediction]]")
     by_lesion = {uid: _check_predictions(values) for uid, values in predictions.items()}
     unknown = set(by_lesion) - {lesion.tracking_uid for lesion in result.lesions}
     if unknown:

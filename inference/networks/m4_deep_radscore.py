@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.models.base import MethodModel, Probabilities, ZScore, check_array
-from inference.models.blocks import init_weights, scaled
+from inference.networks.base import MethodModel, Probabilities, ZScore, check_array
+from inference.networks.blocks import init_weights, scaled
 
 __all__ = ["RADSCORES", "DeepRadInput", "DeepRadScoreNet", "DenseNetBackbone", "M4Model"]
 
@@ -204,7 +204,7 @@ class M4Model(MethodModel[DeepRadInput]):
     radscore_normalisation
         Per-RadScore training statistics (default: none, RadScores are already sums of z-scored features).
     device, batch_size
-        See :class:`~inference.models.base.MethodModel`.
+        See :class:`~inference.networks.base.MethodModel`.
     """
 
     method = "m4"

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.models.base import MethodModel, Probabilities, ZScore, check_array
-from inference.models.blocks import (
+from inference.networks.base import MethodModel, Probabilities, ZScore, check_array
+from inference.networks.blocks import (
     DropPath,
     SqueezeExcite,
     conv_bn_act,
@@ -195,7 +195,7 @@ class M3Model(MethodModel[np.ndarray]):
     normalisation
         Training-set statistics in grey values (0-255).
     device, batch_size
-        See :class:`~inference.models.base.MethodModel`.
+        See :class:`~inference.networks.base.MethodModel`.
     """
 
     method = "m3"

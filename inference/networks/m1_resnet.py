@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.models.base import MethodModel, Probabilities, ZScore, check_array
-from inference.models.blocks import init_weights, scaled
+from inference.networks.base import MethodModel, Probabilities, ZScore, check_array
+from inference.networks.blocks import init_weights, scaled
 
 __all__ = ["M1Model", "ResNetKRAS", "ResidualBlock5x5"]
 
@@ -126,7 +126,7 @@ class M1Model(MethodModel[np.ndarray]):
     normalisation
         Training-set z-score statistics in HU.
     device, batch_size
-        See :class:`~inference.models.base.MethodModel`.
+        See :class:`~inference.networks.base.MethodModel`.
     """
 
     method = "m1"

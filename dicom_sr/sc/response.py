@@ -23,7 +23,7 @@ so shrinkage is seen as it is; each is centred on its lesion.
 Series Description "AI Response 8w M5" (with the DEMO notice for a DEMO model), Series Number
 917 (:mod:`dicom_sr.series`), instance 1. Burned In Annotation YES; no patient name or ID is
 drawn. Series and SOP Instance UIDs derive from both studies' input UIDs, the method and the model identity
-(:func:`dicom_sr.response_sr.response_uids`); Content Date / Time and the date on the page come
+(:func:`dicom_sr.sr.response.response_uids`); Content Date / Time and the date on the page come
 from ``content_datetime``, so the pixels are deterministic.
 """
 
@@ -32,14 +32,15 @@ from __future__ import annotations
 import datetime
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw
 from pydicom import Dataset
 
-from dicom_sr.render import (
+from dicom_sr.common import MANUFACTURER, SOFTWARE_VERSION, require
+from dicom_sr.sc.lesions import ABDOMEN_WINDOW, sc_image
+from dicom_sr.sc.render import (
     BACKGROUND,
     CANVAS,
     CONTOUR,
@@ -59,10 +60,8 @@ from dicom_sr.render import (
     mask_outline,
     window_to_uint8,
 )
-from dicom_sr.response_sr import NO_MODEL_NOTE, RESULT_KIND, response_series_description, response_uids
-from dicom_sr.sc import ABDOMEN_WINDOW, sc_image
 from dicom_sr.series import series_number as _series_number
-from dicom_sr.sr import SOFTWARE_VERSION
+from dicom_sr.sr.response import NO_MODEL_NOTE, RESULT_KIND, response_series_description, response_uids
 from inference.response import LesionMeasurement, ResponseResult
 from inference.response.results import FEATURE_NAMES
 from inference.results import DEMO_WARNING, KeyImage
@@ -84,12 +83,6 @@ _FEATURE_LABELS = {
 }
 
 
-def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise TypeError(f'Argument "{name}" must have type {type_name}.')
-
-
 def key_lesions(result: ResponseResult) -> tuple[LesionMeasurement | None, LesionMeasurement | None]:
     """The lesion the page shows, as (baseline measurement, follow-up measurement).
 
@@ -105,7 +98,7 @@ def key_lesions(result: ResponseResult) -> tuple[LesionMeasurement | None, Lesio
         ``(largest disappeared lesion, None)``; else ``(None, largest new lesion)``; else
         ``(None, None)``.
     """
-    _require(result, ResponseResult, "result", "ResponseResult")
+    require(result, ResponseResult, "result", "ResponseResult")
     if result.pairs:
         pair = max(result.pairs, key=lambda p: (p.baseline.volume_ml, p.baseline.tracking_id))
         return pair.baseline, pair.follow_up
@@ -119,7 +112,7 @@ def key_lesions(result: ResponseResult) -> tuple[LesionMeasurement | None, Lesio
 def _check_image(image: KeyImage | None, name: str) -> KeyImage | None:
     if image is None:
         return None
-    _require(image, KeyImage, name, "KeyImage")
+    require(image, KeyImage, name, "KeyImage")
     hu, mask = np.asarray(image.hu), np.asarray(image.mask, dtype=bool)
     if hu.ndim != 2 or mask.shape != hu.shape:
         raise ValueError(
@@ -331,7 +324,7 @@ def build_response_capture(
     follow_up_date: datetime.date | None = None,
     window: tuple[float, float] = ABDOMEN_WINDOW,
     series_number: int | None = None,
-    manufacturer: str = "pacs-agent",
+    manufacturer: str = MANUFACTURER,
     software_version: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     body_part_examined: str | None = None,
@@ -380,12 +373,12 @@ def build_response_capture(
         ``ref_dataset`` is not from the follow-up study or lacks patient / study attributes, a
         key image is malformed (shape, empty mask, spacing), or the window width is not positive.
     """
-    _require(result, ResponseResult, "result", "ResponseResult")
-    _require(ref_dataset, Dataset, "ref_dataset", "pydicom.Dataset")
-    _require(content_datetime, datetime.datetime, "content_datetime", "datetime.datetime")
+    require(result, ResponseResult, "result", "ResponseResult")
+    require(ref_dataset, Dataset, "ref_dataset", "pydicom.Dataset")
+    require(content_datetime, datetime.datetime, "content_datetime", "datetime.datetime")
     for name, value in (("baseline_date", baseline_date), ("follow_up_date", follow_up_date)):
         if value is not None:
-            _require(value, datetime.date, name, "datetime.date")
+            require(value, datetime.date, name, "datetime.date")
     images = (_check_image(baseline_image, "baseline_image"), _check_image(follow_up_image, "follow_up_image"))
     missing = [k for k in _PATIENT_STUDY_KEYWORDS if k not in ref_dataset]
     if missing:

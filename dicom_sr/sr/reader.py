@@ -1,14 +1,14 @@
 """Read pacs-agent's own TID 1500 Measurement Reports back into the Result dataclasses.
 
 The reader mirrors :func:`dicom_sr.sr.build_measurement_report` and the template classes of
-:mod:`dicom_sr.templates`: it walks the content tree (PS3.3 C.17.3) of a Comprehensive 3D SR,
+:mod:`dicom_sr.sr.templates`: it walks the content tree (PS3.3 C.17.3) of a Comprehensive 3D SR,
 
 - the report-level "Qualitative Evaluations" container (TID 1500 rows 12-14) for the validation
   status, intended use, weights SHA-256, provenance, method and Frame of Reference UID;
 - each TID 1411 / TID 1410 measurement group in order for the tracking identifier and UID
   (TID 4108), the referenced segment or the SCOORD3D outline, the TID 300 measurements with
   their TID 4019 algorithm identification, the predictions and the per-lesion TEXT items;
-- the TID 1410 "viewer copy" of a lesion (:class:`dicom_sr.templates.KeySliceOutlineGroup`: same
+- the TID 1410 "viewer copy" of a lesion (:class:`dicom_sr.sr.templates.KeySliceOutlineGroup`: same
   tracking UID, an SCOORD image region on the key slice, no per-lesion TEXT items) for the
   key-slice outline: it is the same lesion, never a second one;
 - the Current Requested Procedure Evidence Sequence for the series and SOP classes of the
@@ -29,7 +29,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 
 from dicom_sr import codes
-from dicom_sr.templates import (
+from dicom_sr.sr.templates import (
     FRAME_OF_REFERENCE_UID,
     LESION_CONCEPTS,
     METHOD,
@@ -416,7 +416,7 @@ def read_predictions(ds: Dataset) -> dict[str, tuple[Prediction, ...]]:
 
     Returns
     -------
-    dict[str, tuple[dicom_sr.templates.Prediction, ...]]
+    dict[str, tuple[dicom_sr.sr.templates.Prediction, ...]]
         For each lesion with predictions, in the order of the qualitative evaluations.
 
     Raises

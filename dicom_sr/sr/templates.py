@@ -1,8 +1,8 @@
 r"""Small SR template classes for the content pacs-agent writes (TID 1500 and its sub-templates).
 
 Each class validates its arguments in ``__init__`` (``TypeError`` naming the argument for a wrong
-type, ``ValueError`` for a bad value) and builds highdicom content items; :mod:`dicom_sr.sr`
-assembles them into a TID 1500 Measurement Report and :mod:`dicom_sr.reader` parses them back.
+type, ``ValueError`` for a bad value) and builds highdicom content items; :mod:`dicom_sr.sr.lesions`
+assembles them into a TID 1500 Measurement Report and :mod:`dicom_sr.sr.reader` parses them back.
 
 =================================  =========================================================
 Class                              Content (PS3.16)
@@ -46,7 +46,7 @@ an SH). DICOM PS3.16 has no codes for "mutant" / "wild type" or for per-gene mut
 not cover "wild type"), hence the private codes; risk and positive / negative use SNOMED CT codes
 listed in PS3.16.
 
-Further private concepts written so that :mod:`dicom_sr.reader` can rebuild the Result
+Further private concepts written so that :mod:`dicom_sr.sr.reader` can rebuild the Result
 dataclasses exactly (TEXT items; TID 1411 and TID 1500 allow TEXT qualitative evaluations):
 
 ==================  ======================================================================
@@ -80,6 +80,14 @@ from pydicom import Dataset
 from pydicom.sr.coding import Code
 
 from dicom_sr import codes
+from dicom_sr.codes import (
+    FRAME_OF_REFERENCE_UID,
+    LESION_CONCEPTS,
+    METHOD,
+    POSITIVE_STATUSES,
+    STATUS_CODES,
+)
+from dicom_sr.common import require
 from inference.results import DEMO_WARNING, AlgorithmInfo, LesionResult, Prediction, SegmentationSource
 
 __all__ = [
@@ -105,43 +113,6 @@ logger = logging.getLogger(__name__)
 
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _LABEL_PATTERN = re.compile(r"[A-Z0-9]{1,9}")
-
-
-def _private(value: str, meaning: str) -> CodedConcept:
-    return CodedConcept(value=value, meaning=meaning, scheme_designator=codes.PRIVATE_SCHEME_DESIGNATOR)
-
-
-STATUS_CODES: dict[str, CodedConcept] = {
-    "mutant": _private("MUTANT", "Mutant"),
-    "wild type": _private("WILD-TYPE", "Wild type"),
-    "high risk": CodedConcept(value="15508007", meaning="High risk", scheme_designator="SCT"),
-    "low risk": CodedConcept(value="75976002", meaning="Low risk", scheme_designator="SCT"),
-    "positive": CodedConcept(value="10828004", meaning="Positive", scheme_designator="SCT"),
-    "negative": CodedConcept(value="260385009", meaning="Negative", scheme_designator="SCT"),
-}
-"""Prediction status -> coded value of the qualitative evaluation."""
-
-POSITIVE_STATUSES = frozenset({"mutant", "high risk", "positive"})
-"""Statuses reported when the probability reaches the threshold."""
-
-METHOD = _private("METHOD", "Analysis method")
-FRAME_OF_REFERENCE_UID = CodedConcept(value="112227", meaning="Frame of Reference UID", scheme_designator="DCM")
-LESION_CONCEPTS: dict[str, CodedConcept] = {
-    "source_uid": _private("SOURCE-UID", "Segmentation SOP Instance UID"),
-    "source_number": _private("SOURCE-NUMBER", "Segment or ROI number"),
-    "source_label": _private("SOURCE-LABEL", "Segment or ROI label"),
-    "centroid_mm": _private("CENTROID-MM", "Lesion centroid (patient, mm)"),
-    "key_slice_index": _private("KEY-SLICE-INDEX", "Key slice index"),
-    "key_slice_uid": _private("KEY-SLICE-UID", "Key slice SOP Instance UID"),
-}
-"""Per-lesion TEXT items that let the reader rebuild a ``LesionResult`` (see module docstring)."""
-
-
-def _require(value: Any, expected: type | tuple[type, ...], name: str, type_name: str) -> None:
-    """Raise ``TypeError('Argument "name" must have type X.')``; bool is never a number here."""
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise TypeError(f'Argument "{name}" must have type {type_name}.')
 
 
 def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
@@ -179,15 +150,15 @@ def prediction_concepts(label: str, name: str = "") -> tuple[CodedConcept, Coded
     ValueError
         When ``label`` does not match ``[A-Z0-9]{1,9}``.
     """
-    _require(label, str, "label", "str")
+    require(label, str, "label", "str")
     if not _LABEL_PATTERN.fullmatch(label):
         raise ValueError(f'Prediction label "{label}" must be 1-9 characters A-Z or 0-9 (e.g. "KRAS").')
-    _require(name, str, "name", "str")
+    require(name, str, "name", "str")
     shown = name.strip() or label
     return (
-        _private(f"{label}-STATUS", f"{shown} status (predicted)"),
-        _private(f"{label}-PROB", f"{shown} probability"),
-        _private(f"{label}-THRESH", f"{shown} decision threshold"),
+        codes.private_concept(f"{label}-STATUS", f"{shown} status (predicted)"),
+        codes.private_concept(f"{label}-PROB", f"{shown} probability"),
+        codes.private_concept(f"{label}-THRESH", f"{shown} decision threshold"),
     )
 
 
@@ -214,13 +185,13 @@ def check_prediction(prediction: Prediction, name: str = "prediction") -> Predic
         Unknown status or label, probability / threshold outside [0, 1] or not finite, or a
         status that contradicts ``probability >= threshold``.
     """
-    _require(prediction, Prediction, name, "Prediction")
+    require(prediction, Prediction, name, "Prediction")
     prediction_concepts(prediction.label)
     if prediction.status not in STATUS_CODES:
         raise ValueError(f'Unknown prediction status "{prediction.status}"; known: {", ".join(STATUS_CODES)}.')
     for field in ("probability", "threshold"):
         value = getattr(prediction, field)
-        _require(value, (int, float), f"{name}.{field}", "float")
+        require(value, (int, float), f"{name}.{field}", "float")
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f'"{name}.{field}" must be a number in [0, 1], not {value!r}.')
     positive = prediction.probability >= prediction.threshold
@@ -256,7 +227,7 @@ class ResultAlgorithm(hd.sr.AlgorithmIdentification):
         ValueError
             When the name or version is empty.
         """
-        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
         if isinstance(parameters, str) or not isinstance(parameters, Sequence):
             raise TypeError('Argument "parameters" must be a sequence of str.')
         if any(not isinstance(p, str) for p in parameters):
@@ -316,7 +287,7 @@ class PredictionMeasurements(list[hd.sr.Measurement]):
             When the prediction is invalid.
         """
         check_prediction(prediction)
-        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
         _, probability_name, threshold_name = prediction_concepts(prediction.label, prediction.name)
         unity = codes.ucum("1")
         super().__init__(
@@ -346,7 +317,7 @@ class UsageWarning(hd.sr.TextContentItem):
         ValueError
             When ``text`` is empty.
         """
-        _require(text, str, "text", "str")
+        require(text, str, "text", "str")
         if not text.strip():
             raise ValueError('Argument "text" must not be empty.')
         super().__init__(name=codes.USAGE_WARNING, value=text, relationship_type=_CONTAINS)
@@ -392,9 +363,9 @@ class ReportEvaluations(hd.sr.ContainerContentItem):
         ValueError
             When a provenance key is empty or contains ``=``.
         """
-        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
         provenance = {} if provenance is None else provenance
-        _require(provenance, Mapping, "provenance", "Mapping[str, str]")
+        require(provenance, Mapping, "provenance", "Mapping[str, str]")
         for key, value in provenance.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError('Argument "provenance" must map str to str.')
@@ -402,11 +373,11 @@ class ReportEvaluations(hd.sr.ContainerContentItem):
                 raise ValueError(f'Provenance key "{key}" must be non-empty and contain no "=".')
         for name, text in (("method", method), ("frame_of_reference_uid", frame_of_reference_uid)):
             if text is not None:
-                _require(text, str, name, "str")
+                require(text, str, name, "str")
                 if not text:
                     raise ValueError(f'Argument "{name}" must not be empty.')
         if segmentation is not None:
-            _require(segmentation, SegmentationSource, "segmentation", "SegmentationSource")
+            require(segmentation, SegmentationSource, "segmentation", "SegmentationSource")
         super().__init__(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
         items: list[hd.sr.ContentItem] = []
         if algorithm.is_demo:
@@ -532,10 +503,10 @@ class LesionMeasurementGroup:
             Non-finite volume or diameter, unknown feature or segmentation kind, missing or
             degenerate RTSTRUCT outline, invalid or duplicate predictions.
         """
-        _require(lesion, LesionResult, "lesion", "LesionResult")
-        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
-        _require(ct_series_instance_uid, str, "ct_series_instance_uid", "str")
-        _require(frame_of_reference_uid, str, "frame_of_reference_uid", "str")
+        require(lesion, LesionResult, "lesion", "LesionResult")
+        require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        require(ct_series_instance_uid, str, "ct_series_instance_uid", "str")
+        require(frame_of_reference_uid, str, "frame_of_reference_uid", "str")
         if isinstance(predictions, (str, Prediction)) or not isinstance(predictions, Sequence):
             raise TypeError('Argument "predictions" must be a sequence of Prediction.')
         for prediction in predictions:
@@ -544,9 +515,9 @@ class LesionMeasurementGroup:
         if len(set(labels)) != len(labels):
             raise ValueError(f'Lesion "{lesion.tracking_id}": more than one prediction per label ({labels}).')
         if finding_site is not None:
-            _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+            require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
         images = {} if source_images is None else source_images
-        _require(images, Mapping, "source_images", "Mapping[str, pydicom.Dataset]")
+        require(images, Mapping, "source_images", "Mapping[str, pydicom.Dataset]")
         self.tracking_uid = lesion.tracking_uid
         self.predictions = tuple(predictions)
 
@@ -674,7 +645,7 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
       lesions lesion 1: KRAS mutant (87 %)" - OHIF's label of the measurement in its panel;
     - the Image Region (TID 1410 row 7): the same POLYLINE, SELECTED FROM the key slice.
 
-    The TID 1411 group stays the complete record; :mod:`dicom_sr.reader` reads this group as the
+    The TID 1411 group stays the complete record; :mod:`dicom_sr.sr.reader` reads this group as the
     viewer copy of the same lesion (by tracking UID) and checks that they agree.
     """
 
@@ -716,17 +687,17 @@ class KeySliceOutlineGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
             lesion's key slice or has no Pixel Spacing; non-finite volume or diameter; an invalid
             prediction; an empty or over-long comment.
         """
-        _require(lesion, LesionResult, "lesion", "LesionResult")
-        _require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
-        _require(key_slice, Dataset, "key_slice", "pydicom.Dataset")
+        require(lesion, LesionResult, "lesion", "LesionResult")
+        require(algorithm, AlgorithmInfo, "algorithm", "AlgorithmInfo")
+        require(key_slice, Dataset, "key_slice", "pydicom.Dataset")
         if finding_site is not None:
-            _require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
+            require(finding_site, (Code, CodedConcept), "finding_site", "Code or CodedConcept")
         if isinstance(predictions, (str, Prediction)) or not isinstance(predictions, Sequence):
             raise TypeError('Argument "predictions" must be a sequence of Prediction.')
         for prediction in predictions:
             check_prediction(prediction, "predictions")
         if comment is not None:
-            _require(comment, str, "comment", "str")
+            require(comment, str, "comment", "str")
             if not comment.strip() or len(comment) > 1024:
                 raise ValueError('Argument "comment" must be 1 to 1024 characters.')
         if not lesion.key_outline_px:
@@ -841,7 +812,7 @@ def patient_level_container(
         qualitative_evaluations=evaluations,
     )
     if rule:
-        group[0].ContentSequence.append(_text(_private("PATIENT-RULE", "Patient-level rule"), rule))
+        group[0].ContentSequence.append(_text(codes.private_concept("PATIENT-RULE", "Patient-level rule"), rule))
     container = hd.sr.ContainerContentItem(name=codes.DERIVED_IMAGING_MEASUREMENTS, relationship_type=_CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence([*group])
     return container

@@ -1,9 +1,9 @@
 """The M1-M4 networks and their wrappers, and the factory the model registry builds them with.
 
-One module per method: :mod:`~inference.models.m1_resnet` (KRAS, 2D ResNet),
-:mod:`~inference.models.m2_multiview` (EGFR + KRAS, multi-view multi-task),
-:mod:`~inference.models.m3_efficientnet` (RAS family, EfficientNet-B0 + self-attention),
-:mod:`~inference.models.m4_deep_radscore` (Deep-RadScore, DenseNet121 + RadScores).
+One module per method: :mod:`~inference.networks.m1_resnet` (KRAS, 2D ResNet),
+:mod:`~inference.networks.m2_multiview` (EGFR + KRAS, multi-view multi-task),
+:mod:`~inference.networks.m3_efficientnet` (RAS family, EfficientNet-B0 + self-attention),
+:mod:`~inference.networks.m4_deep_radscore` (Deep-RadScore, DenseNet121 + RadScores).
 Every network is randomly initialised; weights come only from a verified model package.
 """
 
@@ -16,18 +16,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from inference.models.base import MethodModel, Probabilities, ZScore
-from inference.models.blocks import default_device
-from inference.models.m1_resnet import M1Model, ResNetKRAS
-from inference.models.m2_multiview import (
+from inference.networks.base import MethodModel, Probabilities, ZScore
+from inference.networks.blocks import default_device
+from inference.networks.m1_resnet import M1Model, ResNetKRAS
+from inference.networks.m2_multiview import (
     Covariates,
     M2Model,
     MultiViewInput,
     MultiViewMultiTask,
     encode_covariates,
 )
-from inference.models.m3_efficientnet import FIVE_LABELS, GROUPED_LABELS, EfficientNetAttention, M3Model
-from inference.models.m4_deep_radscore import DeepRadInput, DeepRadScoreNet, M4Model
+from inference.networks.m3_efficientnet import FIVE_LABELS, GROUPED_LABELS, EfficientNetAttention, M3Model
+from inference.networks.m4_deep_radscore import DeepRadInput, DeepRadScoreNet, M4Model
 
 __all__ = [
     "FIVE_LABELS",

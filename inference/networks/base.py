@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.models.blocks import default_device
+from inference.networks.blocks import default_device
 
 __all__ = ["MethodModel", "Probabilities", "ZScore", "check_array"]
 
@@ -100,7 +100,7 @@ class MethodModel(ABC, Generic[InputT]):
     labels
         Output labels in network output order.
     device
-        Where to run; default :func:`~inference.models.blocks.default_device`.
+        Where to run; default :func:`~inference.networks.blocks.default_device`.
     batch_size
         Items per forward pass in :meth:`predict`.
     """
