@@ -1,4 +1,6 @@
-"""Real peers for integration tests: Orthanc as the PACS, the node as real processes, DCMTK tools."""
+"""Real peers for integration tests: Orthanc as the PACS, a pynetdicom storage SCP as a small PACS, the node as
+real processes (and its database), DCMTK tools.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,8 +19,12 @@ from typing import Any
 
 import pytest
 import requests
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
-from pacs_agent.demo import free_port
+from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
+from tests.ports import free_port
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = {"dicomweb": ("orthanc-dicomweb", Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))}
@@ -42,6 +49,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def destination_toml(name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> str:
+    """A DIMSE ``[[destinations]]`` entry of the node's TOML."""
+    return f'[[destinations]]\nname = "{name}"\nae_title = "{ae_title}"\nhost = "{host}"\nport = {port}\n'
 
 
 class Orthanc:
@@ -80,6 +92,17 @@ class Orthanc:
     def dicomweb_url(self) -> str:
         """Base URL of the DICOMweb API (QIDO-RS, WADO-RS, STOW-RS) of the ``dicomweb`` plugin."""
         return f"{self.url}/dicom-web"
+
+    def destination_toml(self, name: str = "pacs") -> str:
+        """This Orthanc as a DIMSE ``[[destinations]]`` entry of the node's TOML."""
+        return destination_toml(name, self.ae_title, self.dicom_port)
+
+    def source_toml(self, name: str = "pacs", retrieve: str = "move") -> str:
+        """This Orthanc as a ``[[sources]]`` entry (C-FIND, then C-MOVE or C-GET) of the node's TOML."""
+        return (
+            f'[[sources]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\n'
+            f'port = {self.dicom_port}\nretrieve = "{retrieve}"\n'
+        )
 
     def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
         """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
@@ -170,6 +193,54 @@ class Orthanc:
         response = requests.get(f"{self.url}/instances/{instance_id}/file", auth=self.auth, timeout=30)
         response.raise_for_status()
         return response.content
+
+
+class Receiver:
+    """A pynetdicom storage SCP on a free port that keeps the SRs and Secondary Captures it receives in a folder:
+    a PACS for tests that need no Orthanc.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "TEST_PACS") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self._received: list[Path] = []
+        self._lock = threading.Lock()
+        self._ae = AE(ae_title=ae_title)
+        self._ae.add_supported_context(Verification)
+        for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
+            self._ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server: Any = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        target = self.folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        target.write_bytes(event.encoded_dataset(include_meta=True))
+        with self._lock:
+            if target not in self._received:
+                self._received.append(target)
+        return 0x0000
+
+    def start(self) -> None:
+        """Listen on 127.0.0.1:``port``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def stop(self) -> None:
+        """Close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def files(self) -> list[Path]:
+        """What has arrived so far, once per SOP Instance UID."""
+        with self._lock:
+            return list(self._received)
+
+    def destination_toml(self, name: str = "pacs") -> str:
+        """This receiver as a ``[[destinations]]`` entry of the node's TOML."""
+        return destination_toml(name, self.ae_title, self.port)
 
 
 class Node:

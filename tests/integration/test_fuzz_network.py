@@ -20,24 +20,19 @@ from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.db import Database
-from pacs_agent.demo import LocalReceiver
 from pacs_agent.models import Job
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Receiver, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, LocalReceiver]]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Receiver]]:
     root = tmp_path_factory.mktemp("fuzz")
-    receiver = LocalReceiver(root / "received")
+    receiver = Receiver(root / "received")
     receiver.start()
     node = Node(root / "node")
-    dest = receiver.destination()
-    node.extra_config = (
-        f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
-        f'host = "{dest.host}"\nport = {dest.port}\n'
-    )
+    node.extra_config = receiver.destination_toml()
     node.start("serve")
     yield node, receiver
     assert node.stop() == 0
@@ -107,15 +102,13 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_malformed_dataset_is_refused_and_node_stays_up(
-    node: tuple[Node, LocalReceiver], tmp_path: Path, name: str
-) -> None:
+def test_malformed_dataset_is_refused_and_node_stays_up(node: tuple[Node, Receiver], tmp_path: Path, name: str) -> None:
     status = send_bytes(node[0], part10(MALFORMED[name]), tmp_path)
     assert status is None or status != 0x0000, f"{name}: accepted"
     assert node[0].echo()
 
 
-def test_bogus_transfer_syntax_is_refused_at_negotiation(node: tuple[Node, LocalReceiver]) -> None:
+def test_bogus_transfer_syntax_is_refused_at_negotiation(node: tuple[Node, Receiver]) -> None:
     ae = AE(ae_title="FUZZER")
     ae.add_requested_context(CTImageStorage, "1.2.3.4.5.6.7")
     assoc = ae.associate("127.0.0.1", node[0].port, ae_title="PACS_AGENT")
@@ -129,14 +122,14 @@ def test_bogus_transfer_syntax_is_refused_at_negotiation(node: tuple[Node, Local
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(min_size=1, max_size=3000))
-def test_random_bodies(node: tuple[Node, LocalReceiver], tmp_path: Path, body: bytes) -> None:
+def test_random_bodies(node: tuple[Node, Receiver], tmp_path: Path, body: bytes) -> None:
     status = send_bytes(node[0], part10(body), tmp_path)
     assert status != 0x0000  # random bytes can never carry the SOP Instance UID of the request
     assert node[0].echo()
 
 
 def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
-    node: tuple[Node, LocalReceiver], good: PhantomStudy, tmp_path: Path
+    node: tuple[Node, Receiver], good: PhantomStudy, tmp_path: Path
 ) -> None:
     bad = generate_study(tmp_path / "bad", seed=62, lesions=1, slices=24, rows=64, columns=64)
     broken = dcmread(bad.ct_files[5])
@@ -175,7 +168,7 @@ MALFORMED_SEGMENTATIONS = {
 
 
 def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(
-    node: tuple[Node, LocalReceiver], tmp_path: Path
+    node: tuple[Node, Receiver], tmp_path: Path
 ) -> None:
     """Each broken SEG / RTSTRUCT fails its own job at once (no retries), or leaves its study incomplete when
     readiness already sees it cannot be used; either way with a reason, and a good study sent next is processed.

@@ -27,8 +27,8 @@ import pytest
 import requests
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.demo import LocalReceiver, free_port
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Receiver, storescu, wait_for
+from tests.ports import free_port
 from tests.unit.test_health import parse_prometheus, value
 
 pytestmark = pytest.mark.integration
@@ -390,13 +390,11 @@ def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> N
     study = generate_study(
         tmp_path / "study", seed=5, slices=20, rows=64, columns=64, segmentation="seg", patient_id="PAT-4711-X"
     )
-    receiver = LocalReceiver(tmp_path / "pacs")
+    receiver = Receiver(tmp_path / "pacs")
     receiver.start()
     node, base = make_node(
         tmp_path / "node",
-        '[logging]\nlevel = "DEBUG"\n'
-        f'[[destinations]]\nname = "pacs"\nae_title = "{receiver.ae_title}"\n'
-        f'host = "127.0.0.1"\nport = {receiver.port}\n',
+        '[logging]\nlevel = "DEBUG"\n' + receiver.destination_toml("pacs"),
     )
     try:
         node.start("serve")

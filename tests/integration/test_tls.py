@@ -27,12 +27,12 @@ from sqlalchemy import func, select
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Destination
 from pacs_agent.db import Database
-from pacs_agent.demo import free_port
 from pacs_agent.models import Delivery, Event, Instance, Job, Result, Study, utcnow
 from pacs_agent.receive.server import PLAIN_ON_TLS_PORT
 from pacs_agent.send.scu import store_files
 from tests.integration.peers import Node, require_tool, storescu, wait_for
 from tests.pki import Identity, Pki
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

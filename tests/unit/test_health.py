@@ -18,10 +18,10 @@ import requests
 
 from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
-from pacs_agent.demo import free_port
 from pacs_agent.health import HealthMonitor, HealthServer, WorkerHeartbeat, read_worker_heartbeats
 from pacs_agent.metrics import Exposition
 from pacs_agent.models import Delivery, Event, Instance, Job, Result, Series, Study, utcnow
+from tests.ports import free_port
 
 _SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*)\})?'

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from pacs_agent.config import Destination, settings_from_mapping
-from pacs_agent.demo import free_port
 from pacs_agent.errors import ConfigError
 from pacs_agent.send.stow import StowResponse, decide, multipart_body, parse_stow_response, stow_files
 from tests.dicom_factory import write_ct_series
+from tests.ports import free_port
 
 SECRET = "Bearer s3cr3t-token-value"
 
