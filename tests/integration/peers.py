@@ -4,6 +4,7 @@ real processes (and its database), DCMTK tools.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,16 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy import Row
+from sqlalchemy.sql import Executable
 
+from pacs_agent.db import Database
 from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 from tests.ports import free_port
 
@@ -316,6 +320,93 @@ class Node:
     def database_url(self) -> str:
         """The SQLite URL of the node's database."""
         return f"sqlite:///{self.state_dir / 'pacs-agent.db'}"
+
+    @contextlib.contextmanager
+    def database(self) -> Iterator[Database]:
+        """The node's database for the block, opened beside the running node (which runs the migrations)."""
+        db = Database(self.database_url(), run_migrations=False)
+        try:
+            yield db
+        finally:
+            db.dispose()
+
+    def rows(self, statement: Executable) -> list[Row[Any]]:
+        """Every row ``statement`` selects from the node's database."""
+        with self.database() as db, db.session() as session:
+            return list(session.execute(statement).all())
+
+    def scalars(self, statement: Executable) -> list[Any]:
+        """The first column of every row ``statement`` selects (``select(Model)``: loaded, detached objects)."""
+        with self.database() as db, db.session() as session:
+            return list(session.execute(statement).scalars().all())
+
+    def scalar(self, statement: Executable) -> Any:
+        """The first column of the first row ``statement`` selects, or None."""
+        with self.database() as db, db.session() as session:
+            return session.execute(statement).scalar()
+
+    def write(self, statement: Executable) -> None:
+        """Run an INSERT, UPDATE or DELETE in the node's database, in a transaction of its own."""
+        with self.database() as db, db.session() as session, session.begin():
+            session.execute(statement)
+
+
+AnyNode = TypeVar("AnyNode", bound=Node)
+
+
+class Nodes:
+    """The nodes of one test (or one module), each in a folder of its own under ``root``.
+
+    :meth:`stop_all` (the fixtures call it at the end) stops every node still running and fails when one
+    did not exit with 0 after SIGTERM.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Node] = []
+
+    def workdir(self, name: str) -> Path:
+        """A folder under ``root`` no node of this set uses: ``name``, else ``name-2``, ``name-3``, ..."""
+        taken = {node.workdir for node in self.made}
+        path, n = self.root / name, 2
+        while path in taken or path.exists():
+            path, n = self.root / f"{name}-{n}", n + 1
+        return path
+
+    def add(self, node: AnyNode) -> AnyNode:
+        """Look after a node made elsewhere (a subclass of :class:`Node`)."""
+        self.made.append(node)
+        return node
+
+    def new(self, name: str = "node", **options: Any) -> Node:
+        """A node, not started yet; ``options`` as for :class:`Node`."""
+        return self.add(Node(self.workdir(name), **options))
+
+    def start(
+        self, command: str = "scp", *, name: str = "node", env: dict[str, str] | None = None, **options: Any
+    ) -> Node:
+        """A node running ``pacs-agent <command>``; ``options`` as for :class:`Node`."""
+        node = self.new(name, **options)
+        node.start(command, env=env)
+        return node
+
+    def stop_all(self) -> None:
+        """SIGTERM every node still running; fail naming each that did not exit with 0 (or had to be killed)."""
+        unclean = []
+        for node in self.made:
+            if node.process is None:
+                continue
+            try:
+                code = node.stop()
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                code = node.process.wait()
+                node.process = None
+                unclean.append(f"{node.workdir.name} did not stop after SIGTERM and was killed")
+                continue
+            if code != 0:
+                unclean.append(f"{node.workdir.name} exited with {code}:\n{node.log.read_text()[-2000:]}")
+        assert not unclean, "\n".join(unclean)
 
 
 def storescu(

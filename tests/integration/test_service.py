@@ -27,8 +27,7 @@ import pytest
 import requests
 
 from inference.phantom import PhantomStudy, generate_study
-from tests.integration.peers import Node, Receiver, storescu, wait_for
-from tests.ports import free_port
+from tests.integration.peers import Node, Nodes, Receiver, storescu, wait_for
 from tests.unit.test_health import parse_prometheus, value
 
 pytestmark = pytest.mark.integration
@@ -115,32 +114,10 @@ def abstract_systemd() -> Iterator[FakeSystemd]:
     fake.close()
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), slices=20, rows=64, columns=64, segmentation="seg")
-
-
-_STARTED: list[Node] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_nodes() -> Iterator[None]:
-    """A test that fails half-way leaves no running node behind."""
-    yield
-    while _STARTED:
-        process = _STARTED.pop().process
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait(30)
-
-
-def make_node(workdir: Path, extra: str = "") -> tuple[Node, str]:
-    """A node with its health endpoint on a free port; returns it and the endpoint's base URL."""
-    port = free_port()
-    node = Node(workdir, extra_config=f"[observability]\nhttp_port = {port}\n[jobs]\nlease_seconds = 20\n{extra}")
-    _STARTED.append(node)
-    return node, f"http://127.0.0.1:{port}"
+def make_node(nodes: Nodes, extra: str = "") -> tuple[Node, str]:
+    """A node (not started) with its health endpoint on a free port; returns it and the endpoint's base URL."""
+    node = nodes.new(extra_config=f"[jobs]\nlease_seconds = 20\n{extra}")
+    return node, f"http://127.0.0.1:{node.http_port}"
 
 
 def stop_within(node: Node, seconds: float) -> int:
@@ -266,8 +243,8 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
 # -- the notify protocol, real processes ----------------------------------------------------------
 
 
-def test_scp_notifies_ready_watchdog_stopping(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_scp_notifies_ready_watchdog_stopping(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     node.start("scp", env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": WATCHDOG_USEC})
     assert node.process is not None
     pid = node.process.pid
@@ -282,8 +259,8 @@ def test_scp_notifies_ready_watchdog_stopping(tmp_path: Path, systemd: FakeSyste
     assert systemd.wait_for("STOPPING=1", 2).pid == pid
 
 
-def test_worker_notifies_and_keeps_a_heartbeat_file(tmp_path: Path, abstract_systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_worker_notifies_and_keeps_a_heartbeat_file(nodes: Nodes, abstract_systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     env = {
         "NOTIFY_SOCKET": abstract_systemd.address,
         "WATCHDOG_USEC": WATCHDOG_USEC,
@@ -307,8 +284,8 @@ def test_worker_notifies_and_keeps_a_heartbeat_file(tmp_path: Path, abstract_sys
     assert not beat.exists()
 
 
-def test_worker_with_a_bad_instance_name_exits_1_without_ready(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_worker_with_a_bad_instance_name_exits_1_without_ready(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     node.start("worker", env={"NOTIFY_SOCKET": systemd.address, "PACS_AGENT_WORKER_INSTANCE": "tpu0"})
     assert node.process is not None
     assert node.process.wait(30) == 1  # RestartPreventExitStatus=1: systemd does not loop on it
@@ -317,8 +294,8 @@ def test_worker_with_a_bad_instance_name_exits_1_without_ready(tmp_path: Path, s
     assert systemd.collect(0.2) == []
 
 
-def test_serve_is_healthy_and_only_the_main_process_notifies(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_serve_is_healthy_and_only_the_main_process_notifies(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, base = make_node(nodes)
     node.start("serve", env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": WATCHDOG_USEC})
     assert node.process is not None
     pid = node.process.pid
@@ -340,8 +317,8 @@ def test_serve_is_healthy_and_only_the_main_process_notifies(tmp_path: Path, sys
 # -- health and metrics of a real node ---------------------------------------------------------------
 
 
-def test_full_spool_is_unhealthy_and_refusals_are_counted(tmp_path: Path, phantom: PhantomStudy) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_full_spool_is_unhealthy_and_refusals_are_counted(nodes: Nodes, phantom: PhantomStudy) -> None:
+    node, base = make_node(nodes)
     node.start("scp", env={"PACS_AGENT__STORAGE__MIN_FREE_MB": "100000000"})  # 100 TB must stay free
     try:
         status, body = get_json(f"{base}/healthz")
@@ -360,8 +337,8 @@ def test_full_spool_is_unhealthy_and_refusals_are_counted(tmp_path: Path, phanto
         assert stop_within(node, 30) == 0
 
 
-def test_metrics_count_a_study_sent_with_storescu(tmp_path: Path, phantom: PhantomStudy) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_metrics_count_a_study_sent_with_storescu(nodes: Nodes, phantom: PhantomStudy) -> None:
+    node, base = make_node(nodes)
     node.start("scp")
     try:
         assert get_json(f"{base}/healthz")[0] == 200
@@ -385,7 +362,7 @@ def test_metrics_count_a_study_sent_with_storescu(tmp_path: Path, phantom: Phant
         assert stop_within(node, 30) == 0
 
 
-def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> None:
+def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path, nodes: Nodes) -> None:
     """Receive, process and deliver one study at log level DEBUG; then read every log line."""
     study = generate_study(
         tmp_path / "study", seed=5, slices=20, rows=64, columns=64, segmentation="seg", patient_id="PAT-4711-X"
@@ -393,7 +370,7 @@ def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> N
     receiver = Receiver(tmp_path / "pacs")
     receiver.start()
     node, base = make_node(
-        tmp_path / "node",
+        nodes,
         '[logging]\nlevel = "DEBUG"\n' + receiver.destination_toml("pacs"),
     )
     try:
@@ -420,8 +397,6 @@ def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> N
         assert body["checks"]["destination pacs"]["detail"].startswith("last delivery succeeded at ")
         assert stop_within(node, 60) == 0
     finally:
-        if node.process is not None:
-            node.stop(signal.SIGKILL)
         receiver.stop()
     log = node.log.read_text()
     assert "job_done" in log and "delivered" in log  # the run was logged at all
