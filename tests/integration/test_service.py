@@ -17,11 +17,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -46,7 +47,11 @@ class Message:
 
 
 class FakeSystemd:
-    """systemd's notification socket: a bound datagram socket that records who sent what."""
+    """systemd's notification socket: a bound datagram socket that records who sent what.
+
+    Like systemd, it reads every message as it arrives (a thread of its own): a socket nobody reads fills
+    up (``net.unix.max_dgram_qlen`` datagrams) and then blocks the sender.
+    """
 
     def __init__(self, *, abstract: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -59,42 +64,76 @@ class FakeSystemd:
         else:
             self.address = str(Path(self._dir.name) / "notify")  # short: sun_path holds 107 bytes
             self.sock.bind(self.address)
+        self.sock.settimeout(0.05)
         self.messages: list[Message] = []
+        self._next = 0  # messages before this one were handed out by wait_for / wait_for_count
+        self._empty_reads = 0
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="fake-systemd", daemon=True)
+        self._reader.start()
 
-    def _receive(self, timeout: float) -> Message | None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
-        except TimeoutError:
-            return None
-        pid = -1
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
-        message = Message(pid, data.decode())
-        self.messages.append(message)
-        return message
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+            except TimeoutError:
+                with self._changed:
+                    self._empty_reads += 1
+                    self._changed.notify_all()
+                continue
+            except OSError:  # closed
+                return
+            pid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
+            with self._changed:
+                self.messages.append(Message(pid, data.decode()))
+                self._changed.notify_all()
+
+    def _wait(self, found: Callable[[], Any], timeout: float, what: str) -> Any:
+        with self._changed:
+            result = self._changed.wait_for(found, timeout)  # the predicate's last (truthy) value
+            if not result:
+                raise AssertionError(f"no {what} within {timeout:.0f} s; got {[m.text for m in self.messages]}")
+            return result
 
     def wait_for(self, line: str, timeout: float) -> Message:
-        """The first message (from now on) holding ``line``; fails after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = self._receive(left)
-            if message is not None and line in message.text.splitlines():
-                return message
-        raise AssertionError(f"no {line} within {timeout:.0f} s; got {[m.text for m in self.messages]}")
+        """The first message holding ``line`` not handed out before; fails after ``timeout`` seconds."""
 
-    def collect(self, seconds: float) -> list[Message]:
-        """Every message that arrives within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        found = []
-        while (left := deadline - time.monotonic()) > 0:
-            message = self._receive(left)
-            if message is not None:
-                found.append(message)
-        return found
+        def found() -> Message | None:
+            for n in range(self._next, len(self.messages)):
+                if line in self.messages[n].text.splitlines():
+                    self._next = n + 1
+                    return self.messages[n]
+            return None
+
+        return self._wait(found, timeout, line)
+
+    def wait_for_count(self, text: str, count: int, timeout: float) -> list[Message]:
+        """The next ``count`` messages that are exactly ``text``; fails after ``timeout`` seconds."""
+
+        def found() -> list[Message] | None:
+            matching = [n for n in range(self._next, len(self.messages)) if self.messages[n].text == text]
+            if len(matching) < count:
+                return None
+            self._next = matching[count - 1] + 1
+            return [self.messages[n] for n in matching[:count]]
+
+        return self._wait(found, timeout, f"{count} x {text}")
+
+    def settle(self) -> list[Message]:
+        """Every message sent so far (the socket was read empty after this call); for after the senders exited."""
+        with self._changed:
+            reads = self._empty_reads
+        self._wait(lambda: self._empty_reads >= reads + 2, 30, "empty socket")
+        with self._changed:
+            return list(self.messages)
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(5)
         self.sock.close()
         if self._dir is not None:
             self._dir.cleanup()
@@ -121,11 +160,11 @@ def make_node(nodes: Nodes, extra: str = "") -> tuple[Node, str]:
 
 
 def stop_within(node: Node, seconds: float) -> int:
-    """SIGTERM the node; assert that it exits within ``seconds``; return its exit code."""
-    started = time.monotonic()
-    code = node.stop(signal.SIGTERM, timeout=seconds)
-    assert time.monotonic() - started < seconds
-    return code
+    """SIGTERM the node; fail when it has not exited after ``seconds`` (a deadline); return its exit code."""
+    try:
+        return node.stop(signal.SIGTERM, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the node did not exit within {seconds:.0f} s of SIGTERM") from None
 
 
 def get_json(url: str) -> tuple[int, dict]:
@@ -252,11 +291,11 @@ def test_scp_notifies_ready_watchdog_stopping(nodes: Nodes, systemd: FakeSystemd
     assert ready.pid == pid
     assert f"STATUS=listening as PACS_AGENT on 127.0.0.1:{node.port}" in ready.text.splitlines()
     assert node.listening()
-    pings = [m for m in systemd.collect(2.5) if m.text == "WATCHDOG=1"]
-    assert len(pings) >= 3
+    pings = systemd.wait_for_count("WATCHDOG=1", 3, 30)  # the interval itself: tests/unit/test_notify.py
     assert {m.pid for m in pings} == {pid}
     assert stop_within(node, 30) == 0
-    assert systemd.wait_for("STOPPING=1", 2).pid == pid
+    assert systemd.wait_for("STOPPING=1", 10).pid == pid
+    assert {m.pid for m in systemd.settle()} == {pid}
 
 
 def test_worker_notifies_and_keeps_a_heartbeat_file(nodes: Nodes, abstract_systemd: FakeSystemd) -> None:
@@ -277,10 +316,10 @@ def test_worker_notifies_and_keeps_a_heartbeat_file(nodes: Nodes, abstract_syste
     record = json.loads(beat.read_text())
     assert (record["pid"], record["instance"], record["cuda_visible_devices"]) == (pid, "cpu0", "")
     assert record["activity"] == "idle"
-    pings = [m for m in abstract_systemd.collect(2.5) if m.text == "WATCHDOG=1"]
-    assert len(pings) >= 3
+    pings = abstract_systemd.wait_for_count("WATCHDOG=1", 3, 30)
+    assert {m.pid for m in pings} == {pid}
     assert stop_within(node, 30) == 0
-    assert abstract_systemd.wait_for("STOPPING=1", 2).pid == pid
+    assert abstract_systemd.wait_for("STOPPING=1", 10).pid == pid
     assert not beat.exists()
 
 
@@ -291,7 +330,7 @@ def test_worker_with_a_bad_instance_name_exits_1_without_ready(nodes: Nodes, sys
     assert node.process.wait(30) == 1  # RestartPreventExitStatus=1: systemd does not loop on it
     node.process = None
     assert "a worker instance is a GPU index" in node.log.read_text()
-    assert systemd.collect(0.2) == []
+    assert systemd.settle() == []  # it has exited: whatever it sent has arrived
 
 
 def test_serve_is_healthy_and_only_the_main_process_notifies(nodes: Nodes, systemd: FakeSystemd) -> None:
@@ -309,9 +348,9 @@ def test_serve_is_healthy_and_only_the_main_process_notifies(nodes: Nodes, syste
     assert body["checks"]["spool"]["ok"]
     assert value(metrics_of(base), "pacs_agent_workers_alive") == 1
     assert stop_within(node, 60) == 0
-    systemd.collect(0.2)
-    assert {m.pid for m in systemd.messages} == {pid}  # the worker child was not given NOTIFY_SOCKET
-    assert any(m.text.startswith("STOPPING=1") for m in systemd.messages)
+    messages = systemd.settle()
+    assert {m.pid for m in messages} == {pid}  # the worker child was not given NOTIFY_SOCKET
+    assert any(m.text.startswith("STOPPING=1") for m in messages)
 
 
 # -- health and metrics of a real node ---------------------------------------------------------------
