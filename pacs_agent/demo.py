@@ -19,10 +19,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom sets it via globals()
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from inference.methods import method_names
@@ -34,30 +37,30 @@ from pacs_agent.receive.spool import durable_write, safe_name
 from pacs_agent.send.scu import store_files
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for local test and demo servers)."""
+def _free_port() -> int:
+    """A TCP port nobody listens on right now (for the demo's receiver, node and health endpoint)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-class LocalReceiver:
-    """A minimal storage SCP that writes what it receives into a folder (stands in for a PACS)."""
+class _LocalReceiver:
+    """A minimal storage SCP that writes what it receives into a folder (the demo's PACS)."""
 
     def __init__(self, folder: Path, ae_title: str = "DEMO_PACS", port: int | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
-        self.port = port or free_port()
+        self.port = port or _free_port()
         self.received: list[Path] = []
         self._lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
         self._ae.add_supported_context(Verification)
         for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
             self._ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     def _on_store(self, event: evt.Event) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         target = self.folder / f"{safe_name(sop_uid)}.dcm"
         tmp = self.folder / ".tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,7 @@ class LocalReceiver:
         return Destination(name="demo-pacs", ae_title=self.ae_title, host="127.0.0.1", port=self.port)
 
 
-def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalReceiver) -> None:
+def _write_config(path: Path, state_dir: Path, node_port: int, receiver: _LocalReceiver) -> None:
     dest = receiver.destination()
     path.write_text(
         "\n".join(
@@ -114,7 +117,7 @@ def _write_config(path: Path, state_dir: Path, node_port: int, receiver: LocalRe
                 "initial_backoff_seconds = 2",
                 "[observability]",
                 'http_host = "127.0.0.1"',
-                f"http_port = {free_port()}",
+                f"http_port = {_free_port()}",
                 "[[destinations]]",
                 f'name = "{dest.name}"',
                 f'ae_title = "{dest.ae_title}"',
@@ -185,9 +188,9 @@ def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     out = out.absolute()
-    receiver = LocalReceiver(out / "received")
+    receiver = _LocalReceiver(out / "received")
     receiver.start()
-    node_port = free_port()
+    node_port = _free_port()
     config = out / "pacs-agent.toml"
     _write_config(config, out / "state", node_port, receiver)
     _step(f"starting pacs-agent on 127.0.0.1:{node_port} (log: {out / 'node.log'})")

@@ -1,7 +1,10 @@
-"""Real peers for integration tests: Orthanc as the PACS, the node as real processes, DCMTK tools."""
+"""Real peers for integration tests: Orthanc as the PACS, a pynetdicom storage SCP as a small PACS, the node as
+real processes (and its database), DCMTK tools.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,15 +12,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import Row
+from sqlalchemy.sql import Executable
 
-from pacs_agent.demo import free_port
+from pacs_agent.db import Database
+from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
+from tests.ports import free_port
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = {"dicomweb": ("orthanc-dicomweb", Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))}
@@ -42,6 +53,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def destination_toml(name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> str:
+    """A DIMSE ``[[destinations]]`` entry of the node's TOML."""
+    return f'[[destinations]]\nname = "{name}"\nae_title = "{ae_title}"\nhost = "{host}"\nport = {port}\n'
 
 
 class Orthanc:
@@ -80,6 +96,17 @@ class Orthanc:
     def dicomweb_url(self) -> str:
         """Base URL of the DICOMweb API (QIDO-RS, WADO-RS, STOW-RS) of the ``dicomweb`` plugin."""
         return f"{self.url}/dicom-web"
+
+    def destination_toml(self, name: str = "pacs") -> str:
+        """This Orthanc as a DIMSE ``[[destinations]]`` entry of the node's TOML."""
+        return destination_toml(name, self.ae_title, self.dicom_port)
+
+    def source_toml(self, name: str = "pacs", retrieve: str = "move") -> str:
+        """This Orthanc as a ``[[sources]]`` entry (C-FIND, then C-MOVE or C-GET) of the node's TOML."""
+        return (
+            f'[[sources]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\n'
+            f'port = {self.dicom_port}\nretrieve = "{retrieve}"\n'
+        )
 
     def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
         """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
@@ -172,6 +199,54 @@ class Orthanc:
         return response.content
 
 
+class Receiver:
+    """A pynetdicom storage SCP on a free port that keeps the SRs and Secondary Captures it receives in a folder:
+    a PACS for tests that need no Orthanc.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "TEST_PACS") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self._received: list[Path] = []
+        self._lock = threading.Lock()
+        self._ae = AE(ae_title=ae_title)
+        self._ae.add_supported_context(Verification)
+        for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
+            self._ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server: Any = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        target = self.folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        target.write_bytes(event.encoded_dataset(include_meta=True))
+        with self._lock:
+            if target not in self._received:
+                self._received.append(target)
+        return 0x0000
+
+    def start(self) -> None:
+        """Listen on 127.0.0.1:``port``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def stop(self) -> None:
+        """Close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def files(self) -> list[Path]:
+        """What has arrived so far, once per SOP Instance UID."""
+        with self._lock:
+            return list(self._received)
+
+    def destination_toml(self, name: str = "pacs") -> str:
+        """This receiver as a ``[[destinations]]`` entry of the node's TOML."""
+        return destination_toml(name, self.ae_title, self.port)
+
+
 class Node:
     """pacs-agent run as real processes (``pacs-agent serve``) with a config file of the test's."""
 
@@ -245,6 +320,93 @@ class Node:
     def database_url(self) -> str:
         """The SQLite URL of the node's database."""
         return f"sqlite:///{self.state_dir / 'pacs-agent.db'}"
+
+    @contextlib.contextmanager
+    def database(self) -> Iterator[Database]:
+        """The node's database for the block, opened beside the running node (which runs the migrations)."""
+        db = Database(self.database_url(), run_migrations=False)
+        try:
+            yield db
+        finally:
+            db.dispose()
+
+    def rows(self, statement: Executable) -> list[Row[Any]]:
+        """Every row ``statement`` selects from the node's database."""
+        with self.database() as db, db.session() as session:
+            return list(session.execute(statement).all())
+
+    def scalars(self, statement: Executable) -> list[Any]:
+        """The first column of every row ``statement`` selects (``select(Model)``: loaded, detached objects)."""
+        with self.database() as db, db.session() as session:
+            return list(session.execute(statement).scalars().all())
+
+    def scalar(self, statement: Executable) -> Any:
+        """The first column of the first row ``statement`` selects, or None."""
+        with self.database() as db, db.session() as session:
+            return session.execute(statement).scalar()
+
+    def write(self, statement: Executable) -> None:
+        """Run an INSERT, UPDATE or DELETE in the node's database, in a transaction of its own."""
+        with self.database() as db, db.session() as session, session.begin():
+            session.execute(statement)
+
+
+AnyNode = TypeVar("AnyNode", bound=Node)
+
+
+class Nodes:
+    """The nodes of one test (or one module), each in a folder of its own under ``root``.
+
+    :meth:`stop_all` (the fixtures call it at the end) stops every node still running and fails when one
+    did not exit with 0 after SIGTERM.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Node] = []
+
+    def workdir(self, name: str) -> Path:
+        """A folder under ``root`` no node of this set uses: ``name``, else ``name-2``, ``name-3``, ..."""
+        taken = {node.workdir for node in self.made}
+        path, n = self.root / name, 2
+        while path in taken or path.exists():
+            path, n = self.root / f"{name}-{n}", n + 1
+        return path
+
+    def add(self, node: AnyNode) -> AnyNode:
+        """Look after a node made elsewhere (a subclass of :class:`Node`)."""
+        self.made.append(node)
+        return node
+
+    def new(self, name: str = "node", **options: Any) -> Node:
+        """A node, not started yet; ``options`` as for :class:`Node`."""
+        return self.add(Node(self.workdir(name), **options))
+
+    def start(
+        self, command: str = "scp", *, name: str = "node", env: dict[str, str] | None = None, **options: Any
+    ) -> Node:
+        """A node running ``pacs-agent <command>``; ``options`` as for :class:`Node`."""
+        node = self.new(name, **options)
+        node.start(command, env=env)
+        return node
+
+    def stop_all(self) -> None:
+        """SIGTERM every node still running; fail naming each that did not exit with 0 (or had to be killed)."""
+        unclean = []
+        for node in self.made:
+            if node.process is None:
+                continue
+            try:
+                code = node.stop()
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                code = node.process.wait()
+                node.process = None
+                unclean.append(f"{node.workdir.name} did not stop after SIGTERM and was killed")
+                continue
+            if code != 0:
+                unclean.append(f"{node.workdir.name} exited with {code}:\n{node.log.read_text()[-2000:]}")
+        assert not unclean, "\n".join(unclean)
 
 
 def storescu(

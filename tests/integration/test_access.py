@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,23 +18,18 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
-from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db import Database
+from inference.phantom import PhantomStudy
 from pacs_agent.db.tables import Event, Instance
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Nodes, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), seed=21, lesions=1, slices=20, rows=64, columns=64)
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    node = Node(
-        tmp_path_factory.mktemp("node"),
+def node(module_nodes: Nodes) -> Node:
+    """One receiving node for the module's tests; its counts and events add up from test to test."""
+    return module_nodes.start(
+        "scp",
         extra_config=(
             "[security]\n"
             'allowed_calling_aets = ["ECHOSCU", "PYNETDICOM", "BUSY"]\n'
@@ -46,22 +40,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             "max_instance_mb = 1\n"
         ),
     )
-    node.start("scp")
-    yield node
-    assert node.stop() == 0, node.log.read_text()[-2000:]
-
-
-def db_query(node: Node, statement: object) -> list:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            return list(session.execute(statement).scalars())  # type: ignore[call-overload]
-    finally:
-        db.dispose()
 
 
 def rejections(node: Node) -> list[Event]:
-    return db_query(node, select(Event).where(Event.kind == "association_rejected").order_by(Event.id))
+    return node.scalars(select(Event).where(Event.kind == "association_rejected").order_by(Event.id))
 
 
 def rejection_after(node: Node, before: int) -> Event:
@@ -70,7 +52,7 @@ def rejection_after(node: Node, before: int) -> Event:
 
 
 def instances(node: Node) -> int:
-    return int(db_query(node, select(func.count(Instance.id)))[0])
+    return int(node.scalar(select(func.count(Instance.id))))
 
 
 def open_association(node: Node, calling: str) -> Association:
@@ -164,7 +146,7 @@ def test_instance_larger_than_max_instance_mb_is_refused_before_writing(node: No
         assert int(assoc.send_c_store(big_ct(phantom, 0.5)).Status) == 0x0000  # a smaller one still goes in
     finally:
         assoc.release()
-    refused = db_query(node, select(Event).where(Event.kind == "store_refused").order_by(Event.id))[-1]
+    refused = node.scalars(select(Event).where(Event.kind == "store_refused").order_by(Event.id))[-1]
     assert refused.status == 0xA700 and refused.sop_instance_uid == large.SOPInstanceUID  # type: ignore[attr-defined]
     assert refused.detail.startswith("instance of 1.5 MB is larger than [security] max_instance_mb = 1")
     assert instances(node) == before + 1
@@ -178,7 +160,7 @@ def test_nothing_the_node_writes_is_readable_by_others(node: Node, phantom: Phan
     files = [*phantom.ct_files, phantom.seg_file, phantom.rtstruct_file]
     assert storescu(node.port, files, aet="PACS_MAIN").returncode == 0
     wait_for(
-        lambda: db_query(node, select(Event).where(Event.kind.in_(["job_scheduled", "study_incomplete"]))),
+        lambda: node.scalars(select(Event).where(Event.kind.in_(["job_scheduled", "study_incomplete"]))),
         30,
         "the study to be evaluated",
     )

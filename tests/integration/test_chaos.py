@@ -21,10 +21,9 @@ from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Destination
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Instance, Job
 from pacs_agent.send.scu import store_files
-from tests.integration.peers import Node, Orthanc, wait_for
+from tests.integration.peers import Node, Nodes, Orthanc, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +76,9 @@ def sender(node: ChaosNode, studies: list[PhantomStudy], acknowledged: set[str],
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_random_kills_lose_nothing_and_duplicate_nothing(tmp_path: Path, seed: int) -> None:
+def test_random_kills_lose_nothing_and_duplicate_nothing(
+    tmp_path: Path, orthanc: Orthanc, nodes: Nodes, seed: int
+) -> None:
     rng = random.Random(seed)
     studies = [
         generate_study(
@@ -85,60 +86,45 @@ def test_random_kills_lose_nothing_and_duplicate_nothing(tmp_path: Path, seed: i
         )
         for n in range(STUDIES)
     ]
-    orthanc = Orthanc(tmp_path / "orthanc")
-    node = ChaosNode(tmp_path / "node")
+    node = nodes.add(ChaosNode(nodes.workdir("node")))
     node.extra_config = (
-        f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n[jobs]\nlease_seconds = 10\nretry_delay_seconds = 1\nmax_attempts = 10\n"
+        orthanc.destination_toml("pacs") + "[jobs]\nlease_seconds = 10\nretry_delay_seconds = 1\nmax_attempts = 10\n"
     )
     orthanc.start()
-    try:
+    node.launch()
+    acknowledged: set[str] = set()
+    done = threading.Event()
+    thread = threading.Thread(target=sender, args=(node, studies, acknowledged, done), daemon=True)
+    thread.start()
+    for _ in range(KILLS):  # kill during receiving, processing and delivering alike
+        time.sleep(rng.uniform(0.5, 6.0))
+        node.kill_all()
+        time.sleep(rng.uniform(0.0, 1.0))
         node.launch()
-        acknowledged: set[str] = set()
-        done = threading.Event()
-        thread = threading.Thread(target=sender, args=(node, studies, acknowledged, done), daemon=True)
-        thread.start()
-        for _ in range(KILLS):  # kill during receiving, processing and delivering alike
-            time.sleep(rng.uniform(0.5, 6.0))
-            node.kill_all()
-            time.sleep(rng.uniform(0.0, 1.0))
-            node.launch()
-        assert done.wait(240), "the sender could not deliver every instance"
-        thread.join(10)
+    assert done.wait(240), "the sender could not deliver every instance"
+    thread.join(10)
 
-        def finished() -> bool:
-            db = Database(node.database_url(), run_migrations=False)
-            try:
-                with db.session() as session:
-                    jobs = session.execute(select(Job.state)).scalars().all()
-                    deliveries = session.execute(select(Delivery.state)).scalars().all()
-            finally:
-                db.dispose()
-            return (
-                len(jobs) >= STUDIES
-                and all(s == "done" for s in jobs)
-                and deliveries
-                and all(s == "done" for s in deliveries)
-            )
+    def finished() -> bool:
+        jobs = node.scalars(select(Job.state))
+        deliveries = node.scalars(select(Delivery.state))
+        return (
+            len(jobs) >= STUDIES
+            and all(s == "done" for s in jobs)
+            and bool(deliveries)
+            and all(s == "done" for s in deliveries)
+        )
 
-        wait_for(finished, 240, "every job and delivery to finish")
-        db = Database(node.database_url(), run_migrations=False)
-        with db.session() as session:
-            stored = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)).all())
-        db.dispose()
-        missing = acknowledged - set(stored)
-        assert not missing, f"{len(missing)} acknowledged instance(s) lost"
-        for uid in acknowledged:
-            assert (node.state_dir / "spool" / stored[uid]).stat().st_size > 0
-        assert not list((node.state_dir / "spool" / "tmp").glob("*.part"))
-        srs = orthanc.instances_with_modality("SR")
-        per_study: dict[str, int] = {}
-        for sr in srs:
-            per_study[sr["StudyInstanceUID"]] = per_study.get(sr["StudyInstanceUID"], 0) + 1
-        assert per_study == {s.study_instance_uid: 1 for s in studies}, per_study
-        captures = orthanc.instances_with_modality("OT")
-        assert len(captures) == 2 * STUDIES  # a summary and one lesion page per study, once each
-    finally:
-        if node.process is not None:
-            node.stop()
-        orthanc.stop()
+    wait_for(finished, 240, "every job and delivery to finish")
+    stored = dict(node.rows(select(Instance.sop_instance_uid, Instance.path)))
+    missing = acknowledged - set(stored)
+    assert not missing, f"{len(missing)} acknowledged instance(s) lost"
+    for uid in acknowledged:
+        assert (node.state_dir / "spool" / stored[uid]).stat().st_size > 0
+    assert not list((node.state_dir / "spool" / "tmp").glob("*.part"))
+    srs = orthanc.instances_with_modality("SR")
+    per_study: dict[str, int] = {}
+    for sr in srs:
+        per_study[sr["StudyInstanceUID"]] = per_study.get(sr["StudyInstanceUID"], 0) + 1
+    assert per_study == {s.study_instance_uid: 1 for s in studies}, per_study
+    captures = orthanc.instances_with_modality("OT")
+    assert len(captures) == 2 * STUDIES  # a summary and one lesion page per study, once each

@@ -13,9 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Instance, Job, Study
-from tests.integration.peers import Node, require_tool, storescu, wait_for
+from tests.integration.peers import Nodes, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +22,7 @@ SENDERS = 4
 SLICES = 300
 
 
-def test_four_concurrent_senders_while_a_job_runs(tmp_path: Path) -> None:
+def test_four_concurrent_senders_while_a_job_runs(tmp_path: Path, nodes: Nodes) -> None:
     storescu_bin = require_tool("storescu")
     studies: list[PhantomStudy] = [
         generate_study(
@@ -31,52 +30,42 @@ def test_four_concurrent_senders_while_a_job_runs(tmp_path: Path) -> None:
         )
         for n in range(SENDERS + 1)
     ]
-    node = Node(tmp_path / "node")
-    node.start("serve")
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        first = studies[0]
-        assert storescu(node.port, [*first.ct_files, first.seg_file]).returncode == 0
+    node = nodes.start("serve")
+    first = studies[0]
+    assert storescu(node.port, [*first.ct_files, first.seg_file]).returncode == 0
 
-        def job_running() -> bool:
-            with db.session() as session:
-                return session.scalar(select(func.count(Job.id)).where(Job.state.in_(["running", "done"]))) > 0
+    def job_running() -> bool:
+        return node.scalar(select(func.count(Job.id)).where(Job.state.in_(["running", "done"]))) > 0
 
-        wait_for(job_running, 60, "the first study's job to start", interval=0.05)
-        senders = [
-            subprocess.Popen(
-                [
-                    storescu_bin,
-                    "-R",
-                    "-aet",
-                    f"MODALITY{n}",
-                    "-aec",
-                    node.ae_title,
-                    "127.0.0.1",
-                    str(node.port),
-                    *map(str, study.ct_files),
-                    str(study.seg_file),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for n, study in enumerate(studies[1:], start=1)
-        ]
-        for proc in senders:
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err.decode()[-2000:]
-        with db.session() as session:
-            stored = session.scalar(select(func.count(Instance.id)))
-        assert stored == (SENDERS + 1) * (SLICES + 1)
+    wait_for(job_running, 60, "the first study's job to start", interval=0.05)
+    senders = [
+        subprocess.Popen(
+            [
+                storescu_bin,
+                "-R",
+                "-aet",
+                f"MODALITY{n}",
+                "-aec",
+                node.ae_title,
+                "127.0.0.1",
+                str(node.port),
+                *map(str, study.ct_files),
+                str(study.seg_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for n, study in enumerate(studies[1:], start=1)
+    ]
+    for proc in senders:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    assert node.scalar(select(func.count(Instance.id))) == (SENDERS + 1) * (SLICES + 1)
 
-        def all_done() -> bool:
-            with db.session() as session:
-                states = session.execute(select(Job.state)).scalars().all()
-            return len(states) == SENDERS + 1 and all(s == "done" for s in states)
+    def all_done() -> bool:
+        states = node.scalars(select(Job.state))
+        return len(states) == SENDERS + 1 and all(s == "done" for s in states)
 
-        wait_for(all_done, 600, "every study to be processed")
-        with db.session() as session:
-            assert session.execute(select(func.count(Study.id))).scalar_one() == SENDERS + 1
-    finally:
-        db.dispose()
-        assert node.stop() == 0
+    wait_for(all_done, 600, "every study to be processed")
+    assert node.scalar(select(func.count(Study.id))) == SENDERS + 1
+    assert node.stop() == 0

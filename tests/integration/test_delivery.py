@@ -19,7 +19,6 @@ import base64
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -27,10 +26,10 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select, update
 
-from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db import Database
+from inference.phantom import PhantomStudy
 from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, utcnow
-from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
+from tests.integration.peers import Node, Nodes, Orthanc, require_tool, storescu, wait_for
+from tests.integration.phantoms import Phantoms
 
 pytestmark = pytest.mark.integration
 
@@ -42,30 +41,11 @@ SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomStudy, PhantomStudy]:
-    root = tmp_path_factory.mktemp("phantoms")
+def studies(phantoms: Phantoms) -> tuple[PhantomStudy, PhantomStudy]:
     return (
-        generate_study(root / "a", seed=31, lesions=2, slices=30, rows=96, columns=96),
-        generate_study(root / "b", seed=32, lesions=1, slices=30, rows=96, columns=96),
+        phantoms.study(seed=31, lesions=2, slices=30, rows=96, columns=96),
+        phantoms.study(seed=32, lesions=1, slices=30, rows=96, columns=96),
     )
-
-
-def query(node: Node, statement: object) -> list:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            return list(session.execute(statement).all())  # type: ignore[call-overload]
-    finally:
-        db.dispose()
-
-
-def execute(node: Node, statement: object) -> None:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session, session.begin():
-            session.execute(statement)  # type: ignore[call-overload]
-    finally:
-        db.dispose()
 
 
 def deliveries(node: Node, study_uid: str | None = None) -> list[tuple]:
@@ -85,11 +65,11 @@ def deliveries(node: Node, study_uid: str | None = None) -> list[tuple]:
     )
     if study_uid is not None:
         statement = statement.where(Study.study_instance_uid == study_uid)
-    return [tuple(row) for row in query(node, statement)]
+    return [tuple(row) for row in node.rows(statement)]
 
 
 def result_uids(node: Node) -> set[str]:
-    return {row[0] for row in query(node, select(Result.sop_instance_uid))}
+    return set(node.scalars(select(Result.sop_instance_uid)))
 
 
 def stored_in(orthanc: Orthanc) -> list[str]:
@@ -130,42 +110,14 @@ def pacs_agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-def dimse_destination(orthanc: Orthanc, name: str = "pacs") -> str:
-    return (
-        f'[[destinations]]\nname = "{name}"\nae_title = "{orthanc.ae_title}"\n'
-        f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-    )
-
-
 # ---------------------------------------------------------------- DIMSE: the PACS goes down and comes back
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path / "orthanc")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    try:
-        yield started
-    finally:
-        for node in started:
-            if node.process is not None:
-                node.stop()
-
-
 def test_pacs_down_then_up_every_result_exactly_once(
-    orthanc: Orthanc, nodes: list[Node], studies: tuple[PhantomStudy, PhantomStudy], tmp_path: Path
+    orthanc: Orthanc, nodes: Nodes, studies: tuple[PhantomStudy, PhantomStudy], tmp_path: Path
 ) -> None:
     a, b = studies
-    node = Node(tmp_path / "node", extra_config=dimse_destination(orthanc))
-    nodes.append(node)
+    node = nodes.new(extra_config=orthanc.destination_toml())
     orthanc.start()
     node.start("serve")
     orthanc.stop()  # the PACS goes down before any result exists
@@ -183,7 +135,7 @@ def test_pacs_down_then_up_every_result_exactly_once(
     assert node.echo()
     assert storescu(node.port, [*b.ct_files, b.seg_file]).returncode == 0
     wait_for(lambda: retried(b.study_instance_uid), 120, "study B to be processed and its deliveries tried")
-    states = query(node, select(Job.state).order_by(Job.id))
+    states = node.rows(select(Job.state).order_by(Job.id))
     assert [s for (s,) in states] == ["done", "done"]
 
     orthanc.start()  # the PACS is back (same storage, same ports)
@@ -194,20 +146,19 @@ def test_pacs_down_then_up_every_result_exactly_once(
     assert sorted(in_pacs) == sorted(expected)  # every result, each exactly once
     classes = check_objects_in(orthanc, expected, tmp_path)
     assert classes.pop(SR_CLASS) == 2 and set(classes) <= SC_CLASSES and sum(classes.values()) == len(expected) - 2
-    retry_events = query(node, select(Event.kind).where(Event.kind == "delivery_retry"))
+    retry_events = node.rows(select(Event.kind).where(Event.kind == "delivery_retry"))
     assert len(retry_events) >= 2 * len(expected)
 
     # a forced re-run of job A: same UIDs, so no new results and nothing new in the PACS
-    job_a = query(
-        node,
-        select(Job.id).join(Study, Study.id == Job.study_id).where(Study.study_instance_uid == a.study_instance_uid),
+    job_a = node.rows(
+        select(Job.id).join(Study, Study.id == Job.study_id).where(Study.study_instance_uid == a.study_instance_uid)
     )[0][0]
     done_before = deliveries(node)
     before = utcnow()
-    execute(node, update(Job).where(Job.id == job_a).values(state="pending", not_before=before))
+    node.write(update(Job).where(Job.id == job_a).values(state="pending", not_before=before))
     wait_for(
         lambda: (
-            (row := query(node, select(Job.state, Job.finished_at).where(Job.id == job_a))[0])[0] == "done"
+            (row := node.rows(select(Job.state, Job.finished_at).where(Job.id == job_a))[0])[0] == "done"
             and row[1] > before
         ),
         120,
@@ -217,14 +168,13 @@ def test_pacs_down_then_up_every_result_exactly_once(
     assert {r[0]: r[2:4] for r in deliveries(node)} == {r[0]: r[2:4] for r in done_before}  # nothing re-queued
     # ... and a re-send of every result (as after lost acknowledgements): Orthanc keeps one copy each
     attempts = {r[0]: r[3] for r in deliveries(node)}
-    execute(node, update(Delivery).values(state="pending", next_attempt_at=utcnow()))
+    node.write(update(Delivery).values(state="pending", next_attempt_at=utcnow()))
     wait_for(lambda: all(r[2] == "done" and r[3] == attempts[r[0]] + 1 for r in deliveries(node)), 60, "the re-send")
     assert sorted(stored_in(orthanc)) == sorted(expected)
 
     # the same study processed again from scratch by a node with an empty state: the same UIDs
     assert node.stop() == 0
-    fresh = Node(tmp_path / "fresh", extra_config=dimse_destination(orthanc))
-    nodes.append(fresh)
+    fresh = nodes.new("fresh", extra_config=orthanc.destination_toml())
     fresh.start("serve")
     assert storescu(fresh.port, [*a.ct_files, a.seg_file]).returncode == 0
     wait_for(lambda: (rows := deliveries(fresh)) and all(r[2] == "done" for r in rows), 120, "the fresh node")
@@ -240,7 +190,7 @@ def basic(user: str, password: str) -> str:
 
 
 def test_stowrs_with_credentials_dead_letter_and_retry(
-    nodes: list[Node], studies: tuple[PhantomStudy, PhantomStudy], tmp_path: Path
+    nodes: Nodes, studies: tuple[PhantomStudy, PhantomStudy], tmp_path: Path
 ) -> None:
     a, _ = studies
     good, wrong = basic("pacs-agent", "correct horse"), basic("pacs-agent", "wrong horse")
@@ -253,8 +203,7 @@ def test_stowrs_with_credentials_dead_letter_and_retry(
             f'[[destinations]]\nname = "web2"\ntype = "stowrs"\nurl = "{web.dicomweb_url}/"\n'
             'auth_header_env = "STOW_AUTH_WEB2"\ntimeout_seconds = 10\n'
         )
-        node = Node(tmp_path / "node", extra_config=config)
-        nodes.append(node)
+        node = nodes.new(extra_config=config)
         # web2's credentials are wrong; deliveries give up after 7 s
         env = {"STOW_AUTH_WEB": good, "STOW_AUTH_WEB2": wrong, "PACS_AGENT__DELIVERY__MAX_AGE_HOURS": "0.002"}
         node.start("serve", env=env)
@@ -294,11 +243,11 @@ def test_stowrs_with_credentials_dead_letter_and_retry(
         wait_for(lambda: all(r[2] == "done" for r in by_destination("web2")), 60, "web2 after the retry")
         assert all(r[3] >= 3 for r in by_destination("web2"))  # attempts were kept
         assert sorted(stored_in(web)) == sorted(expected)  # the second destination's copy is the same instances
-        requeued = query(node, select(Event.detail).where(Event.kind == "delivery_requeued"))
+        requeued = node.rows(select(Event.detail).where(Event.kind == "delivery_requeued"))
         assert len(requeued) == expected_count and all("was dead after" in d for (d,) in requeued)
 
         # the secret is in no log line and no event
-        details = " ".join(d or "" for (d,) in query(node, select(Event.detail)))
+        details = " ".join(d or "" for (d,) in node.rows(select(Event.detail)))
         for secret in (good, wrong, "correct horse", "wrong horse"):
             assert secret not in node.log.read_text()
             assert secret not in details

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -14,46 +13,14 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Job, Study
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), seed=11, lesions=3, slices=40, rows=128, columns=128)
-
-
-@pytest.fixture
-def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
-    orthanc = Orthanc(tmp_path / "orthanc")
-    node = Node(tmp_path / "node")
-    node.extra_config = (
-        f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\n'
-        f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-    )
-    orthanc.add_modality("pacsagent", node.ae_title, node.port)
-    orthanc.start()
-    try:
-        yield orthanc, node
-    finally:
-        if node.process is not None:
-            node.stop()
-        orthanc.stop()
-
-
-def node_db(node: Node) -> Database:
-    return Database(node.database_url(), run_migrations=False)
+pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=11, lesions=3, slices=40, rows=128, columns=128)]
 
 
 def job_states(node: Node) -> list[tuple[str, int, str | None]]:
-    db = node_db(node)
-    with db.session() as session:
-        rows = session.execute(select(Job.state, Job.attempts, Job.last_error).order_by(Job.id)).all()
-    db.dispose()
-    return [tuple(r) for r in rows]
+    return [tuple(r) for r in node.rows(select(Job.state, Job.attempts, Job.last_error).order_by(Job.id))]
 
 
 def srs_in(orthanc: Orthanc) -> list[dict]:
@@ -70,9 +37,9 @@ def check_dciodvfy(data: bytes, tmp_path: Path) -> None:
 
 
 def test_orthanc_sends_study_and_gets_sr_back(
-    orthanc_and_node: tuple[Orthanc, Node], phantom: PhantomStudy, tmp_path: Path
+    pacs_and_node: tuple[Orthanc, Node], phantom: PhantomStudy, tmp_path: Path
 ) -> None:
-    orthanc, node = orthanc_and_node
+    orthanc, node = pacs_and_node
     node.start("serve")
     ids = orthanc.upload([*phantom.ct_files, phantom.seg_file])
     study_id = orthanc.get(f"/instances/{ids[0]}/study")["ID"]
@@ -100,16 +67,12 @@ def test_orthanc_sends_study_and_gets_sr_back(
         sc_data = orthanc.file(sc["ID"])
         assert dcmread(BytesIO(sc_data)).BurnedInAnnotation == "YES"
         check_dciodvfy(sc_data, tmp_path)
-    db = node_db(node)
-    with db.session() as session:
-        states = session.execute(select(Delivery.state)).scalars().all()
-        assert states == ["done"] * (len(phantom.lesions) + 2)
-        assert session.execute(select(Study.state)).scalar_one() == "done"
-    db.dispose()
+    assert node.scalars(select(Delivery.state)) == ["done"] * (len(phantom.lesions) + 2)
+    assert node.scalars(select(Study.state)) == ["done"]
 
 
-def test_restart_between_receive_and_processing(orthanc_and_node: tuple[Orthanc, Node], phantom: PhantomStudy) -> None:
-    orthanc, node = orthanc_and_node
+def test_restart_between_receive_and_processing(pacs_and_node: tuple[Orthanc, Node], phantom: PhantomStudy) -> None:
+    orthanc, node = pacs_and_node
     node.start("scp")  # receives and schedules, but no worker runs the job
     assert storescu(node.port, [*phantom.ct_files, phantom.seg_file]).returncode == 0
     wait_for(lambda: job_states(node), 30, "the job to be scheduled")
@@ -120,17 +83,15 @@ def test_restart_between_receive_and_processing(orthanc_and_node: tuple[Orthanc,
     assert job_states(node) == [("done", 1, None)]
 
 
-def test_worker_crash_is_retried(orthanc_and_node: tuple[Orthanc, Node], phantom: PhantomStudy) -> None:
-    orthanc, node = orthanc_and_node
+def test_worker_crash_is_retried(pacs_and_node: tuple[Orthanc, Node], phantom: PhantomStudy) -> None:
+    orthanc, node = pacs_and_node
     node.start("serve")
     assert storescu(node.port, [*phantom.ct_files, phantom.seg_file]).returncode == 0
 
     def running_worker_pid() -> int | None:
-        db = node_db(node)
-        with db.session() as session:
-            worker = session.execute(select(Job.worker_id).where(Job.state == "running")).scalar_one_or_none()
-        db.dispose()
-        return int(worker.rpartition(":")[2]) if worker else None
+        workers = node.scalars(select(Job.worker_id).where(Job.state == "running"))
+        assert len(workers) <= 1, workers
+        return int(workers[0].rpartition(":")[2]) if workers else None
 
     pid = wait_for(running_worker_pid, 60, "the job to start", interval=0.02)
     os.kill(pid, signal.SIGKILL)  # the worker dies mid-job, as on a segfault or OOM kill
@@ -142,8 +103,8 @@ def test_worker_crash_is_retried(orthanc_and_node: tuple[Orthanc, Node], phantom
     assert len(srs_in(orthanc)) == 1
 
 
-def test_bad_segmentation_fails_the_job_with_a_reason(orthanc_and_node: tuple[Orthanc, Node], tmp_path: Path) -> None:
-    _, node = orthanc_and_node
+def test_bad_segmentation_fails_the_job_with_a_reason(pacs_and_node: tuple[Orthanc, Node], tmp_path: Path) -> None:
+    _, node = pacs_and_node
     study = generate_study(tmp_path / "p", seed=4, lesions=1, slices=24, rows=64, columns=64)
     seg = dcmread(study.seg_file)
     seg.PixelData = b"\x00" * len(seg.PixelData)  # every segment empty

@@ -19,34 +19,24 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db import Database
-from pacs_agent.db.tables import Job
-from pacs_agent.demo import LocalReceiver
-from tests.integration.peers import Node, storescu, wait_for
+from pacs_agent.db.tables import Job, Study
+from tests.integration.peers import Node, Nodes, Receiver, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, LocalReceiver]]:
-    root = tmp_path_factory.mktemp("fuzz")
-    receiver = LocalReceiver(root / "received")
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
+    receiver = Receiver(tmp_path_factory.mktemp("received"))
     receiver.start()
-    node = Node(root / "node")
-    dest = receiver.destination()
-    node.extra_config = (
-        f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
-        f'host = "{dest.host}"\nport = {dest.port}\n'
-    )
-    node.start("serve")
-    yield node, receiver
-    assert node.stop() == 0
+    yield receiver
     receiver.stop()
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("good"), seed=61, lesions=1, slices=24, rows=64, columns=64)
+def node(receiver: Receiver, module_nodes: Nodes) -> Node:
+    """One node (``serve``) that every malformed object of the module is thrown at; it must stay up."""
+    return module_nodes.start("serve", extra_config=receiver.destination_toml())
 
 
 def part10(body: bytes, sop_class: str = CTImageStorage, syntax: str = ExplicitVRLittleEndian) -> bytes:
@@ -107,49 +97,45 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_malformed_dataset_is_refused_and_node_stays_up(
-    node: tuple[Node, LocalReceiver], tmp_path: Path, name: str
-) -> None:
-    status = send_bytes(node[0], part10(MALFORMED[name]), tmp_path)
+def test_malformed_dataset_is_refused_and_node_stays_up(node: Node, tmp_path: Path, name: str) -> None:
+    status = send_bytes(node, part10(MALFORMED[name]), tmp_path)
     assert status is None or status != 0x0000, f"{name}: accepted"
-    assert node[0].echo()
+    assert node.echo()
 
 
-def test_bogus_transfer_syntax_is_refused_at_negotiation(node: tuple[Node, LocalReceiver]) -> None:
+def test_bogus_transfer_syntax_is_refused_at_negotiation(node: Node) -> None:
     ae = AE(ae_title="FUZZER")
     ae.add_requested_context(CTImageStorage, "1.2.3.4.5.6.7")
-    assoc = ae.associate("127.0.0.1", node[0].port, ae_title="PACS_AGENT")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACS_AGENT")
     try:
         assert not assoc.accepted_contexts
     finally:
         if assoc.is_established:
             assoc.release()
-    assert node[0].echo()
+    assert node.echo()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(min_size=1, max_size=3000))
-def test_random_bodies(node: tuple[Node, LocalReceiver], tmp_path: Path, body: bytes) -> None:
-    status = send_bytes(node[0], part10(body), tmp_path)
+def test_random_bodies(node: Node, tmp_path: Path, body: bytes) -> None:
+    status = send_bytes(node, part10(body), tmp_path)
     assert status != 0x0000  # random bytes can never carry the SOP Instance UID of the request
-    assert node[0].echo()
+    assert node.echo()
 
 
 def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
-    node: tuple[Node, LocalReceiver], good: PhantomStudy, tmp_path: Path
+    node: Node, phantom: PhantomStudy, tmp_path: Path
 ) -> None:
     bad = generate_study(tmp_path / "bad", seed=62, lesions=1, slices=24, rows=64, columns=64)
     broken = dcmread(bad.ct_files[5])
     broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]  # half the pixels missing
     broken.save_as(bad.ct_files[5])
-    assert storescu(node[0].port, [*bad.ct_files, bad.seg_file]).returncode == 0
-    db = Database(node[0].database_url(), run_migrations=False)
-    state, error = wait_for(lambda: ended_job(db, bad.study_instance_uid), 120, "the bad study's job to end")
+    assert storescu(node.port, [*bad.ct_files, bad.seg_file]).returncode == 0
+    state, error = wait_for(lambda: ended_job(node, bad.study_instance_uid), 120, "the bad study's job to end")
     assert state == "failed", error
     assert error and "pixel" in error.lower()
-    assert storescu(node[0].port, [*good.ct_files, good.seg_file]).returncode == 0
-    assert wait_for(lambda: ended_job(db, good.study_instance_uid), 120, "the good study's job")[0] == "done"
-    db.dispose()
+    assert storescu(node.port, [*phantom.ct_files, phantom.seg_file]).returncode == 0
+    assert wait_for(lambda: ended_job(node, phantom.study_instance_uid), 120, "the good study's job")[0] == "done"
 
 
 def break_seg_pixels(ds: Dataset) -> None:
@@ -174,9 +160,7 @@ MALFORMED_SEGMENTATIONS = {
 }
 
 
-def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(
-    node: tuple[Node, LocalReceiver], tmp_path: Path
-) -> None:
+def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(node: Node, tmp_path: Path) -> None:
     """Each broken SEG / RTSTRUCT fails its own job at once (no retries), or leaves its study incomplete when
     readiness already sees it cannot be used; either way with a reason, and a good study sent next is processed.
     """
@@ -190,44 +174,32 @@ def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(
         ds = dcmread(path)
         breaker(ds)
         ds.save_as(path, enforce_file_format=True)
-        assert storescu(node[0].port, [*study.ct_files, path]).returncode == 0
+        assert storescu(node.port, [*study.ct_files, path]).returncode == 0
         bad[case] = (study, expected)
     after = generate_study(tmp_path / "after", seed=80, lesions=1, slices=24, rows=64, columns=64)
-    assert storescu(node[0].port, [*after.ct_files, after.seg_file]).returncode == 0
-    db = Database(node[0].database_url(), run_migrations=False)
-    try:
-        for case, (study, expected) in bad.items():
-            what, error = wait_for(lambda s=study: ended(db, s.study_instance_uid), 120, f"the outcome of {case}")
-            assert what == expected, f"{case}: {what}: {error}"  # input errors fail at once, they are not retried
-            assert error and "Traceback" not in error and len(error) < 1000, error
-        # the worker survived them all: the next study is processed
-        assert wait_for(lambda: ended_job(db, after.study_instance_uid), 120, "the next study's job")[0] == "done"
-    finally:
-        db.dispose()
+    assert storescu(node.port, [*after.ct_files, after.seg_file]).returncode == 0
+    for case, (study, expected) in bad.items():
+        what, error = wait_for(lambda s=study: ended(node, s.study_instance_uid), 120, f"the outcome of {case}")
+        assert what == expected, f"{case}: {what}: {error}"  # input errors fail at once, they are not retried
+        assert error and "Traceback" not in error and len(error) < 1000, error
+    # the worker survived them all: the next study is processed
+    assert wait_for(lambda: ended_job(node, after.study_instance_uid), 120, "the next study's job")[0] == "done"
 
 
-def ended(db: Database, study_uid: str) -> tuple[str, str | None] | None:
+def ended(node: Node, study_uid: str) -> tuple[str, str | None] | None:
     """("job <state>", last error) once the study's job ended, ("study incomplete", reason), else None."""
-    from pacs_agent.db.tables import Study
-
-    job = ended_job(db, study_uid)
+    job = ended_job(node, study_uid)
     if job is not None:
         return f"job {job[0]}", job[1]
-    with db.session() as session:
-        row = session.execute(
-            select(Study.state, Study.state_reason).where(Study.study_instance_uid == study_uid)
-        ).first()
-    return ("study incomplete", row[1]) if row and row[0] == "incomplete" else None
+    rows = node.rows(select(Study.state, Study.state_reason).where(Study.study_instance_uid == study_uid))
+    return ("study incomplete", rows[0][1]) if rows and rows[0][0] == "incomplete" else None
 
 
-def ended_job(db: Database, study_uid: str) -> tuple[str, str | None] | None:
+def ended_job(node: Node, study_uid: str) -> tuple[str, str | None] | None:
     """(state, last error) of the study's job once it ended, else None."""
-    from pacs_agent.db.tables import Study
-
-    with db.session() as session:
-        row = session.execute(
-            select(Job.state, Job.last_error)
-            .join(Study, Study.id == Job.study_id)
-            .where(Study.study_instance_uid == study_uid)
-        ).first()
-    return (row[0], row[1]) if row and row[0] in ("done", "failed", "dead") else None
+    rows = node.rows(
+        select(Job.state, Job.last_error)
+        .join(Study, Study.id == Job.study_id)
+        .where(Study.study_instance_uid == study_uid)
+    )
+    return (rows[0][0], rows[0][1]) if rows and rows[0][0] in ("done", "failed", "dead") else None

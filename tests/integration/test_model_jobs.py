@@ -17,39 +17,22 @@ from sqlalchemy import select
 
 from dicom_sr.sc.render import IMAGE_BOX
 from dicom_sr.sr.text import render_sr_text
-from inference.phantom import PhantomStudy, generate_study
+from inference.phantom import PhantomStudy
 from inference.registry import load_package
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Job, Result
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Nodes, storescu, wait_for
 from tests.model_packages import write_test_package
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), seed=12, lesions=2, slices=40, rows=128, columns=128)
+pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=12, lesions=2, slices=40, rows=128, columns=128)]
 
 
 def finished_jobs(node: Node) -> list[tuple[str, str, str | None]]:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            rows = session.execute(select(Job.method, Job.state, Job.last_error).order_by(Job.method)).all()
-    finally:
-        db.dispose()
-    jobs = [tuple(r) for r in rows]
+    jobs = [tuple(r) for r in node.rows(select(Job.method, Job.state, Job.last_error).order_by(Job.method))]
     return jobs if len(jobs) == 3 and all(state in ("done", "failed", "dead") for _, state, _ in jobs) else []
 
 
 def result_files(node: Node, method: str) -> list[tuple[str, Path]]:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            rows = session.execute(select(Result.kind, Result.path).where(Result.method == method)).all()
-    finally:
-        db.dispose()
+    rows = node.rows(select(Result.kind, Result.path).where(Result.method == method))
     return [(kind, node.state_dir / "results" / path) for kind, path in rows]
 
 
@@ -61,20 +44,17 @@ def heat_pixels(path: Path) -> int:
     return int(((rgb[..., 0] - rgb[..., 2] >= 30) & (rgb[..., 1] < 250)).sum())
 
 
-def test_model_method_results_and_a_missing_package(tmp_path: Path, phantom: PhantomStudy) -> None:
+def test_model_method_results_and_a_missing_package(tmp_path: Path, nodes: Nodes, phantom: PhantomStudy) -> None:
     models = tmp_path / "models"
     package = load_package(write_test_package(models / "m1-test-0.1.0", "m1"))
-    node = Node(
-        tmp_path / "node",
+    node = nodes.start(
+        "serve",
         extra_config=(f'[jobs]\nmethods = ["radiomics", "m1", "m3"]\n[models]\ndir = "{models}"\nuse_demo = false\n'),
     )
-    node.start("serve")
-    try:
-        sent = storescu(node.port, [*phantom.ct_files, phantom.seg_file])
-        assert sent.returncode == 0, sent.stderr
-        jobs = wait_for(lambda: finished_jobs(node), 240, "the radiomics, m1 and m3 jobs to finish")
-    finally:
-        assert node.stop() == 0
+    sent = storescu(node.port, [*phantom.ct_files, phantom.seg_file])
+    assert sent.returncode == 0, sent.stderr
+    jobs = wait_for(lambda: finished_jobs(node), 240, "the radiomics, m1 and m3 jobs to finish")
+    assert node.stop() == 0
     states = {method: (state, error) for method, state, error in jobs}
     assert states["radiomics"] == ("done", None)
     assert states["m1"] == ("done", None)

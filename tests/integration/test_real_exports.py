@@ -33,14 +33,16 @@ from sqlalchemy import select
 
 from dicom_sr.sr.reader import read_measurement_report
 from inference.imaging.volume import CTVolume, load_ct_series
-from inference.phantom import PhantomStudy, generate_study
+from inference.phantom import PhantomStudy
 from inference.results import StudyResult
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Event, Study
 from tests.conftest import shared_data
-from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
+from tests.integration.peers import Node, Nodes, Orthanc, require_tool, storescu, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.phantom(seed=31, lesions=2, slices=24, rows=64, columns=64, clinical_structures=True),
+]
 
 STS_CASES = ("STS_001", "STS_010", "STS_012", "STS_015")
 SR_DEADLINE_SECONDS = 240
@@ -52,20 +54,9 @@ def ibsi(case: str, *parts: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(
-        tmp_path_factory.mktemp("clinical"),
-        seed=31,
-        lesions=2,
-        slices=24,
-        rows=64,
-        columns=64,
-        clinical_structures=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def sent(tmp_path_factory: pytest.TempPathFactory, phantom: PhantomStudy) -> Iterator[tuple[Orthanc, Node]]:
+def sent(
+    tmp_path_factory: pytest.TempPathFactory, module_nodes: Nodes, phantom: PhantomStudy
+) -> Iterator[tuple[Orthanc, Node]]:
     """Every real case and the clinical phantom, sent to one node that delivers to Orthanc."""
     cases = [ibsi(case, "dicom") for case in STS_CASES]  # skips the module when ../shared/data is absent
     liver = shared_data("dicom_ct_seg", "dcmqi_ct3slice_liver")
@@ -73,19 +64,16 @@ def sent(tmp_path_factory: pytest.TempPathFactory, phantom: PhantomStudy) -> Ite
     pydicom_ct = shared_data("dicom_ct_seg", "pydicom_CT2")
     workdir = tmp_path_factory.mktemp("real-exports")
     orthanc = Orthanc(workdir / "orthanc")
-    node = Node(
-        workdir / "node",
+    node = module_nodes.new(
         extra_config=(
-            f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\n'
-            f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-            '[jobs]\nmethods = ["radiomics"]\n'
+            orthanc.destination_toml("pacs") + '[jobs]\nmethods = ["radiomics"]\n'
             # none of these exports is a contrast-enhanced portal-venous series
             '[routing]\nwhen_not_portal_venous = "process"\n'
         ),
     )
     orthanc.start()
-    node.start("serve")
     try:
+        node.start("serve")
         batches = [[*sorted((case / "CT" / "image").glob("*.dcm")), case / "CT" / "mask" / "RS.dcm"] for case in cases]
         batches.append([*sorted(liver.glob("0*.dcm")), liver / "liver.dcm"])
         batches.append(
@@ -102,30 +90,18 @@ def sent(tmp_path_factory: pytest.TempPathFactory, phantom: PhantomStudy) -> Ite
             assert result.returncode == 0, result.stderr
         yield orthanc, node
     finally:
-        node.stop()
-        orthanc.stop()
+        try:
+            module_nodes.stop_all()  # the node first: it may be delivering to Orthanc
+        finally:
+            orthanc.stop()
 
 
 def node_studies(node: Node) -> dict[str, Study]:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            rows = session.execute(select(Study)).scalars().all()
-            session.expunge_all()
-    finally:
-        db.dispose()
-    return {s.study_instance_uid: s for s in rows}
+    return {s.study_instance_uid: s for s in node.scalars(select(Study))}
 
 
 def node_events(node: Node, study_uid: str) -> list[tuple[str, str]]:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            rows = session.execute(
-                select(Event.kind, Event.detail).where(Event.study_instance_uid == study_uid).order_by(Event.id)
-            ).all()
-    finally:
-        db.dispose()
+    rows = node.rows(select(Event.kind, Event.detail).where(Event.study_instance_uid == study_uid).order_by(Event.id))
     return [(kind, detail or "") for kind, detail in rows]
 
 

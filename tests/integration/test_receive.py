@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -20,39 +19,20 @@ from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
 from inference.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Event, Instance, Study
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Nodes, storescu, wait_for
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), seed=3, lesions=2, slices=20, rows=128, columns=128)
+pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=3, lesions=2, slices=20, rows=128, columns=128)]
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    node = Node(
-        tmp_path / "node", extra_config='[security]\nallowed_calling_aets = ["STORESCU", "PYNETDICOM", "ECHOSCU"]\n'
-    )
-    node.start("scp")
-    yield node
-    if node.process is not None:
-        assert node.stop() == 0, node.log.read_text()[-2000:]
-
-
-def db_of(node: Node) -> Database:
-    return Database(node.database_url(), run_migrations=False)
+def node(nodes: Nodes) -> Node:
+    """A fresh receiving node (``scp``) for each test."""
+    return nodes.start("scp", extra_config='[security]\nallowed_calling_aets = ["STORESCU", "PYNETDICOM", "ECHOSCU"]\n')
 
 
 def events(node: Node, kind: str) -> list[Event]:
-    db = db_of(node)
-    with db.session() as session:
-        found = session.execute(select(Event).where(Event.kind == kind).order_by(Event.id)).scalars().all()
-    db.dispose()
-    return list(found)
+    return node.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))
 
 
 def send_raw(port: int, file: Path) -> int:
@@ -101,13 +81,10 @@ def test_echo_and_store_with_dcmtk(node: Node, phantom: PhantomStudy) -> None:
     files = [*phantom.ct_files, phantom.seg_file, phantom.rtstruct_file]
     result = storescu(node.port, files)
     assert result.returncode == 0, result.stderr
-    db = db_of(node)
-    with db.session() as session:
-        assert session.scalar(select(func.count(Instance.id))) == len(files)
-        stored = session.execute(select(Instance.path, Instance.size_bytes)).all()
-        study = session.execute(select(Study)).scalar_one()
-        assert study.study_instance_uid == phantom.study_instance_uid
-    db.dispose()
+    assert node.scalar(select(func.count(Instance.id))) == len(files)
+    stored = node.rows(select(Instance.path, Instance.size_bytes))
+    [study] = node.scalars(select(Study))
+    assert study.study_instance_uid == phantom.study_instance_uid
     for path, size in stored:
         on_disk = node.state_dir / "spool" / path
         assert on_disk.stat().st_size == size
@@ -122,11 +99,8 @@ def test_echo_and_store_with_dcmtk(node: Node, phantom: PhantomStudy) -> None:
 def test_duplicate_is_stored_once(node: Node, phantom: PhantomStudy) -> None:
     assert storescu(node.port, phantom.ct_files[:2]).returncode == 0
     assert storescu(node.port, phantom.ct_files[:2]).returncode == 0
-    db = db_of(node)
-    with db.session() as session:
-        assert session.scalar(select(func.count(Instance.id))) == 2
-        assert session.scalar(select(func.sum(Instance.duplicates))) == 2
-    db.dispose()
+    assert node.scalar(select(func.count(Instance.id))) == 2
+    assert node.scalar(select(func.sum(Instance.duplicates))) == 2
 
 
 def test_disallowed_calling_ae_is_rejected(node: Node, phantom: PhantomStudy) -> None:
@@ -135,21 +109,15 @@ def test_disallowed_calling_ae_is_rejected(node: Node, phantom: PhantomStudy) ->
     assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
     rejected = events(node, "association_rejected")
     assert rejected and "INTRUDER" in rejected[-1].detail
-    db = db_of(node)
-    with db.session() as session:
-        assert session.scalar(select(func.count(Instance.id))) == 0
-    db.dispose()
+    assert node.scalar(select(func.count(Instance.id))) == 0
 
 
-def test_disallowed_host_is_rejected(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node", extra_config='[security]\nallowed_hosts = ["10.99.0.0/16"]\n')
-    node.start("scp")
-    try:
-        assert not node.echo()
-        rejected = events(node, "association_rejected")
-        assert "host 127.0.0.1 is not in [security] allowed_hosts" in rejected[-1].detail
-    finally:
-        assert node.stop() == 0
+def test_disallowed_host_is_rejected(nodes: Nodes) -> None:
+    node = nodes.start("scp", extra_config='[security]\nallowed_hosts = ["10.99.0.0/16"]\n')
+    assert not node.echo()
+    rejected = events(node, "association_rejected")
+    assert "host 127.0.0.1 is not in [security] allowed_hosts" in rejected[-1].detail
+    assert node.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -199,17 +167,14 @@ def test_dataset_of_another_sop_class(node: Node, phantom: PhantomStudy, tmp_pat
     assert "differs from the requested" in events(node, "store_refused")[-1].detail
 
 
-def test_low_disk_answers_out_of_resources(tmp_path: Path, phantom: PhantomStudy) -> None:
-    node = Node(tmp_path / "node", extra_config="")
-    node.start("scp", env={"PACS_AGENT__STORAGE__MIN_FREE_MB": str(10**12)})
-    try:
-        result = storescu(node.port, phantom.ct_files[:1])
-        assert result.returncode != 0 or "0xa700" in result.stderr.lower() or "Out of Resources" in result.stderr
-        refused = events(node, "store_refused")
-        assert refused and refused[-1].status == 0xA700
-        assert not list((node.state_dir / "spool").rglob("*.dcm"))
-    finally:
-        assert node.stop() == 0
+def test_low_disk_answers_out_of_resources(nodes: Nodes, phantom: PhantomStudy) -> None:
+    node = nodes.start("scp", env={"PACS_AGENT__STORAGE__MIN_FREE_MB": str(10**12)})
+    result = storescu(node.port, phantom.ct_files[:1])
+    assert result.returncode != 0 or "0xa700" in result.stderr.lower() or "Out of Resources" in result.stderr
+    refused = events(node, "store_refused")
+    assert refused and refused[-1].status == 0xA700
+    assert not list((node.state_dir / "spool").rglob("*.dcm"))
+    assert node.stop() == 0
 
 
 def test_scp_process_never_imports_torch(tmp_path: Path) -> None:
@@ -248,10 +213,7 @@ def test_every_transfer_syntax_is_stored_as_sent(node: Node, tmp_path: Path, syn
         assert int(assoc.send_c_store(ds).Status) == 0
     finally:
         assoc.release()
-    db = db_of(node)
-    with db.session() as session:
-        row = session.execute(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)).scalar_one()
-    db.dispose()
+    [row] = node.scalars(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID))
     assert row.transfer_syntax_uid == syntax
     stored = dcmread(node.state_dir / "spool" / row.path)
     assert np.array_equal(stored.pixel_array, ds.pixel_array)

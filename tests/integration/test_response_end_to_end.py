@@ -14,7 +14,6 @@ follow-up's study. Small phantoms (128 x 128 x 40) keep it within about two minu
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import pytest
 from sqlalchemy import select
 
 from dicom_sr.sr.text import render_sr_text
-from inference.phantom import PhantomStudy, generate_follow_up, generate_study
-from pacs_agent.db import Database
+from inference.phantom import PhantomStudy
 from pacs_agent.db.tables import Event, Job, Study
 from tests.integration.peers import Node, Orthanc, require_tool, storescu, wait_for
+from tests.integration.phantoms import Phantoms
 from tests.unit.test_response_pipeline import blank_segments
 
 pytestmark = pytest.mark.integration
@@ -35,22 +34,17 @@ RESPONSE_SERIES = "AI Response 8w M5"
 
 
 @pytest.fixture(scope="module")
-def patients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[PhantomStudy, PhantomStudy, Path]]:
+def patients(
+    tmp_path_factory: pytest.TempPathFactory, phantoms: Phantoms
+) -> dict[str, tuple[PhantomStudy, PhantomStudy, Path]]:
     """name -> (baseline, follow-up, follow-up segmentation file to send)."""
     root = tmp_path_factory.mktemp("response-e2e")
     out = {}
     for name, seed, shrink, texture in (("A", 41, 0.2, "homogenise"), ("B", 42, 0.9, None)):
-        baseline = generate_study(
-            root / f"{name}-baseline",
-            seed=seed,
-            lesions=2,
-            slices=40,
-            rows=128,
-            columns=128,
-            segmentation="seg",
-            seg_per_lesion=True,
+        baseline = phantoms.study(
+            seed=seed, lesions=2, slices=40, rows=128, columns=128, segmentation="seg", seg_per_lesion=True
         )
-        follow = generate_follow_up(baseline, root / f"{name}-follow", shrink=shrink, texture_change=texture)  # type: ignore[arg-type]
+        follow = phantoms.follow_up(baseline, shrink=shrink, texture_change=texture)
         assert follow.seg_file is not None
         seg = follow.seg_file if name == "A" else blank_segments(follow, {2}, root / "B-follow-seg-blank2.dcm")
         out[name] = (baseline, follow, seg)
@@ -58,24 +52,13 @@ def patients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Phanto
 
 
 @pytest.fixture
-def pacs_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
-    orthanc = Orthanc(tmp_path / "orthanc")
-    node = Node(tmp_path / "node")
-    node.extra_config = (
+def pacs_node_config(orthanc: Orthanc) -> str:
+    """Orthanc is where the node finds the baselines (C-MOVE) and where it sends the results."""
+    return (
         '[jobs]\nmethods = ["radiomics", "response"]\n'
-        f'[[sources]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\nhost = "127.0.0.1"\n'
-        f'port = {orthanc.dicom_port}\nretrieve = "move"\n'
-        f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n"
+        + orthanc.source_toml("pacs", retrieve="move")
+        + orthanc.destination_toml("pacs")
     )
-    orthanc.add_modality("pacsagent", node.ae_title, node.port)
-    orthanc.start()
-    try:
-        yield orthanc, node
-    finally:
-        if node.process is not None:
-            node.stop()
-        orthanc.stop()
 
 
 def response_objects(orthanc: Orthanc, modality: str) -> dict[str, dict]:
@@ -143,17 +126,12 @@ def test_follow_ups_fetch_their_baselines_and_get_response_results_back(
     assert dciodvfy_errors(orthanc.file(scs[b_follow.study_instance_uid]["ID"]), tmp_path / "b-sc.dcm") == []
 
     # the node queried and retrieved each baseline; both response jobs are done
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            response_jobs = session.execute(
-                select(Study.study_instance_uid, Job.state, Job.last_error)
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.method == "response")
-            ).all()
-            details = " ".join(e.detail or "" for e in session.execute(select(Event)).scalars())
-    finally:
-        db.dispose()
+    response_jobs = node.rows(
+        select(Study.study_instance_uid, Job.state, Job.last_error)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.method == "response")
+    )
+    details = " ".join(detail or "" for detail in node.scalars(select(Event.detail)))
     assert sorted((uid, state) for uid, state, _ in response_jobs) == sorted(
         (uid, "done") for uid in follow_uids.values()
     ), response_jobs

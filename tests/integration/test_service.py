@@ -17,18 +17,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.demo import LocalReceiver, free_port
-from tests.integration.peers import Node, storescu, wait_for
+from tests.integration.peers import Node, Nodes, Receiver, storescu, wait_for
 from tests.unit.test_health import parse_prometheus, value
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,11 @@ class Message:
 
 
 class FakeSystemd:
-    """systemd's notification socket: a bound datagram socket that records who sent what."""
+    """systemd's notification socket: a bound datagram socket that records who sent what.
+
+    Like systemd, it reads every message as it arrives (a thread of its own): a socket nobody reads fills
+    up (``net.unix.max_dgram_qlen`` datagrams) and then blocks the sender.
+    """
 
     def __init__(self, *, abstract: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -60,42 +64,76 @@ class FakeSystemd:
         else:
             self.address = str(Path(self._dir.name) / "notify")  # short: sun_path holds 107 bytes
             self.sock.bind(self.address)
+        self.sock.settimeout(0.05)
         self.messages: list[Message] = []
+        self._next = 0  # messages before this one were handed out by wait_for / wait_for_count
+        self._empty_reads = 0
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="fake-systemd", daemon=True)
+        self._reader.start()
 
-    def _receive(self, timeout: float) -> Message | None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
-        except TimeoutError:
-            return None
-        pid = -1
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
-        message = Message(pid, data.decode())
-        self.messages.append(message)
-        return message
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+            except TimeoutError:
+                with self._changed:
+                    self._empty_reads += 1
+                    self._changed.notify_all()
+                continue
+            except OSError:  # closed
+                return
+            pid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
+            with self._changed:
+                self.messages.append(Message(pid, data.decode()))
+                self._changed.notify_all()
+
+    def _wait(self, found: Callable[[], Any], timeout: float, what: str) -> Any:
+        with self._changed:
+            result = self._changed.wait_for(found, timeout)  # the predicate's last (truthy) value
+            if not result:
+                raise AssertionError(f"no {what} within {timeout:.0f} s; got {[m.text for m in self.messages]}")
+            return result
 
     def wait_for(self, line: str, timeout: float) -> Message:
-        """The first message (from now on) holding ``line``; fails after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = self._receive(left)
-            if message is not None and line in message.text.splitlines():
-                return message
-        raise AssertionError(f"no {line} within {timeout:.0f} s; got {[m.text for m in self.messages]}")
+        """The first message holding ``line`` not handed out before; fails after ``timeout`` seconds."""
 
-    def collect(self, seconds: float) -> list[Message]:
-        """Every message that arrives within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        found = []
-        while (left := deadline - time.monotonic()) > 0:
-            message = self._receive(left)
-            if message is not None:
-                found.append(message)
-        return found
+        def found() -> Message | None:
+            for n in range(self._next, len(self.messages)):
+                if line in self.messages[n].text.splitlines():
+                    self._next = n + 1
+                    return self.messages[n]
+            return None
+
+        return self._wait(found, timeout, line)
+
+    def wait_for_count(self, text: str, count: int, timeout: float) -> list[Message]:
+        """The next ``count`` messages that are exactly ``text``; fails after ``timeout`` seconds."""
+
+        def found() -> list[Message] | None:
+            matching = [n for n in range(self._next, len(self.messages)) if self.messages[n].text == text]
+            if len(matching) < count:
+                return None
+            self._next = matching[count - 1] + 1
+            return [self.messages[n] for n in matching[:count]]
+
+        return self._wait(found, timeout, f"{count} x {text}")
+
+    def settle(self) -> list[Message]:
+        """Every message sent so far (the socket was read empty after this call); for after the senders exited."""
+        with self._changed:
+            reads = self._empty_reads
+        self._wait(lambda: self._empty_reads >= reads + 2, 30, "empty socket")
+        with self._changed:
+            return list(self.messages)
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(5)
         self.sock.close()
         if self._dir is not None:
             self._dir.cleanup()
@@ -115,40 +153,18 @@ def abstract_systemd() -> Iterator[FakeSystemd]:
     fake.close()
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(tmp_path_factory.mktemp("phantom"), slices=20, rows=64, columns=64, segmentation="seg")
-
-
-_STARTED: list[Node] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_nodes() -> Iterator[None]:
-    """A test that fails half-way leaves no running node behind."""
-    yield
-    while _STARTED:
-        process = _STARTED.pop().process
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait(30)
-
-
-def make_node(workdir: Path, extra: str = "") -> tuple[Node, str]:
-    """A node with its health endpoint on a free port; returns it and the endpoint's base URL."""
-    port = free_port()
-    node = Node(workdir, extra_config=f"[observability]\nhttp_port = {port}\n[jobs]\nlease_seconds = 20\n{extra}")
-    _STARTED.append(node)
-    return node, f"http://127.0.0.1:{port}"
+def make_node(nodes: Nodes, extra: str = "") -> tuple[Node, str]:
+    """A node (not started) with its health endpoint on a free port; returns it and the endpoint's base URL."""
+    node = nodes.new(extra_config=f"[jobs]\nlease_seconds = 20\n{extra}")
+    return node, f"http://127.0.0.1:{node.http_port}"
 
 
 def stop_within(node: Node, seconds: float) -> int:
-    """SIGTERM the node; assert that it exits within ``seconds``; return its exit code."""
-    started = time.monotonic()
-    code = node.stop(signal.SIGTERM, timeout=seconds)
-    assert time.monotonic() - started < seconds
-    return code
+    """SIGTERM the node; fail when it has not exited after ``seconds`` (a deadline); return its exit code."""
+    try:
+        return node.stop(signal.SIGTERM, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the node did not exit within {seconds:.0f} s of SIGTERM") from None
 
 
 def get_json(url: str) -> tuple[int, dict]:
@@ -266,8 +282,8 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
 # -- the notify protocol, real processes ----------------------------------------------------------
 
 
-def test_scp_notifies_ready_watchdog_stopping(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_scp_notifies_ready_watchdog_stopping(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     node.start("scp", env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": WATCHDOG_USEC})
     assert node.process is not None
     pid = node.process.pid
@@ -275,15 +291,15 @@ def test_scp_notifies_ready_watchdog_stopping(tmp_path: Path, systemd: FakeSyste
     assert ready.pid == pid
     assert f"STATUS=listening as PACS_AGENT on 127.0.0.1:{node.port}" in ready.text.splitlines()
     assert node.listening()
-    pings = [m for m in systemd.collect(2.5) if m.text == "WATCHDOG=1"]
-    assert len(pings) >= 3
+    pings = systemd.wait_for_count("WATCHDOG=1", 3, 30)  # the interval itself: tests/unit/test_notify.py
     assert {m.pid for m in pings} == {pid}
     assert stop_within(node, 30) == 0
-    assert systemd.wait_for("STOPPING=1", 2).pid == pid
+    assert systemd.wait_for("STOPPING=1", 10).pid == pid
+    assert {m.pid for m in systemd.settle()} == {pid}
 
 
-def test_worker_notifies_and_keeps_a_heartbeat_file(tmp_path: Path, abstract_systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_worker_notifies_and_keeps_a_heartbeat_file(nodes: Nodes, abstract_systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     env = {
         "NOTIFY_SOCKET": abstract_systemd.address,
         "WATCHDOG_USEC": WATCHDOG_USEC,
@@ -300,25 +316,25 @@ def test_worker_notifies_and_keeps_a_heartbeat_file(tmp_path: Path, abstract_sys
     record = json.loads(beat.read_text())
     assert (record["pid"], record["instance"], record["cuda_visible_devices"]) == (pid, "cpu0", "")
     assert record["activity"] == "idle"
-    pings = [m for m in abstract_systemd.collect(2.5) if m.text == "WATCHDOG=1"]
-    assert len(pings) >= 3
+    pings = abstract_systemd.wait_for_count("WATCHDOG=1", 3, 30)
+    assert {m.pid for m in pings} == {pid}
     assert stop_within(node, 30) == 0
-    assert abstract_systemd.wait_for("STOPPING=1", 2).pid == pid
+    assert abstract_systemd.wait_for("STOPPING=1", 10).pid == pid
     assert not beat.exists()
 
 
-def test_worker_with_a_bad_instance_name_exits_1_without_ready(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, _ = make_node(tmp_path / "node")
+def test_worker_with_a_bad_instance_name_exits_1_without_ready(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, _ = make_node(nodes)
     node.start("worker", env={"NOTIFY_SOCKET": systemd.address, "PACS_AGENT_WORKER_INSTANCE": "tpu0"})
     assert node.process is not None
     assert node.process.wait(30) == 1  # RestartPreventExitStatus=1: systemd does not loop on it
     node.process = None
     assert "a worker instance is a GPU index" in node.log.read_text()
-    assert systemd.collect(0.2) == []
+    assert systemd.settle() == []  # it has exited: whatever it sent has arrived
 
 
-def test_serve_is_healthy_and_only_the_main_process_notifies(tmp_path: Path, systemd: FakeSystemd) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_serve_is_healthy_and_only_the_main_process_notifies(nodes: Nodes, systemd: FakeSystemd) -> None:
+    node, base = make_node(nodes)
     node.start("serve", env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": WATCHDOG_USEC})
     assert node.process is not None
     pid = node.process.pid
@@ -332,16 +348,16 @@ def test_serve_is_healthy_and_only_the_main_process_notifies(tmp_path: Path, sys
     assert body["checks"]["spool"]["ok"]
     assert value(metrics_of(base), "pacs_agent_workers_alive") == 1
     assert stop_within(node, 60) == 0
-    systemd.collect(0.2)
-    assert {m.pid for m in systemd.messages} == {pid}  # the worker child was not given NOTIFY_SOCKET
-    assert any(m.text.startswith("STOPPING=1") for m in systemd.messages)
+    messages = systemd.settle()
+    assert {m.pid for m in messages} == {pid}  # the worker child was not given NOTIFY_SOCKET
+    assert any(m.text.startswith("STOPPING=1") for m in messages)
 
 
 # -- health and metrics of a real node ---------------------------------------------------------------
 
 
-def test_full_spool_is_unhealthy_and_refusals_are_counted(tmp_path: Path, phantom: PhantomStudy) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_full_spool_is_unhealthy_and_refusals_are_counted(nodes: Nodes, phantom: PhantomStudy) -> None:
+    node, base = make_node(nodes)
     node.start("scp", env={"PACS_AGENT__STORAGE__MIN_FREE_MB": "100000000"})  # 100 TB must stay free
     try:
         status, body = get_json(f"{base}/healthz")
@@ -360,8 +376,8 @@ def test_full_spool_is_unhealthy_and_refusals_are_counted(tmp_path: Path, phanto
         assert stop_within(node, 30) == 0
 
 
-def test_metrics_count_a_study_sent_with_storescu(tmp_path: Path, phantom: PhantomStudy) -> None:
-    node, base = make_node(tmp_path / "node")
+def test_metrics_count_a_study_sent_with_storescu(nodes: Nodes, phantom: PhantomStudy) -> None:
+    node, base = make_node(nodes)
     node.start("scp")
     try:
         assert get_json(f"{base}/healthz")[0] == 200
@@ -385,18 +401,16 @@ def test_metrics_count_a_study_sent_with_storescu(tmp_path: Path, phantom: Phant
         assert stop_within(node, 30) == 0
 
 
-def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> None:
+def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path, nodes: Nodes) -> None:
     """Receive, process and deliver one study at log level DEBUG; then read every log line."""
     study = generate_study(
         tmp_path / "study", seed=5, slices=20, rows=64, columns=64, segmentation="seg", patient_id="PAT-4711-X"
     )
-    receiver = LocalReceiver(tmp_path / "pacs")
+    receiver = Receiver(tmp_path / "pacs")
     receiver.start()
     node, base = make_node(
-        tmp_path / "node",
-        '[logging]\nlevel = "DEBUG"\n'
-        f'[[destinations]]\nname = "pacs"\nae_title = "{receiver.ae_title}"\n'
-        f'host = "127.0.0.1"\nport = {receiver.port}\n',
+        nodes,
+        '[logging]\nlevel = "DEBUG"\n' + receiver.destination_toml("pacs"),
     )
     try:
         node.start("serve")
@@ -422,8 +436,6 @@ def test_full_run_is_measured_and_logs_hold_no_patient_data(tmp_path: Path) -> N
         assert body["checks"]["destination pacs"]["detail"].startswith("last delivery succeeded at ")
         assert stop_within(node, 60) == 0
     finally:
-        if node.process is not None:
-            node.stop(signal.SIGKILL)
         receiver.stop()
     log = node.log.read_text()
     assert "job_done" in log and "delivered" in log  # the run was logged at all

@@ -12,8 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +22,14 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
-from inference.phantom import PhantomStudy, generate_study
+from inference.phantom import PhantomStudy
 from pacs_agent.config import Destination
-from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Study, utcnow
-from pacs_agent.demo import free_port
 from pacs_agent.receive.server import PLAIN_ON_TLS_PORT
 from pacs_agent.send.scu import store_files
-from tests.integration.peers import Node, require_tool, storescu, wait_for
+from tests.integration.peers import Node, Nodes, require_tool, storescu, wait_for
 from tests.pki import Identity, Pki
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +61,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         stranger=other.issue("stranger"),
         other_ca=other.ca.cert,
         pacs_wrong_host=pki.issue("pacs-elsewhere", hosts=("pacs.elsewhere.example",)),
-    )
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    return generate_study(
-        tmp_path_factory.mktemp("phantom"), seed=11, lesions=1, slices=20, rows=64, columns=64, segmentation="none"
     )
 
 
@@ -120,29 +110,19 @@ class TlsNode(Node):
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, certs: Certificates) -> Iterator[TlsNode]:
-    node = TlsNode(tmp_path_factory.mktemp("node"), certs)
+def node(module_nodes: Nodes, certs: Certificates) -> TlsNode:
+    """One node with a plain and a TLS port for the module's receiving tests."""
+    node = module_nodes.add(TlsNode(module_nodes.workdir("node"), certs))
     node.start_tls()
-    yield node
-    assert node.stop() == 0, node.log.read_text()[-2000:]
+    return node
 
 
 def events(node: TlsNode, kind: str) -> list[Event]:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            return list(session.execute(select(Event).where(Event.kind == kind).order_by(Event.id)).scalars())
-    finally:
-        db.dispose()
+    return node.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))
 
 
 def instance_count(node: TlsNode) -> int:
-    db = Database(node.database_url(), run_migrations=False)
-    try:
-        with db.session() as session:
-            return int(session.scalar(select(func.count(Instance.id))) or 0)
-    finally:
-        db.dispose()
+    return int(node.scalar(select(func.count(Instance.id))) or 0)
 
 
 def storescu_tls(port: int, files: list[Path], *tls_args: str) -> subprocess.CompletedProcess[str]:
@@ -253,9 +233,8 @@ def test_pynetdicom_scu_checks_the_nodes_certificate(node: TlsNode, certs: Certi
 
 
 def test_a_silent_client_does_not_block_the_tls_port(node: TlsNode, certs: Certificates, phantom: PhantomStudy) -> None:
-    before = len(events(node, "tls_refused"))
+    refused_before, stored_before = len(events(node, "tls_refused")), len(events(node, "association"))
     with socket.create_connection(("127.0.0.1", node.tls_port)):
-        started = time.monotonic()
         result = storescu_tls(
             node.tls_port,
             phantom.ct_files[6:7],
@@ -266,8 +245,11 @@ def test_a_silent_client_does_not_block_the_tls_port(node: TlsNode, certs: Certi
             str(certs.pki.ca.cert),
         )
         assert result.returncode == 0, result.stderr
-        assert time.monotonic() - started < 3  # served while the silent handshake is still pending
-        assert new_refusal(node, before) == "no TLS handshake within the time limit"  # network_timeout = 3 s
+        refusal = wait_for(lambda: events(node, "tls_refused")[refused_before:], 10, "a tls_refused event")[0]
+        assert refusal.detail == "no TLS handshake within the time limit"  # network_timeout = 3 s
+    stored = wait_for(lambda: events(node, "association")[stored_before:], 10, "the association event")[0]
+    assert stored.ae_title == "STORESCU" and "1 stored" in stored.detail
+    assert stored.id < refusal.id  # served (and recorded) while the silent handshake was still pending
 
 
 def test_plain_dicom_to_the_tls_port_is_refused_and_explained(node: TlsNode, phantom: PhantomStudy) -> None:
@@ -277,25 +259,23 @@ def test_plain_dicom_to_the_tls_port_is_refused_and_explained(node: TlsNode, pha
     assert storescu(node.port, phantom.ct_files[7:8]).returncode == 0  # the plain port still serves
 
 
-def test_tls_only_node(tmp_path: Path, certs: Certificates, phantom: PhantomStudy) -> None:
-    node = TlsNode(tmp_path / "node", certs, plain=False)
+def test_tls_only_node(nodes: Nodes, certs: Certificates, phantom: PhantomStudy) -> None:
+    node = nodes.add(TlsNode(nodes.workdir("node"), certs, plain=False))
     node.start_tls()
-    try:
-        assert not node._tcp_open(node.port)  # the plain port is not opened at all
-        result = storescu_tls(
-            node.tls_port,
-            phantom.ct_files[8:9],
-            "+tls",
-            str(certs.modality.key),
-            str(certs.modality.cert),
-            "+cf",
-            str(certs.pki.ca.cert),
-        )
-        assert result.returncode == 0, result.stderr
-        assert instance_count(node) == 1
-        assert events(node, "tls_refused") == []  # the readiness probe above is not a refusal
-    finally:
-        assert node.stop() == 0
+    assert not node._tcp_open(node.port)  # the plain port is not opened at all
+    result = storescu_tls(
+        node.tls_port,
+        phantom.ct_files[8:9],
+        "+tls",
+        str(certs.modality.key),
+        str(certs.modality.cert),
+        "+cf",
+        str(certs.pki.ca.cert),
+    )
+    assert result.returncode == 0, result.stderr
+    assert instance_count(node) == 1
+    assert events(node, "tls_refused") == []  # the readiness probe above is not a refusal
+    assert node.stop() == 0
 
 
 # -- sending --------------------------------------------------------------------------------------
@@ -338,26 +318,24 @@ class TlsPacs:
         self.ae.shutdown()
 
 
-def test_node_sends_results_over_tls(tmp_path: Path, certs: Certificates, phantom: PhantomStudy) -> None:
+def test_node_sends_results_over_tls(nodes: Nodes, certs: Certificates, phantom: PhantomStudy) -> None:
     """The scp process delivers a result from its outbox over mutual TLS; the PACS sees our certificate."""
     pacs_id = certs.pki.issue("pacs", hosts=("127.0.0.1",))
     with TlsPacs(pacs_id, certs.pki.ca.cert) as pacs:
-        node = Node(
-            tmp_path / "node",
+        node = nodes.start(
+            "scp",
             extra_config=(
                 f'[[destinations]]\nname = "pacs"\nae_title = "TLSPACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
                 f'tls = true\nca_file = "{certs.pki.ca.cert}"\n'
                 f'cert_file = "{certs.node.cert}"\nkey_file = "{certs.node.key}"\n'
             ),
         )
-        node.start("scp")
         try:
             result_file = node.state_dir / "results" / "1" / "result.dcm"
             result_file.parent.mkdir(parents=True)
             shutil.copy(phantom.ct_files[0], result_file)
             uid = str(dcmread(result_file).SOPInstanceUID)
-            db = Database(node.database_url(), run_migrations=False)
-            try:
+            with node.database() as db:
                 with db.session() as session, session.begin():
                     study = Study(study_instance_uid="1.2.3.4.5", state="done")
                     session.add(study)
@@ -386,8 +364,6 @@ def test_node_sends_results_over_tls(tmp_path: Path, certs: Certificates, phanto
                         return session.execute(select(Delivery.state)).scalar_one() == "done"
 
                 wait_for(delivered, 30, "the delivery over TLS")
-            finally:
-                db.dispose()
         finally:
             assert node.stop() == 0
     assert pacs.received == [(uid, "localhost")]  # our node certificate, CN=localhost

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
 import stat
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -19,9 +21,9 @@ import requests
 from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Series, Study, utcnow
-from pacs_agent.demo import free_port
 from pacs_agent.health import HealthMonitor, HealthServer, WorkerHeartbeat, read_worker_heartbeats
 from pacs_agent.metrics import Exposition
+from tests.ports import free_port
 
 _SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*)\})?'
@@ -90,6 +92,17 @@ def monitor(node: tuple[Settings, Database]) -> Iterator[HealthMonitor]:
     monitor.close()
 
 
+def frozen_datetime(at: datetime) -> type[datetime]:
+    """A ``datetime`` class whose ``now()`` is always ``at``, for a module that reads the clock with it."""
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return at.astimezone(tz or UTC)
+
+    return Frozen
+
+
 def add_study(db: Database, uid: str = "1.2.3", state: str = "receiving") -> int:
     with db.session() as session, session.begin():
         study = Study(study_instance_uid=uid, state=state)
@@ -98,8 +111,16 @@ def add_study(db: Database, uid: str = "1.2.3", state: str = "receiving") -> int
         return study.id
 
 
-def add_job(db: Database, study_id: int, state: str, *, seconds: float | None = None, age: float = 0) -> None:
-    now = utcnow()
+def add_job(
+    db: Database,
+    study_id: int,
+    state: str,
+    *,
+    seconds: float | None = None,
+    age: float = 0,
+    now: datetime | None = None,
+) -> None:
+    now = now or utcnow()
     with db.session() as session, session.begin():
         job = Job(
             study_id=study_id, method="radiomics", state=state, inputs="{}", created_at=now - timedelta(seconds=age)
@@ -127,14 +148,15 @@ def test_heartbeat_file_is_written_private_rate_limited_and_removed(tmp_path: Pa
     assert record["activity"] == "idle"
     assert stat.S_IMODE(beat.path.stat().st_mode) == 0o600
     os.utime(beat.path, (1, 1))
+    beat.last_beat = -math.inf  # as if the worker had never beaten
     beat.beat("idle")  # same activity within HEARTBEAT_SECONDS: liveness only, no rewrite
     assert beat.path.stat().st_mtime == 1
-    assert beat.seconds_since_beat() < 1
+    assert math.isfinite(beat.seconds_since_beat())  # the liveness the watchdog reads was refreshed
     beat.beat("job 7")  # new activity: rewritten at once
     assert json.loads(beat.path.read_text())["activity"] == "job 7"
-    [state] = read_worker_heartbeats(tmp_path)
+    [state] = read_worker_heartbeats(tmp_path, now=beat.path.stat().st_mtime + 2)
     assert (state.worker_id, state.activity) == ("host:123", "job 7")
-    assert state.age_seconds < 5
+    assert state.age_seconds == 2
     beat.remove()
     assert read_worker_heartbeats(tmp_path) == []
 
@@ -176,7 +198,9 @@ def test_spool_below_watermark_is_unhealthy(monitor: HealthMonitor) -> None:
     assert any("below [storage] min_free_mb = 10" in r and r.startswith("spool:") for r in report.reasons)
 
 
-def test_waiting_job_needs_a_live_worker(node: tuple[Settings, Database], monitor: HealthMonitor) -> None:
+def test_waiting_job_needs_a_live_worker(
+    node: tuple[Settings, Database], monitor: HealthMonitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings, db = node
     add_job(db, add_study(db, state="queued"), "pending")
     report = monitor.report()
@@ -185,7 +209,9 @@ def test_waiting_job_needs_a_live_worker(node: tuple[Settings, Database], monito
     beat = WorkerHeartbeat(settings.storage.state_dir, "host:1")
     beat.beat()
     assert monitor.report().ok
-    os.utime(beat.path, (time.time() - 61,) * 2)  # older than [jobs] lease_seconds = 60
+    frozen = time.time()  # the monitor's clock stands still: the age is exactly what the file says
+    monkeypatch.setattr("pacs_agent.health.time", SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic))
+    os.utime(beat.path, (frozen - 61,) * 2)  # older than [jobs] lease_seconds = 60
     assert any("newest heartbeat 61 s ago" in r for r in monitor.report().reasons)
 
 
@@ -239,8 +265,11 @@ def test_exposition_escapes_and_formats() -> None:
     assert value(metrics, "x_total", a='q"uote\\back\nline') == 3
 
 
-def test_metrics_count_what_the_database_holds(node: tuple[Settings, Database], monitor: HealthMonitor) -> None:
+def test_metrics_count_what_the_database_holds(
+    node: tuple[Settings, Database], monitor: HealthMonitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, db = node
+    now = utcnow()
     study = add_study(db, state="done")
     add_study(db, "1.2.4", state="incomplete")
     with db.session() as session, session.begin():
@@ -261,7 +290,7 @@ def test_metrics_count_what_the_database_holds(node: tuple[Settings, Database], 
             )
     for seconds in (0.5, 4.0, 700.0):
         add_job(db, study, "done", seconds=seconds)
-    add_job(db, study, "pending", age=90)
+    add_job(db, study, "pending", age=90, now=now)
     with db.session() as session, session.begin():
         job_id = session.query(Job.id).filter(Job.state == "done").first()[0]
         result = Result(
@@ -286,6 +315,7 @@ def test_metrics_count_what_the_database_holds(node: tuple[Settings, Database], 
     add_event(db, "association_rejected", detail="host")
     add_event(db, "delivered", detail="pacs: r.dcm: Success", ae_title="PACS", peer="10.0.0.5:104")
 
+    monkeypatch.setattr("pacs_agent.metrics.datetime", frozen_datetime(now))  # the metrics' clock stands still
     metrics = parse_prometheus(monitor.metrics())
     assert value(metrics, "pacs_agent_instances_received_total", outcome="stored") == 3
     assert value(metrics, "pacs_agent_instances_received_total", outcome="duplicate") == 2
@@ -299,7 +329,7 @@ def test_metrics_count_what_the_database_holds(node: tuple[Settings, Database], 
     assert value(metrics, "pacs_agent_studies", state="failed") == 0
     assert value(metrics, "pacs_agent_jobs", state="done") == 3
     assert value(metrics, "pacs_agent_jobs", state="pending") == 1
-    assert 89 <= value(metrics, "pacs_agent_oldest_pending_job_age_seconds") < 120
+    assert value(metrics, "pacs_agent_oldest_pending_job_age_seconds") == 90
     assert value(metrics, "pacs_agent_deliveries", destination="pacs", state="pending") == 1
     assert value(metrics, "pacs_agent_deliveries", destination="archive", state="done") == 0
     assert value(metrics, "pacs_agent_destination_up", destination="pacs") == 1

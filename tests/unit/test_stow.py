@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -15,10 +14,10 @@ from typing import Any
 import pytest
 
 from pacs_agent.config import Destination, settings_from_mapping
-from pacs_agent.demo import free_port
 from pacs_agent.errors import ConfigError
 from pacs_agent.send.stow import StowResponse, decide, multipart_body, parse_stow_response, stow_files
 from tests.dicom_factory import write_ct_series
+from tests.ports import free_port
 
 SECRET = "Bearer s3cr3t-token-value"
 
@@ -200,10 +199,13 @@ def answer(
     failed: tuple[str, ...] = (),
     listed: bool = True,
     headers: dict[str, str] | None = None,
-    delay: float = 0.0,
+    hold: threading.Event | None = None,
 ) -> Behaviour:
+    """Answer ``status``; with ``hold``, only once the test sets it (the server stays silent until then)."""
+
     def respond(handler: BaseHTTPRequestHandler, _body: bytes, uids: list[str]) -> None:
-        time.sleep(delay)
+        if hold is not None:
+            hold.wait(30)
         item = lambda uid: {"00081155": {"vr": "UI", "Value": [uid]}}  # noqa: E731
         data = {
             "00081198": {
@@ -289,12 +291,32 @@ def test_redirect_is_not_followed(server: FakeStow, files: list[Path]) -> None:
     assert all(not o.ok and "redirected (not followed" in o.reason for o in outcomes)
 
 
-def test_timeout(server: FakeStow, files: list[Path]) -> None:
-    server.behaviour = answer(200, delay=2.0)
-    started = time.monotonic()
-    outcomes = stow_files(stow(server.url), files, timeout_seconds=0.5)
-    assert time.monotonic() - started < 1.9
+def test_timeout(server: FakeStow, files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender gives up after timeout_seconds on a server that holds its answer.
+
+    The server answers Success only when released, after stow_files returned: a sender that waited for the
+    answer would report the instances as stored.
+    """
+    import pacs_agent.send.stow as stow_module
+
+    requested: list[float] = []
+    open_url = stow_module._OPENER.open
+
+    def recording_open(request: Any, *args: Any, timeout: float, **kwargs: Any) -> Any:
+        requested.append(timeout)
+        return open_url(request, *args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(stow_module._OPENER, "open", recording_open)
+    release = threading.Event()
+    server.behaviour = answer(200, hold=release)
+    try:
+        outcomes = stow_files(stow(server.url), files, timeout_seconds=0.5)
+    finally:
+        release.set()
+    assert requested == [0.5]  # the socket timeout is the configured one
+    assert len(server.requests) == 1
     assert all(not o.ok and o.reason.startswith("no answer from 127.0.0.1:") for o in outcomes)
+    assert all(o.reason.endswith("within 0.5 s") for o in outcomes)
 
 
 def test_connection_refused(files: list[Path]) -> None:
