@@ -297,6 +297,15 @@ def _pair_segmentation(
         return
     images = frozenset(summary.referenced_instance_uids) or seg.referenced_instance_uids
     stale = images - received
+    if stale and images & received and quiet_for < rules.reference_wait_seconds:
+        # Some of the images it was drawn on are here, so its references are live: the others are
+        # still on their way (a sender retrying, slices out of order). Only references of which none
+        # arrived are stale ones (a re-exported series), for the slice geometry to decide at once.
+        found.awaited.append(
+            f"{name} was drawn on {len(images)} image(s), {len(stale)} of which have not arrived; "
+            "waiting for the missing slices"
+        )
+        return
     uncovered: list[str] = []
     for ct in series:
         warnings = []

@@ -290,6 +290,21 @@ def test_stale_per_image_references_are_a_warning_when_the_slices_cover_the_cont
     assert "3 of its 3 per-image reference(s) name instances that are not here" in warning
 
 
+def test_images_still_on_their_way_are_awaited_even_when_the_tumour_planes_are_covered() -> None:
+    """A sender that re-sends failed slices last: the SEG is here before slices it references (live refs)."""
+    gtv = roi(1, "GTV", "GTV", (9.0, 12.0))
+    arrived = tuple(f"1.2.3.{i}" for i in range(15))
+    refs = (*arrived, *(f"1.2.3.{i}" for i in range(15, 20)))
+    seg = rt("9.1", {"1.2.3"}, (gtv,), images=refs, frames=("for.1",))
+    snap = study([ct_with_slices("1.2.3", ZS[:15], instances=arrived)], [seg])
+    waiting = decide(snap, QUIET, RULES)
+    assert waiting.state == "waiting"
+    assert "drawn on 20 image(s), 5 of which have not arrived" in waiting.reason
+    late = decide(snap, T0 + timedelta(seconds=301), RULES)  # they never came: the geometry decides
+    assert late.state == "ready"
+    assert any("5 of its 20 per-image reference(s)" in w for w in late.warnings)
+
+
 def test_a_series_of_the_same_frame_of_reference_stands_in_for_a_series_that_did_not_arrive() -> None:
     gtv = roi(1, "GTV", "GTV", (9.0, 12.0))
     moved = rt("9.1", {"7.7.7"}, (gtv,), frames=("for.1",))
