@@ -25,7 +25,7 @@ from pacs_agent.db import Database
 from pacs_agent.db.tables import Instance, Result, Series, Study
 from pacs_agent.errors import InputError
 from pacs_agent.jobs.queue import ClaimedJob
-from pacs_agent.jobs.transient import TRANSIENT_ERRNOS, ResourceUnavailable
+from pacs_agent.jobs.transient import TRANSIENT_ERRNOS, ResourceUnavailable, transient_errno
 from pacs_agent.receive.spool import safe_name
 from pacs_agent.send.outbox import enqueue
 
@@ -149,13 +149,14 @@ def record_results(
         try:
             write_dataset(ds, results_dir / relative)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            number = transient_errno(exc)  # pydicom re-raises without the number: look at the cause
+            if number in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceUnavailable(
-                    f"disk full writing results ({errno.errorcode[exc.errno]}, free {_free_mb(results_dir)} MB)"
+                    f"disk full writing results ({errno.errorcode[number]}, free {_free_mb(results_dir)} MB)"
                 ) from exc
-            if exc.errno in TRANSIENT_ERRNOS:
+            if number is not None:
                 raise ResourceUnavailable(
-                    f"cannot write results ({TRANSIENT_ERRNOS[exc.errno]}) under {results_dir}"
+                    f"cannot write results ({TRANSIENT_ERRNOS[number]}) under {results_dir}"
                 ) from exc
             raise
         written.append((ds, relative))

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pacs_agent.errors import StorageError
 
-__all__ = ["ResourceUnavailable", "error_ref", "flatten", "one_line", "wait_reason"]
+__all__ = ["ResourceUnavailable", "error_ref", "flatten", "one_line", "transient_errno", "wait_reason"]
 
 TRANSIENT_ERRNOS: dict[int, str] = {
     errno.ENOSPC: "disk full",
@@ -79,6 +79,18 @@ def _database_away(exc: DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return any(phrase in text for phrase in _DATABASE_AWAY_PHRASES)
+
+
+def transient_errno(exc: BaseException) -> int | None:
+    """The :data:`TRANSIENT_ERRNOS` number of ``exc`` or of what it was raised from, else None.
+
+    Libraries re-raise an ``OSError`` without its number (pydicom: ``With tag (7FE0,0010) got
+    exception: [Errno 28] ...``, the original as ``__cause__``), so the chain is looked at.
+    """
+    for item in _chain(exc):
+        if isinstance(item, OSError) and item.errno in TRANSIENT_ERRNOS:
+            return item.errno
+    return None
 
 
 def wait_reason(exc: BaseException) -> str | None:

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -271,7 +272,12 @@ def test_a_full_disk_while_writing_results_makes_the_job_wait_then_it_completes_
         # the one stand-in of these tests: a full disk cannot be made safely on a shared machine
         if failures["left"]:
             failures["left"] -= 1
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            if failures["left"]:  # as the OS says it
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            try:  # as pydicom passes it on: no number, the OS's error as the cause
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as exc:
+                raise OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device") from exc
         return real_write(ds, path)
 
     monkeypatch.setattr(files, "write_dataset", full_disk_twice)
@@ -298,6 +304,52 @@ def test_a_full_disk_while_writing_results_makes_the_job_wait_then_it_completes_
     (done,) = _events(db, "job_done")
     assert "after 2 wait(s)" in done
     assert list((settings.storage.results_dir).rglob("*.dcm"))
+
+
+@pytest.fixture
+def full_results_disk(node: tuple[Settings, Database, int]) -> Iterator[Path]:
+    """A real full filesystem (an 8 MB tmpfs, filled) mounted as the results directory; the filler's path.
+
+    Needs the right to mount (root in this machine's containers); skipped elsewhere.
+    """
+    settings, _db, _job = node
+    results = settings.storage.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(results)], capture_output=True, text=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        filler = results / "filler"
+        with filler.open("wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        yield filler
+    finally:
+        subprocess.run(["umount", "--lazy", str(results)], check=True)
+
+
+def test_a_really_full_disk_makes_the_job_wait_until_space_is_freed(
+    node: tuple[Settings, Database, int], full_results_disk: Path
+) -> None:
+    settings, db, job_id = node
+    worker = Worker(settings, db)
+    assert worker.run_one()
+    job = _job(db, job_id)
+    assert (job.state, job.attempts, job.last_error) == ("pending", 0, None)
+    assert re.fullmatch(r"disk full writing results \(ENOSPC, free 0 MB\)", job.wait_reason or ""), job.wait_reason
+    assert not [p for p in settings.storage.results_dir.rglob("*") if p.is_file() and p != full_results_disk]
+    full_results_disk.unlink()  # the operator frees space
+    _time_passes(db, job_id)
+    assert worker.run_one()
+    job = _job(db, job_id)
+    assert (job.state, job.attempts, job.wait_reason) == ("done", 1, None)
+    assert list(settings.storage.results_dir.rglob("*.dcm"))
 
 
 def test_results_are_not_written_under_the_disk_watermark(node: tuple[Settings, Database, int]) -> None:
