@@ -118,6 +118,8 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                             "attempts": j.attempts,
                             "max_attempts": j.max_attempts,
                             "last_error": j.last_error,
+                            "wait_reason": j.wait_reason if j.state == "pending" else None,
+                            "not_before": _iso(j.not_before) if j.state == "pending" else None,
                             "created_at": j.created_at.isoformat(),
                             "started_at": _iso(j.started_at),
                             "finished_at": _iso(j.finished_at),
@@ -266,7 +268,9 @@ def format_status(status: dict[str, Any]) -> str:
             line = f"  job {j['id']} {j['method']}: {j['state']} (attempt {j['attempts']}/{j['max_attempts']})"
             if j.get("duration_seconds") is not None:
                 line += f", {j['duration_seconds']:g} s, finished {_clock(j['finished_at'])}"
-            if j["last_error"]:
+            if j.get("wait_reason"):
+                line += f" - waiting: {j['wait_reason']}; retrying at {_clock(j['not_before'])} UTC"
+            elif j["last_error"]:
                 line += f" - {j['last_error']}"
             if j["state"] in ("failed", "dead"):
                 line += f" [pacs-agent retry {j['id']}]"

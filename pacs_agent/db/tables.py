@@ -72,6 +72,7 @@ class JobState(StrEnum):
     """``jobs.state``; the transitions live in ``jobs/queue.py``."""
 
     PENDING = "pending"
+    """Due at ``not_before``; also a job that waits for a passing problem (``wait_reason`` says which)."""
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -204,7 +205,9 @@ class Job(Base):
     """A processing job: one method on one study.
 
     States: ``pending`` -> ``running`` -> ``done``; ``failed`` when the input cannot be processed
-    (not retried automatically); ``dead`` after ``max_attempts`` crashes or unexpected errors.
+    (not retried automatically); ``dead`` after ``max_attempts`` crashes or unexpected errors. A
+    passing problem (disk full, spool or database away) puts a running job back to ``pending`` with
+    ``wait_reason`` and no attempt spent.
     """
 
     __tablename__ = "jobs"
@@ -225,6 +228,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
+    """One line (``ValueError: ... (log ref 3f2a9c)``); the traceback is in the log under that reference."""
+    waits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many times in a row the job went back to wait for a passing problem (the backoff grows with it)."""
+    wait_reason: Mapped[str | None] = mapped_column(Text)
+    """While the job waits: why, in one line (e.g. ``disk full writing results (free 12 MB < watermark 1024 MB)``)."""
 
 
 class Pairing(Base):

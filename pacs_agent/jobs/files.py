@@ -6,7 +6,9 @@ Shared by the single-study methods (:mod:`pacs_agent.jobs.execute`) and the resp
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from pacs_agent.db import Database
 from pacs_agent.db.tables import Instance, Result, Series, Study
 from pacs_agent.errors import InputError
 from pacs_agent.jobs.queue import ClaimedJob
+from pacs_agent.jobs.transient import TRANSIENT_ERRNOS, ResourceUnavailable, transient_errno
 from pacs_agent.receive.spool import safe_name
 from pacs_agent.send.outbox import enqueue
 
@@ -44,6 +47,8 @@ def resolve_inputs(db: Database, spool_dir: Path, job: ClaimedJob) -> JobInputs:
     ------
     InputError
         An input named by the job is no longer recorded or its file is gone from the spool.
+    ResourceUnavailable
+        The spool itself is not there (an unmounted or empty shared filesystem): the job waits.
     """
     ct_uid = job.inputs.get("ct_series_instance_uid")
     seg_uid = job.inputs.get("segmentation_sop_instance_uid")
@@ -63,9 +68,29 @@ def resolve_inputs(db: Database, spool_dir: Path, job: ClaimedJob) -> JobInputs:
         raise InputError(f"segmentation {seg_uid} is not stored")
     paths = tuple(spool_dir / row[0] for row in ct_rows)
     missing = [p for p in (*paths, spool_dir / seg_path) if not p.exists()]
+    if missing and _spool_away(spool_dir):
+        raise ResourceUnavailable(
+            f"the spool {spool_dir} is not available (missing or empty: is its filesystem mounted?)"
+        )
     if missing:
         raise InputError(f"{len(missing)} input file(s) are missing from the spool, e.g. {missing[0]}")
     return JobInputs(ct_paths=paths, segmentation_path=spool_dir / seg_path)
+
+
+def _spool_away(spool_dir: Path) -> bool:
+    """True when the spool directory is missing or empty (its filesystem is gone), not just a file."""
+    try:
+        return not spool_dir.is_dir() or next(spool_dir.iterdir(), None) is None
+    except OSError:
+        return True
+
+
+def _free_mb(directory: Path) -> int:
+    """Free space of the filesystem of ``directory`` (or of its nearest existing parent), in MB."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free // (1024 * 1024)
 
 
 def record_source_warnings(db: Database, job: ClaimedJob, sources: Sequence[Dataset]) -> list[str]:
@@ -105,12 +130,35 @@ def record_results(
 
     An object whose SOP Instance UID is already recorded (same inputs, method and version) keeps its
     row and is delivered once. Returns the ids of the Result rows.
+
+    Raises
+    ------
+    ResourceUnavailable
+        Free space is under ``[storage] min_free_mb`` (the watermark that keeps room for receiving),
+        or the disk filled up / failed while writing: the job waits and writes again later.
     """
+    results_dir = settings.storage.results_dir
+    watermark = settings.storage.min_free_mb
+    free = _free_mb(results_dir)
+    if free < watermark:
+        raise ResourceUnavailable(f"disk full writing results (free {free} MB < watermark {watermark} MB)")
     result_ids: list[int] = []
     written: list[tuple[Dataset, Path]] = []
     for ds in objects:
         relative = Path(safe_name(job.study_instance_uid)) / f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
-        write_dataset(ds, settings.storage.results_dir / relative)
+        try:
+            write_dataset(ds, results_dir / relative)
+        except OSError as exc:
+            number = transient_errno(exc)  # pydicom re-raises without the number: look at the cause
+            if number in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceUnavailable(
+                    f"disk full writing results ({errno.errorcode[number]}, free {_free_mb(results_dir)} MB)"
+                ) from exc
+            if number is not None:
+                raise ResourceUnavailable(
+                    f"cannot write results ({TRANSIENT_ERRNOS[number]}) under {results_dir}"
+                ) from exc
+            raise
         written.append((ds, relative))
     with db.session() as session, session.begin():
         for ds, relative in written:

@@ -1,8 +1,10 @@
-"""Job rows as a queue: create, claim with one atomic UPDATE, heartbeat, finish, retry, dead-letter.
+"""Job rows as a queue: create, claim with one atomic UPDATE, heartbeat, finish, wait, retry, dead-letter.
 
 The state of record is in SQL, so the scp process, local workers and (later) remote workers all
 agree. A worker that dies mid-job stops heart-beating; :func:`requeue_stale` then gives the job
-back to the queue or, after ``max_attempts``, marks it dead with the reason.
+back to the queue or, after ``max_attempts``, marks it dead with the reason. A job that meets a
+passing problem (disk full, spool or database away) waits (:func:`wait`): pending again later,
+with a growing delay, without spending an attempt.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from pacs_agent.db.tables import Job, JobState, Study, StudyState, utcnow
 from pacs_agent.errors import PacsAgentError
 
 PENDING, RUNNING, DONE, FAILED, DEAD = JobState.PENDING, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.DEAD
+
+WAIT_FIRST_SECONDS = 10.0
+"""Delay before a waiting job is tried again the first time; it doubles with each wait in a row ..."""
+WAIT_MAX_SECONDS = 300.0
+"""... up to this."""
 
 
 def worker_identity() -> str:
@@ -92,13 +99,14 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
     study = session.get(Study, job.study_id)
     assert study is not None
     study.state = StudyState.PROCESSING
-    record_event(
-        session,
-        "job_started",
-        study_instance_uid=study.study_instance_uid,
-        job_id=job.id,
-        detail=f"{job.method}, attempt {job.attempts} of {job.max_attempts}, worker {worker_id}",
-    )
+    if job.wait_reason is None:  # a waiting job tried again is no new start (its wait had its event)
+        record_event(
+            session,
+            "job_started",
+            study_instance_uid=study.study_instance_uid,
+            job_id=job.id,
+            detail=f"{job.method}, attempt {job.attempts} of {job.max_attempts}, worker {worker_id}",
+        )
     return ClaimedJob(
         id=job.id,
         study_id=job.study_id,
@@ -144,6 +152,9 @@ def complete(session: Session, job_id: int, detail: str, duration_seconds: float
     job.state = DONE
     job.finished_at = utcnow()
     job.last_error = None
+    if job.wait_reason is not None:
+        detail += f" (after {job.waits} wait(s), the last for: {job.wait_reason})"
+    job.waits, job.wait_reason = 0, None
     study = _finish_study(session, job, "done", None)
     record_event(
         session,
@@ -173,6 +184,7 @@ def fail(
     assert job is not None
     job.last_error = error
     job.finished_at = utcnow()
+    job.waits, job.wait_reason = 0, None
     if not retryable:
         job.state = FAILED
     elif job.attempts >= job.max_attempts:
@@ -197,6 +209,64 @@ def fail(
         duration_seconds=duration_seconds,
     )
     return job.state
+
+
+def _reason_key(reason: str) -> str:
+    """What a wait reason is about, without its figures (the part before a parenthesis).
+
+    ``disk full writing results (free 12 MB ...)`` and ``(free 9 MB ...)`` are the same problem:
+    no new transition, no new event.
+    """
+    return reason.split("(", 1)[0].strip()
+
+
+def wait(
+    session: Session,
+    job_id: int,
+    reason: str,
+    *,
+    first_delay_seconds: float = WAIT_FIRST_SECONDS,
+    max_delay_seconds: float = WAIT_MAX_SECONDS,
+    duration_seconds: float | None = None,
+    now: datetime | None = None,
+) -> datetime | None:
+    """Put a running job back to wait for a passing problem (``reason``, one line); the caller commits.
+
+    The job is pending again at ``now`` + ``first_delay_seconds`` doubled for each wait in a row,
+    at most ``max_delay_seconds``; the attempt its claim counted is given back, so waiting never
+    makes a job dead. One ``job_waiting`` event when the job starts waiting or waits for another
+    problem, none while it keeps waiting for the same one. Returns when the job is due again, or
+    None when it is no longer running (a stale-job recovery took it meanwhile): nothing changed.
+    """
+    now = now or utcnow()
+    job = session.get(Job, job_id)
+    assert job is not None
+    if job.state != RUNNING:
+        return None
+    previous = job.wait_reason
+    job.attempts = max(job.attempts - 1, 0)
+    job.waits += 1
+    delay = min(max_delay_seconds, first_delay_seconds * 2 ** min(job.waits - 1, 32))
+    job.state = PENDING
+    job.worker_id = None
+    job.heartbeat_at = None
+    job.not_before = now + timedelta(seconds=delay)
+    job.wait_reason = reason
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    study.state = StudyState.QUEUED
+    if previous is None or _reason_key(previous) != _reason_key(reason):
+        record_event(
+            session,
+            "job_waiting",
+            level="WARNING",
+            study_instance_uid=study.study_instance_uid,
+            job_id=job_id,
+            detail=f"waiting: {reason}; retrying at {job.not_before:%H:%M:%S} UTC, then less often "
+            f"(every {max_delay_seconds:g} s at most) until it passes; no attempt is spent",
+            duration_seconds=duration_seconds,
+        )
+    return job.not_before
 
 
 def _pid_alive(pid: int) -> bool:
@@ -274,6 +344,7 @@ def retry_job(session: Session, job_id: int, *, operator: str) -> str:
     job.started_at = None
     job.finished_at = None
     job.last_error = None
+    job.waits, job.wait_reason = 0, None
     study.state = StudyState.QUEUED
     study.state_reason = None
     record_event(

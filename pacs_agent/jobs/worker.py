@@ -1,8 +1,11 @@
 """The worker process: claims jobs, runs them, records the outcome; survives bad input.
 
 SIGTERM lets the current job finish and then exits 0. A job whose pipeline raises
-:class:`InputError` fails at once with the reason; any other exception is retried (bounded) and
-then the job is dead. If the process itself dies, the lease runs out and the job is requeued.
+:class:`InputError` fails at once with the reason; a passing problem (disk full, spool or database
+away: :func:`pacs_agent.jobs.transient.wait_reason`) makes it wait without spending an attempt;
+any other exception is retried (bounded) and then the job is dead. Reasons are one line; a crash's
+traceback goes to the log under the ``log ref`` its reason names. If the process itself dies, the
+lease runs out and the job is requeued.
 
 The worker owns one study loader (:class:`inference.pipelines.study.StudyLoader`): the jobs of a
 study follow each other, each gets the study as the first one loaded it, and the loader forgets it
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from pacs_agent.errors import InputError
 from pacs_agent.health import WorkerHeartbeat
 from pacs_agent.jobs import queue
 from pacs_agent.jobs.queue import ClaimedJob
+from pacs_agent.jobs.transient import error_ref, flatten, one_line, wait_reason
 
 if TYPE_CHECKING:
     from inference.pipelines.study import StudyLoader
@@ -90,20 +93,24 @@ class Worker:
         started = time.monotonic()
         try:
             result, result_ids = run_job(job, self.settings, self.db, self.loader)
-        except InputError as exc:
-            self._fail(job, str(exc), retryable=False, started=started)
-        except Exception as exc:
-            logger.error("job %d crashed: %s", job.id, traceback.format_exc(limit=8))
-            self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True, started=started)
-        else:
-            elapsed = time.monotonic() - started
             with self.db.session() as session, session.begin():
                 queue.complete(
                     session,
                     job.id,
                     f"{job.method}: {len(result.lesions)} lesion(s), {len(result_ids)} result object(s)",
-                    elapsed,
+                    time.monotonic() - started,
                 )
+        except InputError as exc:
+            self._fail(job, flatten(str(exc)), retryable=False, started=started)
+        except Exception as exc:
+            reason = wait_reason(exc)
+            if reason is not None:  # disk full, spool or database away: no crash, the job waits
+                logger.warning("job %d waits: %s", job.id, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
+                self._wait(job, reason, started=started)
+            else:
+                ref = error_ref()
+                logger.error("job %d crashed (log ref %s)", job.id, ref, exc_info=True)
+                self._fail(job, one_line(exc, ref), retryable=True, started=started)
         finally:
             done.set()
             beat.join(timeout=5)
@@ -131,6 +138,27 @@ class Worker:
                 retry_delay_seconds=self.settings.jobs.retry_delay_seconds,
                 duration_seconds=time.monotonic() - started,
             )
+
+    def _wait(self, job: ClaimedJob, reason: str, *, started: float) -> None:
+        """Put ``job`` back to wait for a passing problem, without spending an attempt.
+
+        The database may be the problem itself: recording is tried again (1 s, doubling, at most
+        30 s apart) until the database answers or the worker is told to stop; meanwhile the
+        heartbeat thread keeps the lease, so no stale-job recovery counts the wait as a crash.
+        """
+        delay = 1.0
+        while True:
+            try:
+                with self.db.session() as session, session.begin():
+                    queue.wait(session, job.id, reason, duration_seconds=time.monotonic() - started)
+                return
+            except Exception as exc:
+                still = wait_reason(exc)
+                if still is None or self.stop.is_set():
+                    raise
+                logger.warning("cannot record that job %d waits (%s); trying again in %g s", job.id, still, delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, 30.0)
 
     def run_forever(self, on_ready: Callable[[], object] | None = None) -> None:
         """Loop until :attr:`stop` is set (SIGTERM); ``on_ready`` is called once jobs can be claimed."""

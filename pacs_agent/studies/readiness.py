@@ -12,7 +12,7 @@ reason per structure (:mod:`inference.structures`). A quiet study that cannot be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from inference.structures import (
@@ -112,7 +112,8 @@ class StructureNote:
 class Decision:
     """The outcome for one study.
 
-    ``waiting``: instances may still arrive (check again after ``recheck_after_seconds``);
+    ``waiting``: instances may still arrive (check again after ``recheck_after_seconds``; the
+    reason names no running figures, so it stays the same text until something arrives);
     ``ready``: run the methods on ``ct_series_instance_uid`` + ``segmentation_sop_instance_uid``,
     analysing the structures of ``selection``; ``incomplete``: quiet, but nothing can be processed;
     ``reason`` says why. ``warnings`` are things to fix at the source that did not stop processing
@@ -170,7 +171,8 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
         remaining = rules.quiet_seconds - quiet_for
         return Decision(
             "waiting",
-            f"instances arrived {quiet_for:.1f} s ago; waiting {rules.quiet_seconds:g} s of quiet",
+            f"receiving: last instance at {_clock(snapshot.last_received_at)}; readiness is decided after "
+            f"{rules.quiet_seconds:g} s without new instances",
             recheck_after_seconds=remaining,
         )
     ct_series = {s.series_instance_uid: s for s in snapshot.series if s.sop_class_uids & CT_SOP_CLASSES}
@@ -188,7 +190,7 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
     received = frozenset().union(*(series.instance_uids for series in snapshot.series))
     found = _Findings()
     for seg in snapshot.segmentations:
-        _pair_segmentation(seg, ct_series, received, quiet_for, rules, found)
+        _pair_segmentation(seg, ct_series, received, snapshot.last_received_at, quiet_for, rules, found)
     candidates: list[_Pairing] = []
     for pair in found.pairs:
         ct = pair.ct
@@ -258,15 +260,29 @@ def decide(snapshot: StudySnapshot, now: datetime, rules: ReadinessRules) -> Dec
     )
 
 
+def _clock(when: datetime) -> str:
+    """``10:31:02 UTC``: a time of day in a reason (status shows the date of the study next to it)."""
+    return f"{when.astimezone(UTC):%H:%M:%S} UTC"
+
+
 def _pair_segmentation(
     seg: SegmentationSnapshot,
     ct_series: dict[str, SeriesSnapshot],
     received: frozenset[str],
+    last_received_at: datetime,
     quiet_for: float,
     rules: ReadinessRules,
     found: _Findings,
 ) -> None:
-    """Classify the structures of ``seg`` and find the CT series it fits; record into ``found``."""
+    """Classify the structures of ``seg`` and find the CT series it fits; record into ``found``.
+
+    A wait is told with the time it counts from (the last arrival) and its limit, never with a
+    running figure, so the reason recorded on the study changes only when something arrives.
+    """
+    until = (
+        f"since {_clock(last_received_at)} (the last arrival); incomplete after "
+        f"{rules.reference_wait_seconds:g} s without them"
+    )
     name = f"segmentation {seg.sop_instance_uid}"
     summary = seg.summary
     if summary is None:
@@ -328,7 +344,7 @@ def _pair_segmentation(
         elif stale:  # no geometry to decide by: every image it was drawn on must be here
             note = f"{name} was drawn on {len(images)} image(s), {len(stale)} of which have not arrived"
             if quiet_for < rules.reference_wait_seconds:
-                found.awaited.append(note)
+                found.awaited.append(f"{note}; waiting for them {until}")
             else:
                 found.problems.append(f"{note} after {rules.reference_wait_seconds:g} s: send the complete CT series")
             continue
@@ -336,7 +352,7 @@ def _pair_segmentation(
     if uncovered and not any(p.segmentation is seg for p in found.pairs):
         note = f"{name}: its tumour planes are not covered by the received CT slices: {'; '.join(uncovered)}"
         if quiet_for < rules.reference_wait_seconds:
-            found.awaited.append(f"{note}; waiting for the missing slices")
+            found.awaited.append(f"{note}; waiting for the missing slices {until}")
         else:
             found.problems.append(
                 f"{note}, after {rules.reference_wait_seconds:g} s: send the complete CT series the segmentation "

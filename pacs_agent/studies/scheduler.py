@@ -228,6 +228,9 @@ def run_once(
         decision = decide(snapshot, now, rules)
         decisions[study.study_instance_uid] = decision
         if decision.state == "waiting":
+            # why it waits, for `pacs-agent status`; the text changes only when something arrives
+            if study.state == StudyState.RECEIVING and study.state_reason != decision.reason:
+                study.state_reason = decision.reason
             continue
         # Evaluated as of the newest instance seen: one arriving meanwhile makes it dirty again.
         study.evaluated_at = snapshot.last_received_at
