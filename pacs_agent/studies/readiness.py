@@ -319,7 +319,7 @@ def _pair_segmentation(
         # arrived are stale ones (a re-exported series), for the slice geometry to decide at once.
         found.awaited.append(
             f"{name} was drawn on {len(images)} image(s), {len(stale)} of which have not arrived; "
-            "waiting for the missing slices"
+            f"waiting for them {until}"
         )
         return
     uncovered: list[str] = []

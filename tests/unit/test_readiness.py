@@ -299,7 +299,7 @@ def test_images_still_on_their_way_are_awaited_even_when_the_tumour_planes_are_c
     snap = study([ct_with_slices("1.2.3", ZS[:15], instances=arrived)], [seg])
     waiting = decide(snap, QUIET, RULES)
     assert waiting.state == "waiting"
-    assert "drawn on 20 image(s), 5 of which have not arrived" in waiting.reason
+    assert "drawn on 20 image(s), 5 of which have not arrived; waiting for them" in waiting.reason
     late = decide(snap, T0 + timedelta(seconds=301), RULES)  # they never came: the geometry decides
     assert late.state == "ready"
     assert any("5 of its 20 per-image reference(s)" in w for w in late.warnings)
