@@ -149,11 +149,15 @@ class ConnectionClosing(Enum):
     detail (the metrics classify events by it).
     """
 
-    HOST_NOT_ALLOWED = ("connection_refused", "[security] allowed_hosts")
-    HOST_FULL = ("connection_refused", "[security] max_connections_per_host")
-    TIMED_OUT = ("connection_timeout", "[security] association_request_timeout_seconds")
-    MADE_ROOM_HOST = ("connection_timeout", "to make room: the host reached [security] max_connections_per_host")
-    MADE_ROOM_NODE = ("connection_timeout", "to make room: the node keeps at most")
+    HOST_NOT_ALLOWED = ("connection_refused", "host_not_allowed", "[security] allowed_hosts")
+    HOST_FULL = ("connection_refused", "host_limit", "[security] max_connections_per_host")
+    TIMED_OUT = ("connection_timeout", "no_request", "[security] association_request_timeout_seconds")
+    MADE_ROOM_HOST = (
+        "connection_timeout",
+        "host_limit",
+        "to make room: the host reached [security] max_connections_per_host",
+    )
+    MADE_ROOM_NODE = ("connection_timeout", "waiting_limit", "to make room: the node keeps at most")
 
     @property
     def kind(self) -> str:
@@ -161,9 +165,14 @@ class ConnectionClosing(Enum):
         return self.value[0]
 
     @property
-    def marker(self) -> str:
-        """Text that only this reason's event details contain."""
+    def label(self) -> str:
+        """The ``reason`` label of the metric that counts these connections."""
         return self.value[1]
+
+    @property
+    def marker(self) -> str:
+        """Text that, among the details of events of the same kind, only this reason's contain."""
+        return self.value[2]
 
     def describe(self, security: SecuritySettings) -> str:
         """What happened to the connection(s), for the event detail (after the count and host)."""
