@@ -388,3 +388,39 @@ class ConnectionTally:
         with self._lock:
             lines, self._lines = list(self._lines.values()), {}
         return lines
+
+
+class RepeatFilter:
+    """Lets the first of each ``(address, reason)`` through per period and counts the repeats (thread-safe).
+
+    For refusals recorded with a free-text reason (failed TLS handshakes): the first one of a
+    period is written as it is, the repeats as one line with their number. At most ``max_keys``
+    pairs are told apart per period; repeats beyond them are counted under ``(None, None)``.
+    """
+
+    def __init__(self, max_keys: int = MAX_HOSTS_PER_AUDIT * 4) -> None:
+        self.max_keys = max_keys
+        self._seen: set[tuple[str, str]] = set()
+        self._repeats: dict[tuple[str | None, str | None], int] = {}
+        self._lock = threading.Lock()
+
+    def first(self, address: str, reason: str) -> bool:
+        """True for the first ``(address, reason)`` of the period; otherwise count it as a repeat."""
+        key = (address, reason)
+        with self._lock:
+            if key not in self._seen and len(self._seen) < self.max_keys:
+                self._seen.add(key)
+                return True
+            counted: tuple[str | None, str | None] = key if key in self._seen else (None, None)
+            self._repeats[counted] = self._repeats.get(counted, 0) + 1
+            return False
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._seen)
+
+    def drain(self) -> list[tuple[str | None, str | None, int]]:
+        """The repeats of the period as ``(address, reason, count)``; a new period starts."""
+        with self._lock:
+            repeats, self._repeats, self._seen = self._repeats, {}, set()
+        return [(address, reason, n) for (address, reason), n in repeats.items()]

@@ -57,6 +57,7 @@ from pacs_agent.receive.access import (
     ConnectionClosing,
     ConnectionGuard,
     ConnectionTally,
+    RepeatFilter,
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
@@ -298,6 +299,7 @@ class ReceiveServer:
         self.tls_context = server_context(settings.tls) if settings.node.tls_port else None
         self.guard = ConnectionGuard(settings.security)
         self.tally = ConnectionTally()
+        self.tls_repeats = RepeatFilter()
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
         self._stop_watch = threading.Event()
@@ -318,6 +320,11 @@ class ReceiveServer:
     def on_closing(self, closing: ConnectionClosing, address: str) -> None:
         """Count a connection the node closed (written by the watcher, never in the accept loop)."""
         self.tally.add(closing, address)
+
+    def on_tls_refused(self, address: str, reason: str) -> None:
+        """Record a failed TLS handshake: the first per address and reason of a period at once, repeats summed."""
+        if self.tls_repeats.first(address, reason):
+            self.handlers.on_tls_refused(address, reason)
 
     def _serve(
         self, port: int, server_class: type[GuardedAssociationServer], **kwargs: Any
@@ -347,7 +354,7 @@ class ReceiveServer:
             node.tls_port,
             TlsAssociationServer,
             tls_context=self.tls_context,
-            on_tls_refused=self.handlers.on_tls_refused,
+            on_tls_refused=self.on_tls_refused,
             handshake_timeout=min(HANDSHAKE_TIMEOUT_SECONDS, node.network_timeout_seconds),
         )
         logger.info("listening as %s on %s:%d with DICOM TLS", node.ae_title, node.host, self.tls_port)
@@ -375,13 +382,24 @@ class ReceiveServer:
             for connection in self.guard.expired():
                 connection.close()
                 self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)
-            if self.tally and time.monotonic() - last_written >= AUDIT_PERIOD_SECONDS:
+            if (self.tally or self.tls_repeats) and time.monotonic() - last_written >= AUDIT_PERIOD_SECONDS:
                 self.write_closings()
                 last_written = time.monotonic()
         self.write_closings()
 
     def write_closings(self) -> None:
-        """Write the connections closed since the last write as events (one per reason and host)."""
+        """Write the connections closed since the last write as events (one per reason and host).
+
+        Repeated TLS refusals of the period become one ``tls_refused`` event per address and reason.
+        """
+        for address, reason, count in self.tls_repeats.drain():
+            what = reason if reason is not None else "a TLS handshake failed"
+            source = f"from {address}" if address is not None else "from other hosts"
+            plural = "s" if count != 1 else ""
+            self.handlers.on_tls_refused(
+                address or "",
+                f"{what} (and {count} more connection{plural} {source} within {AUDIT_PERIOD_SECONDS:g} s)",
+            )
         security = self.settings.security
         for line in self.tally.drain():
             try:

@@ -17,6 +17,7 @@ from pacs_agent.receive.access import (
     ConnectionClosing,
     ConnectionGuard,
     ConnectionTally,
+    RepeatFilter,
 )
 
 
@@ -220,6 +221,20 @@ def test_metrics_sum_the_connections_of_the_aggregated_events(any_db: Database) 
     assert 'pacs_agent_connections_timed_out_total{reason="no_request"} 7' in text
     assert 'pacs_agent_connections_timed_out_total{reason="host_limit"} 93' in text
     assert 'pacs_agent_connections_timed_out_total{reason="waiting_limit"} 0' in text
+
+
+def test_repeated_tls_refusals_pass_once_per_period_and_are_counted() -> None:
+    repeats = RepeatFilter(max_keys=2)
+    assert not repeats
+    assert repeats.first("10.0.0.1", "no TLS handshake within the time limit")
+    assert [repeats.first("10.0.0.1", "no TLS handshake within the time limit") for _ in range(5)] == [False] * 5
+    assert repeats.first("10.0.0.1", "bad certificate")  # another reason passes
+    assert not repeats.first("10.0.0.2", "bad certificate")  # beyond max_keys: counted as others
+    assert not repeats.first("10.0.0.3", "bad certificate")
+    assert sorted(repeats.drain(), key=str) == sorted(
+        [("10.0.0.1", "no TLS handshake within the time limit", 5), (None, None, 2)], key=str
+    )
+    assert repeats.first("10.0.0.1", "no TLS handshake within the time limit")  # a new period
 
 
 @pytest.mark.parametrize(
