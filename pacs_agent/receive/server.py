@@ -171,10 +171,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def verify_request(self, request: socket.socket, client_address: tuple[str, int]) -> bool:  # type: ignore[override]
         """Admit the connection to the guard; False closes it at once (socketserver does that)."""
         address = str(client_address[0])
-        admission = self.guard.open(address, _shutdown(request))
-        for older, closing in admission.evicted:
-            older.close()
-            self.on_closing(closing, older.address)
+        try:
+            admission = self.guard.open(address, _shutdown(request))
+            for older, closing in admission.evicted:
+                older.close()
+                self.on_closing(closing, older.address)
+        except Exception:  # an exception here would end the accept loop: refuse this one connection only
+            logger.exception("cannot admit a connection from %s; closing it", address)
+            return False
         if admission.connection is None:
             assert admission.refused is not None
             self.on_closing(admission.refused, address)
@@ -379,12 +383,15 @@ class ReceiveServer:
         """Close connections past their request timeout; write the closings, at most once a period."""
         last_written = -AUDIT_PERIOD_SECONDS
         while not self._stop_watch.wait(WATCH_TICK_SECONDS):
-            for connection in self.guard.expired():
-                connection.close()
-                self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)
-            if (self.tally or self.tls_repeats) and time.monotonic() - last_written >= AUDIT_PERIOD_SECONDS:
-                self.write_closings()
-                last_written = time.monotonic()
+            try:
+                for connection in self.guard.expired():
+                    connection.close()
+                    self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)
+                if (self.tally or self.tls_repeats) and time.monotonic() - last_written >= AUDIT_PERIOD_SECONDS:
+                    self.write_closings()
+                    last_written = time.monotonic()
+            except Exception:  # the watcher must outlive any one failure, or idle connections stay open
+                logger.exception("the connection watcher failed; it goes on")
         self.write_closings()
 
     def write_closings(self) -> None:
