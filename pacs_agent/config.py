@@ -319,6 +319,13 @@ class SecuritySettings(_Section):
     """Simultaneous associations of one calling AE title; 0 = only ``max_associations`` applies."""
     max_instance_mb: int = Field(default=2048, ge=0)
     """A larger instance is refused with 0xA700 before anything is written; 0 = no limit."""
+    association_request_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    """A connection that has not sent its A-ASSOCIATE-RQ this long after connecting (after the TLS
+    handshake on the TLS port) is closed and recorded as ``connection_timeout``."""
+    max_connections_per_host: int = Field(default=32, ge=1)
+    """TCP connections one source address may hold open (associations and connections still waiting
+    for their request). A newer connection closes the host's oldest waiting one; when all are
+    associations, the newer one is closed at accept (``connection_refused``)."""
 
     @field_validator("allowed_calling_aets")
     @classmethod

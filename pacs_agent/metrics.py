@@ -13,11 +13,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import case, extract, func, select
+from sqlalchemy import Integer, case, cast, extract, func, select
 from sqlalchemy.engine import Connection
 
 from pacs_agent.config import Destination
 from pacs_agent.db.tables import Delivery, DeliveryState, Event, Instance, Job, JobState, Study, StudyState
+from pacs_agent.receive.access import ConnectionClosing
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STUDY_STATES = tuple(state.value for state in StudyState)
@@ -158,6 +159,26 @@ def duration_histogram(conn: Connection) -> list[Sample]:
     return samples
 
 
+def connection_counts(conn: Connection, kind: str) -> list[Sample]:
+    """Connections closed before their association, by reason, from the ``kind`` events.
+
+    One ``connection_refused`` / ``connection_timeout`` event stands for several connections (see
+    :class:`~pacs_agent.receive.access.ConnectionTally`); its detail starts with their number.
+    """
+    if conn.dialect.name == "sqlite":
+        number: Any = cast(Event.detail, Integer)  # SQLite converts the leading digits
+    else:
+        number = cast(func.substring(Event.detail, "^[0-9]+"), Integer)
+    closings = [c for c in ConnectionClosing if c.kind == kind]
+    reason = case(*((Event.detail.contains(c.marker, autoescape=True), c.label) for c in closings), else_="other")
+    rows = conn.execute(
+        select(reason, func.coalesce(func.sum(number), 0)).where(Event.kind == kind).group_by(reason)
+    ).all()
+    counts: dict[str, int] = {label: int(n) for label, n in rows}
+    labels = dict.fromkeys([*(c.label for c in closings), *sorted(counts)])
+    return [({"reason": label}, counts.get(label, 0)) for label in labels]
+
+
 def database_metrics(conn: Connection, destinations: Sequence[Destination], out: Exposition) -> None:
     """Add every metric that comes from the database to ``out``."""
     now = datetime.now(UTC)
@@ -186,8 +207,20 @@ def database_metrics(conn: Connection, destinations: Sequence[Destination], out:
     out.add(
         "pacs_agent_associations_rejected_total",
         "counter",
-        "Associations refused by the host or AE title allow-lists.",
+        "Association requests refused: AE title allow-lists, called AE title, association limits.",
         [({}, rejected)],
+    )
+    out.add(
+        "pacs_agent_connections_refused_total",
+        "counter",
+        "TCP connections closed at accept: host not in allowed_hosts, or host at max_connections_per_host.",
+        connection_counts(conn, "connection_refused"),
+    )
+    out.add(
+        "pacs_agent_connections_timed_out_total",
+        "counter",
+        "TCP connections closed without an A-ASSOCIATE-RQ: request timeout, or room made for a newer one.",
+        connection_counts(conn, "connection_timeout"),
     )
     out.add("pacs_agent_studies", "gauge", "Studies by state.", _by_state(conn, Study.state, STUDY_STATES))
     out.add("pacs_agent_jobs", "gauge", "Jobs by state.", _by_state(conn, Job.state, JOB_STATES))

@@ -4,14 +4,23 @@ The plain DICOM port (``[node] port``) and the DICOM TLS port (``[node] tls_port
 same AE with the same handlers. On the TLS port the handshake runs in the connection's own thread
 with a time limit, so a slow or hostile client never blocks the accept loop, and a failed
 handshake is recorded as a ``tls_refused`` event with the reason.
+
+Both ports count their TCP connections in one :class:`~pacs_agent.receive.access.ConnectionGuard`
+from the moment of accept, before any association exists: a host outside ``[security]
+allowed_hosts`` is closed at once, one host holds at most ``max_connections_per_host``
+connections, and a connection silent for ``association_request_timeout_seconds`` is closed. A
+watcher thread closes the late ones and writes the closings as ``connection_refused`` /
+``connection_timeout`` events, aggregated per host and period so that a flood writes few rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +41,24 @@ from pydicom.uid import (
 from pydicom.uid import (
     JPEGLossless as JPEGLosslessP14,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom sets it via globals()
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_agent import netfix  # noqa: F401  (closes sockets pynetdicom would leak)
+from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
+from pacs_agent.receive.access import (
+    MAX_WAITING_CONNECTIONS,
+    Connection,
+    ConnectionClosing,
+    ConnectionGuard,
+    ConnectionTally,
+    RepeatFilter,
+)
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
 from pacs_agent.receive.spool import Spool
@@ -70,16 +89,132 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.node.ae_title)
     ae.maximum_pdu_size = settings.node.max_pdu_bytes
     ae.network_timeout = settings.node.network_timeout_seconds
-    ae.acse_timeout = 30
+    # The ConnectionGuard closes a connection without A-ASSOCIATE-RQ after [security]
+    # association_request_timeout_seconds; pynetdicom's own wait for the request is a backstop.
+    ae.acse_timeout = max(30.0, settings.security.association_request_timeout_seconds + 5)
     ae.dimse_timeout = settings.node.network_timeout_seconds
     # The handlers enforce [security] max_associations (and per calling AE title) and record each
     # refusal. pynetdicom's own limit also counts connections that have not sent their request yet
-    # or are closing; it stays well above ours as a backstop only.
-    ae.maximum_associations = settings.security.max_associations + 64
+    # (at most MAX_WAITING_CONNECTIONS, see ConnectionGuard) or are closing; it stays above both
+    # as a backstop only, so that it never answers "local limit exceeded" in place of ours.
+    ae.maximum_associations = settings.security.max_associations + MAX_WAITING_CONNECTIONS + 64
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
+
+
+WATCH_TICK_SECONDS = 0.25
+"""How often the watcher looks for connections past their request timeout."""
+LISTEN_BACKLOG = 128
+"""Connections the kernel queues until the accept loop takes them (socketserver's default is 5: a
+burst of connections would then wait for SYN retransmissions, seconds each)."""
+AUDIT_PERIOD_SECONDS = 10.0
+"""Closed connections are written as events at most once per period (the first one at once)."""
+
+
+def _shutdown(sock: socket.socket) -> Callable[[], None]:
+    """A callable that shuts ``sock`` down from any thread (its reader then sees the end)."""
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, plus the connection's bookkeeping in the ConnectionGuard."""
+
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        """As pynetdicom's ``handle``; the guard learns of the request and of the closing."""
+        assoc = self._create_association()
+        connection = self.server.current_connection()
+        if connection is not None:
+            assoc.bind(evt.EVT_REQUESTED, self.server.on_requested, [connection])
+            assoc.bind(evt.EVT_CONN_CLOSE, self.server.on_connection_closed, [connection])
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        if connection is not None:
+            connection.alive = assoc.is_alive
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """An association server that counts each connection in a ConnectionGuard from accept on.
+
+    ``verify_request`` runs in the accept loop: a refused connection is closed there, before a
+    thread or an association exists, so it counts against no limit. Every closing (refused at
+    accept, or an older waiting connection closed to make room) goes to ``on_closing``.
+    """
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(
+        self,
+        *args: Any,
+        guard: ConnectionGuard,
+        on_closing: Callable[[ConnectionClosing, str], None],
+        **kwargs: Any,
+    ) -> None:
+        self.guard = guard
+        self.on_closing = on_closing
+        self._accepted: dict[int, Connection] = {}
+        self._accepted_lock = threading.Lock()
+        self._local = threading.local()
+        kwargs.setdefault("request_handler", GuardedRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    # Narrower than the base's signatures, which also cover UDP servers' (bytes, socket) requests:
+    # this is a TCP server, so it is always handed a connected socket and an (address, port) pair.
+    def verify_request(self, request: socket.socket, client_address: tuple[str, int]) -> bool:  # type: ignore[override]
+        """Admit the connection to the guard; False closes it at once (socketserver does that)."""
+        address = str(client_address[0])
+        try:
+            admission = self.guard.open(address, _shutdown(request))
+            for older, closing in admission.evicted:
+                older.close()
+                self.on_closing(closing, older.address)
+        except Exception:  # an exception here would end the accept loop: refuse this one connection only
+            logger.exception("cannot admit a connection from %s; closing it", address)
+            return False
+        if admission.connection is None:
+            assert admission.refused is not None
+            self.on_closing(admission.refused, address)
+            return False
+        with self._accepted_lock:
+            self._accepted[id(request)] = admission.connection
+        return True
+
+    def current_connection(self) -> Connection | None:
+        """The guard's record of the connection served by the calling thread."""
+        connection: Connection | None = getattr(self._local, "connection", None)
+        return connection
+
+    def on_requested(self, event: evt.Event, connection: Connection) -> None:
+        """``EVT_REQUESTED``: the connection sent its A-ASSOCIATE-RQ in time."""
+        self.guard.requested(connection)
+
+    def on_connection_closed(self, event: evt.Event, connection: Connection) -> None:
+        """``EVT_CONN_CLOSE``: the connection no longer counts."""
+        self.guard.closed(connection)
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """Serve the connection in its thread; release it in the guard if no association started."""
+        with self._accepted_lock:
+            connection = self._accepted.pop(id(request), None)
+        self._local.connection = connection
+        try:
+            self.serve_connection(request, client_address)
+        finally:
+            self._local.connection = None
+            if connection is not None and connection.alive is None:  # no association thread runs
+                self.guard.closed(connection)
+
+    def serve_connection(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        """Start the association on the connection (pynetdicom's ``process_request_thread``)."""
+        super().process_request_thread(request, client_address)
 
 
 PLAIN_ASSOCIATE_RQ = b"\x01"
@@ -88,14 +223,15 @@ PLAIN_ON_TLS_PORT = "plain DICOM on the TLS port (the sender must enable TLS, or
 HANDSHAKE_TIMED_OUT = "no TLS handshake within the time limit"
 
 
-class TlsAssociationServer(ThreadedAssociationServer):
+class TlsAssociationServer(GuardedAssociationServer):
     """An association server for the TLS port: handshake per connection thread, failures reported.
 
     pynetdicom's own ``ssl_context`` wraps the socket in the accept loop, where one client that
     never finishes its handshake would hold up every other connection, and drops a failed
     handshake silently. Here the server accepts plain sockets and each connection thread does
     the handshake (at most ``handshake_timeout`` seconds) before the association starts. A
-    connection that closes without sending a byte (a monitoring probe) is not reported.
+    connection that closes without sending a byte (a monitoring probe) is not reported. The
+    request timeout of the ConnectionGuard starts after the handshake.
     """
 
     def __init__(
@@ -111,11 +247,12 @@ class TlsAssociationServer(ThreadedAssociationServer):
         self.handshake_timeout = handshake_timeout
         super().__init__(*args, **kwargs)
 
-    # Narrower than the base's signature, which also covers UDP servers' (bytes, socket) requests:
-    # this is a TCP server, so it is always handed a connected socket and an (address, port) pair.
-    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+    def serve_connection(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         """Do the TLS handshake, then run the association on the encrypted socket."""
         address = str(client_address[0])
+        connection = self.current_connection()
+        if connection is not None:
+            self.guard.handshaking(connection)
         request.settimeout(self.handshake_timeout)
         try:
             first = request.recv(1, socket.MSG_PEEK)  # left in the buffer for the handshake
@@ -144,7 +281,9 @@ class TlsAssociationServer(ThreadedAssociationServer):
             self.on_tls_refused(address, describe_tls_error(exc))
             self.shutdown_request(tls_socket)
             return
-        super().process_request_thread(tls_socket, client_address)
+        if connection is not None:
+            self.guard.restart(connection, _shutdown(tls_socket))
+        super().serve_connection(tls_socket, client_address)
 
 
 class ReceiveServer:
@@ -158,11 +297,17 @@ class ReceiveServer:
 
     def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
         self.settings = settings
+        self.db = db
         self.handlers = ReceiveHandlers(settings, db, spool)
         self.ae = build_ae(settings)
         self.tls_context = server_context(settings.tls) if settings.node.tls_port else None
+        self.guard = ConnectionGuard(settings.security)
+        self.tally = ConnectionTally()
+        self.tls_repeats = RepeatFilter()
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -176,45 +321,115 @@ class ReceiveServer:
         assert self._tls_server is not None, "TLS port not listening"
         return int(self._tls_server.server_address[1])
 
+    def on_closing(self, closing: ConnectionClosing, address: str) -> None:
+        """Count a connection the node closed (written by the watcher, never in the accept loop)."""
+        self.tally.add(closing, address)
+
+    def on_tls_refused(self, address: str, reason: str) -> None:
+        """Record a failed TLS handshake: the first per address and reason of a period at once, repeats summed."""
+        if self.tls_repeats.first(address, reason):
+            self.handlers.on_tls_refused(address, reason)
+
+    def _serve(
+        self, port: int, server_class: type[GuardedAssociationServer], **kwargs: Any
+    ) -> GuardedAssociationServer:
+        node = self.settings.node
+        # make_server is typed as returning "server_class or ThreadedAssociationServer"; it is server_class.
+        server = self.ae.make_server(
+            (node.host, port),
+            evt_handlers=self.handlers.bindings(),
+            server_class=server_class,
+            guard=self.guard,
+            on_closing=self.on_closing,
+            **kwargs,
+        )
+        assert isinstance(server, server_class)
+        name = "TlsAcceptor" if server_class is TlsAssociationServer else "Acceptor"
+        thread = threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # AE.shutdown() and server.shutdown() expect it there
+        return server
+
     def _start_tls(self) -> None:
         node = self.settings.node
         assert self.tls_context is not None
         warn_about_certificate(self.settings.tls)
-        server = self.ae.make_server(
-            (node.host, node.tls_port),
-            evt_handlers=self.handlers.bindings(),
-            server_class=TlsAssociationServer,
+        self._tls_server = self._serve(
+            node.tls_port,
+            TlsAssociationServer,
             tls_context=self.tls_context,
-            on_tls_refused=self.handlers.on_tls_refused,
+            on_tls_refused=self.on_tls_refused,
             handshake_timeout=min(HANDSHAKE_TIMEOUT_SECONDS, node.network_timeout_seconds),
         )
-        thread = threading.Thread(target=make_target(server.serve_forever), name="TlsAcceptor", daemon=True)
-        thread.start()
-        self.ae._servers.append(server)  # AE.shutdown() and server.shutdown() expect it there
-        self._tls_server = server
         logger.info("listening as %s on %s:%d with DICOM TLS", node.ae_title, node.host, self.tls_port)
 
     def start(self) -> None:
-        """Start listening in background threads."""
+        """Start listening in background threads, and the watcher of connections without a request."""
         node = self.settings.node
-        if node.plain_port_enabled:
-            self._server = self.ae.start_server(
-                (node.host, node.port),
-                block=False,
-                evt_handlers=self.handlers.bindings(),
-            )
-            logger.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
-        if node.tls_port:
-            try:
+        self._stop_watch.clear()
+        self._watcher = threading.Thread(target=self._watch, name="ConnectionWatcher", daemon=True)
+        self._watcher.start()
+        try:
+            if node.plain_port_enabled:
+                self._server = self._serve(node.port, GuardedAssociationServer)
+                logger.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+            if node.tls_port:
                 self._start_tls()
-            except BaseException:
-                self.stop()
-                raise
+        except BaseException:
+            self.stop()
+            raise
+
+    def _watch(self) -> None:
+        """Close connections past their request timeout; write the closings, at most once a period."""
+        last_written = -AUDIT_PERIOD_SECONDS
+        while not self._stop_watch.wait(WATCH_TICK_SECONDS):
+            try:
+                for connection in self.guard.expired():
+                    connection.close()
+                    self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)
+                if (self.tally or self.tls_repeats) and time.monotonic() - last_written >= AUDIT_PERIOD_SECONDS:
+                    self.write_closings()
+                    last_written = time.monotonic()
+            except Exception:  # the watcher must outlive any one failure, or idle connections stay open
+                logger.exception("the connection watcher failed; it goes on")
+        self.write_closings()
+
+    def write_closings(self) -> None:
+        """Write the connections closed since the last write as events (one per reason and host).
+
+        Repeated TLS refusals of the period become one ``tls_refused`` event per address and reason.
+        """
+        for address, reason, count in self.tls_repeats.drain():
+            what = reason if reason is not None else "a TLS handshake failed"
+            source = f"from {address}" if address is not None else "from other hosts"
+            plural = "s" if count != 1 else ""
+            self.handlers.on_tls_refused(
+                address or "",
+                f"{what} (and {count} more connection{plural} {source} within {AUDIT_PERIOD_SECONDS:g} s)",
+            )
+        security = self.settings.security
+        for line in self.tally.drain():
+            try:
+                with self.db.session() as session, session.begin():
+                    record_event(
+                        session,
+                        line.closing.kind,
+                        level="WARNING",
+                        peer=line.address,
+                        detail=line.detail(security),
+                        duration_seconds=round(line.last - line.first, 1) if line.count > 1 else None,
+                    )
+            except SQLAlchemyError:
+                logger.exception("could not record %d closed connection(s) as %s", line.count, line.closing.kind)
 
     def stop(self) -> None:
-        """Stop accepting, let running associations end, close the sockets."""
+        """Stop accepting, let running associations end, close the sockets, write the last closings."""
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.shutdown()
         self._server = self._tls_server = None
         self.ae.shutdown()
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+            self._watcher = None

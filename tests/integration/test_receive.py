@@ -112,14 +112,6 @@ def test_disallowed_calling_ae_is_rejected(node: Node, phantom: PhantomStudy) ->
     assert node.scalar(select(func.count(Instance.id))) == 0
 
 
-def test_disallowed_host_is_rejected(nodes: Nodes) -> None:
-    node = nodes.start("scp", extra_config='[security]\nallowed_hosts = ["10.99.0.0/16"]\n')
-    assert not node.echo()
-    rejected = events(node, "association_rejected")
-    assert "host 127.0.0.1 is not in [security] allowed_hosts" in rejected[-1].detail
-    assert node.stop() == 0
-
-
 @pytest.mark.parametrize(
     ("body", "status"),
     [
