@@ -159,14 +159,46 @@ def _check_uid(value: str, keyword: str, what: str) -> None:
         raise InvalidUIDError(f"{what} '{shown(value)}' is not a valid UID: it {problem} (PS3.5 9.1)", keyword)
 
 
-def _check_uids(header: InstanceHeader) -> None:
-    """Every UID of ``header`` that the node records or uses for a path or key must be well-formed."""
-    _check_uid(header.sop_instance_uid, "SOPInstanceUID", "SOP Instance UID")
-    _check_uid(header.sop_class_uid, "SOPClassUID", "SOP Class UID")
-    _check_uid(header.study_instance_uid, "StudyInstanceUID", "Study Instance UID")
-    _check_uid(header.series_instance_uid, "SeriesInstanceUID", "Series Instance UID")
-    if header.frame_of_reference_uid is not None:
-        _check_uid(header.frame_of_reference_uid, "FrameOfReferenceUID", "Frame of Reference UID")
+_INSTANCE_UIDS = {
+    "SOPInstanceUID": "SOP Instance UID",
+    "SOPClassUID": "SOP Class UID",
+    "StudyInstanceUID": "Study Instance UID",
+    "SeriesInstanceUID": "Series Instance UID",
+    "FrameOfReferenceUID": "Frame of Reference UID",
+}
+"""Top-level UIDs the node records, in the order they are checked (the first malformed one is named)."""
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _raw_uid(ds: Dataset, keyword: str) -> str | None:
+    """A top-level UID as received, its padding removed, or None when absent or empty.
+
+    Read from the raw element: pydicom's value conversion would warn with the raw value (control
+    characters included) before the node has checked it.
+    """
+    element = ds.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    text = value.decode("latin-1") if isinstance(value, bytes) else "" if value is None else str(value)
+    return text.rstrip("\0 ") or None
+
+
+def _instance_uids(ds: Dataset) -> dict[str, str | None]:
+    """The instance's own UIDs (:data:`_INSTANCE_UIDS`), required ones present and every one well-formed."""
+    uids = {keyword: _raw_uid(ds, keyword) for keyword in _INSTANCE_UIDS}
+    missing = [keyword for keyword in _REQUIRED_UIDS if not uids[keyword]]
+    if missing:
+        raise HeaderError(f"required attribute(s) missing or empty: {', '.join(missing)}")
+    for keyword, what in _INSTANCE_UIDS.items():
+        value = uids[keyword]
+        if value is not None:
+            _check_uid(value, keyword, what)
+    return uids
+
+
+def _check_referenced_uids(header: InstanceHeader) -> None:
+    """The referenced UIDs the node records (series and images a segmentation was drawn on) must be well-formed."""
     for uid in header.referenced_series_uids:
         _check_uid(uid, "SeriesInstanceUID", "a referenced Series Instance UID")
     for uid in header.referenced_instance_uids:
@@ -468,23 +500,20 @@ def read_header(data: bytes) -> InstanceHeader:
     try:
         ds = dcmread(BytesIO(data), defer_size=_DEFER, force=False)
         meta = ds.file_meta
-        missing = [
-            k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not _text(ds, k)
-        ]
-        if missing:
-            raise HeaderError(f"required attribute(s) missing or empty: {', '.join(missing)}")
+        uids = _instance_uids(ds)
+        sop_class_uid = str(uids["SOPClassUID"])
         has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         references = referenced_series_uids(ds)
-        images = referenced_instance_uids(ds) if str(ds.SOPClassUID) in SEGMENTATION_SOP_CLASSES else ()
+        images = referenced_instance_uids(ds) if sop_class_uid in SEGMENTATION_SOP_CLASSES else ()
         header = InstanceHeader(
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=str(uids["SOPInstanceUID"]),
+            study_instance_uid=str(uids["StudyInstanceUID"]),
+            series_instance_uid=str(uids["SeriesInstanceUID"]),
             transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
             modality=_text(ds, "Modality"),
             series_description=(_text(ds, "SeriesDescription") or "")[:64] or None,
-            frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+            frame_of_reference_uid=uids["FrameOfReferenceUID"],
             patient_id=_text(ds, "PatientID"),
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
             patient_birth_date=_text(ds, "PatientBirthDate"),
@@ -504,7 +533,7 @@ def read_header(data: bytes) -> InstanceHeader:
             image_position=_vector(ds, "ImagePositionPatient", 3),
             image_orientation=_vector(ds, "ImageOrientationPatient", 6),
         )
-        _check_uids(header)
+        _check_referenced_uids(header)
         if pixel is not None:
             _check_pixel_data(ds, pixel, syntax)
         return header
