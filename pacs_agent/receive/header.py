@@ -160,37 +160,30 @@ def _check_uid(value: str, keyword: str, what: str) -> None:
 
 
 _INSTANCE_UIDS = {
-    "SOPInstanceUID": "SOP Instance UID",
-    "SOPClassUID": "SOP Class UID",
-    "StudyInstanceUID": "Study Instance UID",
-    "SeriesInstanceUID": "Series Instance UID",
-    "FrameOfReferenceUID": "Frame of Reference UID",
+    "SOPInstanceUID": (0x00080018, "SOP Instance UID"),
+    "SOPClassUID": (0x00080016, "SOP Class UID"),
+    "StudyInstanceUID": (0x0020000D, "Study Instance UID"),
+    "SeriesInstanceUID": (0x0020000E, "Series Instance UID"),
+    "FrameOfReferenceUID": (0x00200052, "Frame of Reference UID"),
 }
-"""Top-level UIDs the node records, in the order they are checked (the first malformed one is named)."""
+"""Top-level UIDs the node records (keyword: tag, name), in the order they are checked."""
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def _raw_uid(ds: Dataset, keyword: str) -> str | None:
-    """A top-level UID as received, its padding removed, or None when absent or empty.
+def _instance_uids(values: dict[int, bytes]) -> dict[str, str | None]:
+    """The instance's own UIDs (:data:`_INSTANCE_UIDS`), required ones present and every one well-formed.
 
-    Read from the raw element: pydicom's value conversion would warn with the raw value (control
-    characters included) before the node has checked it.
+    Decoded from the raw values the walk kept (padding removed), not through pydicom, whose value
+    conversion would warn with the raw value (control characters included) and costs more.
     """
-    element = ds.get_item(keyword)
-    if element is None:
-        return None
-    value = element.value
-    text = value.decode("latin-1") if isinstance(value, bytes) else "" if value is None else str(value)
-    return text.rstrip("\0 ") or None
-
-
-def _instance_uids(ds: Dataset) -> dict[str, str | None]:
-    """The instance's own UIDs (:data:`_INSTANCE_UIDS`), required ones present and every one well-formed."""
-    uids = {keyword: _raw_uid(ds, keyword) for keyword in _INSTANCE_UIDS}
+    uids: dict[str, str | None] = {}
+    for keyword, (tag, _) in _INSTANCE_UIDS.items():
+        raw = values.get(tag)
+        uids[keyword] = raw.decode("latin-1").rstrip("\0 ") or None if raw is not None else None
     missing = [keyword for keyword in _REQUIRED_UIDS if not uids[keyword]]
     if missing:
         raise HeaderError(f"required attribute(s) missing or empty: {', '.join(missing)}")
-    for keyword, what in _INSTANCE_UIDS.items():
+    for keyword, (_, what) in _INSTANCE_UIDS.items():
         value = uids[keyword]
         if value is not None:
             _check_uid(value, keyword, what)
@@ -232,6 +225,14 @@ def tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
 
 
+_ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
+_PHOTOMETRIC, _FRAMES = 0x00280004, 0x00280008
+_KEPT_TAGS = frozenset(
+    {tag for tag, _ in _INSTANCE_UIDS.values()} | {_ROWS, _COLUMNS, _SAMPLES, _BITS, _PHOTOMETRIC, _FRAMES}
+)
+"""Top-level elements whose raw values the walk keeps: the instance's UIDs and the image pixel description."""
+
+
 @dataclass(frozen=True)
 class PixelDataExtent:
     """The top-level pixel data element: its tag and value length (None when encapsulated)."""
@@ -251,6 +252,8 @@ class _Walker:
         self._u16 = struct.Struct(order + "H").unpack_from
         self._u32 = struct.Struct(order + "I").unpack_from
         self.pixel: PixelDataExtent | None = None
+        self.values: dict[int, bytes] = {}
+        """Raw values of the :data:`_KEPT_TAGS` found at the top level."""
 
     def elements(self, pos: int, end: int, *, in_item: bool = False, top: bool = False) -> int:
         """Walk the elements from ``pos`` to ``end`` (or to the item delimiter, ``in_item``); the position after."""
@@ -296,8 +299,11 @@ class _Walker:
                     raise IncompleteDatasetError(
                         f"element {tag_text(tag)} declares {length} bytes but only {end - pos} arrived", tag
                     )
-                if top and tag in PIXEL_DATA_TAGS:
-                    self.pixel = PixelDataExtent(tag, length)
+                if top:
+                    if tag in _KEPT_TAGS:
+                        self.values[tag] = buf[pos : pos + length]
+                    elif tag in PIXEL_DATA_TAGS:
+                        self.pixel = PixelDataExtent(tag, length)
                 pos += length
         if in_item:
             raise IncompleteDatasetError("the data end inside a sequence item (no item delimiter)")
@@ -385,14 +391,26 @@ def _file_meta_end(data: bytes) -> tuple[int, str]:
     return pos, syntax
 
 
-def check_complete(data: bytes) -> tuple[str, PixelDataExtent | None]:
+@dataclass(frozen=True)
+class CompleteDataset:
+    """What the walk of a complete dataset found."""
+
+    transfer_syntax_uid: str
+    pixel: PixelDataExtent | None
+    """The top-level pixel data element, if any."""
+    values: dict[int, bytes]
+    """Raw values of the instance's UIDs and of the image pixel description (tag -> bytes)."""
+    little_endian: bool
+
+
+def check_complete(data: bytes) -> CompleteDataset:
     """Check that an encoded file (preamble + file meta + dataset) holds a complete dataset.
 
     Every element's declared length must be present, every undefined-length sequence and item
     must end with its delimiter, encapsulated Pixel Data with its sequence delimiter (after at least
     one fragment), and the data must end exactly after the last element. Values are skipped, never
-    decoded (a deflated dataset is inflated first). Returns the transfer syntax and where the
-    top-level pixel data element is.
+    decoded (a deflated dataset is inflated first). Returns the transfer syntax, where the
+    top-level pixel data element is and the raw values :func:`read_header` checks.
 
     Raises
     ------
@@ -415,13 +433,29 @@ def check_complete(data: bytes) -> tuple[str, PixelDataExtent | None]:
     implicit = syntax == ImplicitVRLittleEndian
     if not implicit and len(body) >= start + 6 and body[start + 4 : start + 6] not in _LONG_VRS | _SHORT_VRS:
         implicit = True  # an implicit VR dataset in an explicit context, which pydicom reads too
-    walker = _Walker(body, implicit=implicit, little=syntax != ExplicitVRBigEndian)
+    little = syntax != ExplicitVRBigEndian
+    walker = _Walker(body, implicit=implicit, little=little)
     walker.elements(start, len(body), top=True)
-    return syntax, walker.pixel
+    return CompleteDataset(syntax, walker.pixel, walker.values, little)
 
 
-def _check_pixel_data(ds: Dataset, pixel: PixelDataExtent, syntax: str) -> None:
+def _number(complete: CompleteDataset, tag: int) -> int | None:
+    """A US or IS value of the image pixel description from its raw bytes; None when absent or empty."""
+    raw = complete.values.get(tag)
+    if not raw:
+        return None
+    if tag == _FRAMES:  # IS
+        return int(raw.decode("latin-1").strip("\0 "))
+    if len(raw) != 2:
+        raise ValueError(f"{tag_text(tag)} is not one US value")
+    return int.from_bytes(raw, "little" if complete.little_endian else "big")
+
+
+def _check_pixel_data(complete: CompleteDataset) -> None:
     """Native pixel data must have exactly the length its image attributes describe, padded to even."""
+    pixel, syntax = complete.pixel, complete.transfer_syntax_uid
+    if pixel is None:
+        return
     name = tag_text(pixel.tag)
     if pixel.length is None:
         if syntax in _NATIVE_SYNTAXES:
@@ -433,19 +467,21 @@ def _check_pixel_data(ds: Dataset, pixel: PixelDataExtent, syntax: str) -> None:
         raise HeaderError(
             f"cannot decode the dataset: {name} is not encapsulated in the compressed transfer syntax {syntax}"
         )
-    keywords = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
-    missing = [k for k in keywords if ds.get(k) in (None, "")]
-    if missing:
-        raise PixelDataMismatchError(f"{name} without {', '.join(missing)}: its length cannot be checked", pixel.tag)
+    described = {"Rows": _ROWS, "Columns": _COLUMNS, "SamplesPerPixel": _SAMPLES, "BitsAllocated": _BITS}
     try:
-        rows, columns, samples, bits = (int(ds[k].value) for k in keywords)
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
+        numbers = {keyword: _number(complete, tag) for keyword, tag in described.items()}
+        frames = _number(complete, _FRAMES) or 1
+    except ValueError:
         raise PixelDataMismatchError(
             f"{name}: Rows, Columns, Samples per Pixel, Bits Allocated or Number of Frames is not a number", pixel.tag
         ) from None
+    missing = [keyword for keyword, number in numbers.items() if number is None]
+    if missing:
+        raise PixelDataMismatchError(f"{name} without {', '.join(missing)}: its length cannot be checked", pixel.tag)
+    rows, columns, samples, bits = (int(number or 0) for number in numbers.values())
     total_bits = rows * columns * frames * samples * bits
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+    photometric = complete.values.get(_PHOTOMETRIC, b"").strip(b"\0 ")
+    if photometric == b"YBR_FULL_422":
         total_bits = total_bits // 3 * 2  # PS3.3 C.7.6.3.1.2: two of three chroma samples shared
     expected = (total_bits + 7) // 8
     padded = expected + expected % 2
@@ -496,11 +532,11 @@ def read_header(data: bytes) -> InstanceHeader:
     HeaderError
         The bytes are not DICOM or lack a UID the node needs.
     """
-    syntax, pixel = check_complete(data)
+    complete = check_complete(data)
     try:
         ds = dcmread(BytesIO(data), defer_size=_DEFER, force=False)
         meta = ds.file_meta
-        uids = _instance_uids(ds)
+        uids = _instance_uids(complete.values)
         sop_class_uid = str(uids["SOPClassUID"])
         has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         references = referenced_series_uids(ds)
@@ -534,8 +570,7 @@ def read_header(data: bytes) -> InstanceHeader:
             image_orientation=_vector(ds, "ImageOrientationPatient", 6),
         )
         _check_referenced_uids(header)
-        if pixel is not None:
-            _check_pixel_data(ds, pixel, syntax)
+        _check_pixel_data(complete)
         return header
     except HeaderError:
         raise

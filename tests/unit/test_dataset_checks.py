@@ -164,8 +164,9 @@ def test_native_pixel_data_of_the_described_length_is_accepted(options: dict[str
 
 def test_encapsulated_pixel_data_ending_with_its_delimiter_is_accepted() -> None:
     body = ct_body(pixel_element=encapsulated(b"\x01\x02" * 8, b"\x03\x04"))
-    syntax, pixel = check_complete(part10(body, RLELossless))
-    assert syntax == RLELossless and pixel is not None and pixel.length is None
+    complete = check_complete(part10(body, RLELossless))
+    assert complete.transfer_syntax_uid == RLELossless
+    assert complete.pixel is not None and complete.pixel.length is None
     assert read_header(part10(body, RLELossless)).has_pixel_data
 
 
