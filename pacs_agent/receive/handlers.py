@@ -1,7 +1,9 @@
 """pynetdicom event handlers: association checks, C-ECHO and C-STORE.
 
 Handlers are thin. C-STORE answers Success only after the object is fsync'ed into the spool and
-its Instance row is committed. Every refusal is recorded as an Event with the reason.
+its Instance row is committed, and only for a complete dataset whose UIDs are well-formed. Every
+refusal is recorded as a ``store_refused`` Event with the reason and answered with a failure status
+whose Error Comment (0000,0902) says why in short.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import cast
 
-from pynetdicom import evt
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,7 +26,17 @@ from pacs_agent.audit import record_event, uid_hash
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.receive.access import AssociationLimiter, check_request
-from pacs_agent.receive.header import IMAGE_SOP_CLASSES, HeaderError, InstanceHeader, read_header
+from pacs_agent.receive.header import (
+    IMAGE_SOP_CLASSES,
+    HeaderError,
+    IncompleteDatasetError,
+    InstanceHeader,
+    InvalidUIDError,
+    PixelDataMismatchError,
+    read_header,
+    shown,
+    uid_problem,
+)
 from pacs_agent.receive.spool import Spool
 from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
 
@@ -33,7 +47,42 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0x0110
+INVALID_SOP_INSTANCE = 0x0117
+"""PS3.7 C.4.2 (general status, listed for C-STORE): the SOP Instance UID violates the UID construction rules."""
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 MEGABYTE = 1024 * 1024
+ERROR_COMMENT_LENGTH = 64
+"""Error Comment (0000,0902) is an LO: at most 64 characters."""
+
+
+def _any_uid(value: UID) -> tuple[bool, str]:
+    """The UI validator of pynetdicom without its 64-character limit (see :func:`let_long_uids_reach_the_handler`)."""
+    return (True, "") if len(value) > 0 else (False, "must not be an empty str")
+
+
+def let_long_uids_reach_the_handler() -> None:
+    """Make pynetdicom hand a C-STORE with an over-long UID to the handler instead of aborting.
+
+    pynetdicom checks the command set's UIDs while it turns a received message into a primitive
+    (``utils.set_uid`` with ``_config.VALIDATORS["UI"]``); a UID over 64 characters raises there and
+    ``DIMSEServiceProvider.receive_primitive`` aborts the association: no status, no handler, no
+    event. ``_config.VALIDATORS`` is pynetdicom's documented hook for that check (process-wide);
+    with this validator any non-empty UID reaches :meth:`ReceiveHandlers.on_store`, which refuses
+    a malformed one with 0x0117 and a ``store_refused`` event. UIDs this process sends are derived
+    by the node and always valid, so relaxing the check there changes nothing.
+    """
+    _config.VALIDATORS["UI"] = _any_uid
+
+
+def _status(status: int, reason: str, tag: int | None = None) -> Dataset:
+    """A C-STORE response status with the reason as Error Comment and the offending element, if known."""
+    response = Dataset()
+    response.Status = status
+    if reason:
+        response.ErrorComment = "".join(c for c in reason if " " <= c <= "~")[:ERROR_COMMENT_LENGTH]
+    if tag is not None:
+        response.OffendingElement = [tag]
+    return response
 
 
 @dataclass
@@ -89,6 +138,7 @@ class ReceiveHandlers:
         self._lock = threading.Lock()
         security = settings.security
         self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
+        let_long_uids_reach_the_handler()
 
     def bindings(self) -> list[evt.EventHandlerType]:
         """The ``evt_handlers`` list for ``AE.start_server``."""
@@ -99,7 +149,7 @@ class ReceiveHandlers:
             (evt.EVT_ABORTED, self.on_ended),
             (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
-            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_STORE, self.on_store_response),
         ]
 
     def _event(
@@ -199,18 +249,45 @@ class ReceiveHandlers:
         """C-ECHO: always Success."""
         return SUCCESS
 
-    def _refuse(self, event: evt.Event, status: int, reason: str, sop_uid: str | None = None) -> int:
+    def _refuse(
+        self, event: evt.Event, status: int, reason: str, sop_uid: str | None = None, tag: int | None = None
+    ) -> Dataset:
+        """Record a ``store_refused`` event and answer ``status`` with ``reason`` as Error Comment."""
         self._count(event, "rejected")
         self._event(
             "store_refused",
             level="WARNING",
             ae_title=event.assoc.requestor.ae_title.strip(),
             peer=event.assoc.requestor.address,
-            sop_instance_uid=sop_uid,
+            sop_instance_uid=sop_uid if sop_uid and uid_problem(sop_uid) is None else None,
             status=status,
             detail=reason,
         )
-        return status
+        return _status(status, reason, tag)
+
+    def _check_request(self, event: evt.Event) -> Dataset | None:
+        """Refuse a C-STORE request whose Affected SOP Instance / Class UID is malformed, before its data are read."""
+        request = _store_request(event)
+        instance = str(request.AffectedSOPInstanceUID or "")
+        problem = uid_problem(instance)
+        if problem is not None:
+            return self._refuse(
+                event,
+                INVALID_SOP_INSTANCE,
+                f"Affected SOP Instance UID '{shown(instance)}' is not a valid UID: it {problem} (PS3.5 9.1)",
+                tag=0x00001000,
+            )
+        sop_class = str(request.AffectedSOPClassUID or "")
+        problem = uid_problem(sop_class)
+        if problem is not None:
+            return self._refuse(
+                event,
+                SOP_CLASS_NOT_SUPPORTED,
+                f"Affected SOP Class UID '{shown(sop_class)}' is not a valid UID: it {problem} (PS3.5 9.1)",
+                instance,
+                tag=0x00000002,
+            )
+        return None
 
     def _check(self, event: evt.Event, header: InstanceHeader) -> tuple[int, str] | None:
         request = _store_request(event)
@@ -229,7 +306,21 @@ class ReceiveHandlers:
         return None
 
     def on_store(self, event: evt.Event) -> int:
-        """C-STORE: check, spool durably, record, then answer."""
+        """C-STORE: check, spool durably, record, then answer the status (see :meth:`on_store_response`)."""
+        return int(self.on_store_response(event).Status)
+
+    def on_store_response(self, event: evt.Event) -> Dataset:
+        """C-STORE: check, spool durably, record, then answer; a refusal carries its reason as Error Comment.
+
+        Refused, with nothing spooled: a malformed Affected SOP Instance UID (0x0117) or SOP Class
+        UID (0x0122); an instance over ``max_instance_mb`` or a full spool (0xA700); bytes that end
+        before the dataset does or cannot be decoded (0xC210, the element cut short as Offending
+        Element); a malformed SOP Instance UID in the dataset (0x0117); another malformed UID, Pixel
+        Data of the wrong length, a dataset that differs from the request (0xA900).
+        """
+        refused = self._check_request(event)
+        if refused is not None:
+            return refused
         limit_mb = self.settings.security.max_instance_mb
         size = _received_bytes(event)
         if limit_mb and size > limit_mb * MEGABYTE:
@@ -239,17 +330,25 @@ class ReceiveHandlers:
                 f"instance of {size / MEGABYTE:.1f} MB is larger than [security] max_instance_mb = {limit_mb}",
                 _store_request(event).AffectedSOPInstanceUID,
             )
+        requested_uid = _store_request(event).AffectedSOPInstanceUID
         try:
             data = event.encoded_dataset(include_meta=True)
             header = read_header(data)
+        except InvalidUIDError as exc:
+            status = INVALID_SOP_INSTANCE if exc.keyword == "SOPInstanceUID" else DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return self._refuse(event, status, str(exc), requested_uid)
+        except PixelDataMismatchError as exc:
+            return self._refuse(event, DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), requested_uid, exc.tag)
+        except IncompleteDatasetError as exc:
+            return self._refuse(event, CANNOT_UNDERSTAND, f"incomplete dataset: {exc}", requested_uid, exc.tag)
         except HeaderError as exc:
-            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), _store_request(event).AffectedSOPInstanceUID)
+            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), requested_uid)
         except Exception as exc:  # pynetdicom can fail to build the file meta of garbage
             return self._refuse(
                 event,
                 CANNOT_UNDERSTAND,
                 f"cannot decode the dataset: {type(exc).__name__}",
-                _store_request(event).AffectedSOPInstanceUID,
+                requested_uid,
             )
         problem = self._check(event, header)
         if problem is not None:
@@ -304,4 +403,4 @@ class ReceiveHandlers:
         self._count(event, "stored" if outcome is StoreOutcome.STORED else "duplicates")
         if outcome is StoreOutcome.DUPLICATE:
             logger.debug("duplicate instance of study %s kept once", uid_hash(header.study_instance_uid))
-        return SUCCESS
+        return _status(SUCCESS, "")
