@@ -123,7 +123,9 @@ class InstanceHeader:
 # -- UIDs (PS3.5 9.1) ----------------------------------------------------------------------
 
 UID_MAX_LENGTH = 64
-_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")
+"""Digits separated by dots. A leading zero in a component (not allowed by PS3.5 9.1) is tolerated:
+older modalities still write such UIDs, every PACS keeps them, and they are harmless as keys and names."""
 
 
 def shown(value: str, limit: int = 72) -> str:
@@ -136,9 +138,9 @@ def shown(value: str, limit: int = 72) -> str:
 def uid_problem(value: str) -> str | None:
     """Why ``value`` is not a well-formed UID, or None when it is one.
 
-    PS3.5 9.1: at most 64 characters; components of digits separated by dots, none empty and none
-    with a leading zero (except the component ``0`` itself). The UI padding (one trailing NUL) is
-    removed by pydicom before this is asked.
+    PS3.5 9.1: at most 64 characters; components of digits separated by dots, none empty. A leading
+    zero in a component is tolerated (legacy modalities write them; see :data:`_UID_SYNTAX`). The UI
+    padding (one trailing NUL) is removed by pydicom before this is asked.
     """
     if len(value) <= UID_MAX_LENGTH and _UID_SYNTAX.fullmatch(value):
         return None
@@ -148,9 +150,7 @@ def uid_problem(value: str) -> str | None:
         return f"has {len(value)} characters (at most {UID_MAX_LENGTH})"
     if any(not component.isascii() or not component.isdigit() for component in value.split(".") if component):
         return "contains characters other than digits and dots"
-    if "" in value.split("."):
-        return "has an empty component (a leading, trailing or double dot)"
-    return "has a component with a leading zero"
+    return "has an empty component (a leading, trailing or double dot)"
 
 
 def _check_uid(value: str, keyword: str, what: str) -> None:

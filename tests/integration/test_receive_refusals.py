@@ -135,7 +135,6 @@ UID_CASES = {
         "Frame of Reference UID",
     ),
     "1,001-character Study Instance UID": (with_uid("StudyInstanceUID", LONG_UID), 0xA900, "has 1001 characters"),
-    "leading zero in the Study Instance UID": (with_uid("StudyInstanceUID", "1.2.03"), 0xA900, "leading zero"),
     "slash in the SOP Instance UID": (with_uid("SOPInstanceUID", "1.2.3/4.5"), 0x0117, "SOP Instance UID"),
     "65-character Affected SOP Instance UID": (
         with_uid("SOPInstanceUID", "1." * 32 + "1"),
