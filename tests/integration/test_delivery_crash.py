@@ -76,7 +76,7 @@ def test_pacs_killed_mid_association_every_result_delivered_exactly_once(
             .join(Result, Result.id == Delivery.result_id)
             .order_by(Delivery.id)
         )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return [tuple(row) for row in rows]
 
     rows = wait_for(lambda: (r := deliveries()) and all(d[2] >= 1 for d in r) and r, 60, "the first attempt's outcome")
     expected = {row[4] for row in rows}
