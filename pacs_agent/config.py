@@ -238,7 +238,12 @@ class Destination(_Section):
 
 
 class Source(_Section):
-    """``[[sources]]``: a PACS the node may query (C-FIND) and retrieve from (C-MOVE / C-GET)."""
+    """``[[sources]]``: a PACS the node may query (C-FIND) and retrieve from (C-MOVE / C-GET).
+
+    With ``tls = true`` every association to the source (C-FIND, C-MOVE, C-GET) is DICOM TLS, with
+    the same keys as a destination's. A C-MOVE is answered by the source opening an association of
+    its own to this node: for that to be TLS too, the source must send to ``[node] tls_port``.
+    """
 
     name: str = Field(min_length=1, max_length=64)
     ae_title: str
@@ -246,8 +251,27 @@ class Source(_Section):
     port: int = Field(ge=1, le=65535)
     retrieve: Literal["move", "get"] = "move"
     """C-MOVE to this node's own AE title (the PACS must know it), or C-GET on the same association."""
+    tls: bool = False
+    """DICOM TLS (1.2 or newer) to the source; its certificate is always verified."""
+    ca_file: str | None = None
+    """PEM file of the CA(s) that signed the source's certificate; default: the system's CAs."""
+    cert_file: str | None = None
+    """PEM certificate (chain) this node presents when the source asks for one (mutual TLS)."""
+    key_file: str | None = None
+    """The private key of ``cert_file`` (PEM, unencrypted)."""
+    check_hostname: bool = True
+    """The source's certificate must name ``host``; false accepts any certificate of a trusted CA."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _tls_keys(self) -> Source:
+        given = [key for key in ("ca_file", "cert_file", "key_file") if getattr(self, key)]
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)}: only used with tls = true (add it, or remove these keys)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the certificate and its private key)")
+        return self
 
 
 class ResponseSettings(_Section):

@@ -1,8 +1,8 @@
 """DICOM TLS: ``ssl.SSLContext`` objects built from the settings, and readable TLS errors.
 
 The receiving side uses :func:`server_context` for ``[node] tls_port`` (certificate, key and the
-CA of the client certificates from ``[tls]``); each DIMSE destination with ``tls = true`` gets
-:func:`client_context`. Both accept TLS 1.2 or newer only. Every problem with a file becomes a
+CA of the client certificates from ``[tls]``); each DIMSE destination and each source with
+``tls = true`` gets :func:`client_context`. Both accept TLS 1.2 or newer only. Every problem with a file becomes a
 :class:`~pacs_agent.errors.ConfigError` that names the setting (``tls.key_file: ...``), so
 ``pacs-agent config check`` and the start-up of the receiver report it in words.
 """
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacs_agent.config import Destination, Settings, TlsSettings
+from pacs_agent.config import Destination, Settings, Source, TlsSettings
 from pacs_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -178,19 +178,20 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def client_context(destination: Destination) -> RecordingContext:
-    """The context for sending to a destination with ``tls = true``.
+def client_context(destination: Destination | Source) -> RecordingContext:
+    """The context for an association to a destination or a source with ``tls = true``.
 
-    The destination's certificate is always verified: against ``ca_file`` when given, else the
-    system's trusted CAs; with ``check_hostname`` it must also name the destination's ``host``.
+    The peer's certificate is always verified: against ``ca_file`` when given, else the system's
+    trusted CAs; with ``check_hostname`` it must also name the peer's ``host``.
 
     Raises
     ------
     ConfigError
-        A file of the destination is missing, unreadable, not PEM, or the key does not match.
+        A file of the peer is missing, unreadable, not PEM, or the key does not match; each
+        problem names the key (``destinations.NAME.ca_file``, ``sources.NAME.key_file``).
     """
     problems: list[str] = []
-    where = f"destinations.{destination.name}"
+    where = f"{'sources' if isinstance(destination, Source) else 'destinations'}.{destination.name}"
     context = RecordingContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = destination.check_hostname
@@ -246,7 +247,7 @@ def _key_permission_problem(key_file: str, key: str) -> str | None:
 def tls_problems(settings: Settings, now: datetime | None = None) -> list[str]:
     """Every TLS problem of ``settings``: unusable files, expired certificates, world-readable keys.
 
-    Checks ``[tls]`` when ``[node] tls_port`` is set and every destination with ``tls = true``.
+    Checks ``[tls]`` when ``[node] tls_port`` is set and every destination and source with ``tls = true``.
     Used by ``pacs-agent config check``.
     """
     now = now or datetime.now(UTC)
@@ -258,16 +259,18 @@ def tls_problems(settings: Settings, now: datetime | None = None) -> list[str]:
         except ConfigError as exc:
             problems += exc.problems
         checks.append((settings.tls.cert_file, "tls.cert_file", settings.tls.key_file, "tls.key_file"))
-    for destination in settings.destinations:
-        if not destination.tls:
+    peers: list[tuple[str, Destination | Source]] = [("destinations", d) for d in settings.destinations]
+    peers += [("sources", s) for s in settings.sources]
+    for section, peer in peers:
+        if not peer.tls:
             continue
         try:
-            client_context(destination)
+            client_context(peer)
         except ConfigError as exc:
             problems += exc.problems
-        if destination.cert_file and destination.key_file:
-            where = f"destinations.{destination.name}"
-            checks.append((destination.cert_file, f"{where}.cert_file", destination.key_file, f"{where}.key_file"))
+        if peer.cert_file and peer.key_file:
+            where = f"{section}.{peer.name}"
+            checks.append((peer.cert_file, f"{where}.cert_file", peer.key_file, f"{where}.key_file"))
     for cert_file, cert_key, key_file, key_key in checks:
         if not cert_file or not Path(cert_file).is_file():
             continue

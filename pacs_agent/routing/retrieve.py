@@ -1,14 +1,23 @@
-"""Query and retrieve a study from a PACS: C-FIND (study root), C-MOVE to this node or C-GET."""
+"""Query and retrieve a study from a PACS: C-FIND (study root), C-MOVE to this node or C-GET.
+
+A source with ``tls = true`` is reached over DICOM TLS (:func:`pacs_agent.tls.client_context`,
+the same checks as a destination's). Every failure to open an association raises
+:class:`RetrieveError` with the reason in words: TLS handshake refused (and why), association
+rejected, connection closed without an answer (a hint at TLS when the source is configured without
+it), or no connection at all.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom sets its SOP classes via globals()
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -17,9 +26,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom s
 
 from pacs_agent import netfix  # noqa: F401  (closes sockets pynetdicom would leak)
 from pacs_agent.config import Source
-from pacs_agent.errors import DeliveryError
+from pacs_agent.errors import ConfigError, DeliveryError
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
 from pacs_agent.receive.server import TRANSFER_SYNTAXES
+from pacs_agent.tls import RecordingContext, client_context, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +60,66 @@ class RetrieveOutcome:
     warning: int
 
 
-def _associate(source: Source, calling_ae_title: str, timeout: float, contexts: list[str]) -> AE:
+def _associate(
+    source: Source,
+    what: str,
+    *,
+    calling_ae_title: str,
+    timeout: float,
+    contexts: Sequence[str],
+    storage_contexts: Iterable[str] = (),
+    ext_neg: list[Any] | None = None,
+    evt_handlers: list[Any] | None = None,
+) -> Association:
+    """An established association to ``source`` (over TLS when ``source.tls``) for ``what`` (e.g. ``C-FIND``).
+
+    Raises
+    ------
+    RetrieveError
+        The association could not be established; the message says why.
+    """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 10.0)
     for context in contexts:
         ae.add_requested_context(context)
-    return ae
+    for sop_class in storage_contexts:
+        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+    where = f"source {source.name} ({source.host}:{source.port})"
+    tls: RecordingContext | None = None
+    if source.tls:
+        try:  # built per association: renewed certificate files are used without a restart
+            tls = client_context(source)
+        except ConfigError as exc:
+            raise RetrieveError(f"{where}: {what} not attempted: TLS configuration: {'; '.join(exc.problems)}") from exc
+    connected: list[bool] = []  # pynetdicom reports a refused TCP connection as an abort: tell them apart
+    assoc = ae.associate(
+        source.host,
+        source.port,
+        ae_title=source.ae_title,
+        ext_neg=ext_neg,
+        evt_handlers=[*(evt_handlers or []), (evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        tls_args=(tls, source.host) if tls is not None else None,
+    )
+    if assoc.is_established:
+        return assoc
+    if tls is not None and tls.last_error is not None:
+        reason = f"TLS handshake failed: {describe_tls_error(tls.last_error)}"
+    elif assoc.is_rejected:
+        reason = (
+            f"rejected the association (does it know this node's AE title {calling_ae_title} and "
+            f"its own AE title {source.ae_title}?)"
+        )
+    elif connected and not source.tls:
+        reason = (
+            "closed the connection without answering the association request "
+            "(if it accepts only DICOM TLS, set tls = true for this source)"
+        )
+    elif connected:
+        reason = "aborted the association"
+    else:
+        reason = "cannot connect"
+    raise RetrieveError(f"{where}: {what} failed: {reason}")
 
 
 def find_studies(
@@ -85,10 +148,13 @@ def find_studies(
     query.StudyInstanceUID = ""
     query.PatientBirthDate = ""
     query.PatientSex = ""
-    ae = _associate(source, calling_ae_title, timeout, [StudyRootQueryRetrieveInformationModelFind])
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        raise RetrieveError(f"source {source.name} ({source.host}:{source.port}) refused or did not answer the query")
+    assoc = _associate(
+        source,
+        "C-FIND",
+        calling_ae_title=calling_ae_title,
+        timeout=timeout,
+        contexts=[StudyRootQueryRetrieveInformationModelFind],
+    )
     found: list[RemoteStudy] = []
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -148,10 +214,13 @@ def move_study(
     source: Source, study_instance_uid: str, *, calling_ae_title: str, destination_ae_title: str, timeout: float = 600.0
 ) -> RetrieveOutcome:
     """C-MOVE a study to ``destination_ae_title`` (normally this node); blocks until it is done."""
-    ae = _associate(source, calling_ae_title, timeout, [StudyRootQueryRetrieveInformationModelMove])
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        raise RetrieveError(f"source {source.name} ({source.host}:{source.port}) refused or did not answer the C-MOVE")
+    assoc = _associate(
+        source,
+        "C-MOVE",
+        calling_ae_title=calling_ae_title,
+        timeout=timeout,
+        contexts=[StudyRootQueryRetrieveInformationModelMove],
+    )
     try:
         return _outcome(
             source,
@@ -174,18 +243,16 @@ def get_study(
     timeout: float = 600.0,
 ) -> RetrieveOutcome:
     """C-GET a study; every instance goes through ``on_store`` (the node's C-STORE handler)."""
-    ae = _associate(source, calling_ae_title, timeout, [StudyRootQueryRetrieveInformationModelGet])
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
-    assoc = ae.associate(
-        source.host,
-        source.port,
-        ae_title=source.ae_title,
+    assoc = _associate(
+        source,
+        "C-GET",
+        calling_ae_title=calling_ae_title,
+        timeout=timeout,
+        contexts=[StudyRootQueryRetrieveInformationModelGet],
+        storage_contexts=STORAGE_SOP_CLASSES,
         ext_neg=[build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES],
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
-    if not assoc.is_established:
-        raise RetrieveError(f"source {source.name} ({source.host}:{source.port}) refused or did not answer the C-GET")
     try:
         return _outcome(
             source,

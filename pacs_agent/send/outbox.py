@@ -138,7 +138,7 @@ class DestinationSender:
                     ae_title=self.destination.ae_title,
                     peer=self.destination.peer,
                     status=outcome.status,
-                    detail=f"{self.destination.name}: attempt {delivery.attempts}: {outcome.reason}"
+                    detail=f"{self.destination.name}: {path.name}: attempt {delivery.attempts}: {outcome.reason}"
                     + (" - giving up (max_age_hours reached)" if too_old else ""),
                 )
         return len(due)

@@ -128,9 +128,12 @@ def store_files(
         else:
             reason = f"cannot connect to {destination.host}:{destination.port}"
         return outcomes + [SendOutcome(path, False, None, reason) for path, _ in datasets]
+    lost = False  # a C-STORE without a response: pynetdicom has aborted, or is aborting, the association
     try:
         for path, ds in datasets:
-            if not assoc.is_established:
+            # after a lost response the association may still look established for a moment (the abort is
+            # handled on pynetdicom's own thread): sending more would only fail the same way
+            if lost or not assoc.is_established:
                 outcomes.append(SendOutcome(path, False, None, "association ended before this object was sent"))
                 continue
             try:
@@ -141,6 +144,7 @@ def store_files(
             status = response.get("Status") if response else None
             if status is None:
                 outcomes.append(SendOutcome(path, False, None, "no response (timeout or connection lost)"))
+                lost = True
                 continue
             code = int(status)
             ok = code == 0x0000 or code in WARNING_STATUSES

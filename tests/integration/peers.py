@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,8 +61,24 @@ def destination_toml(name: str, ae_title: str, port: int, host: str = "127.0.0.1
     return f'[[destinations]]\nname = "{name}"\nae_title = "{ae_title}"\nhost = "{host}"\nport = {port}\n'
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """DICOM TLS of an Orthanc: its certificate and key, the CA(s) it trusts (for peers connecting to it and for
+    the peers it connects to), whether a connecting peer must present a certificate.
+    """
+
+    cert: Path
+    key: Path
+    trusted: Path
+    require_client_cert: bool = True
+
+
 class Orthanc:
-    """An Orthanc server of its own (temp storage, free ports), standing in for the hospital PACS."""
+    """An Orthanc server of its own (temp storage, free ports), standing in for the hospital PACS.
+
+    With ``tls`` its DICOM port speaks only DICOM TLS. ``lua_scripts`` are loaded at each start (change the
+    list between a :meth:`kill` and the next :meth:`start` to restart without them).
+    """
 
     def __init__(
         self,
@@ -70,15 +87,19 @@ class Orthanc:
         *,
         plugins: Sequence[str] = (),
         users: dict[str, str] | None = None,
+        tls: OrthancTls | None = None,
+        lua_scripts: Sequence[Path] = (),
     ) -> None:
         """``plugins``: names from ``ORTHANC_PLUGINS`` (e.g. ``dicomweb``, served under ``/dicom-web``);
-        ``users``: HTTP basic-auth users (user -> password); the helper's own requests use the first.
+        ``users``: HTTP basic-auth users (user -> password); the helper's own requests use the first;
+        ``tls``: DICOM TLS on the DICOM port; ``lua_scripts``: Lua files Orthanc runs (e.g. a
+        ``ReceivedInstanceFilter``).
         """
         self.workdir = workdir
         self.ae_title = ae_title
         self.http_port = free_port()
         self.dicom_port = free_port()
-        self.modalities: dict[str, list[Any]] = {}
+        self.modalities: dict[str, Any] = {}
         self.process: subprocess.Popen[bytes] | None = None
         unknown = sorted(set(plugins) - set(ORTHANC_PLUGINS))
         if unknown:
@@ -86,6 +107,8 @@ class Orthanc:
         self.plugins = tuple(plugins)
         self.users = dict(users or {})
         self.auth: tuple[str, str] | None = next(iter(self.users.items()), None)
+        self.tls = tls
+        self.lua_scripts = list(lua_scripts)
 
     @property
     def url(self) -> str:
@@ -101,16 +124,23 @@ class Orthanc:
         """This Orthanc as a DIMSE ``[[destinations]]`` entry of the node's TOML."""
         return destination_toml(name, self.ae_title, self.dicom_port)
 
-    def source_toml(self, name: str = "pacs", retrieve: str = "move") -> str:
-        """This Orthanc as a ``[[sources]]`` entry (C-FIND, then C-MOVE or C-GET) of the node's TOML."""
+    def source_toml(self, name: str = "pacs", retrieve: str = "move", extra: str = "") -> str:
+        """This Orthanc as a ``[[sources]]`` entry (C-FIND, then C-MOVE or C-GET) of the node's TOML; ``extra``:
+        more keys of the entry (e.g. its TLS keys), one per line.
+        """
         return (
             f'[[sources]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\n'
-            f'port = {self.dicom_port}\nretrieve = "{retrieve}"\n'
+            f'port = {self.dicom_port}\nretrieve = "{retrieve}"\n{extra}'
         )
 
-    def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
-        """Declare a DICOM peer Orthanc may send to (takes effect at the next start)."""
-        self.modalities[name] = [ae_title, host, port]
+    def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1", *, tls: bool = False) -> None:
+        """Declare a DICOM peer Orthanc may send to (takes effect at the next start); ``tls``: reach it over DICOM
+        TLS (with this Orthanc's certificate, trusting ``OrthancTls.trusted``).
+        """
+        if tls:
+            self.modalities[name] = {"AET": ae_title, "Host": host, "Port": port, "UseDicomTls": True}
+        else:
+            self.modalities[name] = [ae_title, host, port]
 
     def start(self, env: dict[str, str] | None = None) -> None:
         """Write the configuration and start Orthanc; wait until its REST API answers."""
@@ -138,7 +168,16 @@ class Orthanc:
             "Plugins": libraries,
             "StableAge": 1,
             "HttpTimeout": 60,
+            "LuaScripts": [str(script) for script in self.lua_scripts],
         }
+        if self.tls is not None:
+            config |= {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.cert),
+                "DicomTlsPrivateKey": str(self.tls.key),
+                "DicomTlsTrustedCertificates": str(self.tls.trusted),
+                "DicomTlsRemoteCertificateRequired": self.tls.require_client_cert,
+            }
         if "dicomweb" in self.plugins:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
@@ -163,6 +202,13 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL Orthanc, as a crash or a power cut would end it (its storage stays for a restart)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def get(self, path: str) -> Any:
