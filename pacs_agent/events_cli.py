@@ -58,6 +58,7 @@ EVENT_KINDS = (
     "pairing_none",
     "pairing_failed",
     "baseline_retrieved",
+    "worker_orphan_stopped",
 )
 """Kinds the node records (others may be added by newer versions; ``--kind`` accepts any)."""
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
