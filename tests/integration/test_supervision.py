@@ -152,3 +152,14 @@ def test_serve_stops_a_worker_a_killed_serve_left_and_records_it(node: Node) -> 
     own = serve_worker(node)
     assert list(workers_of(node)) == [own]
     assert [p.name for p in pid_directory(node.state_dir).iterdir()] == [f"worker-{own}.json"]
+
+
+def test_systemd_units_stop_every_process_of_the_unit() -> None:
+    kill_modes = {
+        unit.name: [
+            line.removeprefix("KillMode=") for line in unit.read_text().splitlines() if line.startswith("KillMode=")
+        ]
+        for unit in (Path(__file__).parents[2] / "systemd").glob("*.service")
+    }
+    assert kill_modes["pacs-agent-scp.service"] == ["control-group"]  # a serve run from it takes its worker along
+    assert kill_modes["pacs-agent-worker@.service"] == ["mixed"]  # SIGTERM the worker, SIGKILL what is left
