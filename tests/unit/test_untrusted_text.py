@@ -8,6 +8,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -241,3 +242,38 @@ def test_send_list_table_shows_stored_text_escaped() -> None:
     assert_clean(text)
     assert text.count("\n") == 1  # the table's own second line for the error
     assert text.endswith("        status 0xA700\\n\\x1b[2Jforged")
+
+
+@pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, about the ESC: expected here
+def test_show_prints_an_sr_s_hostile_text_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydicom import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from pacs_agent.show import show
+
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "TEXT"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121071", "DCM", "Finding"
+    item.ConceptNameCodeSequence = [concept]
+    item.TextValue = "lesion\x1b]0;pwned\x07 \x1b[2J"
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "126000", "DCM", "Imaging Measurement Report"
+    ds.ConceptNameCodeSequence = [title]
+    ds.ContentSequence = [item]
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+
+    assert show(tmp_path / "sr.dcm") == 0
+    output = capsys.readouterr().out
+    assert_clean(output)
+    assert "lesion\\x1b]0;pwned\\x07 \\x1b[2J" in output
