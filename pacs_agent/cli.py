@@ -19,6 +19,7 @@ from pacs_agent.events_cli import add_parsers as add_event_parsers
 from pacs_agent.events_cli import run_events, run_retry
 from pacs_agent.logs import configure_logging
 from pacs_agent.send.cli import add_send_parser, run_send
+from pacs_agent.text import printable
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 CONFIG_ENV = "PACS_AGENT_CONFIG"
@@ -204,10 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "demo":
             return _cmd_demo(args)
-    except ConfigError as exc:
+    except ConfigError as exc:  # one problem per line, from the operator's own file
         print(f"pacs-agent: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except PacsAgentError as exc:
-        print(f"pacs-agent: {exc}", file=sys.stderr)
+    except PacsAgentError as exc:  # may quote stored or network text (a UID, a reason): escaped
+        print(f"pacs-agent: {printable(exc)}", file=sys.stderr)
         return EXIT_STARTUP
     return EXIT_USAGE

@@ -27,6 +27,7 @@ from pacs_agent.config import Settings
 from pacs_agent.errors import PacsAgentError  # noqa: F401 - callers catch it from here
 from pacs_agent.jobs.queue import RetryRefused, retry_job
 from pacs_agent.studies.store import retry_study
+from pacs_agent.text import printable
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -57,6 +58,7 @@ EVENT_KINDS = (
     "pairing_none",
     "pairing_failed",
     "baseline_retrieved",
+    "worker_orphan_stopped",
 )
 """Kinds the node records (others may be added by newer versions; ``--kind`` accepts any)."""
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -153,8 +155,8 @@ def query_events(db: Database, query: EventQuery) -> list[dict[str, Any]]:
 
 
 def format_event(event: dict[str, Any]) -> str:
-    """One line: ``time level kind key=value ... - detail``."""
-    parts = [event["at"][:19].replace("T", " "), f"{event['level']:<7}", event["kind"]]
+    """One line: ``time level kind key=value ... - detail``; stored text escaped (:func:`printable`)."""
+    parts = [event["at"][:19].replace("T", " "), f"{printable(event['level']):<7}", printable(event["kind"])]
     for label, key in (
         ("study", "study_instance_uid"),
         ("sop", "sop_instance_uid"),
@@ -163,13 +165,13 @@ def format_event(event: dict[str, Any]) -> str:
         ("peer", "peer"),
     ):
         if event.get(key) is not None:
-            parts.append(f"{label}={event[key]}")
+            parts.append(f"{label}={printable(event[key])}")
     if event.get("status") is not None:
         parts.append(f"status=0x{event['status']:04X}")
     if event.get("duration_seconds") is not None:
         parts.append(f"{event['duration_seconds']:.1f}s")
     if event.get("detail"):
-        parts.append(f"- {event['detail']}")
+        parts.append(f"- {printable(event['detail'])}")
     return " ".join(parts)
 
 
@@ -233,7 +235,7 @@ def run_events(args: argparse.Namespace, settings: Settings) -> int:
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
-        print(f"pacs-agent events: --since: {exc}", file=sys.stderr)
+        print(f"pacs-agent events: --since: {printable(exc)}", file=sys.stderr)
         return 2
     if args.limit < 1:
         print("pacs-agent events: --limit must be at least 1", file=sys.stderr)
@@ -271,9 +273,9 @@ def run_retry(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 message = retry_job(session, args.job, operator=_operator())
     except RetryRefused as exc:
-        print(f"pacs-agent retry: {exc}", file=sys.stderr)
+        print(f"pacs-agent retry: {printable(exc)}", file=sys.stderr)
         return 1
     finally:
         db.dispose()
-    print(message)
+    print(printable(message))
     return 0

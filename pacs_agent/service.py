@@ -1,7 +1,9 @@
 """The long-running processes: ``scp`` (receive, schedule, send), ``worker``, and ``serve`` (both).
 
 ``scp`` never imports torch or the pipelines. ``serve`` runs the scp in-process and supervises
-one worker subprocess, restarting it if it dies (a crashing job then counts as one attempt).
+one worker subprocess, restarting it if it dies (a crashing job then counts as one attempt); the
+worker ends with ``serve``, and ``serve`` stops workers a killed predecessor left behind
+(:mod:`pacs_agent.supervision`).
 SIGTERM / SIGINT end every loop cleanly and the process exits 0.
 
 Under systemd (``Type=notify``) each process sends READY=1 once it listens / can claim jobs,
@@ -16,26 +18,27 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import ConfigError
 from pacs_agent.health import WORKER_INSTANCE_ENV, HealthServer
 from pacs_agent.jobs.queue import requeue_stale
-from pacs_agent.notify import SYSTEMD_VARIABLES, Notifier, Watchdog
+from pacs_agent.notify import Notifier, Watchdog
 from pacs_agent.receive.server import ReceiveServer
 from pacs_agent.receive.spool import Spool
 from pacs_agent.routing.agent import PairingAgent
 from pacs_agent.routing.pairing import RESPONSE_METHOD
 from pacs_agent.send.outbox import DestinationSender
 from pacs_agent.studies.scheduler import readiness_rules, run_once
+from pacs_agent.supervision import SUPERVISOR_ENV, WorkerSupervisor, die_with_parent, stop_stale_workers
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +214,16 @@ def run_worker(settings: Settings) -> int:
     """``pacs-agent worker``: run jobs until SIGTERM.
 
     ``$PACS_AGENT_WORKER_INSTANCE`` (set by ``pacs-agent-worker@.service``) selects the GPU before
-    any model is loaded, see :func:`cuda_devices_for_instance`.
+    any model is loaded, see :func:`cuda_devices_for_instance`. ``$PACS_AGENT_SUPERVISOR_PID`` (set
+    by ``serve``) ties the worker to that process: it gets SIGTERM when ``serve`` dies and checks
+    between jobs that ``serve`` still runs (:func:`pacs_agent.supervision.die_with_parent`).
     """
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    # Started by serve: end with it (first thing, before the slow imports below).
+    parent_alive = die_with_parent(int(supervisor)) if supervisor and supervisor.isdigit() else None
+    if parent_alive is not None and not parent_alive():
+        logger.warning("pacs-agent serve (pid %s) that started this worker is gone; exiting", supervisor)
+        return 0
     instance = os.environ.get(WORKER_INSTANCE_ENV)
     if instance:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices_for_instance(instance)
@@ -222,6 +233,8 @@ def run_worker(settings: Settings) -> int:
     prepare_state(settings)
     worker = Worker(settings, Database(settings.database_url))
     worker.on_status = notifier.status
+    if parent_alive is not None:
+        worker.parent_alive = parent_alive
     install_stop_signals(worker.stop, lambda: notifier.stopping("stopping: finishing the current job"))
     stall = max(settings.jobs.lease_seconds, WORKER_STALL_MIN_SECONDS)
     watchdog = Watchdog(notifier, lambda: worker.heartbeat.seconds_since_beat() < stall)
@@ -234,63 +247,33 @@ def run_worker(settings: Settings) -> int:
     return 0
 
 
-class WorkerSupervisor:
-    """Keeps one ``pacs-agent worker`` subprocess alive while the scp runs."""
+def stop_orphan_workers(settings: Settings, db: Database) -> int:
+    """Stop the workers a killed ``serve`` of this state directory left running; one audit event each.
 
-    def __init__(self, command: Sequence[str], stop: threading.Event) -> None:
-        self.command = list(command)
-        self.stop = stop
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
-
-    def start(self) -> None:
-        """Start the worker and watch it."""
-        self._thread.start()
-
-    def _supervise(self) -> None:
-        delay = 1.0
-        while not self.stop.is_set():
-            started = time.monotonic()
-            # The worker must not speak to systemd for the unit of this process.
-            env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-            self.process = subprocess.Popen(self.command, env=env)
-            logger.info("worker process started (pid %d)", self.process.pid)
-            while self.process.poll() is None and not self.stop.is_set():
-                self.stop.wait(0.2)
-            if self.stop.is_set():
-                return
-            code = self.process.returncode
-            logger.error("worker process exited with code %s; restarting in %.0f s", code, delay)
-            self.restarts += 1
-            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
-            self.stop.wait(delay)
-
-    def shutdown(self, timeout: float = 60.0) -> None:
-        """SIGTERM the worker (it finishes its job), then kill it after ``timeout``."""
-        self.stop.set()
-        self._thread.join(5)
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.error("worker did not stop within %.0f s; killing it (its job will be retried)", timeout)
-            proc.kill()
-            proc.wait()
+    Returns how many were stopped (see :func:`pacs_agent.supervision.stop_stale_workers`).
+    """
+    stopped = stop_stale_workers(settings.storage.state_dir)
+    if stopped:
+        with db.session() as session, session.begin():
+            for worker in stopped:
+                record_event(session, "worker_orphan_stopped", level="WARNING", detail=worker.detail())
+    return len(stopped)
 
 
 def run_serve(settings: Settings, config_path: Path | None) -> int:
-    """``pacs-agent serve``: the scp in this process plus a supervised worker process."""
+    """``pacs-agent serve``: the scp in this process plus a supervised worker process.
+
+    Before its own worker starts, workers a previous ``serve`` of the same state directory left
+    behind (it was killed) are stopped: :func:`stop_orphan_workers`.
+    """
     notifier = Notifier.from_environment()
     service = ScpService(settings)
     install_stop_signals(service.stop, lambda: notifier.stopping("stopping: worker and associations"))
+    stop_orphan_workers(settings, service.db)
     command = [sys.executable, "-m", "pacs_agent", "worker"]
     if config_path is not None:
         command += ["--config", str(config_path)]
-    supervisor = WorkerSupervisor(command, threading.Event())
+    supervisor = WorkerSupervisor(command, threading.Event(), settings.storage.state_dir)
     service.start()
     supervisor.start()
     watchdog = Watchdog(notifier, service.alive)

@@ -1,4 +1,7 @@
-"""``pacs-agent show``: SRs as indented text, image objects (Secondary Captures) as PNG."""
+"""``pacs-agent show``: SRs as indented text, image objects (Secondary Captures) as PNG.
+
+Text taken from the files is printed with control characters escaped (:func:`pacs_agent.text.printable`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_sr.sr.text import render_sr_text
+from pacs_agent.text import printable
 
 
 def _dicom_files(path: Path) -> list[Path]:
@@ -45,12 +49,13 @@ def show(path: Path, png_dir: Path | None = None) -> int:
             continue
         modality = str(ds.get("Modality", ""))
         if modality == "SR":
-            print(render_sr_text(ds))
+            # An SR may come from anywhere: escape sequences and other controls printed visibly, line by line.
+            print("\n".join(printable(line) for line in render_sr_text(ds).split("\n")))
             print()
             shown += 1
         elif "PixelData" in ds and png_dir is not None:
             out = write_png(ds, png_dir / f"{file.stem}.png")
-            print(f"image {ds.get('SeriesDescription', '')}: written to {out}")
+            print(printable(f"image {ds.get('SeriesDescription', '')}: written to {out}"))
             shown += 1
     if not shown:
         print(f"pacs-agent show: no SR or image objects found under {path}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
 from pacs_agent.routing.pairing import baseline_of
+from pacs_agent.text import printable
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -228,7 +229,7 @@ def _structure_lines(notes: list[dict[str, Any]]) -> list[str]:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """Render :func:`collect_status` output for a terminal."""
+    """Render :func:`collect_status` output for a terminal: one line per item, control characters escaped."""
     lines = []
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(status["jobs_by_state"].items())) or "none"
     lines.append(f"jobs: {jobs}")
@@ -292,7 +293,9 @@ def format_status(status: dict[str, Any]) -> str:
             code = f" 0x{e['status']:04X}" if e.get("status") is not None else ""
             lines.append(f"  {_clock(e['at'])} {e['kind']}{code}{' ' + who if who else ''}: {e['detail'] or ''}")
         lines.append("  (the whole audit trail: pacs-agent events; one study: pacs-agent events --study UID)")
-    return "\n".join(lines)
+    # Each line holds text from the network or from errors (UIDs, AE titles, reasons): escaped here,
+    # where it leaves for the terminal, so that a newline or an escape sequence in it prints visibly.
+    return "\n".join(printable(line) for line in lines)
 
 
 def print_status(settings: Settings, *, as_json: bool, limit: int) -> int:

@@ -47,6 +47,8 @@ class Worker:
         """Heartbeat file read by ``/healthz``; its :meth:`~WorkerHeartbeat.beat` time is our liveness."""
         self.on_status: Callable[[str], object] = lambda _text: None
         """Told what the worker does (``pacs-agent worker`` forwards it to systemd as STATUS)."""
+        self.parent_alive: Callable[[], bool] = lambda: True
+        """Checked between jobs; False (the ``serve`` that started this worker is gone) stops the loop."""
         self._loader: StudyLoader | None = None
 
     @property
@@ -169,6 +171,9 @@ class Worker:
         if on_ready is not None:
             on_ready()
         while not self.stop.is_set():
+            if not self.parent_alive():
+                logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", self.worker_id)
+                break
             self.heartbeat.beat("idle")
             try:
                 busy = self.run_one()

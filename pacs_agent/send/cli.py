@@ -4,7 +4,8 @@
 attempt count is kept and an audit event (``delivery_requeued``) records each one. A requeued
 delivery gets one more attempt at once; if that fails too, the usual backoff applies while the
 delivery is younger than ``[delivery] max_age_hours``, after that it is dead again with the new
-reason. Only UIDs, destinations and states are printed, never patient data.
+reason. Only UIDs, destinations and states are printed, never patient data; stored text is escaped
+(:func:`pacs_agent.text.printable`) in the table and by JSON in ``--json``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pacs_agent.config import Settings
+from pacs_agent.text import printable
 
 if TYPE_CHECKING:
     from pacs_agent.db import Database
@@ -153,12 +155,12 @@ def _format_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         when = row["delivered_at"] if row["state"] == "done" else row["next_attempt_at"] or row["created_at"]
         label = {"done": "delivered", "pending": "next attempt"}.get(row["state"], "queued")
-        line = (
+        line = printable(
             f"{row['id']:>6}  {row['destination']}  {row['state']:<7}  {row['attempts']} attempt(s)  "
             f"{row['kind']} {row['sop_instance_uid']}  ({label} {when})"
         )
         if row["last_error"] and row["state"] != "done":
-            line += f"\n        {row['last_error']}"
+            line += f"\n        {printable(row['last_error'])}"
         lines.append(line)
     return "\n".join(lines)
 
