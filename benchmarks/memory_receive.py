@@ -16,6 +16,7 @@ Writes: benchmarks/results/memory_receive.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ TARGET_MB = 300
 def measure(tree: Path, instance: LargeInstance, work: Path) -> dict[str, Any]:
     """Start a node of ``tree``, send ``instance``, and read its peak RSS before and after."""
     node = NodeProcess(work, command="scp")
-    with patched_environ({"PYTHONPATH": str(tree)}):
+    # ``python -m pacs_agent`` imports from its working directory first: start it in ``tree``.
+    with patched_environ({"PYTHONPATH": str(tree)}), contextlib.chdir(tree):
         node.start()
     assert node.process is not None
     try:

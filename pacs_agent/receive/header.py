@@ -546,7 +546,7 @@ def read_header(source: bytes | Path) -> InstanceHeader:
     """
     if isinstance(source, Path):
         return _read_header_file(source)
-    return _parse(BytesIO(source), check_complete(source))
+    return _parse(BytesIO(source), check_complete(source), stop_before_pixels=False)
 
 
 def _read_header_file(path: Path) -> InstanceHeader:
@@ -558,15 +558,20 @@ def _read_header_file(path: Path) -> InstanceHeader:
             with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 complete = check_complete(view)
             fp.seek(0)
-            return _parse(fp, complete)
+            return _parse(fp, complete, stop_before_pixels=True)
     except OSError as exc:
         raise HeaderError(f"cannot read the received file: {exc.strerror}") from None
 
 
-def _parse(fp: BinaryIO, complete: CompleteDataset) -> InstanceHeader:
-    """The header of a complete dataset: pydicom reads the elements before the pixel data, values over 2 KB deferred."""
+def _parse(fp: BinaryIO, complete: CompleteDataset, *, stop_before_pixels: bool) -> InstanceHeader:
+    """The header of a complete dataset, values over 2 KB deferred.
+
+    ``stop_before_pixels`` for a file: pydicom would otherwise read encapsulated Pixel Data through
+    to find its end. Bytes in memory are read whole, which is faster for objects without pixel
+    data (no check per element).
+    """
     try:
-        ds = dcmread(fp, defer_size=_DEFER, force=False, stop_before_pixels=True)
+        ds = dcmread(fp, defer_size=_DEFER, force=False, stop_before_pixels=stop_before_pixels)
         meta = ds.file_meta
         uids = _instance_uids(complete.values)
         sop_class_uid = str(uids["SOPClassUID"])
