@@ -65,6 +65,7 @@ benchmarks: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/memory_receive.py
 	$(BIN)/python benchmarks/ingest_under_load.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/response.py

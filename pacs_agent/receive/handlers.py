@@ -4,6 +4,10 @@ Handlers are thin. C-STORE answers Success only after the object is fsync'ed int
 its Instance row is committed, and only for a complete dataset whose UIDs are well-formed. Every
 refusal is recorded as a ``store_refused`` Event with the reason and answered with a failure status
 whose Error Comment (0000,0902) says why in short.
+
+The dataset arrives as an :class:`~pacs_agent.receive.spool.IncomingFile` (streamed into the
+spool's temp directory while it arrives, see :func:`pacs_agent.receive.server.stream_to_spool`),
+or, when streaming is off (a C-GET of another process), as bytes in pynetdicom's memory.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import cast
 
 from pydicom import Dataset
@@ -37,7 +42,7 @@ from pacs_agent.receive.header import (
     shown,
     uid_problem,
 )
-from pacs_agent.receive.spool import Spool
+from pacs_agent.receive.spool import IncomingFile, IncomingFiles, Spool
 from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ INVALID_SOP_INSTANCE = 0x0117
 """PS3.7 C.4.2 (general status, listed for C-STORE): the SOP Instance UID violates the UID construction rules."""
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 MEGABYTE = 1024 * 1024
+IN_MEMORY_BYTES = 8 * MEGABYTE
+"""An instance up to this size is received in memory and written once; a larger one streams to its file."""
 ERROR_COMMENT_LENGTH = 64
 """Error Comment (0000,0902) is an LO: at most 64 characters."""
 
@@ -138,6 +145,10 @@ class ReceiveHandlers:
         self._lock = threading.Lock()
         security = settings.security
         self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
+        self.incoming = IncomingFiles(
+            spool, limit_bytes=security.max_instance_mb * MEGABYTE, memory_bytes=IN_MEMORY_BYTES
+        )
+        """The files pynetdicom streams received datasets into (when enabled by the server)."""
         let_long_uids_reach_the_handler()
 
     def bindings(self) -> list[evt.EventHandlerType]:
@@ -234,8 +245,11 @@ class ReceiveHandlers:
         )
 
     def on_closed(self, event: evt.Event) -> None:
-        """Free the association's slot when its connection closes (also after a rejection)."""
+        """Free the association's slot when its connection closes; remove a dataset it left half-received."""
         self.limiter.release(id(event.assoc))
+        left = self.incoming.discard_of(event.assoc.dul)
+        if left:
+            logger.info("removed %d instance(s) received in part from %s", left, event.assoc.requestor.address)
 
     def _count(self, event: evt.Event, what: str) -> None:
         with self._lock:
@@ -313,27 +327,73 @@ class ReceiveHandlers:
         """C-STORE: check, spool durably, record, then answer; a refusal carries its reason as Error Comment.
 
         Refused, with nothing spooled: a malformed Affected SOP Instance UID (0x0117) or SOP Class
-        UID (0x0122); an instance over ``max_instance_mb`` or a full spool (0xA700); bytes that end
-        before the dataset does or cannot be decoded (0xC210, the element cut short as Offending
-        Element); a malformed SOP Instance UID in the dataset (0x0117); another malformed UID, Pixel
-        Data of the wrong length, a dataset that differs from the request (0xA900).
+        UID (0x0122); an instance over ``max_instance_mb`` or a full spool (0xA700, already while it
+        arrived: what came beyond was not written); bytes that end before the dataset does or cannot
+        be decoded (0xC210, the element cut short as Offending Element); a malformed SOP Instance
+        UID in the dataset (0x0117); another malformed UID, Pixel Data of the wrong length, a
+        dataset that differs from the request (0xA900). The incoming file is always gone afterwards:
+        renamed into the spool, or removed.
         """
+        try:
+            incoming = self._incoming(event)
+        except LookupError:
+            return self._refuse(
+                event,
+                PROCESSING_FAILURE,
+                "the received data are gone (the association ended while they were stored)",
+                _store_request(event).AffectedSOPInstanceUID,
+            )
+        try:
+            return self._store(event, incoming)
+        finally:
+            if incoming is not None:
+                incoming.discard()
+
+    def _incoming(self, event: evt.Event) -> IncomingFile | None:
+        """The file the request's dataset was streamed into; None when it is in pynetdicom's memory."""
+        try:
+            path = event.dataset_path
+        except AttributeError:
+            return None
+        if path is None:
+            return None
+        incoming = self.incoming.take(path)
+        if incoming is None:
+            raise LookupError(path)
+        return incoming
+
+    def _no_room_reason(self) -> str:
+        return f"free disk space under the spool is below [storage] min_free_mb = {self.settings.storage.min_free_mb}"
+
+    def _store(self, event: evt.Event, incoming: IncomingFile | None) -> Dataset:
+        """:meth:`on_store_response` for a dataset in ``incoming`` (or in pynetdicom's memory when None)."""
         refused = self._check_request(event)
         if refused is not None:
             return refused
+        requested_uid = _store_request(event).AffectedSOPInstanceUID
         limit_mb = self.settings.security.max_instance_mb
-        size = _received_bytes(event)
+        size = _received_bytes(event) if incoming is None else incoming.size
         if limit_mb and size > limit_mb * MEGABYTE:
             return self._refuse(
                 event,
                 OUT_OF_RESOURCES,
                 f"instance of {size / MEGABYTE:.1f} MB is larger than [security] max_instance_mb = {limit_mb}",
-                _store_request(event).AffectedSOPInstanceUID,
+                requested_uid,
             )
-        requested_uid = _store_request(event).AffectedSOPInstanceUID
+        if incoming is not None and incoming.no_room:
+            return self._refuse(event, OUT_OF_RESOURCES, self._no_room_reason(), requested_uid)
+        if incoming is not None and incoming.write_error is not None:
+            reason = incoming.write_error.strerror or type(incoming.write_error).__name__
+            return self._refuse(event, OUT_OF_RESOURCES, f"cannot write to the spool: {reason}", requested_uid)
+        source: bytes | Path
         try:
-            data = event.encoded_dataset(include_meta=True)
-            header = read_header(data)
+            if incoming is None:
+                source = event.encoded_dataset(include_meta=True)
+            elif incoming.in_memory:
+                source = incoming.getvalue()
+            else:
+                source = incoming.path
+            header = read_header(source)
         except InvalidUIDError as exc:
             status = INVALID_SOP_INSTANCE if exc.keyword == "SOPInstanceUID" else DATASET_DOES_NOT_MATCH_SOP_CLASS
             return self._refuse(event, status, str(exc), requested_uid)
@@ -353,13 +413,10 @@ class ReceiveHandlers:
         problem = self._check(event, header)
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], header.sop_instance_uid)
-        if not self.spool.has_room(len(data)):
-            return self._refuse(
-                event,
-                OUT_OF_RESOURCES,
-                f"free disk space under the spool is below [storage] min_free_mb = {self.settings.storage.min_free_mb}",
-                header.sop_instance_uid,
-            )
+        size = len(source) if isinstance(source, bytes) else size
+        # A streamed file already takes its room on the disk.
+        if not self.spool.has_room(size if isinstance(source, bytes) else 0):
+            return self._refuse(event, OUT_OF_RESOURCES, self._no_room_reason(), header.sop_instance_uid)
         calling = event.assoc.requestor.ae_title.strip()
         relative = self.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
@@ -375,14 +432,18 @@ class ReceiveHandlers:
                 outcome = StoreOutcome.DUPLICATE
             else:
                 # The file is durable before the row exists; the row is what makes it "received".
-                self.spool.write(relative, data)
+                if isinstance(source, bytes):
+                    self.spool.write(relative, source)
+                else:
+                    assert incoming is not None
+                    self.spool.commit(incoming, relative)  # renamed, never copied
                 written = True
                 with self.db.engine.begin() as connection:
                     outcome = record_instance(
                         connection,
                         header,
                         path=str(relative),
-                        size_bytes=len(data),
+                        size_bytes=size,
                         calling_ae_title=calling,
                         series_ids=self._series_ids,
                     )

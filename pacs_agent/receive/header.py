@@ -6,16 +6,24 @@ complete dataset (:func:`check_complete`): every element's declared length is pr
 undefined-length sequence and encapsulated Pixel Data ends with its delimiter. After parsing,
 native Pixel Data must have exactly the length its image attributes describe, and every UID the
 node records or uses for a path or key must be a well-formed UID (PS3.5 9.1).
+
+The object is either bytes in memory or a file (a large instance streamed to the spool): a file is
+memory-mapped for the walk, which touches only the element headers, and pydicom reads its header
+elements up to the pixel data; the pixel data themselves are never read into memory.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag
@@ -48,6 +56,8 @@ IMAGE_SOP_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT_IMAGE, SEGMENTATION, SECOND
 SEGMENTATION_SOP_CLASSES = frozenset({SEGMENTATION, RT_STRUCTURE_SET})
 
 _DEFER = 2048  # bytes: values larger than this are not read
+Buffer = bytes | mmap.mmap
+"""An encoded object in memory, or a memory-mapped file (slices of both are bytes)."""
 
 
 class HeaderError(InputError):
@@ -244,7 +254,7 @@ class PixelDataExtent:
 class _Walker:
     """One pass over the element headers of a dataset, skipping every value (nothing is decoded)."""
 
-    def __init__(self, buf: bytes, *, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: Buffer, *, implicit: bool, little: bool) -> None:
         order = "<" if little else ">"
         self.buf = buf
         self.implicit = implicit
@@ -367,7 +377,7 @@ class _Walker:
             items += 1
 
 
-def _file_meta_end(data: bytes) -> tuple[int, str]:
+def _file_meta_end(data: Buffer) -> tuple[int, str]:
     """Where the dataset starts after the preamble and file meta (group 0002), and the Transfer Syntax UID."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise HeaderError("not a DICOM file: no preamble and DICM prefix")
@@ -403,7 +413,7 @@ class CompleteDataset:
     little_endian: bool
 
 
-def check_complete(data: bytes) -> CompleteDataset:
+def check_complete(data: Buffer) -> CompleteDataset:
     """Check that an encoded file (preamble + file meta + dataset) holds a complete dataset.
 
     Every element's declared length must be present, every undefined-length sequence and item
@@ -420,7 +430,7 @@ def check_complete(data: bytes) -> CompleteDataset:
         The bytes are not a DICOM dataset (no DICM prefix, an invalid VR, a stray delimiter).
     """
     start, syntax = _file_meta_end(data)
-    body = data
+    body: Buffer = data
     if syntax == DeflatedExplicitVRLittleEndian:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
@@ -515,11 +525,13 @@ def _vector(ds: Dataset, keyword: str, size: int) -> str | None:
     return "\\".join(repr(v) for v in numbers)
 
 
-def read_header(data: bytes) -> InstanceHeader:
-    """Parse the header of an encoded DICOM file (preamble + file meta + dataset).
+def read_header(source: bytes | Path) -> InstanceHeader:
+    """Parse the header of an encoded DICOM file (preamble + file meta + dataset), in memory or on disk.
 
     The bytes must be a complete dataset (:func:`check_complete`), every UID the node records
     must be well-formed and native pixel data must have the length its image attributes describe.
+    A file is checked through a memory map and parsed up to its pixel data: its size does not
+    matter for the memory this takes.
 
     Raises
     ------
@@ -532,13 +544,38 @@ def read_header(data: bytes) -> InstanceHeader:
     HeaderError
         The bytes are not DICOM or lack a UID the node needs.
     """
-    complete = check_complete(data)
+    if isinstance(source, Path):
+        return _read_header_file(source)
+    return _parse(BytesIO(source), check_complete(source), stop_before_pixels=False)
+
+
+def _read_header_file(path: Path) -> InstanceHeader:
+    """:func:`read_header` of a file: the walk over a memory map, pydicom up to the pixel data."""
     try:
-        ds = dcmread(BytesIO(data), defer_size=_DEFER, force=False)
+        with path.open("rb") as fp:
+            if os.fstat(fp.fileno()).st_size < 132:
+                raise HeaderError("not a DICOM file: no preamble and DICM prefix")
+            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                complete = check_complete(view)
+            fp.seek(0)
+            return _parse(fp, complete, stop_before_pixels=True)
+    except OSError as exc:
+        raise HeaderError(f"cannot read the received file: {exc.strerror}") from None
+
+
+def _parse(fp: BinaryIO, complete: CompleteDataset, *, stop_before_pixels: bool) -> InstanceHeader:
+    """The header of a complete dataset, values over 2 KB deferred.
+
+    ``stop_before_pixels`` for a file: pydicom would otherwise read encapsulated Pixel Data through
+    to find its end. Bytes in memory are read whole, which is faster for objects without pixel
+    data (no check per element).
+    """
+    try:
+        ds = dcmread(fp, defer_size=_DEFER, force=False, stop_before_pixels=stop_before_pixels)
         meta = ds.file_meta
         uids = _instance_uids(complete.values)
         sop_class_uid = str(uids["SOPClassUID"])
-        has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        has_pixels = complete.pixel is not None
         references = referenced_series_uids(ds)
         images = referenced_instance_uids(ds) if sop_class_uid in SEGMENTATION_SOP_CLASSES else ()
         header = InstanceHeader(

@@ -24,6 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -41,7 +44,14 @@ from pydicom.uid import (
 from pydicom.uid import (
     JPEGLossless as JPEGLosslessP14,
 )
-from pynetdicom import AE, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom sets it via globals()
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -61,7 +71,7 @@ from pacs_agent.receive.access import (
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
-from pacs_agent.receive.spool import Spool
+from pacs_agent.receive.spool import IncomingFiles, Spool
 from pacs_agent.tls import HANDSHAKE_TIMEOUT_SECONDS, describe_tls_error, server_context, warn_about_certificate
 
 logger = logging.getLogger(__name__)
@@ -82,6 +92,40 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
+
+
+def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> FileMetaDataset:
+    """The file meta of pynetdicom's ``create_file_meta``, without pydicom's check of the request's UIDs.
+
+    pynetdicom builds the file meta of a streamed dataset from the C-STORE request as soon as the
+    command arrives, before any handler runs; pydicom's check would warn with the raw value of a
+    malformed UID (control characters included) into the log. The handler refuses such a request
+    with its own, escaped, reason (0x0117 / 0x0122). The file meta is otherwise the same bytes.
+    """
+    meta = FileMetaDataset()
+    meta.FileMetaInformationGroupLength = 0
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    for tag, value in ((0x00020002, sop_class_uid), (0x00020003, sop_instance_uid), (0x00020010, transfer_syntax)):
+        meta[tag] = DataElement(tag, "UI", str(value), validation_mode=pydicom_config.IGNORE)
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    meta.set_original_encoding(False, True)
+    return meta
+
+
+def stream_to_spool(incoming: IncomingFiles) -> None:
+    """Make pynetdicom stream every received C-STORE dataset into ``incoming`` (process-wide).
+
+    ``_config.STORE_RECV_CHUNKED_DATASET`` is pynetdicom's switch for writing a received dataset
+    to a file as its P-DATA fragments arrive, instead of holding it in memory; the handler then
+    finds it at ``event.dataset_path``. pynetdicom opens that file with ``NamedTemporaryFile`` in
+    the system's temp directory: :meth:`IncomingFiles.open` takes its place, so that the file is in
+    the spool's temp directory (renamed into place, never copied) and ``[security]
+    max_instance_mb`` and the free-space watermark hold while the bytes arrive.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    setattr(dimse_messages, "NamedTemporaryFile", incoming.open)  # noqa: B010 (a module attribute of pynetdicom)
+    setattr(dimse_messages, "create_file_meta", _file_meta)  # noqa: B010
 
 
 def build_ae(settings: Settings) -> AE:
@@ -299,6 +343,7 @@ class ReceiveServer:
         self.settings = settings
         self.db = db
         self.handlers = ReceiveHandlers(settings, db, spool)
+        stream_to_spool(self.handlers.incoming)
         self.ae = build_ae(settings)
         self.tls_context = server_context(settings.tls) if settings.node.tls_port else None
         self.guard = ConnectionGuard(settings.security)

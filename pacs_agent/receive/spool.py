@@ -4,6 +4,13 @@ Each object is written to ``<spool>/tmp/<random>.part``, fsync'ed, renamed to it
 the directory fsync'ed; only then is the Instance row committed and Success answered. File and
 directory names come from UIDs; a UID that is not a well-formed UID is replaced by a hash so that
 a crafted UID can never escape the spool directory.
+
+A C-STORE dataset is streamed into its ``.part`` file while its P-DATA fragments arrive
+(:class:`IncomingFile`), so that a large instance is never held in memory: the first
+``memory_bytes`` stay in memory (a small instance is written once, as before), beyond that every
+fragment goes to the file. ``[security] max_instance_mb`` and the free-space watermark are
+enforced as the bytes arrive: past them nothing more is written or kept, only counted, and the
+C-STORE handler refuses the instance with 0xA700.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pacs_agent.errors import StorageError
 
@@ -104,6 +113,23 @@ class Spool:
         durable_write(data, final, self.tmp_dir)
         return final
 
+    def commit(self, incoming: IncomingFile, relative: Path) -> Path:
+        """Make a completely received ``incoming`` file durable at ``relative`` (fsync, rename, fsync dir).
+
+        The file is already in the spool's temp directory, on the same file system: it is renamed
+        into place, never copied. Returns the absolute path.
+        """
+        final = self.root / relative
+        if incoming.in_memory:
+            durable_write(incoming.getvalue(), final, self.tmp_dir)
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        incoming.sync()
+        os.replace(incoming.path, final)
+        incoming.committed = True
+        fsync_dir(final.parent)
+        return final
+
     def absolute(self, relative: str | Path) -> Path:
         """The absolute path of a spool-relative path from the database."""
         return self.root / relative
@@ -117,3 +143,164 @@ class Spool:
         if removed:
             logger.warning("removed %d incomplete temp file(s) left by an earlier crash", removed)
         return removed
+
+
+ROOM_CHECK_BYTES = 16 * 1024 * 1024
+"""While a large instance streams in, free space is checked again after every this many bytes."""
+
+
+class IncomingFile:
+    """One C-STORE dataset as it arrives: what pynetdicom writes in place of its ``NamedTemporaryFile``.
+
+    pynetdicom writes the preamble, ``DICM`` and a file meta built from the C-STORE request, then
+    every P-DATA fragment of the dataset as it arrives (:mod:`pynetdicom.dimse_messages`,
+    ``decode_msg``), and unlinks ``name`` after the C-STORE handler ran. The first
+    ``memory_bytes`` are kept in memory; when the instance grows beyond, they and every later
+    fragment go to ``path`` (mode 0600, in the spool's temp directory). Past ``limit_bytes``
+    (``[security] max_instance_mb``; 0 = no limit), below the free-space watermark or after a write
+    error, the file is removed and the rest only counted: ``size`` is then still the size of the
+    whole instance, and :attr:`refusal` says why it cannot be stored.
+
+    ``write`` never raises: an exception there would abort the association without a status.
+    """
+
+    def __init__(self, path: Path, spool: Spool, *, limit_bytes: int, memory_bytes: int) -> None:
+        self.path = path
+        self.name = str(path)
+        """pynetdicom's name for the file (it unlinks it after the handler)."""
+        self.spool = spool
+        self.limit_bytes = limit_bytes
+        self.memory_bytes = memory_bytes
+        self.size = 0
+        """Bytes received so far: preamble, file meta and dataset."""
+        self.over_limit = False
+        self.no_room = False
+        self.write_error: OSError | None = None
+        self.committed = False
+        """Renamed into the spool (see :meth:`Spool.commit`)."""
+        self.owner = threading.current_thread()
+        """The thread that receives it (the association's DUL reader)."""
+        self._buffer: bytearray | None = bytearray()
+        self._fd: int | None = None
+        self._room_checked_at = -ROOM_CHECK_BYTES  # checked when the first bytes go to the file
+
+    @property
+    def file(self) -> IncomingFile:
+        """The object itself: pynetdicom flushes ``NamedTemporaryFile.file`` after each fragment."""
+        return self
+
+    @property
+    def in_memory(self) -> bool:
+        """True while all bytes are still in memory (a small instance)."""
+        return self._buffer is not None
+
+    @property
+    def refused(self) -> bool:
+        """True when the instance cannot be stored (too large, no room, a write error)."""
+        return self.over_limit or self.no_room or self.write_error is not None
+
+    def write(self, data: Any) -> int:
+        """Take one piece of the stream (pynetdicom passes bytes); returns its length."""
+        length = len(data)
+        self.size += length
+        if self.refused:
+            return length
+        if self.limit_bytes and self.size > self.limit_bytes:
+            self.over_limit = True
+            self._drop()
+            return length
+        try:
+            if self._buffer is not None:
+                self._buffer += data
+                if self.size <= self.memory_bytes:
+                    return length
+                data, self._buffer = self._buffer, None
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.size - self._room_checked_at >= ROOM_CHECK_BYTES:
+                self._room_checked_at = self.size
+                if not self.spool.has_room():
+                    self.no_room = True
+                    self._drop()
+        except OSError as exc:
+            self.write_error = exc
+            self._drop()
+        return length
+
+    def flush(self) -> None:
+        """Nothing to flush: every write goes straight to the file (fsync happens in :meth:`sync`)."""
+
+    def getvalue(self) -> bytes:
+        """The received bytes of an instance that stayed in memory."""
+        if self._buffer is None:
+            raise ValueError("the instance was written to a file, not kept in memory")
+        return bytes(self._buffer)
+
+    def sync(self) -> None:
+        """Fsync the file (its bytes are durable before it is renamed into place)."""
+        if self._fd is None:
+            raise ValueError("the instance is not in a file")
+        os.fsync(self._fd)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _drop(self) -> None:
+        """Free what was received so far (memory and file); the rest will only be counted."""
+        self._buffer = None
+        self._close_fd()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the file; it stays where it is (renamed by :meth:`Spool.commit` or removed by :meth:`discard`)."""
+        self._close_fd()
+
+    def discard(self) -> None:
+        """Close and remove the file unless it was committed into the spool."""
+        self._close_fd()
+        self._buffer = None
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
+
+
+class IncomingFiles:
+    """Makes an :class:`IncomingFile` for every C-STORE dataset pynetdicom receives, and keeps track of them.
+
+    :meth:`open` stands in for pynetdicom's ``NamedTemporaryFile``; the C-STORE handler
+    :meth:`take`s the file of its request; a file whose association ended before the handler ran
+    (the sender aborted in the middle) is removed by :meth:`discard_of`.
+    """
+
+    def __init__(self, spool: Spool, *, limit_bytes: int, memory_bytes: int) -> None:
+        self.spool = spool
+        self.limit_bytes = limit_bytes
+        self.memory_bytes = memory_bytes
+        self._open: dict[str, IncomingFile] = {}
+        self._lock = threading.Lock()
+
+    def open(self, *args: Any, **kwargs: Any) -> IncomingFile:
+        """A new incoming file in the spool's temp directory (pynetdicom's arguments are ignored)."""
+        path = self.spool.tmp_dir / f"{uuid.uuid4().hex}{PART_SUFFIX}"
+        incoming = IncomingFile(path, self.spool, limit_bytes=self.limit_bytes, memory_bytes=self.memory_bytes)
+        with self._lock:
+            self._open[incoming.name] = incoming
+        return incoming
+
+    def take(self, path: Path | str) -> IncomingFile | None:
+        """The incoming file at ``path``, now the caller's to commit or discard; None if unknown."""
+        with self._lock:
+            return self._open.pop(str(path), None)
+
+    def discard_of(self, owner: threading.Thread) -> int:
+        """Remove the files ``owner`` received that no handler took (its association ended); how many."""
+        with self._lock:
+            left = [name for name, incoming in self._open.items() if incoming.owner is owner]
+            dropped = [self._open.pop(name) for name in left]
+        for incoming in dropped:
+            incoming.discard()
+        return len(dropped)

@@ -1,14 +1,17 @@
 """Complete data and well-formed UIDs, checked on hand-made byte streams before anything is stored.
 
 Each stream is built element by element here (no pydicom writer), so a test can cut, shorten or
-unterminate exactly the part it is about.
+unterminate exactly the part it is about. Every test runs twice: on the bytes in memory (a small
+instance) and on the same bytes in a file (a large instance streamed to the spool).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import FileMetaDataset
@@ -26,13 +29,33 @@ from pacs_agent.receive.header import (
     SEGMENTATION,
     HeaderError,
     IncompleteDatasetError,
+    InstanceHeader,
     InvalidUIDError,
     PixelDataMismatchError,
     check_complete,
-    read_header,
     shown,
     uid_problem,
 )
+from pacs_agent.receive.header import read_header as read_header_of
+
+read_header: Callable[[bytes], InstanceHeader] = read_header_of
+"""What the tests call: :func:`read_header` of the bytes, or of a file holding them (see ``source``)."""
+
+
+@pytest.fixture(autouse=True, params=["in memory", "from a file"])
+def source(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on bytes in memory, then again with every stream written to a file and read from there."""
+    if request.param == "from a file":
+        counter = iter(range(1_000_000))
+
+        def from_file(data: bytes) -> InstanceHeader:
+            path = tmp_path / f"{next(counter)}.part"
+            path.write_bytes(data)
+            return read_header_of(path)
+
+        monkeypatch.setitem(globals(), "read_header", from_file)
+    return str(request.param)
+
 
 PIXEL_DATA = 0x7FE00010
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
