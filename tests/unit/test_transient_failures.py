@@ -32,13 +32,14 @@ from pacs_agent.db.tables import Event, Job, JobState, Study, utcnow
 from pacs_agent.jobs import files, queue
 from pacs_agent.jobs.transient import ResourceUnavailable, one_line, wait_reason
 from pacs_agent.jobs.worker import Worker
-from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader, read_header
+from pacs_agent.receive.header import SEGMENTATION, InstanceHeader, read_header
 from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
 from pacs_agent.studies.store import record_instance
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.dicom_factory import record_summary
+from tests.unit.test_store_and_queue import CT as STORE_CT
 
 # --- which failures pass --------------------------------------------------------------------------------------
 
@@ -408,25 +409,7 @@ def test_a_crash_reason_is_one_line_and_its_traceback_is_in_the_log_under_its_re
 
 # --- a study waiting for the images its segmentation was drawn on says so in `status` ------------------------
 
-CT = InstanceHeader(
-    sop_class_uid=CT_IMAGE,
-    sop_instance_uid="1.2.3.100.1",
-    study_instance_uid="1.2.3",
-    series_instance_uid="1.2.3.100",
-    transfer_syntax_uid="1.2.840.10008.1.2.1",
-    modality="CT",
-    series_description="PV",
-    frame_of_reference_uid="1.2.3.9",
-    patient_id="PID",
-    issuer_of_patient_id=None,
-    patient_birth_date="19600101",
-    patient_sex="F",
-    study_date="20260101",
-    accession_number="A1",
-    referenced_series_uids=(),
-    has_pixel_data=True,
-    contrast_bolus_agent="IOPAMIDOL",
-)
+CT = replace(STORE_CT, sop_instance_uid="1.2.3.100.1")
 SEG = replace(
     CT,
     sop_class_uid=SEGMENTATION,
