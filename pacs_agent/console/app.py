@@ -309,7 +309,7 @@ def study_handler(api: bool) -> Handler:
 
     async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
         uid = request.path_params["uid"]
-        page = data.study_page(ctx.db, uid)
+        page = data.study_page(ctx.db, ctx.settings, uid)
         if page is None:
             if api:
                 return JSONResponse({"error": "no such study"}, status_code=404)
@@ -328,7 +328,7 @@ def study_handler(api: bool) -> Handler:
         srs = []
         for result in page["result_objects"]:
             if result["kind"] == "sr":
-                found = data.result_file(ctx.db, uid, result["id"])
+                found = data.result_file(ctx.db, ctx.settings, uid, result["id"])
                 try:
                     text = images.sr_text(found[1]) if found else "(no file)"
                 except images.ResultUnreadable as exc:
@@ -356,7 +356,7 @@ def study_handler(api: bool) -> Handler:
 async def result_png(request: Request, ctx: Context, user: User, session: Session) -> Response:
     """A Secondary Capture result of a study as PNG (from the stored object)."""
     uid, result_id = request.path_params["uid"], request.path_params["result_id"]
-    found = data.result_file(ctx.db, uid, result_id)
+    found = data.result_file(ctx.db, ctx.settings, uid, result_id)
     if found is None or found[0] == "sr":
         return Response("no such image", status_code=404, media_type="text/plain")
     try:

@@ -112,7 +112,7 @@ def studies(
         ]
 
 
-def study_page(db: Database, study_instance_uid: str) -> dict[str, Any] | None:
+def study_page(db: Database, settings: Settings, study_instance_uid: str) -> dict[str, Any] | None:
     """Everything about one study, with its patient ID, results (ids for thumbnails) and events; None if unknown."""
     with db.read_session() as session:
         study = session.execute(
@@ -137,7 +137,7 @@ def study_page(db: Database, study_instance_uid: str) -> dict[str, Any] | None:
                 "sop_instance_uid": r.sop_instance_uid,
                 "algorithm": f"{r.algorithm_name} {r.algorithm_version}",
                 "created_at": _iso(r.created_at),
-                "stored": Path(r.path).is_file(),
+                "stored": (settings.storage.results_dir / r.path).is_file(),
             }
             for r in results
         ]
@@ -145,15 +145,23 @@ def study_page(db: Database, study_instance_uid: str) -> dict[str, Any] | None:
     return page
 
 
-def result_file(db: Database, study_instance_uid: str, result_id: int) -> tuple[str, Path] | None:
-    """``(kind, path)`` of a result object of this study, None when there is no such result."""
+def result_file(db: Database, settings: Settings, study_instance_uid: str, result_id: int) -> tuple[str, Path] | None:
+    """``(kind, path)`` of a result object of this study, None when there is no such result.
+
+    The stored path is relative to ``[storage] state_dir``/results; one that would lead outside it
+    counts as no result.
+    """
     with db.read_session() as session:
         row = session.execute(
             select(Result.kind, Result.path)
             .join(Study, Study.id == Result.study_id)
             .where(Result.id == result_id, Study.study_instance_uid == study_instance_uid)
         ).first()
-    return None if row is None else (row[0], Path(row[1]))
+    if row is None:
+        return None
+    root = settings.storage.results_dir.resolve()
+    path = (root / row[1]).resolve()
+    return (row[0], path) if path.is_relative_to(root) else None
 
 
 def queue(db: Database, *, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
