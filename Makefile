@@ -98,7 +98,7 @@ install-system:
 	install -m 0644 docs/operations.md config/pacs-agent.toml \
 	  systemd/pacs-agent-scp.service.d/low-port.conf.example $(PREFIX)/share/doc/pacs-agent/
 	install -d -m 0755 $(UNIT_DIR) /etc/sysusers.d /etc/tmpfiles.d
-	install -m 0644 systemd/pacs-agent-scp.service systemd/pacs-agent-worker@.service \
+	install -m 0644 systemd/pacs-agent-scp.service systemd/pacs-agent-worker@.service systemd/pacs-agent-console.service \
 	  systemd/pacs-agent.target $(UNIT_DIR)/
 	install -m 0644 systemd/sysusers.d/pacs-agent.conf /etc/sysusers.d/pacs-agent.conf
 	install -m 0644 systemd/tmpfiles.d/pacs-agent.conf /etc/tmpfiles.d/pacs-agent.conf

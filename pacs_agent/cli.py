@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("path", help="package directory or zip")
     add_send_parser(sub, with_config)
     add_event_parsers(sub, with_config)
+    from pacs_agent.console.cli import add_console_parser
+
+    add_console_parser(sub, with_config)
     return parser
 
 
@@ -205,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "console":
+            from pacs_agent.console.cli import run_console_command
+            from pacs_agent.service import prepare_state
+
+            settings = _settings(args)
+            configure_logging(settings.logging.level)
+            prepare_state(settings)
+            return run_console_command(args, settings)
     except ConfigError as exc:  # one problem per line, from the operator's own file
         print(f"pacs-agent: {exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -493,6 +493,77 @@ class ObservabilitySettings(_Section):
     http_port: int = Field(default=9110, ge=0, le=65535)
 
 
+class ConsoleSettings(_Section):
+    """``[console]``: the web console for the people who run the node (off by default)."""
+
+    enabled: bool = False
+    """Start the console with ``pacs-agent serve`` (``pacs-agent console`` runs it on its own)."""
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=1, le=65535)
+    base_url: str = ""
+    """The address people type (``https://node.example.org/console``); its path is the prefix a
+    reverse proxy strips. Empty: ``http(s)://host:port``."""
+    session_secret_file: Path | None = None
+    """Key that signs session cookies; created (mode 0600) when missing. Default ``<state_dir>/console-secret``."""
+    viewer_url: str = ""
+    """"Open in viewer" link, ``{study_instance_uid}`` replaced, e.g.
+    ``https://ohif.example.org/viewer?StudyInstanceUIDs={study_instance_uid}``; empty: no link."""
+    cert_file: str = ""
+    """PEM certificate (chain) for HTTPS served by the console itself; empty: plain HTTP (use a reverse proxy)."""
+    key_file: str = ""
+    """The private key of ``cert_file`` (PEM, unencrypted)."""
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    """A login lasts this long."""
+
+    @field_validator("session_secret_file", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http:// or https:// address (e.g. https://node.example.org/console)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: base_url takes no query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str) -> str:
+        if not value:
+            return value
+        if "{study_instance_uid}" not in value:
+            raise ValueError("viewer_url needs the placeholder {study_instance_uid} (where the study's UID goes)")
+        if urlsplit(value).scheme not in ("http", "https") and not value.startswith("/"):
+            raise ValueError(f"{value!r}: viewer_url is an http(s):// address or a path starting with /")
+        try:
+            value.format(study_instance_uid="1.2.3")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("viewer_url may hold only the placeholder {study_instance_uid}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ConsoleSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the certificate and its private key)")
+        return self
+
+    @property
+    def root_path(self) -> str:
+        """The path prefix of :attr:`base_url` (``/console``), empty when served at the root."""
+        return urlsplit(self.base_url).path.rstrip("/") if self.base_url else ""
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies only over HTTPS: when the console serves TLS itself or its base_url is https."""
+        return bool(self.cert_file) or self.base_url.startswith("https://")
+
+
 class Settings(_Section):
     """All settings of a node, validated and frozen."""
 
@@ -511,6 +582,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:
@@ -537,6 +609,12 @@ class Settings(_Section):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.storage.state_dir / 'pacs-agent.db').absolute()}"
+
+    @property
+    def console_secret_file(self) -> Path:
+        """The console's session key: ``[console] session_secret_file``, default ``<state_dir>/console-secret``."""
+        configured = self.console.session_secret_file
+        return configured if configured is not None else self.storage.state_dir / "console-secret"
 
     @property
     def models_dir(self) -> Path:

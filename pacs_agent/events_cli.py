@@ -59,6 +59,11 @@ EVENT_KINDS = (
     "pairing_failed",
     "baseline_retrieved",
     "worker_orphan_stopped",
+    "console_login",
+    "console_login_failed",
+    "console_study_viewed",
+    "console_action",
+    "console_action_refused",
 )
 """Kinds the node records (others may be added by newer versions; ``--kind`` accepts any)."""
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
@@ -39,6 +40,9 @@ from pacs_agent.routing.pairing import RESPONSE_METHOD
 from pacs_agent.send.outbox import DestinationSender
 from pacs_agent.studies.scheduler import readiness_rules, run_once
 from pacs_agent.supervision import SUPERVISOR_ENV, WorkerSupervisor, die_with_parent, stop_stale_workers
+
+if TYPE_CHECKING:
+    from pacs_agent.console.server import ConsoleThread
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +280,28 @@ def run_serve(settings: Settings, config_path: Path | None) -> int:
     supervisor = WorkerSupervisor(command, threading.Event(), settings.storage.state_dir)
     service.start()
     supervisor.start()
+    console = start_console(settings, service.db)
     watchdog = Watchdog(notifier, service.alive)
     watchdog.start()
-    notifier.ready(service.describe())
+    notifier.ready(service.describe() + (f"; console at {console.url}" if console else ""))
     service.stop.wait()
+    if console is not None:
+        console.stop()
     supervisor.shutdown()
     service.shutdown()
     watchdog.stop()
     return 0
+
+
+def start_console(settings: Settings, db: Database) -> ConsoleThread | None:
+    """Start the web console on a thread when ``[console] enabled`` (None otherwise).
+
+    Imported only then: a node without the console never loads the web stack.
+    """
+    if not settings.console.enabled:
+        return None
+    from pacs_agent.console.server import ConsoleThread
+
+    console = ConsoleThread(settings, db)
+    console.start()
+    return console

@@ -41,115 +41,7 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
     """Gather the status as plain data (what ``--json`` prints)."""
     with db.session() as session:
         studies = session.execute(select(Study).order_by(Study.last_received_at.desc()).limit(limit)).scalars().all()
-        out: list[dict[str, Any]] = []
-        for study in studies:
-            series = session.execute(
-                select(Series.series_instance_uid, Series.modality, func.count(Instance.id))
-                .join(Instance, Instance.series_id == Series.id)
-                .where(Series.study_id == study.id)
-                .group_by(Series.id)
-                .order_by(Series.series_instance_uid)
-            ).all()
-            jobs = session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars().all()
-            received = session.execute(
-                select(
-                    func.count(Instance.id),
-                    func.coalesce(func.sum(Instance.duplicates), 0),
-                    func.coalesce(func.sum(Instance.size_bytes), 0),
-                )
-                .join(Series, Series.id == Instance.series_id)
-                .where(Series.study_id == study.id)
-            ).one()
-            senders = (
-                session.execute(
-                    select(Instance.calling_ae_title)
-                    .join(Series, Series.id == Instance.series_id)
-                    .where(Series.study_id == study.id, Instance.calling_ae_title.is_not(None))
-                    .distinct()
-                    .order_by(Instance.calling_ae_title)
-                )
-                .scalars()
-                .all()
-            )
-            results = session.execute(
-                select(Result.kind, Result.method, Result.algorithm_version, func.count(Result.id))
-                .where(Result.study_id == study.id)
-                .group_by(Result.kind, Result.method, Result.algorithm_version)
-                .order_by(Result.method, Result.kind.desc())
-            ).all()
-            deliveries = session.execute(
-                select(
-                    Result.sop_instance_uid,
-                    Result.kind,
-                    Delivery.destination,
-                    Delivery.state,
-                    Delivery.attempts,
-                    Delivery.last_error,
-                    Delivery.last_status,
-                    Delivery.delivered_at,
-                    Delivery.next_attempt_at,
-                )
-                .join(Delivery, Delivery.result_id == Result.id)
-                .where(Result.study_id == study.id)
-                .order_by(Delivery.id)
-            ).all()
-            out.append(
-                {
-                    "study_instance_uid": study.study_instance_uid,
-                    "state": study.state,
-                    "reason": study.state_reason,
-                    "series_notes": json.loads(study.series_notes) if study.series_notes else [],
-                    "pairing": _pairing(session, study.id),
-                    "baseline_for": baseline_of(session, study),
-                    "skipped_methods": json.loads(study.method_notes) if study.method_notes else [],
-                    "structures": json.loads(study.structure_notes) if study.structure_notes else [],
-                    "input_warnings": json.loads(study.input_warnings) if study.input_warnings else [],
-                    "first_received_at": study.first_received_at.isoformat(),
-                    "last_received_at": study.last_received_at.isoformat(),
-                    "senders": list(senders),
-                    "instances": received[0],
-                    "duplicates": received[1],
-                    "size_bytes": received[2],
-                    "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
-                    "jobs": [
-                        {
-                            "id": j.id,
-                            "method": j.method,
-                            "state": j.state,
-                            "attempts": j.attempts,
-                            "max_attempts": j.max_attempts,
-                            "last_error": j.last_error,
-                            "wait_reason": j.wait_reason if j.state == "pending" else None,
-                            "not_before": _iso(j.not_before) if j.state == "pending" else None,
-                            "created_at": j.created_at.isoformat(),
-                            "started_at": _iso(j.started_at),
-                            "finished_at": _iso(j.finished_at),
-                            "duration_seconds": _seconds(j.started_at, j.finished_at)
-                            if j.state in ("done", "failed", "dead")
-                            else None,
-                            "worker_id": j.worker_id,
-                        }
-                        for j in jobs
-                    ],
-                    "results": [
-                        {"kind": r[0], "method": r[1], "algorithm_version": r[2], "count": r[3]} for r in results
-                    ],
-                    "deliveries": [
-                        {
-                            "sop_instance_uid": d[0],
-                            "kind": d[1],
-                            "destination": d[2],
-                            "state": d[3],
-                            "attempts": d[4],
-                            "last_error": d[5],
-                            "last_status": d[6],
-                            "delivered_at": _iso(d[7]),
-                            "next_attempt_at": _iso(d[8]) if d[3] == "pending" else None,
-                        }
-                        for d in deliveries
-                    ],
-                }
-            )
+        out = [study_status(session, study) for study in studies]
         errors = (
             session.execute(
                 select(Event).where(Event.level.in_(["WARNING", "ERROR"])).order_by(Event.id.desc()).limit(10)
@@ -173,6 +65,113 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
                 "detail": e.detail,
             }
             for e in errors
+        ],
+    }
+
+
+def study_status(session: Session, study: Study) -> dict[str, Any]:
+    """One study's whole story as plain data: arrival, series notes, structures, jobs, results, deliveries."""
+    series = session.execute(
+        select(Series.series_instance_uid, Series.modality, func.count(Instance.id))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+        .group_by(Series.id)
+        .order_by(Series.series_instance_uid)
+    ).all()
+    jobs = session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars().all()
+    received = session.execute(
+        select(
+            func.count(Instance.id),
+            func.coalesce(func.sum(Instance.duplicates), 0),
+            func.coalesce(func.sum(Instance.size_bytes), 0),
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study.id)
+    ).one()
+    senders = (
+        session.execute(
+            select(Instance.calling_ae_title)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study.id, Instance.calling_ae_title.is_not(None))
+            .distinct()
+            .order_by(Instance.calling_ae_title)
+        )
+        .scalars()
+        .all()
+    )
+    results = session.execute(
+        select(Result.kind, Result.method, Result.algorithm_version, func.count(Result.id))
+        .where(Result.study_id == study.id)
+        .group_by(Result.kind, Result.method, Result.algorithm_version)
+        .order_by(Result.method, Result.kind.desc())
+    ).all()
+    deliveries = session.execute(
+        select(
+            Result.sop_instance_uid,
+            Result.kind,
+            Delivery.destination,
+            Delivery.state,
+            Delivery.attempts,
+            Delivery.last_error,
+            Delivery.last_status,
+            Delivery.delivered_at,
+            Delivery.next_attempt_at,
+        )
+        .join(Delivery, Delivery.result_id == Result.id)
+        .where(Result.study_id == study.id)
+        .order_by(Delivery.id)
+    ).all()
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "state": study.state,
+        "reason": study.state_reason,
+        "series_notes": json.loads(study.series_notes) if study.series_notes else [],
+        "pairing": _pairing(session, study.id),
+        "baseline_for": baseline_of(session, study),
+        "skipped_methods": json.loads(study.method_notes) if study.method_notes else [],
+        "structures": json.loads(study.structure_notes) if study.structure_notes else [],
+        "input_warnings": json.loads(study.input_warnings) if study.input_warnings else [],
+        "first_received_at": study.first_received_at.isoformat(),
+        "last_received_at": study.last_received_at.isoformat(),
+        "senders": list(senders),
+        "instances": received[0],
+        "duplicates": received[1],
+        "size_bytes": received[2],
+        "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
+        "jobs": [
+            {
+                "id": j.id,
+                "method": j.method,
+                "state": j.state,
+                "attempts": j.attempts,
+                "max_attempts": j.max_attempts,
+                "last_error": j.last_error,
+                "wait_reason": j.wait_reason if j.state == "pending" else None,
+                "not_before": _iso(j.not_before) if j.state == "pending" else None,
+                "created_at": j.created_at.isoformat(),
+                "started_at": _iso(j.started_at),
+                "finished_at": _iso(j.finished_at),
+                "duration_seconds": _seconds(j.started_at, j.finished_at)
+                if j.state in ("done", "failed", "dead")
+                else None,
+                "worker_id": j.worker_id,
+            }
+            for j in jobs
+        ],
+        "results": [{"kind": r[0], "method": r[1], "algorithm_version": r[2], "count": r[3]} for r in results],
+        "deliveries": [
+            {
+                "sop_instance_uid": d[0],
+                "kind": d[1],
+                "destination": d[2],
+                "state": d[3],
+                "attempts": d[4],
+                "last_error": d[5],
+                "last_status": d[6],
+                "delivered_at": _iso(d[7]),
+                "next_attempt_at": _iso(d[8]) if d[3] == "pending" else None,
+            }
+            for d in deliveries
         ],
     }
 

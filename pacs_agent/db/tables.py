@@ -1,4 +1,4 @@
-"""Database tables: instances, series, studies, jobs, results, deliveries, events.
+"""Database tables: instances, series, studies, jobs, results, deliveries, events, console users.
 
 The schema is created and upgraded by Alembic (``pacs_agent/migrations``); these classes are the
 single description of it. Times are timezone-aware UTC.
@@ -321,3 +321,24 @@ class Event(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class ConsoleRole(StrEnum):
+    """What a console user may do: ``viewer`` looks, ``operator`` also acts, ``admin`` too (and more later)."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class ConsoleUser(Base):
+    """A local user of the web console (``pacs-agent console user add``); the password as an argon2 hash."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

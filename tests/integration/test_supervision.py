@@ -163,3 +163,4 @@ def test_systemd_units_stop_every_process_of_the_unit() -> None:
     }
     assert kill_modes["pacs-agent-scp.service"] == ["control-group"]  # a serve run from it takes its worker along
     assert kill_modes["pacs-agent-worker@.service"] == ["mixed"]  # SIGTERM the worker, SIGKILL what is left
+    assert kill_modes["pacs-agent-console.service"] == ["control-group"]

@@ -163,6 +163,36 @@ def test_the_receiving_process_never_imports_torch(tmp_path: Path) -> None:
     assert "torch" not in loaded and "radiomics" not in loaded and "SimpleITK" not in loaded
 
 
+def test_the_console_never_imports_torch(tmp_path: Path) -> None:
+    """The web console reads the database and result files: no torch, pipelines or radiomics, even serving."""
+    code = (
+        "from pacs_agent.config import load_settings\n"
+        "from pacs_agent.console.server import uvicorn_config\n"
+        "from pacs_agent.console import data\n"
+        "from pacs_agent.db import Database\n"
+        f"s = load_settings(None, {{'PACS_AGENT__STORAGE__STATE_DIR': r'{tmp_path}'}})\n"
+        "db = Database(s.database_url)\n"
+        "uvicorn_config(s, db)\n"
+        "data.overview(db, s); data.models(s); data.configuration(s)\n"
+    )
+    loaded = loaded_after(code)
+    assert "torch" not in loaded and "radiomics" not in loaded and "SimpleITK" not in loaded
+
+
+def test_the_console_imports_no_pipeline_module() -> None:
+    heavy = sorted(
+        f"{module} -> {target}"
+        for module, targets in imports().items()
+        if module.startswith("pacs_agent.console")
+        for target in targets
+        if target.startswith(("inference.pipelines", "inference.models", "inference.training", "inference.radiomics"))
+    )
+    assert heavy == []
+    assert (
+        "pacs_agent.console.data" in imports() and "inference.registry.package" in imports()["pacs_agent.console.data"]
+    )
+
+
 def test_the_method_registry_is_the_one_list_of_methods() -> None:
     """Configuration, routing, pipelines and result series all read the registry (inference.methods)."""
     from dicom_sr.series import SERIES_NUMBERS

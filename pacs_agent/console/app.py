@@ -1,0 +1,603 @@
+"""The console's routes: pages, their JSON twins under ``/api/``, login, and the operator actions.
+
+Every route but ``/login`` and ``/static`` needs a session: pages redirect to the login page,
+``/api/`` answers 401. Every POST needs the CSRF token of its form. Actions (retry a job, re-run a
+study, requeue dead deliveries) need the operator or admin role, are confirmed on a page of their
+own and leave an audit event naming the console user. Each view of a study page (which shows the
+patient ID) is an audit event too. Nothing here writes patient data to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pacs_agent.audit import record_event
+from pacs_agent.config import Settings
+from pacs_agent.console import data, images
+from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions, csrf_ok
+from pacs_agent.console.users import User, authenticate, find_user
+from pacs_agent.db import Database
+from pacs_agent.events_cli import EVENT_KINDS, LEVELS, EventQuery, parse_since
+from pacs_agent.jobs.queue import RetryRefused, retry_job
+from pacs_agent.send.cli import retry_deliveries
+from pacs_agent.studies.store import retry_study
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+CSP = (
+    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class SecurityHeaders:
+    """ASGI middleware: the strict Content-Security-Policy and friends on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Add the headers to the response start message."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+@dataclass
+class Context:
+    """What every handler needs: settings, database, session signer, login limiter, templates."""
+
+    settings: Settings
+    db: Database
+    sessions: Sessions
+    limiter: LoginLimiter
+    templates: Jinja2Templates
+
+    @property
+    def root(self) -> str:
+        """Path prefix of every link (``[console] base_url``'s path)."""
+        return self.settings.console.root_path
+
+
+Handler = Callable[[Request, "Context", User, Session], Awaitable[Response]]
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _render(ctx: Context, request: Request, name: str, status: int = 200, **values: Any) -> Response:
+    return ctx.templates.TemplateResponse(request, name, {"root": ctx.root, **values}, status_code=status)
+
+
+def _message(
+    ctx: Context, request: Request, user: User | None, session: Session | None, title: str, text: str, status: int
+) -> Response:
+    return _render(
+        ctx, request, "message.html", status, user=user, csrf=session.csrf if session else "", title=title, text=text
+    )
+
+
+def _authenticated(ctx: Context, request: Request) -> tuple[User, Session] | None:
+    session = ctx.sessions.read(request.cookies.get(SESSION_COOKIE))
+    if session is None:
+        return None
+    with ctx.db.read_session() as db_session:
+        user = find_user(db_session, session.user)
+    return None if user is None else (user, session)
+
+
+def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """``handler`` for logged-in users only (pages redirect to the login page, ``/api/`` answers 401).
+
+    A POST must also carry the session's CSRF token in its form field ``csrf`` (else 403).
+    """
+
+    async def endpoint(request: Request) -> Response:
+        found = _authenticated(ctx, request)
+        if found is None:
+            if api:
+                return JSONResponse({"error": "login required"}, status_code=401)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"{ctx.root}/login?next={quote(target)}", status_code=303)
+        user, session = found
+        if request.method == "POST":
+            form = await request.form()
+            token = form.get("csrf")
+            if not csrf_ok(session, token if isinstance(token, str) else None):
+                return _message(
+                    ctx,
+                    request,
+                    user,
+                    session,
+                    "Refused",
+                    "The form's security token is missing or out of date; reload the page and try again.",
+                    403,
+                )
+        return await handler(request, ctx, user, session)
+
+    return endpoint
+
+
+# -- login ------------------------------------------------------------------------------------
+
+
+async def login_page(request: Request, ctx: Context, *, error: str = "", status: int = 200) -> Response:
+    """The login form, with a fresh pre-login CSRF token (cookie + hidden field)."""
+    cookie, token = ctx.sessions.login_token()
+    next_url = request.query_params.get("next", "")
+    response = _render(ctx, request, "login.html", status, user=None, login_token=token, next=next_url, error=error)
+    response.set_cookie(
+        LOGIN_COOKIE, cookie, httponly=True, samesite="strict", secure=ctx.settings.console.secure_cookies, path="/"
+    )
+    return response
+
+
+def _safe_next(ctx: Context, value: str) -> str:
+    # only a local path (never //host or a scheme): no open redirect
+    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return ctx.root + value
+    return f"{ctx.root}/"
+
+
+async def login_submit(request: Request, ctx: Context) -> Response:
+    """Check the token, the rate limit and the password; start a session."""
+    form = await request.form()
+    address = _client(request)
+    token = form.get("login_token")
+    if not ctx.sessions.login_token_ok(request.cookies.get(LOGIN_COOKIE), token if isinstance(token, str) else None):
+        return await login_page(request, ctx, error="The login form expired; please try again.", status=403)
+    wait = ctx.limiter.blocked_for(address)
+    if wait:
+        return await login_page(
+            request, ctx, error=f"Too many failed logins from your address; try again in {wait:.0f} s.", status=429
+        )
+    name, password = form.get("username"), form.get("password")
+    user = None
+    with ctx.db.session() as db_session, db_session.begin():
+        if isinstance(name, str) and isinstance(password, str) and name and password:
+            user = authenticate(db_session, name, password)
+        if user is None:
+            record_event(
+                db_session,
+                "console_login_failed",
+                level="WARNING",
+                peer=address,
+                detail=f"user {str(name)[:64]!r}",
+                log=False,
+            )
+        else:
+            record_event(db_session, "console_login", peer=address, detail=f"user {user.name} ({user.role})", log=False)
+    if user is None:
+        ctx.limiter.failed(address)
+        return await login_page(request, ctx, error="Unknown user or wrong password.", status=401)
+    ctx.limiter.succeeded(address)
+    cookie, _ = ctx.sessions.issue(user.name)
+    next_value = form.get("next")
+    response = RedirectResponse(_safe_next(ctx, next_value if isinstance(next_value, str) else ""), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(ctx.sessions.max_age_seconds),
+        httponly=True,
+        samesite="strict",
+        secure=ctx.settings.console.secure_cookies,
+        path="/",
+    )
+    response.delete_cookie(LOGIN_COOKIE, path="/")
+    return response
+
+
+async def logout(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """End the session (the cookie is dropped)."""
+    response = RedirectResponse(f"{ctx.root}/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# -- pages ------------------------------------------------------------------------------------
+
+
+def _chart(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bars of an inline SVG chart: x, y, height per hour (a 480 x 120 box)."""
+    top = max((p["instances"] for p in points), default=0) or 1
+    width = 480 / max(len(points), 1)
+    bars = []
+    for i, p in enumerate(points):
+        height = round(p["instances"] / top * 100, 1)
+        bars.append(
+            {
+                "x": round(i * width + 1, 1),
+                "y": round(110 - height, 1),
+                "w": round(width - 2, 1),
+                "h": height,
+                "label": f"{p['hour'][11:16]} UTC: {p['instances']}",
+                "n": p["instances"],
+            }
+        )
+    return {
+        "bars": bars,
+        "top": top,
+        "first": points[0]["hour"][11:16] if points else "",
+        "last": points[-1]["hour"][11:16] if points else "",
+    }
+
+
+def _page(
+    api: bool, ctx: Context, request: Request, user: User, session: Session, name: str, payload: Any, **extra: Any
+) -> Response:
+    if api:
+        return JSONResponse(payload)
+    return _render(ctx, request, name, user=user, csrf=session.csrf, data=payload, **extra)
+
+
+def overview_handler(api: bool) -> Handler:
+    """``/`` and ``/api/overview``."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        payload = data.overview(ctx.db, ctx.settings)
+        return _page(
+            api,
+            ctx,
+            request,
+            user,
+            session,
+            "overview.html",
+            payload,
+            chart=_chart(payload["instances_per_hour"]),
+            nav="overview",
+        )
+
+    return handler
+
+
+def studies_handler(api: bool) -> Handler:
+    """``/studies`` and ``/api/studies`` (``?state=``, ``?q=`` UID or accession)."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        state = request.query_params.get("state") or None
+        search = request.query_params.get("q") or None
+        rows = data.studies(ctx.db, state=state if state in data.STUDY_STATES else None, search=search)
+        return _page(
+            api,
+            ctx,
+            request,
+            user,
+            session,
+            "studies.html",
+            rows,
+            states=data.STUDY_STATES,
+            state=state or "",
+            q=search or "",
+            nav="studies",
+        )
+
+    return handler
+
+
+def study_handler(api: bool) -> Handler:
+    """``/studies/{uid}`` and ``/api/studies/{uid}``: each view is an audit event (who, which study)."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        uid = request.path_params["uid"]
+        page = data.study_page(ctx.db, ctx.settings, uid)
+        if page is None:
+            if api:
+                return JSONResponse({"error": "no such study"}, status_code=404)
+            return _message(
+                ctx, request, user, session, "Not found", "There is no study with this Study Instance UID.", 404
+            )
+        with ctx.db.session() as db_session, db_session.begin():
+            record_event(
+                db_session,
+                "console_study_viewed",
+                study_instance_uid=uid,
+                peer=_client(request),
+                detail=f"by {user.name}" + (" (api)" if api else ""),
+                log=False,
+            )
+        srs = []
+        for result in page["result_objects"]:
+            if result["kind"] == "sr":
+                found = data.result_file(ctx.db, ctx.settings, uid, result["id"])
+                try:
+                    text = images.sr_text(found[1]) if found else "(no file)"
+                except images.ResultUnreadable as exc:
+                    text = str(exc)
+                srs.append({**result, "text": text})
+        if api:
+            return JSONResponse({**page, "sr_text": {r["sop_instance_uid"]: r["text"] for r in srs}})
+        viewer = ctx.settings.console.viewer_url
+        viewer_link = viewer.format(study_instance_uid=quote(uid, safe="")) if viewer else ""
+        return _render(
+            ctx,
+            request,
+            "study.html",
+            user=user,
+            csrf=session.csrf,
+            data=page,
+            srs=srs,
+            viewer_link=viewer_link,
+            nav="studies",
+        )
+
+    return handler
+
+
+async def result_png(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """A Secondary Capture result of a study as PNG (from the stored object)."""
+    uid, result_id = request.path_params["uid"], request.path_params["result_id"]
+    found = data.result_file(ctx.db, ctx.settings, uid, result_id)
+    if found is None or found[0] == "sr":
+        return Response("no such image", status_code=404, media_type="text/plain")
+    try:
+        body = images.png(found[1])
+    except images.ResultUnreadable as exc:
+        return Response(str(exc), status_code=404, media_type="text/plain")
+    return Response(body, media_type="image/png")
+
+
+def queue_handler(api: bool) -> Handler:
+    """``/queue`` and ``/api/queue`` (``?state=``; default: every job not done)."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        state = request.query_params.get("state") or None
+        rows = data.queue(ctx.db, state=state if state in data.JOB_STATES else None)
+        return _page(
+            api, ctx, request, user, session, "queue.html", rows, states=data.JOB_STATES, state=state or "", nav="queue"
+        )
+
+    return handler
+
+
+def deliveries_handler(api: bool) -> Handler:
+    """``/deliveries`` and ``/api/deliveries`` (``?state=``, ``?destination=``)."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        state = request.query_params.get("state") or None
+        destination = request.query_params.get("destination") or None
+        rows = data.deliveries(ctx.db, state=state if state in data.DELIVERY_STATES else None, destination=destination)
+        names = [d.name for d in ctx.settings.destinations]
+        return _page(
+            api,
+            ctx,
+            request,
+            user,
+            session,
+            "deliveries.html",
+            rows,
+            states=data.DELIVERY_STATES,
+            state=state or "",
+            destinations=names,
+            destination=destination or "",
+            nav="deliveries",
+        )
+
+    return handler
+
+
+def events_handler(api: bool) -> Handler:
+    """``/events`` and ``/api/events``: the filters of ``pacs-agent events`` (since, study, kind, job, level, limit)."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        params = request.query_params
+        problems = []
+        since = None
+        if params.get("since"):
+            try:
+                since = parse_since(params["since"])
+            except ValueError as exc:
+                problems.append(f"since: {exc}")
+        job = params.get("job", "")
+        limit = params.get("limit", "")
+        level = (params.get("level") or "").upper()
+        kinds = tuple(k.strip() for k in params.getlist("kind") for k in k.split(",") if k.strip())
+        query = EventQuery(
+            since=since,
+            study_instance_uid=params.get("study") or None,
+            kinds=kinds,
+            job_id=int(job) if job.isdigit() else None,
+            min_level=level if level in LEVELS else None,
+            limit=min(int(limit), 1000) if limit.isdigit() and int(limit) > 0 else 100,
+        )
+        rows = data.events(ctx.db, query)
+        if api:
+            return JSONResponse({"events": rows, "problems": problems}, status_code=400 if problems else 200)
+        return _render(
+            ctx,
+            request,
+            "events.html",
+            user=user,
+            csrf=session.csrf,
+            data=rows,
+            problems=problems,
+            params=params,
+            kinds=EVENT_KINDS,
+            levels=LEVELS,
+            nav="events",
+        )
+
+    return handler
+
+
+def models_handler(api: bool) -> Handler:
+    """``/models`` and ``/api/models``."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        return _page(api, ctx, request, user, session, "models.html", data.models(ctx.settings), nav="models")
+
+    return handler
+
+
+def config_handler(api: bool) -> Handler:
+    """``/config`` and ``/api/config``: effective settings (secrets redacted) and ``config check`` problems."""
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        return _page(api, ctx, request, user, session, "config.html", data.configuration(ctx.settings), nav="config")
+
+    return handler
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """One operator action: what the confirmation page asks, and how it is done."""
+
+    title: str
+    fields: tuple[str, ...]
+
+
+ACTIONS = {
+    "retry-job": Action("Retry job {job_id}", ("job_id",)),
+    "rerun-study": Action("Re-run study {study}", ("study",)),
+    "requeue-deliveries": Action("Requeue the dead deliveries{of}", ("destination",)),
+}
+
+
+def _do(ctx: Context, name: str, values: dict[str, str], operator: str) -> tuple[str, str | None]:
+    """Run an action; (message, study UID it concerns)."""
+    if name == "retry-job":
+        if not values["job_id"].isdigit():
+            raise RetryRefused(f"{values['job_id']!r} is not a job number")
+        with ctx.db.session() as session, session.begin():
+            message = retry_job(session, int(values["job_id"]), operator=operator)
+        return message, None
+    if name == "rerun-study":
+        with ctx.db.session() as session, session.begin():
+            message = retry_study(session, values["study"], operator=operator)
+        return message, values["study"]
+    report = retry_deliveries(ctx.db, destination=values["destination"] or None)
+    return f"requeued {len(report.requeued)} dead delivery(ies)", None
+
+
+def action_handler(name: str) -> Handler:
+    """``POST /actions/NAME``: operators only; a confirmation page first; an audit event naming the user."""
+    action = ACTIONS[name]
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        form = await request.form()
+        values = {key: str(form.get(key) or "").strip() for key in action.fields}
+        title = action.title.format(
+            job_id=values.get("job_id", ""),
+            study=values.get("study", ""),
+            of=f" to {values['destination']}" if values.get("destination") else "",
+        )
+        if not user.can_act:
+            with ctx.db.session() as db_session, db_session.begin():
+                record_event(
+                    db_session,
+                    "console_action_refused",
+                    level="WARNING",
+                    peer=_client(request),
+                    detail=f"{user.name} ({user.role}) may not: {title}",
+                    log=False,
+                )
+            return _message(
+                ctx,
+                request,
+                user,
+                session,
+                "Not allowed",
+                f"Your role ({user.role}) may look but not act; an operator or admin can: {title}.",
+                403,
+            )
+        if form.get("confirmed") != "yes":
+            return _render(
+                ctx, request, "confirm.html", user=user, csrf=session.csrf, title=title, action=name, values=values
+            )
+        operator = f"console user {user.name}"
+        try:
+            message, study = _do(ctx, name, values, operator)
+        except RetryRefused as exc:
+            return _message(ctx, request, user, session, "Not done", str(exc), 409)
+        with ctx.db.session() as db_session, db_session.begin():
+            record_event(
+                db_session,
+                "console_action",
+                study_instance_uid=study,
+                peer=_client(request),
+                detail=f"by {user.name} ({user.role}): {title}: {message}",
+                log=False,
+            )
+        return _message(ctx, request, user, session, "Done", message, 200)
+
+    return handler
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLimiter | None = None) -> Starlette:
+    """The console as an ASGI application over ``db`` (sessions signed with ``secret``)."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["clock"] = lambda iso: (iso or "-")[:19].replace("T", " ")
+    templates.env.globals["now"] = lambda: datetime.now(UTC).isoformat(timespec="seconds")
+    ctx = Context(
+        settings, db, Sessions(secret, settings.console.session_hours * 3600), limiter or LoginLimiter(), templates
+    )
+
+    async def login_get(request: Request) -> Response:
+        if _authenticated(ctx, request) is not None:
+            return RedirectResponse(f"{ctx.root}/", status_code=303)
+        return await login_page(request, ctx)
+
+    async def login_post(request: Request) -> Response:
+        return await login_submit(request, ctx)
+
+    pages: list[tuple[str, Callable[[bool], Handler]]] = [
+        ("/", overview_handler),
+        ("/studies", studies_handler),
+        ("/studies/{uid}", study_handler),
+        ("/queue", queue_handler),
+        ("/deliveries", deliveries_handler),
+        ("/events", events_handler),
+        ("/models", models_handler),
+        ("/config", config_handler),
+    ]
+    routes: list[Route | Mount] = [
+        Route("/login", login_get, methods=["GET"]),
+        Route("/login", login_post, methods=["POST"]),
+        Route("/logout", guarded(ctx, logout), methods=["POST"]),
+        Route("/studies/{uid}/results/{result_id:int}.png", guarded(ctx, result_png)),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    for path, make in pages:
+        routes.append(Route(path, guarded(ctx, make(False))))
+        api_path = "/api/overview" if path == "/" else f"/api{path}"
+        routes.append(Route(api_path, guarded(ctx, make(True), api=True)))
+    for name in ACTIONS:
+        routes.append(Route(f"/actions/{name}", guarded(ctx, action_handler(name)), methods=["POST"]))
+    app = Starlette(routes=routes)
+    app.add_middleware(SecurityHeaders)
+    return app

@@ -1,0 +1,166 @@
+"""The web console in a real browser (Debian's Chromium, headless, driven by Playwright) against a
+running node (``pacs-agent serve`` with ``[console] enabled``) and Orthanc as the PACS.
+
+Log in, see a phantom study reach ``done``, open its study page with the Secondary Capture
+thumbnails and the SR text, retry a failed job as operator and be refused as viewer, and meet the
+login page on every page without a session. Screenshots of the overview and the study page go to
+``docs/images/console-*.png`` (the README shows them).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from inference.phantom import PhantomStudy
+from pacs_agent.db.tables import Delivery, Event, Job, JobState, Study
+from tests.integration.peers import Node, Orthanc, wait_for
+from tests.ports import free_port
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=11, lesions=2, slices=36, rows=128, columns=128)]
+
+CHROMIUM = Path("/usr/bin/chromium")
+IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+PASSWORD = "browser-test-password"
+CONSOLE_PORT = free_port()
+PAGES = ("/", "/studies", "/queue", "/deliveries", "/events", "/models", "/config")
+
+
+@pytest.fixture
+def pacs_node_config(orthanc: Orthanc) -> str:
+    return (
+        orthanc.destination_toml()
+        + f"\n[console]\nenabled = true\nport = {CONSOLE_PORT}\n"
+        + 'viewer_url = "http://127.0.0.1:3000/viewer?StudyInstanceUIDs={study_instance_uid}"\n'
+    )
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def add_user(node: Node, name: str, role: str, tmp_path: Path) -> None:
+    secret = tmp_path / f"{name}.password"
+    secret.write_text(PASSWORD + "\n")
+    command = [sys.executable, "-m", "pacs_agent", "console", "user", "add", name, "--role", role]
+    subprocess.run(
+        [*command, "--password-file", str(secret), "--config", str(node.config)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def console_listening(node: Node) -> bool:
+    assert node.listening()  # raises with the node's log when it died
+    try:
+        with socket.create_connection(("127.0.0.1", CONSOLE_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def log_in(browser: object, base: str, name: str) -> object:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    page.goto(f"{base}/studies")
+    assert "/login" in page.url
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    assert page.url == f"{base}/studies"  # back where the login began
+    return page
+
+
+def test_console_in_a_browser(
+    pacs_and_node: tuple[Orthanc, Node], phantom: PhantomStudy, browser: object, tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    node.write_config()
+    add_user(node, "otto", "operator", tmp_path)
+    add_user(node, "vera", "viewer", tmp_path)
+    node.start("serve")
+    base = f"http://127.0.0.1:{CONSOLE_PORT}"
+    wait_for(lambda: console_listening(node), 30, "the console to listen")
+
+    # no session: every page is the login page
+    anonymous = browser.new_page()  # type: ignore[attr-defined]
+    for path in (*PAGES, f"/studies/{phantom.study_instance_uid}"):
+        anonymous.goto(base + path)
+        assert anonymous.url.startswith(f"{base}/login?next="), path
+        assert anonymous.locator("input[name=password]").count() == 1
+
+    operator = log_in(browser, base, "otto")
+    ids = orthanc.upload([*phantom.ct_files, phantom.seg_file])
+    study_id = orthanc.get(f"/instances/{ids[0]}/study")["ID"]
+    orthanc.post("/modalities/pacsagent/store", {"Resources": [study_id], "Synchronous": True})
+
+    def done_in_the_list() -> bool:
+        operator.goto(f"{base}/studies")
+        row = operator.locator("tr", has_text=phantom.study_instance_uid)
+        return row.count() == 1 and row.locator(".state-done").count() == 1
+
+    wait_for(done_in_the_list, 240, "the study to be done on the Studies page")
+    wait_for(
+        lambda: node.scalars(select(Delivery.state)) and set(node.scalars(select(Delivery.state))) == {"done"},
+        60,
+        "every result delivered",
+    )
+    operator.goto(f"{base}/")
+    assert operator.locator("svg.chart rect").count() == 24
+    assert operator.locator("h1 .health").inner_text() in ("ok", "unhealthy")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    operator.screenshot(path=str(IMAGES / "console-overview.png"), full_page=True)
+
+    operator.goto(f"{base}/studies")
+    operator.click(f"a:has-text('{phantom.study_instance_uid}')")
+    operator.wait_for_load_state("load")  # every thumbnail fetched
+    thumbs = operator.locator("img.thumb")
+    assert thumbs.count() == len(phantom.lesions) + 1  # summary page + one per lesion
+    for i in range(thumbs.count()):
+        png = operator.request.get(base + thumbs.nth(i).get_attribute("src"))
+        assert png.status == 200 and png.headers["content-type"] == "image/png", png.text()[:300]
+        assert thumbs.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+    sr_text = operator.locator("pre.sr").first.inner_text()
+    assert phantom.study_instance_uid in sr_text and "lesion" in sr_text.lower()
+    viewer_link = operator.locator("a", has_text="Open in viewer").get_attribute("href")
+    assert viewer_link == f"http://127.0.0.1:3000/viewer?StudyInstanceUIDs={phantom.study_instance_uid}"
+    operator.screenshot(path=str(IMAGES / "console-study.png"), full_page=True)
+    viewed = node.scalars(select(Event.detail).where(Event.kind == "console_study_viewed"))
+    assert "by otto" in viewed
+
+    # a failed job (the state a crash after the last attempt leaves), retried from the study page
+    job_id = node.scalar(select(Job.id).order_by(Job.id))
+    node.write(update(Job).where(Job.id == job_id).values(state=JobState.FAILED, last_error="stand-in failure"))
+    viewer = log_in(browser, base, "vera")
+    viewer.goto(f"{base}/studies/{phantom.study_instance_uid}")
+    viewer.click(f"button:has-text('Retry job {job_id}')")
+    assert "may look but not act" in viewer.locator("main").inner_text()
+    assert node.scalar(select(Job.state).where(Job.id == job_id)) == "failed"
+
+    operator.reload()
+    operator.click(f"button:has-text('Retry job {job_id}')")
+    assert operator.locator("h1").inner_text() == f"Retry job {job_id}?"
+    assert node.scalar(select(Job.state).where(Job.id == job_id)) == "failed"  # not before it is confirmed
+    operator.click("button.danger")
+    assert "pending again" in operator.locator("main").inner_text()
+    wait_for(lambda: node.scalar(select(Job.state).where(Job.id == job_id)) == "done", 240, "the retried job to run")
+    actions = node.scalars(select(Event.detail).where(Event.kind == "console_action"))
+    assert len(actions) == 1 and actions[0].startswith(f"by otto (operator): Retry job {job_id}")
+    refused = node.scalars(select(Event.detail).where(Event.kind == "console_action_refused"))
+    assert refused == [f"vera (viewer) may not: Retry job {job_id}"]
+    assert node.scalars(select(Study.state)) == ["done"]

@@ -1,0 +1,333 @@
+"""The web console's access rules on a real SQLite node database: login, sessions, CSRF, rate limit, roles, audit."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from pacs_agent.config import load_settings
+from pacs_agent.console.app import CSP, create_app
+from pacs_agent.console.auth import LoginLimiter, Sessions, load_secret
+from pacs_agent.console.users import UserError, add_user, authenticate, hash_password
+from pacs_agent.db import Database
+from pacs_agent.db.tables import ConsoleUser, Event, Job, Study
+from pacs_agent.errors import ConfigError
+
+PASSWORD = "correct horse battery"
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+PATIENT_ID = "PAT-SECRET-4711"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[TestClient, Database, Clock]]:
+    settings = load_settings(
+        None,
+        {
+            "PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state"),
+            "PACS_AGENT__CONSOLE__VIEWER_URL": "https://ohif.example.org/viewer?StudyInstanceUIDs={study_instance_uid}",
+        },
+    )
+    db = Database(settings.database_url)
+    with db.session() as session, session.begin():
+        add_user(session, "vera", "viewer", PASSWORD)
+        add_user(session, "otto", "operator", PASSWORD)
+        study = Study(study_instance_uid=STUDY_UID, patient_id=PATIENT_ID, accession_number="ACC1", state="failed")
+        session.add(study)
+        session.flush()
+        session.add(
+            Job(study_id=study.id, method="radiomics", inputs="{}", state="failed", attempts=3, last_error="boom")
+        )
+    clock = Clock()
+    app = create_app(settings, db, load_secret(settings.console_secret_file), LoginLimiter(5, 300, clock))
+    with TestClient(app, follow_redirects=False) as client:
+        yield client, db, clock
+    db.dispose()
+
+
+def login(client: TestClient, user: str, password: str = PASSWORD) -> int:
+    page = client.get("/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', page.text)
+    assert token is not None
+    response = client.post("/login", data={"login_token": token.group(1), "username": user, "password": password})
+    return response.status_code
+
+
+def csrf(client: TestClient) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', client.get("/").text)
+    assert match is not None
+    return match.group(1)
+
+
+def job_state(db: Database) -> str:
+    with db.session() as session:
+        return session.execute(select(Job.state)).scalar_one()
+
+
+def events(db: Database, kind: str) -> list[Event]:
+    with db.session() as session:
+        return list(session.execute(select(Event).where(Event.kind == kind).order_by(Event.id)).scalars())
+
+
+# -- users ------------------------------------------------------------------------------------
+
+
+def test_passwords_are_stored_as_argon2_hashes_and_checked(node: tuple[TestClient, Database, Clock]) -> None:
+    _, db, _ = node
+    with db.session() as session, session.begin():
+        stored = session.execute(select(ConsoleUser.password_hash).where(ConsoleUser.name == "vera")).scalar_one()
+        assert stored.startswith("$argon2id$") and PASSWORD not in stored
+        assert authenticate(session, "vera", PASSWORD) is not None
+        assert authenticate(session, "vera", PASSWORD + "x") is None
+        assert authenticate(session, "nobody", PASSWORD) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "password", "says"),
+    [
+        ("ann", "viewer", "short", "at least 12"),
+        ("ann", "superuser", PASSWORD, "unknown role"),
+        ("<script>", "viewer", PASSWORD, "not a valid user name"),
+    ],
+)
+def test_bad_users_are_refused_with_the_reason(
+    sqlite_db: Database, name: str, role: str, password: str, says: str
+) -> None:
+    with sqlite_db.session() as session, pytest.raises(UserError, match=says):
+        add_user(session, name, role, password)
+
+
+def test_hash_password_refuses_a_short_password() -> None:
+    with pytest.raises(UserError):
+        hash_password("x" * 11)
+    assert hash_password("x" * 12).startswith("$argon2id$")
+
+
+# -- sessions and secrets ---------------------------------------------------------------------
+
+
+def test_the_session_key_file_is_created_private_and_a_readable_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "console-secret"
+    key = load_secret(path)
+    assert len(key) >= 32 and path.stat().st_mode & 0o777 == 0o600
+    assert load_secret(path) == key
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        load_secret(path)
+
+
+def test_a_forged_or_expired_session_is_no_session() -> None:
+    sessions = Sessions(b"k" * 32, max_age_seconds=3600)
+    cookie, session = sessions.issue("otto")
+    assert sessions.read(cookie) == session
+    assert sessions.read(cookie[:-2] + "xx") is None
+    assert Sessions(b"other" * 8, 3600).read(cookie) is None
+    assert Sessions(b"k" * 32, max_age_seconds=-1).read(cookie) is None
+
+
+# -- no anonymous access ----------------------------------------------------------------------
+
+
+def test_every_route_without_a_session_gets_the_login_page_or_401(node: tuple[TestClient, Database, Clock]) -> None:
+    client, _, _ = node
+    checked = 0
+    for route in client.app.routes:  # type: ignore[attr-defined]
+        if isinstance(route, Mount) or route.path == "/login":
+            continue
+        assert isinstance(route, Route)
+        path = route.path.replace("{uid}", STUDY_UID).replace("{result_id:int}", "1")
+        for method in sorted(route.methods or ()):
+            if method == "HEAD":
+                continue
+            response = client.request(method, path)
+            if path.startswith("/api/"):
+                assert response.status_code == 401, path
+            else:
+                assert response.status_code == 303, path
+                assert response.headers["location"].startswith("/login?next="), path
+            assert PATIENT_ID not in response.text
+            checked += 1
+    assert checked >= 20
+
+
+def test_a_tampered_session_cookie_is_sent_to_the_login_page(node: tuple[TestClient, Database, Clock]) -> None:
+    client, _, _ = node
+    assert login(client, "vera") == 303
+    cookie = client.cookies["pacs_console"]
+    client.cookies.clear()
+    client.cookies.set("pacs_console", cookie)
+    assert client.get("/studies").status_code == 200
+    client.cookies.clear()
+    client.cookies.set("pacs_console", cookie[:-3] + "abc")
+    assert client.get("/studies").status_code == 303
+
+
+def test_a_removed_user_loses_access_at_once(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    assert login(client, "vera") == 303
+    assert client.get("/api/studies").status_code == 200
+    with db.session() as session, session.begin():
+        session.delete(session.execute(select(ConsoleUser).where(ConsoleUser.name == "vera")).scalar_one())
+    assert client.get("/api/studies").status_code == 401
+
+
+# -- login ------------------------------------------------------------------------------------
+
+
+def test_login_sets_a_strict_session_cookie_and_pages_carry_the_csp(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    page = client.get("/login")
+    assert page.headers["content-security-policy"] == CSP and "default-src 'self'" in CSP
+    assert login(client, "vera") == 303
+    cookie = next(h for h in client.cookies.jar if h.name == "pacs_console")
+    assert cookie.has_nonstandard_attr("HttpOnly")
+    overview = client.get("/")
+    assert overview.status_code == 200 and "vera (viewer)" in overview.text
+    assert [e.detail for e in events(db, "console_login")] == ["user vera (viewer)"]
+
+
+def test_a_login_without_the_form_token_is_refused(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    response = client.post("/login", data={"username": "vera", "password": PASSWORD})
+    assert response.status_code == 403
+    assert "pacs_console" not in client.cookies
+    assert events(db, "console_login") == []
+
+
+def test_a_wrong_password_is_refused_and_recorded(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    assert login(client, "vera", "wrong password!") == 401
+    assert client.get("/").status_code == 303
+    failed = events(db, "console_login_failed")
+    assert len(failed) == 1 and failed[0].level == "WARNING" and "wrong" not in (failed[0].detail or "")
+
+
+def test_logins_are_rate_limited_per_address(node: tuple[TestClient, Database, Clock]) -> None:
+    client, _, clock = node
+    for _ in range(5):
+        assert login(client, "vera", "wrong password!") == 401
+    assert login(client, "vera") == 429  # even the right password waits
+    clock.now += 301
+    assert login(client, "vera") == 303
+
+
+# -- CSRF and roles ---------------------------------------------------------------------------
+
+
+def test_a_form_without_the_csrf_token_is_refused(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    assert login(client, "otto") == 303
+    for data in ({"job_id": "1", "confirmed": "yes"}, {"job_id": "1", "confirmed": "yes", "csrf": "forged"}):
+        response = client.post("/actions/retry-job", data=data)
+        assert response.status_code == 403
+    assert client.post("/logout").status_code == 403
+    assert job_state(db) == "failed"
+
+
+def test_a_viewer_cannot_act(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    assert login(client, "vera") == 303
+    token = csrf(client)
+    for action, data in (
+        ("retry-job", {"job_id": "1"}),
+        ("rerun-study", {"study": STUDY_UID}),
+        ("requeue-deliveries", {"destination": ""}),
+    ):
+        response = client.post(f"/actions/{action}", data={**data, "csrf": token, "confirmed": "yes"})
+        assert response.status_code == 403
+        assert "may look but not act" in response.text
+    assert job_state(db) == "failed"
+    assert len(events(db, "console_action_refused")) == 3
+    assert events(db, "console_action") == []
+
+
+def test_an_operator_confirms_then_the_job_is_retried_and_audited(node: tuple[TestClient, Database, Clock]) -> None:
+    client, db, _ = node
+    assert login(client, "otto") == 303
+    token = csrf(client)
+    confirm = client.post("/actions/retry-job", data={"job_id": "1", "csrf": token})
+    assert confirm.status_code == 200 and 'name="confirmed" value="yes"' in confirm.text
+    assert job_state(db) == "failed"
+    done = client.post("/actions/retry-job", data={"job_id": "1", "csrf": token, "confirmed": "yes"})
+    assert done.status_code == 200 and "pending again" in done.text
+    assert job_state(db) == "pending"
+    assert "by console user otto" in (events(db, "job_retry_requested")[0].detail or "")
+    action = events(db, "console_action")
+    assert len(action) == 1 and (action[0].detail or "").startswith("by otto (operator): Retry job 1")
+    again = client.post("/actions/retry-job", data={"job_id": "1", "csrf": token, "confirmed": "yes"})
+    assert again.status_code == 409 and "pending already" in again.text
+
+
+# -- patient data and audit of study views ----------------------------------------------------
+
+
+def test_the_patient_id_is_only_on_the_study_page_and_each_view_is_audited(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    assert login(client, "vera") == 303
+    for path in ("/", "/studies", "/api/studies", "/queue", "/api/queue", "/events", "/api/events", "/config"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert PATIENT_ID not in response.text, path
+    assert STUDY_UID in client.get("/studies").text
+    assert client.get("/studies?q=ACC1").text.count(f"/studies/{STUDY_UID}") == 1
+    assert f"/studies/{STUDY_UID}" not in client.get("/studies?q=ACC2").text
+    page = client.get(f"/studies/{STUDY_UID}")
+    assert page.status_code == 200 and PATIENT_ID in page.text
+    assert "https://ohif.example.org/viewer?StudyInstanceUIDs=1.2.826.0.1.3680043.8.498.1" in page.text
+    assert client.get(f"/api/studies/{STUDY_UID}").json()["patient_id"] == PATIENT_ID
+    viewed = events(db, "console_study_viewed")
+    assert [(e.study_instance_uid, e.detail) for e in viewed] == [(STUDY_UID, "by vera"), (STUDY_UID, "by vera (api)")]
+    assert all(PATIENT_ID not in (e.detail or "") for e in viewed)
+    assert client.get("/studies/1.2.3.404").status_code == 404
+
+
+def test_the_console_writes_no_patient_id_to_the_log(
+    node: tuple[TestClient, Database, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _, _ = node
+    caplog.set_level("DEBUG")
+    assert login(client, "vera") == 303
+    client.get(f"/studies/{STUDY_UID}")
+    client.get(f"/api/studies/{STUDY_UID}")
+    assert PATIENT_ID not in caplog.text
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("VIEWER_URL", "https://ohif/viewer", "{study_instance_uid}"),
+        ("VIEWER_URL", "javascript:alert(1)//{study_instance_uid}", "http"),
+        ("BASE_URL", "node.example.org/console", "http:// or https://"),
+        ("CERT_FILE", "/etc/cert.pem", "go together"),
+        ("PORT", "0", "greater than or equal to 1"),
+    ],
+)
+def test_bad_console_settings_are_refused(key: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_settings(None, {f"PACS_AGENT__CONSOLE__{key}": value})
+
+
+def test_the_console_defaults_are_off_and_local() -> None:
+    console = load_settings(None, {}).console
+    assert (console.enabled, console.host, console.port) == (False, "127.0.0.1", 8080)
+    assert load_settings(
+        None, {"PACS_AGENT__CONSOLE__BASE_URL": "https://n.example.org/console/"}
+    ).console.root_path == ("/console")
