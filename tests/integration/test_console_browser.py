@@ -4,11 +4,13 @@ running node (``pacs-agent serve`` with ``[console] enabled``) and Orthanc as th
 Log in, see a phantom study reach ``done``, open its study page with the Secondary Capture
 thumbnails and the SR text, retry a failed job as operator and be refused as viewer, and meet the
 login page on every page without a session. Screenshots of the overview and the study page go to
-``docs/images/console-*.png`` (the README shows them).
+the test's temporary folder, and to ``$PACS_AGENT_CONSOLE_SCREENSHOTS`` when set (e.g. ``docs/images``
+to refresh the README's ``console-*.png``): a test run never changes the source tree.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -28,7 +30,6 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=11, lesions=2, slices=36, rows=128, columns=128)]
 
 CHROMIUM = Path("/usr/bin/chromium")
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 PASSWORD = "browser-test-password"
 CONSOLE_PORT = free_port()
 PAGES = ("/", "/studies", "/queue", "/deliveries", "/events", "/models", "/config")
@@ -123,8 +124,9 @@ def test_console_in_a_browser(
     operator.goto(f"{base}/")
     assert operator.locator("svg.chart rect").count() == 24
     assert operator.locator("h1 .health").inner_text() in ("ok", "unhealthy")
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    operator.screenshot(path=str(IMAGES / "console-overview.png"), full_page=True)
+    images = Path(os.environ.get("PACS_AGENT_CONSOLE_SCREENSHOTS") or tmp_path / "screenshots")
+    images.mkdir(parents=True, exist_ok=True)
+    operator.screenshot(path=str(images / "console-overview.png"), full_page=True)
 
     operator.goto(f"{base}/studies")
     operator.click(f"a:has-text('{phantom.study_instance_uid}')")
@@ -139,7 +141,7 @@ def test_console_in_a_browser(
     assert phantom.study_instance_uid in sr_text and "lesion" in sr_text.lower()
     viewer_link = operator.locator("a", has_text="Open in viewer").get_attribute("href")
     assert viewer_link == f"http://127.0.0.1:3000/viewer?StudyInstanceUIDs={phantom.study_instance_uid}"
-    operator.screenshot(path=str(IMAGES / "console-study.png"), full_page=True)
+    operator.screenshot(path=str(images / "console-study.png"), full_page=True)
     viewed = node.scalars(select(Event.detail).where(Event.kind == "console_study_viewed"))
     assert "by otto" in viewed
 
