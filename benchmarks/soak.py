@@ -394,11 +394,21 @@ class Chaos:
             self.note("worker_kill", "no worker process found (skipped)")
             self.counts["worker_kill_skipped"] += 1
             return
+        self.wait_for_a_job(15)
         running = self.running_jobs()
         os.kill(pid, signal.SIGKILL)
         self.note("worker_kill", f"SIGKILL worker pid {pid}, {running} job(s) running")
 
+    def wait_for_a_job(self, seconds: float) -> None:
+        """Wait (at most ``seconds``) until a job runs, then a random moment into it (load, compute, write)."""
+        deadline = time.monotonic() + seconds
+        while self.running_jobs() < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(self.rng.uniform(0, 2.5))
+
     def serve_kill(self) -> None:
+        if self.rng.random() < 0.5:  # half of them in a job, the others wherever they fall (receiving, sending)
+            self.wait_for_a_job(15)
         running = self.running_jobs()
         self.node.kill_group()
         pause = self.rng.uniform(0, 3)
