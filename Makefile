@@ -70,6 +70,13 @@ benchmarks: install
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/response.py
 
+# The fault soak (not part of `make test`): ~10 min of studies from 4 senders while the worker, serve and
+# Orthanc are SIGKILLed and the disk fills; then checks that nothing acknowledged was lost and every study
+# and result went through exactly once. Mounts a tmpfs when run as root. Writes benchmarks/results/soak.json.
+.PHONY: soak
+soak: install
+	$(BIN)/python benchmarks/soak.py
+
 # Retrains the committed demo packages config/models/* from scratch (planted-label phantoms, fixed
 # seeds, CPU, two trainings at a time) and copies their held-out ROC plots to docs/images/.
 .PHONY: demo-models
