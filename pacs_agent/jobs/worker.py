@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pacs_agent.config import Settings
@@ -166,6 +167,9 @@ class Worker:
         """Loop until :attr:`stop` is set (SIGTERM); ``on_ready`` is called once jobs can be claimed."""
         with self.db.session() as session, session.begin():
             queue.requeue_stale(session, self.settings.jobs.lease_seconds)
+        removed = remove_stale_result_temps(self.settings.storage.results_dir)
+        if removed:
+            logger.warning("removed %d result file(s) left half-written by a worker that was killed", removed)
         self.heartbeat.beat("idle")
         logger.info("worker %s ready", self.worker_id)
         if on_ready is not None:
@@ -185,3 +189,29 @@ class Worker:
                 self.stop.wait(self.poll_seconds)
         self.heartbeat.remove()
         logger.info("worker %s stopped", self.worker_id)
+
+
+STALE_TEMP_SECONDS = 600.0
+"""A result temp file untouched this long belongs to a worker that died while writing it."""
+
+
+def remove_stale_result_temps(results_dir: Path, older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
+    """Delete result files a killed worker left half-written; returns how many.
+
+    Result objects are written to a temp file beside their target (``.<name>.*.tmp``, see
+    :func:`dicom_sr.sr.lesions.write_dataset`) and renamed into place. A worker killed in between
+    leaves the temp file; its job runs again and writes the object anew. Only files untouched for
+    ``older_than_seconds`` are removed, so a file another worker is writing right now is left alone.
+    """
+    if not results_dir.is_dir():
+        return 0
+    limit = time.time() - older_than_seconds
+    removed = 0
+    for path in results_dir.rglob(".*.tmp"):
+        try:
+            if path.is_file() and path.stat().st_mtime < limit:
+                path.unlink()
+                removed += 1
+        except OSError as exc:  # gone meanwhile, or not ours to remove: say so, go on
+            logger.warning("cannot remove stale result temp file %s: %s", path.name, exc)
+    return removed
