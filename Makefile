@@ -7,7 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pacs-agent-installed
 TORCH_VERSION := 2.13.0
-PYTEST_ARGS ?=
+# Two pytest workers; a module's tests stay on one worker (its shared node / Orthanc fixtures).
+PYTEST_ARGS ?= -n 2 --dist loadscope
 DEBIAN_PACKAGES := dcmtk:storescu dicom3tools:dciodvfy orthanc:Orthanc systemd:systemd-analyze \
   orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so chromium:chromium nodejs:node npm:npm
 
