@@ -19,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from inference.phantom import PhantomStudy, generate_study
-from pacs_agent.db.tables import Job, Study
+from pacs_agent.db.tables import Event, Instance, Job, Study
 from tests.integration.peers import Node, Nodes, Receiver, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -123,19 +123,30 @@ def test_random_bodies(node: Node, tmp_path: Path, body: bytes) -> None:
     assert node.echo()
 
 
-def test_wrong_pixel_size_fails_the_job_and_a_good_study_still_gets_results(
+def test_wrong_pixel_size_is_refused_at_receive_and_a_good_study_still_gets_results(
     node: Node, phantom: PhantomStudy, tmp_path: Path
 ) -> None:
+    """Native Pixel Data shorter than Rows x Columns x Bits Allocated: refused at receive, not stored."""
     bad = generate_study(tmp_path / "bad", seed=62, lesions=1, slices=24, rows=64, columns=64)
     broken = dcmread(bad.ct_files[5])
     broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]  # half the pixels missing
     broken.save_as(bad.ct_files[5])
-    assert storescu(node.port, [*bad.ct_files, bad.seg_file]).returncode == 0
-    state, error = wait_for(lambda: ended_job(node, bad.study_instance_uid), 120, "the bad study's job to end")
-    assert state == "failed", error
-    assert error and "pixel" in error.lower()
+    assert storescu(node.port, [*bad.ct_files, bad.seg_file]).returncode != 0  # one instance refused
+    refused = store_refusals(node, str(broken.SOPInstanceUID))
+    assert refused and "pixel" in refused[0].lower(), refused
+    assert not node.rows(select(Instance.id).where(Instance.sop_instance_uid == str(broken.SOPInstanceUID)))
     assert storescu(node.port, [*phantom.ct_files, phantom.seg_file]).returncode == 0
     assert wait_for(lambda: ended_job(node, phantom.study_instance_uid), 120, "the good study's job")[0] == "done"
+
+
+def store_refusals(node: Node, sop_instance_uid: str) -> list[str]:
+    """Details of the node's ``store_refused`` events for one SOP Instance UID."""
+    return [
+        str(detail)
+        for (detail,) in node.rows(
+            select(Event.detail).where(Event.kind == "store_refused", Event.sop_instance_uid == sop_instance_uid)
+        )
+    ]
 
 
 def break_seg_pixels(ds: Dataset) -> None:
@@ -153,7 +164,8 @@ def drop_segment_sequence(ds: Dataset) -> None:
 
 
 MALFORMED_SEGMENTATIONS = {
-    "SEG with missing frames": ("seg", break_seg_pixels, "job failed"),
+    # Pixel Data shorter than its frames: refused at receive (PS3.4 B.2.3 0xA900), never stored
+    "SEG with missing frames": ("seg", break_seg_pixels, "refused at receive"),
     # no segment described: readiness finds no tumour structure, so no job is started
     "SEG without Segment Sequence": ("seg", drop_segment_sequence, "study incomplete"),
     "RTSTRUCT contour not in triplets": ("rtstruct", break_rtstruct_contour, "job failed"),
@@ -161,8 +173,9 @@ MALFORMED_SEGMENTATIONS = {
 
 
 def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(node: Node, tmp_path: Path) -> None:
-    """Each broken SEG / RTSTRUCT fails its own job at once (no retries), or leaves its study incomplete when
-    readiness already sees it cannot be used; either way with a reason, and a good study sent next is processed.
+    """Each broken SEG / RTSTRUCT is refused at receive when its bytes are incomplete, fails its own job at once
+    (no retries), or leaves its study incomplete when readiness already sees it cannot be used; each with a
+    reason, and a good study sent next is processed.
     """
     bad: dict[str, tuple[PhantomStudy, str]] = {}
     for n, (case, (kind, breaker, expected)) in enumerate(MALFORMED_SEGMENTATIONS.items()):
@@ -174,6 +187,10 @@ def test_malformed_segmentations_fail_with_a_reason_and_the_worker_goes_on(node:
         ds = dcmread(path)
         breaker(ds)
         ds.save_as(path, enforce_file_format=True)
+        if expected == "refused at receive":
+            assert storescu(node.port, [*study.ct_files, path]).returncode != 0, case
+            assert store_refusals(node, str(ds.SOPInstanceUID)), f"{case}: no store_refused event"
+            continue
         assert storescu(node.port, [*study.ct_files, path]).returncode == 0
         bad[case] = (study, expected)
     after = generate_study(tmp_path / "after", seed=80, lesions=1, slices=24, rows=64, columns=64)
