@@ -319,6 +319,11 @@ class _Walker:
             raise IncompleteDatasetError("the data end inside a sequence item (no item delimiter)")
         return pos
 
+    def _item_header(self, pos: int) -> tuple[int, int]:
+        """The tag (item or sequence delimiter) and the declared length of the item header at ``pos``."""
+        group, element = self._tag(self.buf, pos)
+        return group << 16 | element, self._u32(self.buf, pos + 4)[0]
+
     def sequence(self, pos: int, end: int, tag: int) -> int:
         """Walk the items of an undefined-length sequence up to its delimiter; the position after it."""
         while True:
@@ -326,9 +331,7 @@ class _Walker:
                 raise IncompleteDatasetError(
                     f"sequence {tag_text(tag)} has no sequence delimiter: the data end inside it", tag
                 )
-            group, element = self._tag(self.buf, pos)
-            item = group << 16 | element
-            length = self._u32(self.buf, pos + 4)[0]
+            item, length = self._item_header(pos)
             pos += 8
             if item == _SEQUENCE_END:
                 return pos
@@ -356,9 +359,7 @@ class _Walker:
                 raise IncompleteDatasetError(
                     f"encapsulated {tag_text(tag)} has no sequence delimiter: the data end after {items} item(s)", tag
                 )
-            group, element = self._tag(self.buf, pos)
-            item = group << 16 | element
-            length = self._u32(self.buf, pos + 4)[0]
+            item, length = self._item_header(pos)
             pos += 8
             if item == _SEQUENCE_END:
                 if items < 2:
