@@ -82,6 +82,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return print_status(_settings(args), as_json=args.json, limit=args.limit)
 
 
+def _cmd_pause(args: argparse.Namespace) -> int:
+    import getpass
+
+    from pacs_agent.db import Database
+    from pacs_agent.pause import pause_processing, resume_processing
+
+    db = Database(_settings(args).database_url)
+    by = f"command line ({getpass.getuser()})"
+    try:
+        with db.session() as session, session.begin():
+            if args.command == "pause":
+                message = pause_processing(session, by=by, reason=args.reason)
+            else:
+                message = resume_processing(session, by=by)
+    finally:
+        db.dispose()
+    print(message)
+    return EXIT_OK
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from pacs_agent.show import show
 
@@ -149,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(sub.add_parser("status", help="recent studies, jobs and deliveries"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--limit", type=int, default=20, help="how many studies to show (default 20)")
+    pause = with_config(
+        sub.add_parser(
+            "pause",
+            help="stop new jobs from starting (studies are still received and stored); undo with resume",
+        )
+    )
+    pause.add_argument("--reason", default="", help="why (shown by status and in the console), e.g. 'model update'")
+    with_config(sub.add_parser("resume", help="let jobs start again after pacs-agent pause"))
     show = sub.add_parser("show", help="print SRs as text and write Secondary Captures as PNG")
     show.add_argument("path", help="a DICOM file or a folder of them")
     show.add_argument("--png-dir", help="where to write PNGs of image objects")
@@ -198,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "show":
             return _cmd_show(args)
+        if args.command in ("pause", "resume"):
+            return _cmd_pause(args)
         if args.command == "send":
             return run_send(args, _settings(args))
         if args.command == "events":

@@ -64,6 +64,8 @@ EVENT_KINDS = (
     "console_study_viewed",
     "console_action",
     "console_action_refused",
+    "processing_paused",
+    "processing_resumed",
 )
 """Kinds the node records (others may be added by newer versions; ``--kind`` accepts any)."""
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -19,6 +19,7 @@ from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
 from pacs_agent.routing.pairing import baseline_of
+from pacs_agent.pause import current_pause
 from pacs_agent.text import printable
 
 
@@ -50,7 +51,9 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
             .all()
         )
         counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
+        pause = current_pause(session)
     return {
+        "paused": pause.as_json() if pause else None,
         "studies": out,
         "jobs_by_state": counts,
         "recent_problems": [
@@ -231,6 +234,13 @@ def format_status(status: dict[str, Any]) -> str:
     """Render :func:`collect_status` output for a terminal: one line per item, control characters escaped."""
     lines = []
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(status["jobs_by_state"].items())) or "none"
+    if status.get("paused"):
+        p = status["paused"]
+        lines.append(
+            f"PROCESSING PAUSED since {_clock(p['since'])} UTC by {p['by']}"
+            + (f": {p['reason']}" if p["reason"] else "")
+            + " - studies are received and stored, no new job starts (pacs-agent resume)"
+        )
     lines.append(f"jobs: {jobs}")
     if not status["studies"]:
         lines.append("no studies received yet")

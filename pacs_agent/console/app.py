@@ -33,6 +33,7 @@ from pacs_agent.console.users import User, authenticate, find_user
 from pacs_agent.db import Database
 from pacs_agent.events_cli import EVENT_KINDS, LEVELS, EventQuery, parse_since
 from pacs_agent.jobs.queue import RetryRefused, retry_job
+from pacs_agent.pause import pause_processing, resume_processing
 from pacs_agent.send.cli import retry_deliveries
 from pacs_agent.studies.store import retry_study
 
@@ -482,11 +483,13 @@ ACTIONS = {
     "retry-job": Action("Retry job {job_id}", ("job_id",)),
     "rerun-study": Action("Re-run study {study}", ("study",)),
     "requeue-deliveries": Action("Requeue the dead deliveries{of}", ("destination",)),
+    "pause-processing": Action("Pause processing of new studies", ("reason",)),
+    "resume-processing": Action("Resume processing", ()),
 }
 
 
 def _do(ctx: Context, name: str, values: dict[str, str], operator: str) -> tuple[str, str | None]:
-    """Run an action; (message, study UID it concerns)."""
+    """Run an action; (message, study UID it concerns). ``values`` holds the action's fields."""
     if name == "retry-job":
         if not values["job_id"].isdigit():
             raise RetryRefused(f"{values['job_id']!r} is not a job number")
@@ -497,6 +500,11 @@ def _do(ctx: Context, name: str, values: dict[str, str], operator: str) -> tuple
         with ctx.db.session() as session, session.begin():
             message = retry_study(session, values["study"], operator=operator)
         return message, values["study"]
+    if name in ("pause-processing", "resume-processing"):
+        with ctx.db.session() as session, session.begin():
+            if name == "pause-processing":
+                return pause_processing(session, by=operator, reason=values["reason"]), None
+            return resume_processing(session, by=operator), None
     report = retry_deliveries(ctx.db, destination=values["destination"] or None)
     return f"requeued {len(report.requeued)} dead delivery(ies)", None
 

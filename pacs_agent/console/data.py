@@ -26,6 +26,7 @@ from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Instance, Job, Result, Series, Study
 from pacs_agent.events_cli import EventQuery, query_events
 from pacs_agent.health import HealthMonitor
+from pacs_agent.pause import current_pause
 from pacs_agent.send.cli import list_deliveries
 from pacs_agent.status import study_status
 
@@ -66,7 +67,10 @@ def overview(db: Database, settings: Settings) -> dict[str, Any]:
         health = monitor.report().as_json()
     finally:
         monitor.close()
+    with db.read_session() as session:
+        pause = current_pause(session)
     return {
+        "paused": pause.as_json() if pause else None,
         "health": health,
         "studies_by_state": _counts(db, Study.state),
         "jobs_by_state": _counts(db, Job.state),

@@ -342,3 +342,16 @@ class ConsoleUser(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    password_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set for a one-time password (``make demo``): it works until then and only to choose a new one."""
+
+
+class NodeFlag(Base):
+    """A node-wide switch kept in the database (so every process and a restart see it), e.g. ``paused``."""
+
+    __tablename__ = "node_flags"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    set_by: Mapped[str] = mapped_column(String(128))
+    set_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

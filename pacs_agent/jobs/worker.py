@@ -28,6 +28,7 @@ from pacs_agent.health import WorkerHeartbeat
 from pacs_agent.jobs import queue
 from pacs_agent.jobs.queue import ClaimedJob
 from pacs_agent.jobs.transient import error_ref, flatten, one_line, wait_reason
+from pacs_agent.pause import current_pause
 
 if TYPE_CHECKING:
     from inference.pipelines.study import StudyLoader
@@ -77,8 +78,10 @@ class Worker:
             self.heartbeat.beat(f"job {job_id}")
 
     def run_one(self) -> bool:
-        """Claim and run one job; returns False when there was nothing to do."""
+        """Claim and run one job; returns False when there was nothing to do (or processing is paused)."""
         with self.db.session() as session, session.begin():
+            if current_pause(session) is not None:  # pacs-agent pause: no new job starts
+                return False
             job = queue.claim_next(session, self.worker_id)
         if job is None:
             return False
