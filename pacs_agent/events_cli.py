@@ -64,6 +64,7 @@ EVENT_KINDS = (
     "console_study_viewed",
     "console_action",
     "console_action_refused",
+    "console_rules_tested",
     "processing_paused",
     "processing_resumed",
 )

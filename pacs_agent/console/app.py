@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -27,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
-from pacs_agent.console import data, images
+from pacs_agent.console import data, images, ruletest
 from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions, csrf_ok
 from pacs_agent.console.users import User, authenticate, find_user
 from pacs_agent.db import Database
@@ -468,6 +470,75 @@ def config_handler(api: bool) -> Handler:
     return handler
 
 
+def rules_handler(api: bool) -> Handler:
+    """``/rules`` and ``/api/rules``: the rule tester (GET: the form; POST: run it).
+
+    POST fields: ``study`` (a received Study Instance UID) or ``file`` (a zip of DICOM files or
+    headers), and ``rules`` (TOML of ``[routing]`` / ``[response]``; empty: the node's rules).
+    Nothing is saved; each run is an audit event.
+    """
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        current = ruletest.rules_toml(ctx.settings)
+        form = await request.form() if request.method == "POST" else None
+        study = str((form or request.query_params).get("study") or "").strip()
+        text = str(form.get("rules") or "") if form is not None else ""
+        outcome: dict[str, Any] | None = None
+        problem = ""
+        status = 200
+        if form is not None:
+            upload = form.get("file")
+            has_file = isinstance(upload, UploadFile) and bool(upload.filename) and bool(upload.size)
+            try:
+                settings = ruletest.settings_with_rules(ctx.settings, text) if text.strip() else ctx.settings
+                edited = (settings.routing, settings.response) != (ctx.settings.routing, ctx.settings.response)
+                if has_file:
+                    assert isinstance(upload, UploadFile)
+                    outcome = await run_in_threadpool(ruletest.try_upload, ctx.db, settings, upload.file)
+                    what = f"an uploaded zip ({outcome['files']} file(s))"
+                elif study:
+                    found = await run_in_threadpool(ruletest.try_received, ctx.db, settings, study)
+                    if found is None:
+                        raise ruletest.RuleTestError("there is no received study with this Study Instance UID")
+                    outcome = {"studies": [found], "files": None, "skipped_files": []}
+                    what = "a received study"
+                else:
+                    raise ruletest.RuleTestError("choose a received study or upload a zip of its DICOM files")
+            except ruletest.RuleTestError as exc:
+                problem, status = str(exc), 400
+            else:
+                outcome["rules"] = "edited (not saved)" if edited else "the node's"
+                with ctx.db.session() as db_session, db_session.begin():
+                    record_event(
+                        db_session,
+                        "console_rules_tested",
+                        study_instance_uid=study if not has_file else None,
+                        peer=_client(request),
+                        detail=f"by {user.name}: {what} under {outcome['rules']} rules",
+                        log=False,
+                    )
+        if api:
+            if problem:
+                return JSONResponse({"error": problem}, status_code=status)
+            return JSONResponse(outcome if outcome is not None else {"rules": current})
+        return _render(
+            ctx,
+            request,
+            "rules.html",
+            status,
+            user=user,
+            csrf=session.csrf,
+            study=study,
+            rules=text or current,
+            studies=data.studies(ctx.db, limit=200),
+            outcome=outcome,
+            problem=problem,
+            nav="rules",
+        )
+
+    return handler
+
+
 # -- actions ----------------------------------------------------------------------------------
 
 
@@ -604,6 +675,8 @@ def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLi
         routes.append(Route(path, guarded(ctx, make(False))))
         api_path = "/api/overview" if path == "/" else f"/api{path}"
         routes.append(Route(api_path, guarded(ctx, make(True), api=True)))
+    routes.append(Route("/rules", guarded(ctx, rules_handler(False)), methods=["GET", "POST"]))
+    routes.append(Route("/api/rules", guarded(ctx, rules_handler(True), api=True), methods=["GET", "POST"]))
     for name in ACTIONS:
         routes.append(Route(f"/actions/{name}", guarded(ctx, action_handler(name)), methods=["POST"]))
     app = Starlette(routes=routes)

@@ -135,7 +135,8 @@ def _same_patient(study: Study, other: Study) -> bool:
     )
 
 
-def _local_candidates(session: Session, followup: Study) -> list[Candidate]:
+def local_candidates(session: Session, followup: Study) -> list[Candidate]:
+    """Stored studies of the same patient with a chosen CT series: baseline candidates found locally."""
     rows = session.execute(
         select(Study).where(
             Study.patient_id == followup.patient_id,
@@ -265,7 +266,7 @@ def pair_followup(session: Session, followup: Study, settings: Settings, now: da
         followup_date,
         followup.patient_birth_date,
         followup.patient_sex,
-        _local_candidates(session, followup),
+        local_candidates(session, followup),
         window_weeks=response.window_weeks,
         target_weeks=response.target_weeks,
     )

@@ -178,9 +178,10 @@ def snapshot_study(session: Session, study: Study, spool_dir: Path | None = None
     )
 
 
-def _applicable_methods(
+def applicable_methods(
     session: Session, study: Study, decision: Decision, methods: tuple[str, ...], settings: Settings | None
 ) -> MethodChoice:
+    """Which of ``methods`` apply to the CT series ``decision`` chose (``[routing] method_regions``)."""
     ct = session.execute(
         select(Series).where(Series.series_instance_uid == decision.ct_series_instance_uid)
     ).scalar_one_or_none()
@@ -255,7 +256,7 @@ def run_once(
             "segmentation_sop_instance_uid": decision.segmentation_sop_instance_uid,
             "structures": decision.selection.to_dict() if decision.selection else None,
         }
-        choice = _applicable_methods(session, study, decision, methods, settings)
+        choice = applicable_methods(session, study, decision, methods, settings)
         study.method_notes = json.dumps([{"method": m, "reason": r} for m, r in choice.skipped])
         for _method, reason in choice.skipped:
             record_event(session, "method_skipped", study_instance_uid=study.study_instance_uid, detail=reason)
