@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
-from pacs_agent.routing.pairing import baseline_of
 from pacs_agent.pause import current_pause
+from pacs_agent.routing.pairing import baseline_of
 from pacs_agent.text import printable
 
 

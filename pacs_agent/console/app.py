@@ -517,6 +517,8 @@ def rules_handler(api: bool) -> Handler:
                         detail=f"by {user.name}: {what} under {outcome['rules']} rules",
                         log=False,
                     )
+        if form is not None:
+            await form.close()  # the uploaded zip's temporary file
         if api:
             if problem:
                 return JSONResponse({"error": problem}, status_code=status)

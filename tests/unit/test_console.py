@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import re
+import shutil
+import zipfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
-from pacs_agent.config import load_settings
+from inference.phantom.study import PhantomStudy, generate_study
+from pacs_agent.config import Settings, load_settings
 from pacs_agent.console.app import CSP, create_app
 from pacs_agent.console.auth import LoginLimiter, Sessions, load_secret
 from pacs_agent.console.users import UserError, add_user, authenticate, hash_password
 from pacs_agent.db import Database
-from pacs_agent.db.tables import ConsoleUser, Event, Job, Study
+from pacs_agent.db.tables import ConsoleUser, Event, Job, Study, utcnow
 from pacs_agent.errors import ConfigError
+from pacs_agent.receive.header import read_header
+from pacs_agent.studies.scheduler import readiness_rules, run_once
+from pacs_agent.studies.store import record_instance
 
 PASSWORD = "correct horse battery"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
@@ -331,3 +339,131 @@ def test_the_console_defaults_are_off_and_local() -> None:
     assert load_settings(
         None, {"PACS_AGENT__CONSOLE__BASE_URL": "https://n.example.org/console/"}
     ).console.root_path == ("/console")
+
+
+# -- rule tester ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
+    return generate_study(
+        tmp_path_factory.mktemp("phantom"), seed=3, lesions=2, slices=16, rows=64, columns=64, clinical_structures=True
+    )
+
+
+def phantom_zip(study: PhantomStudy) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(study.study_dir.rglob("*.dcm")):
+            archive.write(path, str(path.relative_to(study.study_dir)))
+    return buffer.getvalue()
+
+
+def receive(db: Database, settings: Settings, study: PhantomStudy) -> None:
+    """Spool and record the phantom's files as the receiver does, then let the scheduler evaluate it."""
+    for path in sorted(study.study_dir.rglob("*.dcm")):
+        relative = Path("received") / path.relative_to(study.study_dir)
+        (settings.storage.spool_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, settings.storage.spool_dir / relative)
+        with db.session() as session, session.begin():
+            record_instance(
+                session, read_header(path), path=str(relative), size_bytes=path.stat().st_size, calling_ae_title="CT"
+            )
+    with db.session() as session, session.begin():
+        run_once(
+            session,
+            readiness_rules(settings),
+            settings.jobs.methods,
+            3,
+            now=utcnow() + timedelta(hours=1),
+            settings=settings,
+        )
+
+
+def rules_form(client: TestClient, **fields: str) -> dict[str, str]:
+    page = client.get("/rules")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert page.status_code == 200 and token is not None
+    return {"csrf": token.group(1), **fields}
+
+
+NOT_VENOUS = "[routing]\nexclude_patterns = ['venous']\n"
+
+
+def test_the_rule_tester_shows_the_decision_on_an_uploaded_zip_and_how_edited_rules_change_it(
+    node: tuple[TestClient, Database, Clock], phantom_study: PhantomStudy
+) -> None:
+    client, db, _ = node
+    assert login(client, "vera") == 303  # looking only: a viewer may
+    upload = {"file": ("study.zip", phantom_zip(phantom_study), "application/zip")}
+    result = client.post("/api/rules", data=rules_form(client), files=upload)
+    assert result.status_code == 200, result.text
+    body = result.json()
+    assert body["rules"] == "the node's" and body["files"] == len(phantom_study.ct_files) + 2
+    (study,) = body["studies"]
+    assert study["study_instance_uid"] == phantom_study.study_instance_uid
+    assert study["decision"]["state"] == "ready"
+    assert study["decision"]["ct_series_instance_uid"] == phantom_study.ct_series_instance_uid
+    roles = {s["label"]: s["role"] for s in study["structures"] if s["chosen_segmentation"]}
+    assert roles == {"Liver": "organ", "Spleen": "organ", "Liver lesions": "tumour"}
+    assert [m["method"] for m in study["methods"] if m["runs"]] == ["radiomics"]
+
+    edited = client.post("/api/rules", data=rules_form(client, rules=NOT_VENOUS), files=upload).json()
+    (study,) = edited["studies"]
+    assert edited["rules"] == "edited (not saved)"
+    assert study["decision"]["state"] == "incomplete" and study["methods"] == []
+    assert "matches exclusion pattern 'venous'" in study["decision"]["reason"]
+    with db.session() as session:  # the upload went to a throw-away database, not the node's
+        assert (
+            session.execute(
+                select(Study.id).where(Study.study_instance_uid == phantom_study.study_instance_uid)
+            ).first()
+            is None
+        )
+
+
+def test_the_rule_tester_on_a_received_study_compares_with_what_the_node_decided_and_changes_nothing(
+    tmp_path: Path, phantom_study: PhantomStudy
+) -> None:
+    settings = load_settings(None, {"PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state")})
+    db = Database(settings.database_url)
+    with db.session() as session, session.begin():
+        add_user(session, "vera", "viewer", PASSWORD)
+    receive(db, settings, phantom_study)
+    uid = phantom_study.study_instance_uid
+    with db.session() as session:
+        before = session.execute(select(Study.state, Study.state_reason, Study.ct_series_instance_uid)).one()
+        jobs = session.execute(select(func.count(Job.id))).scalar_one()
+    assert before[0] == "queued" and jobs == 1
+    app = create_app(settings, db, load_secret(settings.console_secret_file))
+    with TestClient(app, follow_redirects=False) as client:
+        assert login(client, "vera") == 303
+        form = client.get(f"/rules?study={uid}")
+        assert f'value="{uid}"' in form.text and "[routing.tumour]" in form.text
+        same = client.post("/rules", data=rules_form(client, study=uid))
+        assert same.status_code == 200 and "Same choices as the node made" in same.text
+        assert "the node&#39;s" in same.text or "the node's" in same.text
+        changed = client.post("/rules", data=rules_form(client, study=uid, rules=NOT_VENOUS))
+        assert changed.status_code == 200
+        assert "Differs from what the node decided" in changed.text
+        assert f"CT series: none instead of {phantom_study.ct_series_instance_uid}" in changed.text
+        tumour_rule = "[routing.tumour]\ninclude_labels = ['spleen']\norgan_labels = ['liver']\n"
+        api = client.post("/api/rules", data=rules_form(client, study=uid, rules=tumour_rule)).json()
+        (study,) = api["studies"]
+        chosen = {s["label"]: s["role"] for s in study["structures"] if s["chosen_segmentation"]}
+        assert chosen["Spleen"] == "tumour" and study["recorded"]["state"] == "queued"
+        for bad, says in (
+            ("[routing", "not valid TOML"),
+            ("[jobs]\nmethods = ['m1']", "remove jobs"),
+            ("[routing]\nexclude_patterns = ['(']", "not a valid regular expression"),
+        ):
+            refused = client.post("/rules", data=rules_form(client, study=uid, rules=bad))
+            assert refused.status_code == 400 and says in refused.text, bad
+        assert client.post("/rules", data=rules_form(client, study="1.2.3.404")).status_code == 400
+    with db.session() as session:
+        assert session.execute(select(Study.state, Study.state_reason, Study.ct_series_instance_uid)).one() == before
+        assert session.execute(select(func.count(Job.id))).scalar_one() == jobs
+        tested = session.execute(select(Event.detail).where(Event.kind == "console_rules_tested")).scalars().all()
+    assert tested[0] == "by vera: a received study under the node's rules"
+    assert tested[1] == "by vera: a received study under edited (not saved) rules"
+    db.dispose()
