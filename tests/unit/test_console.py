@@ -23,7 +23,10 @@ from pacs_agent.console.users import UserError, add_user, authenticate, hash_pas
 from pacs_agent.db import Database
 from pacs_agent.db.tables import ConsoleUser, Event, Job, Study, utcnow
 from pacs_agent.errors import ConfigError
+from pacs_agent.jobs.worker import Worker
+from pacs_agent.pause import pause_processing, resume_processing
 from pacs_agent.receive.header import read_header
+from pacs_agent.status import collect_status, format_status
 from pacs_agent.studies.scheduler import readiness_rules, run_once
 from pacs_agent.studies.store import record_instance
 
@@ -467,3 +470,70 @@ def test_the_rule_tester_on_a_received_study_compares_with_what_the_node_decided
     assert tested[0] == "by vera: a received study under the node's rules"
     assert tested[1] == "by vera: a received study under edited (not saved) rules"
     db.dispose()
+
+
+# -- pause / resume ---------------------------------------------------------------------------
+
+
+def test_pause_stops_new_jobs_until_resumed_survives_a_restart_and_is_shown(tmp_path: Path) -> None:
+    settings = load_settings(None, {"PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state")})
+    db = Database(settings.database_url)
+    with db.session() as session, session.begin():
+        study = Study(study_instance_uid=STUDY_UID, patient_id=PATIENT_ID, state="queued")
+        session.add(study)
+        session.flush()
+        session.add(Job(study_id=study.id, method="radiomics", inputs="{}", state="pending", attempts=0))
+    with db.session() as session, session.begin():
+        assert "paused" in pause_processing(session, by="command line (root)", reason="model update")
+    db.dispose()
+
+    db = Database(settings.database_url)  # a restart: the pause is in the database
+    worker = Worker(settings, db)
+    assert worker.run_one() is False
+    with db.session() as session:
+        assert session.execute(select(Job.state, Job.attempts)).one() == ("pending", 0)
+        assert "already paused" in pause_processing(session, by="x")
+    status = collect_status(db)
+    assert status["paused"]["by"] == "command line (root)" and status["paused"]["reason"] == "model update"
+    assert format_status(status).startswith("PROCESSING PAUSED since ")
+
+    with db.session() as session, session.begin():
+        assert resume_processing(session, by="command line (root)").startswith("processing resumed")
+    assert collect_status(db)["paused"] is None
+    assert worker.run_one() is True  # claimed and run (its empty inputs make it fail: it did start)
+    with db.session() as session:
+        assert session.execute(select(Job.attempts)).scalar_one() == 1
+        kinds = session.execute(select(Event.kind).where(Event.kind.like("processing_%")).order_by(Event.id))
+        assert list(kinds.scalars()) == ["processing_paused", "processing_resumed"]
+    db.dispose()
+
+
+def test_an_operator_pauses_and_resumes_from_the_overview_a_viewer_cannot(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    assert login(client, "vera") == 303
+    assert "Pause processing" not in client.get("/").text
+    refused = client.post("/actions/pause-processing", data={"csrf": csrf(client), "confirmed": "yes", "reason": "x"})
+    assert refused.status_code == 403 and client.get("/api/overview").json()["paused"] is None
+    client.post("/logout", data={"csrf": csrf(client)})
+
+    assert login(client, "otto") == 303
+    token = csrf(client)
+    assert 'action="/actions/pause-processing"' in client.get("/").text
+    confirm = client.post("/actions/pause-processing", data={"csrf": token, "reason": "model update"})
+    assert confirm.status_code == 200 and 'name="confirmed" value="yes"' in confirm.text
+    assert client.get("/api/overview").json()["paused"] is None  # not before it is confirmed
+    done = client.post("/actions/pause-processing", data={"csrf": token, "reason": "model update", "confirmed": "yes"})
+    assert done.status_code == 200 and "no new job starts until resumed" in done.text
+    overview = client.get("/")
+    assert "Processing of new studies is PAUSED" in overview.text and "console user otto: model update" in overview.text
+    assert client.get("/api/overview").json()["paused"]["by"] == "console user otto"
+    resumed = client.post("/actions/resume-processing", data={"csrf": token, "confirmed": "yes"})
+    assert resumed.status_code == 200 and "processing resumed" in resumed.text
+    assert "PAUSED" not in client.get("/").text
+    details = [e.detail for e in events(db, "console_action")]
+    assert details[0].startswith(
+        "by otto (operator): Pause processing of new studies: processing of new studies paused"
+    )
+    assert details[1].startswith("by otto (operator): Resume processing: processing resumed")
