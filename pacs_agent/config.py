@@ -514,6 +514,15 @@ class ConsoleSettings(_Section):
     """The private key of ``cert_file`` (PEM, unencrypted)."""
     session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     """A login lasts this long."""
+    trusted_proxy_header: str = ""
+    """Single sign-on behind a reverse proxy: the request header that names the logged-in user
+    (e.g. ``X-Remote-User``), believed only from :attr:`trusted_proxies`. Empty: local logins only."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses / networks of the reverse proxies whose ``trusted_proxy_header`` and
+    ``X-Forwarded-For`` are believed (e.g. ``["127.0.0.1"]``). Default: X-Forwarded-For from 127.0.0.1 only."""
+    proxy_default_role: Literal["", "viewer", "operator", "admin"] = ""
+    """Role of a user named by the proxy header who is not a local console user; empty: such a user
+    is refused (add them with ``pacs-agent console user add NAME --role ...``)."""
 
     @field_validator("session_secret_file", mode="before")
     @classmethod
@@ -546,6 +555,31 @@ class ConsoleSettings(_Section):
         except (KeyError, IndexError, ValueError):
             raise ValueError("viewer_url may hold only the placeholder {study_instance_uid}") from None
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_networks(value)
+
+    @field_validator("trusted_proxy_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise ValueError(f"{value!r} is not an HTTP header name (letters, digits and -, e.g. X-Remote-User)")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _proxy_needs_addresses(self) -> ConsoleSettings:
+        if self.trusted_proxy_header and not self.trusted_proxies:
+            raise ValueError(
+                "trusted_proxy_header needs trusted_proxies: the addresses of the reverse proxies that set it "
+                "(a header from any other address is ignored)"
+            )
+        return self
+
+    def proxy_trusted(self, address: str) -> bool:
+        """True when ``address`` (the TCP peer) is one of :attr:`trusted_proxies`."""
+        return _in_networks(address, self.trusted_proxies)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsoleSettings:

@@ -30,8 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.console import data, images, ruletest
-from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions, csrf_ok
-from pacs_agent.console.users import User, authenticate, find_user
+from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions
+from pacs_agent.console.users import User, UserError, authenticate, check_name, find_user
 from pacs_agent.db import Database
 from pacs_agent.events_cli import EVENT_KINDS, LEVELS, EventQuery, parse_since
 from pacs_agent.jobs.queue import RetryRefused, retry_job
@@ -75,6 +75,44 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+PEER = "pacs_agent.peer"
+"""Scope key of the TCP peer's address (``client`` may be the address a trusted proxy forwarded)."""
+
+
+class ForwardedFor:
+    """ASGI middleware: keep the TCP peer in the scope; believe ``X-Forwarded-For`` from trusted proxies only.
+
+    The trusted proxies are ``[console] trusted_proxies``, by default 127.0.0.1 and ::1. The client
+    address then becomes the last address the proxy appended (login rate limit, audit events).
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.console = settings.console
+
+    def trusted(self, peer: str) -> bool:
+        """True when ``peer`` is a trusted reverse proxy."""
+        if self.console.trusted_proxies:
+            return self.console.proxy_trusted(peer)
+        return peer in ("127.0.0.1", "::1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Record the peer, and take the forwarded client address when the peer may give it."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope = dict(scope)
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        scope[PEER] = peer
+        if self.trusted(peer):
+            forwarded = [v for k, v in scope.get("headers", []) if k == b"x-forwarded-for"]
+            hops = [h.strip() for h in b",".join(forwarded).decode("latin-1").split(",") if h.strip()]
+            if hops:
+                scope["client"] = (hops[-1][:64], 0)
+        await self.app(scope, receive, send)
+
+
 @dataclass
 class Context:
     """What every handler needs: settings, database, session signer, login limiter, templates."""
@@ -110,7 +148,35 @@ def _message(
     )
 
 
+def _proxy_user(ctx: Context, request: Request) -> tuple[User, Session] | None:
+    """The user the trusted reverse proxy names in ``[console] trusted_proxy_header``, if any.
+
+    The header counts only when the TCP peer is one of ``[console] trusted_proxies``; the user must
+    be a local console user (their role) unless ``[console] proxy_default_role`` is set.
+    """
+    console = ctx.settings.console
+    if not console.trusted_proxy_header or not console.proxy_trusted(request.scope.get(PEER, "")):
+        return None
+    name = request.headers.get(console.trusted_proxy_header, "").strip()
+    if not name:
+        return None
+    with ctx.db.read_session() as db_session:
+        user = find_user(db_session, name)
+    if user is None:
+        try:
+            check_name(name)
+        except UserError:
+            return None
+        if not console.proxy_default_role:
+            return None
+        user = User(name, console.proxy_default_role)
+    return user, ctx.sessions.sso(user.name)
+
+
 def _authenticated(ctx: Context, request: Request) -> tuple[User, Session] | None:
+    by_proxy = _proxy_user(ctx, request)
+    if by_proxy is not None:
+        return by_proxy
     session = ctx.sessions.read(request.cookies.get(SESSION_COOKIE))
     if session is None:
         return None
@@ -136,7 +202,7 @@ def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[R
         if request.method == "POST":
             form = await request.form()
             token = form.get("csrf")
-            if not csrf_ok(session, token if isinstance(token, str) else None):
+            if not ctx.sessions.csrf_ok(session, token if isinstance(token, str) else None):
                 return _message(
                     ctx,
                     request,
@@ -683,4 +749,5 @@ def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLi
         routes.append(Route(f"/actions/{name}", guarded(ctx, action_handler(name)), methods=["POST"]))
     app = Starlette(routes=routes)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(ForwardedFor, settings=settings)
     return app

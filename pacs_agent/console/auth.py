@@ -60,6 +60,8 @@ class Session:
 
     user: str
     csrf: str
+    sso: bool = False
+    """Named by the trusted reverse proxy's header (no cookie): its CSRF token is signed, not stored."""
 
 
 class Sessions:
@@ -68,7 +70,24 @@ class Sessions:
     def __init__(self, secret: bytes, max_age_seconds: float) -> None:
         self._sessions = URLSafeTimedSerializer(secret, salt="pacs-agent-console-session")
         self._login = URLSafeTimedSerializer(secret, salt="pacs-agent-console-login")
+        self._sso = URLSafeTimedSerializer(secret, salt="pacs-agent-console-sso-csrf")
         self.max_age_seconds = max_age_seconds
+
+    def sso(self, user: str) -> Session:
+        """The session of a user the trusted proxy names: a CSRF token signed with the user's name."""
+        return Session(user, self._sso.dumps(user), sso=True)
+
+    def csrf_ok(self, session: Session, token: str | None) -> bool:
+        """True when a form's token belongs to ``session`` (a proxy user's: signed for them, not expired)."""
+        if not session.sso:
+            return csrf_ok(session, token)
+        if not token:
+            return False
+        try:
+            name = self._sso.loads(token, max_age=int(self.max_age_seconds))
+        except BadSignature:
+            return False
+        return isinstance(name, str) and hmac.compare_digest(name, session.user)
 
     def issue(self, user: str) -> tuple[str, Session]:
         """A new session for ``user`` (a fresh CSRF token): the cookie value and the session."""

@@ -31,7 +31,7 @@ def uvicorn_config(settings: Settings, db: Database) -> uvicorn.Config:
         log_config=None,
         ssl_certfile=console.cert_file or None,
         ssl_keyfile=console.key_file or None,
-        proxy_headers=True,
+        proxy_headers=False,  # X-Forwarded-For: from [console] trusted_proxies only (console.app.ForwardedFor)
         server_header=False,
         lifespan="off",
     )

@@ -537,3 +537,97 @@ def test_an_operator_pauses_and_resumes_from_the_overview_a_viewer_cannot(
         "by otto (operator): Pause processing of new studies: processing of new studies paused"
     )
     assert details[1].startswith("by otto (operator): Resume processing: processing resumed")
+
+
+# -- single sign-on through a trusted reverse proxy -------------------------------------------
+
+
+def sso_client(tmp_path: Path, peer: str, **console: str) -> tuple[TestClient, Database]:
+    environ = {
+        "PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state"),
+        "PACS_AGENT__CONSOLE__TRUSTED_PROXY_HEADER": "X-Remote-User",
+        "PACS_AGENT__CONSOLE__TRUSTED_PROXIES": '["10.9.0.0/24"]',
+        **{f"PACS_AGENT__CONSOLE__{k.upper()}": v for k, v in console.items()},
+    }
+    settings = load_settings(None, environ)
+    db = Database(settings.database_url)
+    with db.session() as session, session.begin():
+        if session.execute(select(ConsoleUser.id)).first() is None:
+            add_user(session, "otto", "operator", PASSWORD)
+            add_user(session, "vera", "viewer", PASSWORD)
+            study = Study(study_instance_uid=STUDY_UID, patient_id=PATIENT_ID, state="failed")
+            session.add(study)
+            session.flush()
+            session.add(Job(study_id=study.id, method="radiomics", inputs="{}", state="failed", attempts=3))
+    app = create_app(settings, db, load_secret(settings.console_secret_file))
+    return TestClient(app, follow_redirects=False, client=(peer, 40000)), db
+
+
+def test_the_proxy_header_logs_in_a_local_user_with_their_role_only_from_a_trusted_proxy(tmp_path: Path) -> None:
+    trusted, db = sso_client(tmp_path, "10.9.0.7")
+    with trusted:
+        page = trusted.get("/", headers={"X-Remote-User": "otto"})
+        assert page.status_code == 200 and "otto (operator)" in page.text
+        assert "pacs_console" not in trusted.cookies  # no cookie: every request carries the proxy's word
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        form = {"job_id": "1", "csrf": token.group(1), "confirmed": "yes"}
+        assert trusted.post("/actions/retry-job", data=form, headers={"X-Remote-User": "vera"}).status_code == 403
+        forged = trusted.post("/actions/retry-job", data={**form, "csrf": "forged"}, headers={"X-Remote-User": "otto"})
+        assert forged.status_code == 403
+        assert job_state(db) == "failed"
+        done = trusted.post("/actions/retry-job", data=form, headers={"X-Remote-User": "otto"})
+        assert done.status_code == 200 and "pending again" in done.text
+        assert trusted.get("/api/studies", headers={"X-Remote-User": "vera"}).status_code == 200
+        assert trusted.get("/api/studies", headers={"X-Remote-User": "mallory"}).status_code == 401  # not local
+        assert trusted.get("/api/studies").status_code == 401  # no header, no cookie
+        trusted.get(f"/studies/{STUDY_UID}", headers={"X-Remote-User": "vera", "X-Forwarded-For": "192.0.2.1"})
+    untrusted, _ = sso_client(tmp_path, "10.9.1.7")
+    with untrusted:
+        for path in ("/", "/studies", f"/studies/{STUDY_UID}", "/rules"):
+            response = untrusted.get(path, headers={"X-Remote-User": "otto"})
+            assert response.status_code == 303 and response.headers["location"].startswith("/login"), path
+        assert untrusted.get("/api/queue", headers={"X-Remote-User": "otto"}).status_code == 401
+        forged = untrusted.post(
+            "/actions/retry-job",
+            data={"job_id": "1", "csrf": "x", "confirmed": "yes"},
+            headers={"X-Remote-User": "otto"},
+        )
+        assert forged.status_code == 303
+        assert login(untrusted, "vera") == 303  # a local login still works from anywhere
+        untrusted.get(f"/studies/{STUDY_UID}", headers={"X-Forwarded-For": "192.0.2.2"})
+    viewed = events(db, "console_study_viewed")
+    # X-Forwarded-For is believed from the trusted proxy only
+    assert [(e.detail, e.peer) for e in viewed] == [("by vera", "192.0.2.1"), ("by vera", "10.9.1.7")]
+    db.dispose()
+
+
+def test_a_proxy_user_who_is_not_local_gets_the_default_role_when_one_is_set(tmp_path: Path) -> None:
+    client, db = sso_client(tmp_path, "10.9.0.7", proxy_default_role="viewer")
+    with client:
+        page = client.get("/", headers={"X-Remote-User": "mallory@example.org"})
+        assert page.status_code == 200 and "mallory@example.org (viewer)" in page.text
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        refused = client.post(
+            "/actions/retry-job",
+            data={"job_id": "1", "csrf": token.group(1), "confirmed": "yes"},
+            headers={"X-Remote-User": "mallory@example.org"},
+        )
+        assert refused.status_code == 403 and "may look but not act" in refused.text
+        assert client.get("/", headers={"X-Remote-User": "<script>"}).status_code == 303  # not a user name
+    db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        ({"TRUSTED_PROXY_HEADER": "X-Remote-User"}, "needs trusted_proxies"),
+        ({"TRUSTED_PROXY_HEADER": "X Remote", "TRUSTED_PROXIES": '["127.0.0.1"]'}, "not an HTTP header name"),
+        ({"TRUSTED_PROXIES": '["proxy.example.org"]'}, "not an IP address or network"),
+        ({"PROXY_DEFAULT_ROLE": "root"}, "proxy_default_role"),
+    ],
+)
+def test_bad_proxy_settings_are_refused(environ: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_settings(None, {f"PACS_AGENT__CONSOLE__{k}": v for k, v in environ.items()})
