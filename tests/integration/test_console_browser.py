@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=11, lesions=2, s
 CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "browser-test-password"
 CONSOLE_PORT = free_port()
-PAGES = ("/", "/studies", "/queue", "/deliveries", "/events", "/models", "/config")
+PAGES = ("/", "/studies", "/queue", "/deliveries", "/events", "/rules", "/models", "/config")
 
 
 @pytest.fixture
@@ -144,6 +144,30 @@ def test_console_in_a_browser(
     operator.screenshot(path=str(images / "console-study.png"), full_page=True)
     viewed = node.scalars(select(Event.detail).where(Event.kind == "console_study_viewed"))
     assert "by otto" in viewed
+
+    # the rule tester on the study: the node's rules give its decision, an edited rule changes it
+    operator.click("a:has-text('Test the rules on it')")
+    assert operator.input_value("input[name=study]") == phantom.study_instance_uid
+    operator.click("form.ruletest button[type=submit]")
+    result = operator.locator("section.result")
+    assert "Same choices as the node made" in result.inner_text()
+    assert result.locator(".decision").inner_text() == "ready"
+    assert result.locator("tr.chosen").inner_text().startswith(phantom.ct_series_instance_uid)
+    rules = operator.input_value("#rules-text")
+    assert "exclude_patterns = [" in rules
+    operator.fill("#rules-text", rules.replace("exclude_patterns = [", "exclude_patterns = ['venous', ", 1))
+    operator.click("form.ruletest button[type=submit]")
+    result = operator.locator("section.result")
+    assert operator.locator("#rules-used").inner_text() == "edited (not saved)"
+    assert result.locator(".decision").inner_text() == "incomplete"
+    assert "matches exclusion pattern 'venous'" in result.locator(".reason").inner_text()
+    assert f"CT series: none instead of {phantom.ct_series_instance_uid}" in result.locator(".changed").inner_text()
+    assert node.scalars(select(Study.state)) == ["done"]  # nothing saved
+    tested = node.scalars(select(Event.detail).where(Event.kind == "console_rules_tested").order_by(Event.id))
+    assert tested == [
+        "by otto: a received study under the node's rules",
+        "by otto: a received study under edited (not saved) rules",
+    ]
 
     # a failed job (the state a crash after the last attempt leaves), retried from the study page
     job_id = node.scalar(select(Job.id).order_by(Job.id))
