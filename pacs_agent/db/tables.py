@@ -342,8 +342,6 @@ class ConsoleUser(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    password_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    """Set for a one-time password (``make demo``): it works until then and only to choose a new one."""
 
 
 class NodeFlag(Base):

@@ -1,4 +1,4 @@
-"""node flags (processing paused) and one-time console passwords
+"""node flags (processing paused)
 
 Revision ID: 0009
 Revises: 0008
@@ -23,11 +23,7 @@ def upgrade() -> None:
         sa.Column("set_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
-    with op.batch_alter_table("console_users") as batch:
-        batch.add_column(sa.Column("password_expires_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("console_users") as batch:
-        batch.drop_column("password_expires_at")
     op.drop_table("node_flags")
