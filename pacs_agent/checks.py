@@ -45,4 +45,28 @@ def check_settings(settings: Settings) -> list[str]:
             problems.append(
                 f"destinations.{dest.name}: auth_header_env names {dest.auth_header_env}, which is not set here"
             )
+    return problems + console_problems(settings)
+
+
+def console_problems(settings: Settings) -> list[str]:
+    """The console's files: its certificate and key readable, its session key private and long enough.
+
+    A missing session key file is no problem (the console creates one, mode 0600, at its start).
+    """
+    problems: list[str] = []
+    console = settings.console
+    for key in ("cert_file", "key_file"):
+        value = getattr(console, key)
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"console.{key}: {value} does not exist or is not readable by this user")
+    secret = settings.console_secret_file
+    if secret.exists():
+        if not os.access(secret, os.R_OK):
+            problems.append(f"console.session_secret_file: {secret} is not readable by this user")
+        elif secret.stat().st_mode & 0o077:
+            problems.append(f"console.session_secret_file: {secret} is readable by others; chmod 600 {secret}")
+        elif len(secret.read_text(encoding="utf-8", errors="replace").strip()) < 32:
+            problems.append(
+                f"console.session_secret_file: {secret} holds fewer than 32 characters; delete it for a new key"
+            )
     return problems

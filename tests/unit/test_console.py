@@ -16,6 +16,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from inference.phantom.study import PhantomStudy, generate_study
+from pacs_agent.checks import check_settings, console_problems
 from pacs_agent.config import Settings, load_settings
 from pacs_agent.console.app import CSP, create_app
 from pacs_agent.console.auth import LoginLimiter, Sessions, load_secret
@@ -631,3 +632,22 @@ def test_a_proxy_user_who_is_not_local_gets_the_default_role_when_one_is_set(tmp
 def test_bad_proxy_settings_are_refused(environ: dict[str, str], says: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(says)):
         load_settings(None, {f"PACS_AGENT__CONSOLE__{k}": v for k, v in environ.items()})
+
+
+def test_config_check_names_the_console_files_that_will_not_do(tmp_path: Path) -> None:
+    secret = tmp_path / "console-secret"
+    environ = {
+        "PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state"),
+        "PACS_AGENT__CONSOLE__SESSION_SECRET_FILE": str(secret),
+        "PACS_AGENT__CONSOLE__CERT_FILE": str(tmp_path / "missing.pem"),
+        "PACS_AGENT__CONSOLE__KEY_FILE": str(tmp_path / "missing.key"),
+    }
+    settings = load_settings(None, environ)
+    assert [p.split(":")[0] for p in console_problems(settings)] == ["console.cert_file", "console.key_file"]
+    load_secret(secret)  # a good key: no problem
+    assert len(console_problems(settings)) == 2
+    secret.chmod(0o644)
+    assert any("readable by others; chmod 600" in p for p in check_settings(settings))
+    secret.chmod(0o600)
+    secret.write_text("short\n")
+    assert any("fewer than 32 characters" in p for p in console_problems(settings))
