@@ -178,7 +178,7 @@ def test_console_in_a_browser(
     assert "may look but not act" in viewer.locator("main").inner_text()
     assert node.scalar(select(Job.state).where(Job.id == job_id)) == "failed"
 
-    operator.reload()
+    operator.goto(f"{base}/studies/{phantom.study_instance_uid}")
     operator.click(f"button:has-text('Retry job {job_id}')")
     assert operator.locator("h1").inner_text() == f"Retry job {job_id}?"
     assert node.scalar(select(Job.state).where(Job.id == job_id)) == "failed"  # not before it is confirmed
