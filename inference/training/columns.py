@@ -95,6 +95,8 @@ KNOWN_LABEL_NAMES = frozenset(
 )
 """Words that make a column name look like a label (compared lower-case, per word of the name)."""
 
+_GENES = ("kras", "nras", "hras", "braf", "pik3ca", "egfr", "alk", "ros1", "tp53", "erbb2", "her2", "stk11", "keap1")
+
 _IMAGE_TYPE = (
     r"(?:original|log-sigma-\d+(?:-\d+)?-mm-[23]D|wavelet\d?-[HL]{2,3}|square|squareroot|logarithm|exponential"
     r"|gradient|lbp-[23]D(?:-[A-Za-z0-9]+)?)"
@@ -121,6 +123,9 @@ def _words(name: str) -> set[str]:
     words.update(a + b for a, b in itertools.pairwise(parts))
     # camelCase and digits glued to letters: "KRASstatus" -> kras, status; "EGFR2" -> egfr
     words.update(t.lower() for t in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", name))
+    # a gene name at the start of a word, glued to more text: "KRASmutation", "egfrstatus"
+    compact = re.sub(r"[^a-z0-9]", "", name.lower())
+    words.update(g for g in _GENES if re.search(rf"(?:^|[^a-z0-9]){g}", name.lower()) or compact.startswith(g))
     return words
 
 

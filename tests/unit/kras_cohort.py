@@ -43,8 +43,7 @@ DIAGNOSTICS = {
     "'normalize': False, 'normalizeScale': 1, 'removeOutliers': None, 'resampledPixelSpacing': None, "
     "'interpolator': 'sitkBSpline', 'preCrop': False, 'padDistance': 5, 'distances': [1], 'force2D': False, "
     "'force2Ddimension': 0, 'resegmentRange': None, 'label': 1, 'additionalInfo': True, 'binWidth': 25}",
-    "diagnostics_Configuration_EnabledImageTypes": "{'Original': {}, 'LoG': {'sigma': [1.0, 3.0, 5.0]}, "
-    "'Wavelet': {}}",
+    "diagnostics_Configuration_EnabledImageTypes": "{'Original': {}, 'LoG': {'sigma': [1.0, 3.0, 5.0]}, 'Wavelet': {}}",
 }
 
 
