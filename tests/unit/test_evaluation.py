@@ -301,3 +301,25 @@ def test_response_package_records_its_delta_definition(tmp_path: Path) -> None:
     assert load_signature(old).delta_definition == "relative"
     demo = ROOT / "config" / "models" / "response-demo"
     assert load_signature(demo).delta_definition == "relative"  # trained before: no key, the old definition
+
+
+# ----------------------------------------------------------------------------- comparator options
+
+
+def test_comparator_parameter_file_and_embedded_settings_agree() -> None:
+    from inference.radiomics.features import COMPARATOR_PARAMS, COMPARATOR_SETTINGS, canonical_settings
+
+    settings = json.loads(canonical_settings(COMPARATOR_PARAMS))
+    assert settings == json.loads(canonical_settings(COMPARATOR_SETTINGS))
+    assert {"Original", "LoG", "Wavelet"} <= set(settings["imageType"])
+
+
+def test_rfe_variant_selects_the_planted_features_and_round_trips(tmp_path: Path) -> None:
+    from inference.comparator import RadiomicsComparator
+
+    cases = read_features_csv(write_kras_cohort(tmp_path / "k.csv", effect=2.5), ["KRAS"])
+    X, y, names = cases.features["tumour"], cases.y[:, 0], cases.feature_names["tumour"]
+    model = RadiomicsComparator(selection_method="rfe", rfe_features=2, n_trees=100, max_depth=0).fit(X, y, names)
+    assert set(model.features) == set(PLANTED)
+    table = model.input_table("{}")
+    assert table["selection"]["method"] == "rfe" and table["selection"]["max_depth"] == 0
