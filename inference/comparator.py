@@ -14,6 +14,12 @@ Per label (one package per gene, as in the papers), fitted on the training split
 3. **Random forest** (200 trees, depth 4, balanced class weights) on the selected features gives
    the probability.
 
+Option ``selection = "rfe"`` (Dong et al. 2021, the M2 paper's comparator): recursive feature
+elimination with a random forest's impurity importances (10% of the remaining features dropped per
+step) down to ``rfe_features`` features, then a 100-tree random forest (unlimited depth) on them; no
+univariate filter, no LASSO. Its RadScore (for explanations only) is an L2 logistic regression on
+the z-scored selected features.
+
 Explanations (:meth:`RadiomicsComparator.contributions`): per selected feature its value, z-score,
 LASSO coefficient, contribution to the RadScore (coefficient x z) and the forest's impurity
 importance. The package stores the forest as ``classifier.skops`` (skops, only trusted types; no
@@ -46,6 +52,7 @@ __all__ = [
     "fit_radscore",
     "l1_logistic",
     "radiomics_params",
+    "rfe_select",
     "univariate_p_values",
 ]
 
@@ -53,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 METHOD = "radiomics"
 UnivariateTest = Literal["mannwhitney", "ttest"]
+SelectionMethod = Literal["lasso", "rfe"]
 
 
 def univariate_p_values(X: np.ndarray, y: np.ndarray, *, test: UnivariateTest = "mannwhitney") -> np.ndarray:
@@ -324,6 +332,76 @@ def fit_radscore(
     )
 
 
+def rfe_select(
+    X: np.ndarray,
+    y: np.ndarray,
+    names: Sequence[str],
+    *,
+    n_features: int = 10,
+    n_trees: int = 100,
+    seed: int = 0,
+) -> Selection:
+    """Recursive feature elimination by random-forest importance (Dong et al. 2021), with a RadScore.
+
+    Parameters
+    ----------
+    X
+        (items, features) training matrix.
+    y
+        0 / 1 labels.
+    names
+        Feature names of the columns.
+    n_features
+        Features kept (at most the non-constant ones).
+    n_trees
+        Trees of the ranking forest.
+    seed
+        Seed of the forest and the logistic regression.
+
+    Returns
+    -------
+    Selection
+        ``filtered`` holds the non-constant features RFE started from; the RadScore is an L2 logistic
+        regression on the z-scored selected features (explanations only).
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.feature_selection import RFE
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y).astype(int)
+    names = list(names)
+    if X.ndim != 2 or X.shape != (len(y), len(names)):
+        raise ValueError(f"X must be (items, features) = ({len(y)}, {len(names)}), got {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("radiomic features must be finite (drop or impute missing values first)")
+    varying = [j for j in range(len(names)) if np.ptp(X[:, j]) > 0]
+    if not varying:
+        raise ValueError("every radiomic feature is constant on the training set")
+    keep = min(max(1, n_features), len(varying))
+    forest = RandomForestClassifier(n_estimators=n_trees, class_weight="balanced", random_state=seed, n_jobs=1)
+    rfe = RFE(forest, n_features_to_select=keep, step=0.1).fit(X[:, varying], y)
+    chosen = [varying[i] for i in np.flatnonzero(rfe.support_)]
+    scaler = StandardScaler().fit(X[:, chosen])
+    model = LogisticRegression(C=1.0, random_state=seed, max_iter=1000).fit(scaler.transform(X[:, chosen]), y)
+    radscore = RadScore(
+        features=tuple(names[j] for j in chosen),
+        coefficients=tuple(float(c) for c in model.coef_.ravel()),
+        mean=tuple(float(m) for m in scaler.mean_),
+        std=tuple(float(s) if s > 0 else 1.0 for s in scaler.scale_),
+        intercept=float(np.ravel(model.intercept_)[0]),
+    )
+    return Selection(
+        p_values={names[j]: math.nan for j in varying},
+        filtered=tuple(names[j] for j in varying),
+        radscore=radscore,
+        c=1.0,
+        cv_auc=math.nan,
+        fallback="",
+    )
+
+
 @dataclass(frozen=True)
 class FeatureContribution:
     """How one selected feature speaks for a prediction."""
@@ -347,7 +425,11 @@ class RadiomicsComparator:
     p_value, test, cv_folds, min_features
         See :func:`fit_radscore`.
     n_trees, max_depth
-        Random forest size (seeds: 200 trees, depth 4).
+        Random forest size (He 2020: 200 trees, depth 4; Dong 2021: 100 trees; ``max_depth`` 0 = unlimited).
+    selection
+        ``"lasso"`` (filter + LASSO, He 2020) or ``"rfe"`` (recursive feature elimination, Dong 2021).
+    rfe_features
+        Features RFE keeps.
     seed
         Seed of folds, solver and forest.
     """
@@ -359,6 +441,8 @@ class RadiomicsComparator:
     max_depth: int = 4
     min_features: int = 1
     seed: int = 0
+    selection_method: SelectionMethod = "lasso"
+    rfe_features: int = 10
     selection: Selection | None = field(default=None, repr=False)
     forest: RandomForestClassifier | None = field(default=None, repr=False)
 
@@ -385,21 +469,24 @@ class RadiomicsComparator:
         """
         from sklearn.ensemble import RandomForestClassifier
 
-        self.selection = fit_radscore(
-            X,
-            y,
-            names,
-            groups=groups,
-            p_value=self.p_value,
-            test=self.test,
-            cv_folds=self.cv_folds,
-            min_features=self.min_features,
-            seed=self.seed,
-        )
+        if self.selection_method == "rfe":
+            self.selection = rfe_select(X, y, names, n_features=self.rfe_features, n_trees=self.n_trees, seed=self.seed)
+        else:
+            self.selection = fit_radscore(
+                X,
+                y,
+                names,
+                groups=groups,
+                p_value=self.p_value,
+                test=self.test,
+                cv_folds=self.cv_folds,
+                min_features=self.min_features,
+                seed=self.seed,
+            )
         cols = [list(names).index(f) for f in self.selection.selected]
         self.forest = RandomForestClassifier(
             n_estimators=self.n_trees,
-            max_depth=self.max_depth,
+            max_depth=self.max_depth or None,
             class_weight="balanced",
             random_state=self.seed,
             n_jobs=1,
@@ -486,10 +573,14 @@ class RadiomicsComparator:
             "radiomics_settings": radiomics_settings,
             "radscore": selection.radscore.as_table(),
             "selection": {
+                "method": self.selection_method,
+                "rfe_features": self.rfe_features,
                 "test": self.test,
                 "p_threshold": self.p_value,
                 "filtered": list(selection.filtered),
-                "filtered_p": [selection.p_values[f] for f in selection.filtered],
+                "filtered_p": [
+                    selection.p_values[f] if math.isfinite(selection.p_values[f]) else -1.0 for f in selection.filtered
+                ],
                 "lasso_c": selection.c,
                 "lasso_cv_auc": selection.cv_auc if math.isfinite(selection.cv_auc) else -1.0,
                 "fallback": selection.fallback,
@@ -538,6 +629,8 @@ class RadiomicsComparator:
             test=sel.get("test", "mannwhitney"),
             n_trees=int(sel.get("n_trees", 200)),
             max_depth=int(sel.get("max_depth", 4)),
+            selection_method="rfe" if sel.get("method") == "rfe" else "lasso",
+            rfe_features=int(sel.get("rfe_features", 10)),
             selection=selection,
             forest=forest,
         )

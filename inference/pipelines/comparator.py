@@ -11,21 +11,51 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from inference.comparator import RadiomicsComparator, radiomics_params
 from inference.errors import InputError
 from inference.pipelines.model_methods import assemble, resolve_package
 from inference.pipelines.study import LoadedStudy, load_study
-from inference.radiomics.features import compute_features
+from inference.radiomics.features import compute_features, uncomputable_features
 from inference.registry import ModelPackage
 from inference.results import PipelineOutput
 from inference.structures import StructureSelection
 
-__all__ = ["METHOD", "run_comparator"]
+__all__ = ["METHOD", "deployable_params", "run_comparator"]
 
 METHOD = "comparator"
 PACKAGE_METHOD = "radiomics"
 TOP_FEATURES = 3
+
+
+def deployable_params(package: ModelPackage, features: Sequence[str]) -> dict[str, Any]:
+    """The pyradiomics parameters a comparator package computes its features with, checked.
+
+    Raises
+    ------
+    InputError
+        The package records no settings (trained from a features CSV without ``--params``), unreadable
+        settings, or features those settings do not compute - each with what to do about it.
+    """
+    settings = str(package.input_spec.get("radiomics_settings", "") or "")
+    if not settings:
+        raise InputError(
+            f"model package {package.name} was trained from a features CSV without the pyradiomics parameters the "
+            "features were computed with, so the node cannot compute them on DICOM studies; retrain it with "
+            "`pacs-agent train radiomics --params PARAMS.yaml` (or [radiomics] params in the training config)"
+        )
+    try:
+        params = radiomics_params(settings)
+    except ValueError as exc:
+        raise InputError(f"model package {package.name}: unreadable radiomics settings ({exc})") from exc
+    missing = uncomputable_features(params, features)
+    if missing:
+        raise InputError(
+            f"model package {package.name} uses feature(s) {missing} that its recorded pyradiomics settings do not "
+            "compute; the node cannot run it on DICOM studies (retrain with the parameter file that computes them)"
+        )
+    return params
 
 
 def run_comparator(
@@ -60,9 +90,9 @@ def run_comparator(
     package = resolve_package(model, PACKAGE_METHOD)
     try:
         comparator = RadiomicsComparator.from_package(package)
-        params = radiomics_params(str(package.input_spec["radiomics_settings"]))
     except (KeyError, ValueError) as exc:
         raise InputError(f"model package {package.name}: not a usable radiomics comparator ({exc})") from exc
+    params = deployable_params(package, comparator.features)
     study = study or load_study(ct_paths, segmentation_path, structures)
     features = [compute_features(study.volume, item.lesion.mask, params=params).features for item in study.lesions]
     try:

@@ -32,6 +32,7 @@ from inference.imaging.lesions import Lesion, key_outline_px, outline_mm
 from inference.imaging.volume import CTVolume
 from inference.pipelines.study import LoadedStudy, StudyLesion, load_study
 from inference.radiomics.delta import (
+    DEFAULT_DELTA,
     LesionFeatures,
     PatientFeatures,
     feature_deltas,
@@ -137,6 +138,7 @@ def run_response(
         ``model`` is a path to a package that fails verification.
     """
     signature = signature_from(model)
+    definition = signature.delta_definition if signature is not None else DEFAULT_DELTA
     base = _time_point_data(
         baseline_study or load_study(baseline_ct_paths, baseline_seg_path, baseline_structures, allow_no_lesion=True),
         "baseline",
@@ -168,7 +170,7 @@ def run_response(
     for match in matching.matches:
         b, f = base_measures[match.baseline_index], follow_measures[match.follow_up_index]
         f = _retrack(f, b.tracking_uid)
-        deltas = feature_deltas(b.features, f.features) if b.features and f.features else None
+        deltas = feature_deltas(b.features, f.features, definition=definition) if b.features and f.features else None
         pairs.append(LesionPair(b.tracking_uid, b, f, deltas, match.dice, match.distance_mm, match.rule))
     new = tuple(follow_measures[j] for j in matching.new)
     gone = tuple(base_measures[i] for i in matching.disappeared)
@@ -179,7 +181,11 @@ def run_response(
 
     base_features = _patient(base_measures, "baseline", problems)
     follow_features = _patient(follow_measures, "follow-up", problems)
-    deltas = feature_deltas(base_features, follow_features) if base_features and follow_features else None
+    deltas = (
+        feature_deltas(base_features, follow_features, definition=definition)
+        if base_features and follow_features
+        else None
+    )
     recist = assess_response(
         [_recist_input(p.baseline, p.follow_up) for p in pairs] + [_recist_input(g, None) for g in gone],
         new_lesions=len(new),

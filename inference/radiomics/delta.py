@@ -23,12 +23,19 @@ Per lesion and time point (:func:`lesion_features`):
 Per patient and time point (:func:`patient_features`): the average of each feature over all lesions
 segmented at that time point, weighted by lesion volume.
 
-Delta (:func:`feature_deltas`): ``(follow_up - baseline) / |baseline|``; when ``|baseline|`` is below
-``DELTA_EPSILON x FEATURE_SCALES[name]`` the relative change is undefined and the delta is the absolute
-change ``follow_up - baseline`` instead. Every scale is 1 (SI4 is a fraction of the surface, entropies
-are in bits, NGTDM contrast at 5 HU bins is of order 0.01-1), so in practice the absolute change is used
-only when the baseline is zero, e.g. SI4 = 0 for a convex lesion. Both the relative and the absolute
-change are kept in :class:`FeatureDelta`.
+Delta (:func:`feature_deltas`), by ``definition`` (the seed does not state its formula - it is in
+the paper's supplement, which the seed lacks - so the default is a continuous one):
+
+- ``"symmetric"`` (default): ``(follow_up - baseline) / ((|baseline| + |follow_up|) / 2 + floor)``
+  with a small per-feature ``floor`` (:data:`DELTA_FLOORS`): continuous everywhere, bounded in
+  (-2, 2), about the relative change for small changes of a feature well above its floor; SI4 going
+  from 0 to a small value no longer jumps from a relative to an absolute scale.
+- ``"relative"`` (packages trained before, whose ``[input]`` has no ``delta_definition``):
+  ``(follow_up - baseline) / |baseline|``; when ``|baseline|`` is below ``DELTA_EPSILON x
+  FEATURE_SCALES[name]`` the absolute change ``follow_up - baseline`` instead - discontinuous at a zero
+  baseline (e.g. SI4 = 0 for a convex lesion).
+
+Both the relative and the absolute change are kept in :class:`FeatureDelta`.
 """
 
 from __future__ import annotations
@@ -70,6 +77,20 @@ DELTA_EPSILON = 1e-6
 """Relative threshold below which a baseline counts as zero (times the feature's scale)."""
 FEATURE_SCALES: dict[str, float] = dict.fromkeys(FEATURE_NAMES, 1.0)
 """Typical magnitude of each feature; ``DELTA_EPSILON x scale`` is its zero threshold."""
+
+DELTA_DEFINITIONS = ("symmetric", "relative")
+"""Delta definitions; a response package records its own in ``[input] delta_definition``."""
+DEFAULT_DELTA = "symmetric"
+DELTA_FLOORS: dict[str, float] = {
+    "si4": 0.2,
+    "log_z_entropy": 0.01,
+    "log_x_entropy": 0.01,
+    "ngtdm_contrast": 0.001,
+}
+"""Per-feature floor of the symmetric delta's denominator: small against the feature's usual values
+(entropies a few bits, NGTDM contrast at 5 HU bins 0.01-1) and, for SI4 (a fraction of the surface,
+0 for a convex lesion, moving by ~0.01 between rigid resamplings), a typical magnitude, so the
+delta of a near-zero SI4 stays small."""
 
 Axis = Literal["x", "y", "z"]
 _AXIS_INDEX = {"x": 0, "y": 1, "z": 2}
@@ -325,8 +346,15 @@ def patient_features(lesions: Sequence[LesionFeatures]) -> PatientFeatures:
     return PatientFeatures(**averaged, total_volume_ml=float(weights.sum()), lesion_count=len(lesions))
 
 
-def feature_delta(name: str, baseline: float, follow_up: float, *, epsilon: float | None = None) -> FeatureDelta:
-    """Relative change of one feature, absolute when the baseline is ~0.
+def feature_delta(
+    name: str,
+    baseline: float,
+    follow_up: float,
+    *,
+    epsilon: float | None = None,
+    definition: str = DEFAULT_DELTA,
+) -> FeatureDelta:
+    """The change of one feature (``definition``: ``"symmetric"`` or ``"relative"``, see the module).
 
     Parameters
     ----------
@@ -335,22 +363,37 @@ def feature_delta(name: str, baseline: float, follow_up: float, *, epsilon: floa
     baseline, follow_up
         The feature at both time points.
     epsilon
-        Zero threshold for ``|baseline|``; default ``DELTA_EPSILON x FEATURE_SCALES[name]``.
+        Zero threshold for ``|baseline|`` of the relative change; default ``DELTA_EPSILON x FEATURE_SCALES[name]``.
+    definition
+        Which value :attr:`FeatureDelta.value` gives.
 
     Returns
     -------
     FeatureDelta
     """
+    if definition not in DELTA_DEFINITIONS:
+        raise ValueError(f"delta definition must be one of {DELTA_DEFINITIONS}, got {definition!r}")
     if epsilon is None:
-        epsilon = DELTA_EPSILON * FEATURE_SCALES[name]
+        epsilon = DELTA_EPSILON * FEATURE_SCALES.get(name, 1.0)
     baseline, follow_up = float(baseline), float(follow_up)
     absolute = follow_up - baseline
     relative = None if abs(baseline) < epsilon else absolute / abs(baseline)
-    return FeatureDelta(name=name, baseline=baseline, follow_up=follow_up, absolute=absolute, relative=relative)
+    return FeatureDelta(
+        name=name,
+        baseline=baseline,
+        follow_up=follow_up,
+        absolute=absolute,
+        relative=relative,
+        definition=definition,
+        floor=DELTA_FLOORS.get(name, 1e-3),
+    )
 
 
 def feature_deltas(
-    baseline: LesionFeatures | PatientFeatures, follow_up: LesionFeatures | PatientFeatures
+    baseline: LesionFeatures | PatientFeatures,
+    follow_up: LesionFeatures | PatientFeatures,
+    *,
+    definition: str = DEFAULT_DELTA,
 ) -> FeatureDeltas:
     """Deltas of the four features between two time points (patient level or one lesion).
 
@@ -358,6 +401,8 @@ def feature_deltas(
     ----------
     baseline, follow_up
         Features at baseline and at follow-up.
+    definition
+        ``"symmetric"`` (default) or ``"relative"`` (a package's ``[input] delta_definition``).
 
     Returns
     -------
@@ -365,4 +410,4 @@ def feature_deltas(
         In :data:`FEATURE_NAMES` order.
     """
     b, f = baseline.values(), follow_up.values()
-    return FeatureDeltas(tuple(feature_delta(name, b[name], f[name]) for name in FEATURE_NAMES))
+    return FeatureDeltas(tuple(feature_delta(name, b[name], f[name], definition=definition) for name in FEATURE_NAMES))

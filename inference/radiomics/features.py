@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,16 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     },
 }
 """The settings of ``config/radiomics/default.yaml``, embedded for installs without the file."""
+
+COMPARATOR_PARAMS = DEFAULT_PARAMS.with_name("comparator.yaml")
+"""The radiomics comparator's default parameter file: Original + LoG (1, 3, 5 mm) + wavelet, every class."""
+
+COMPARATOR_SETTINGS: dict[str, Any] = {
+    "setting": {"binWidth": 25, "label": 1, "additionalInfo": True, "minimumROIDimensions": 2, "padDistance": 5},
+    "imageType": {"Original": {}, "LoG": {"sigma": [1.0, 3.0, 5.0]}, "Wavelet": {}},
+    "featureClass": dict.fromkeys(("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")),
+}
+"""The settings of ``config/radiomics/comparator.yaml``, embedded for installs without the file."""
 
 CROP_MARGIN_VOXELS = 10
 """Margin around the lesion bounding box for unfiltered features (>= pyradiomics' padDistance)."""
@@ -118,6 +128,152 @@ def _extractor(params: Path | Mapping[str, Any] | None) -> tuple[RadiomicsFeatur
         _extractors[key] = (extractor, canonical)
     extractor, canonical = _extractors[key]
     return extractor, canonical, source
+
+
+def comparator_params() -> Path | Mapping[str, Any]:
+    """The comparator's default parameters: :data:`COMPARATOR_PARAMS`, else :data:`COMPARATOR_SETTINGS`."""
+    return COMPARATOR_PARAMS if COMPARATOR_PARAMS.is_file() else COMPARATOR_SETTINGS
+
+
+def canonical_settings(params: Path | Mapping[str, Any] | None) -> str:
+    """The canonical settings JSON pyradiomics would use for ``params`` (what a package records).
+
+    Raises
+    ------
+    FileNotFoundError
+        A parameter file that does not exist.
+    ValueError
+        pyradiomics refuses the parameters.
+    """
+    try:
+        return _extractor(params)[1]
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pykwalify's SchemaError and friends
+        raise ValueError(f"pyradiomics refuses the parameters: {exc}") from exc
+
+
+def _image_type_names(image_types: Mapping[str, Any], setting: Mapping[str, Any]) -> set[str] | None:
+    """Prefixes (``original``, ``log-sigma-3-0-mm-3D``, ``wavelet-HLL``) the image types produce; None = any."""
+    names: set[str] = set()
+    for kind, custom in image_types.items():
+        kind_l = kind.lower()
+        if kind_l == "original":
+            names.add("original")
+        elif kind_l == "log":
+            sigmas = (custom or {}).get("sigma") or setting.get("sigma") or []
+            for sigma in sigmas:
+                names.add("log-sigma-" + str(float(sigma)).replace(".", "-") + "-mm-3D")
+        elif kind_l == "wavelet":
+            names.update(f"wavelet-{b}" for b in ("LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH", "LLL"))
+        else:  # square, gradient, lbp ...: their names depend on more settings; accept their prefix
+            return None
+    return names
+
+
+def uncomputable_features(settings: str | Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """The feature names that pyradiomics with ``settings`` would not compute.
+
+    Parameters
+    ----------
+    settings
+        Canonical settings JSON (as a package records it) or a mapping with ``setting`` / ``imageType``
+        / ``featureClass``.
+    names
+        pyradiomics feature names (``<image type>_<class>_<feature>``).
+
+    Returns
+    -------
+    list of str
+        Names whose image type, class or feature is not enabled (or that are not pyradiomics names).
+    """
+    params = json.loads(settings) if isinstance(settings, str) else dict(settings)
+    image_types = params.get("imageType") or {}
+    classes = params.get("featureClass") or {}
+    setting = params.get("setting") or {}
+    prefixes = _image_type_names(image_types, setting)
+    missing = []
+    for name in names:
+        parts = name.split("_", 2)
+        if len(parts) != 3:
+            missing.append(name)
+            continue
+        image, cls, feature = parts
+        if prefixes is not None and image not in prefixes:
+            missing.append(name)
+            continue
+        if cls not in classes or (cls in ("shape", "shape2D") and image != "original"):
+            missing.append(name)
+            continue
+        enabled = classes.get(cls)
+        if enabled and feature not in enabled:
+            missing.append(name)
+    return missing
+
+
+_COMPARED_SETTINGS = (
+    "binWidth",
+    "binCount",
+    "resampledPixelSpacing",
+    "interpolator",
+    "normalize",
+    "normalizeScale",
+    "removeOutliers",
+    "resegmentRange",
+    "force2D",
+    "voxelArrayShift",
+)
+
+
+def settings_mismatch(settings: str | Mapping[str, Any], diagnostics: Mapping[str, str]) -> list[str]:
+    """Differences between parameters and a features CSV's pyradiomics diagnostics columns.
+
+    Parameters
+    ----------
+    settings
+        Canonical settings JSON or parameter mapping (what the node would compute with).
+    diagnostics
+        ``diagnostics_Configuration_Settings`` / ``diagnostics_Configuration_EnabledImageTypes`` values
+        of the CSV (Python literals, as pyradiomics writes them); absent keys are not compared.
+
+    Returns
+    -------
+    list of str
+        One readable line per difference (empty when they agree or the CSV has no diagnostics).
+    """
+    import ast
+
+    params = json.loads(settings) if isinstance(settings, str) else dict(settings)
+    out = []
+    raw = diagnostics.get("diagnostics_Configuration_Settings")
+    if raw:
+        try:
+            csv_settings = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return [f"diagnostics_Configuration_Settings is not readable: {raw[:80]!r}"]
+        ours = params.get("setting") or {}
+        for key in _COMPARED_SETTINGS:
+            a, b = ours.get(key), csv_settings.get(key)
+            if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+                a = [float(v) for v in a] if a else None
+                b = [float(v) for v in b] if b else None
+            if a != b and not (a in (None, False) and b in (None, False)):
+                out.append(f"setting {key}: the CSV was computed with {b!r}, the parameters say {a!r}")
+    raw = diagnostics.get("diagnostics_Configuration_EnabledImageTypes")
+    if raw:
+        try:
+            csv_types = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return [*out, f"diagnostics_Configuration_EnabledImageTypes is not readable: {raw[:80]!r}"]
+        ours_types = params.get("imageType") or {}
+        if set(csv_types) != set(ours_types):
+            out.append(f"image types: the CSV has {sorted(csv_types)}, the parameters {sorted(ours_types)}")
+        for kind in set(csv_types) & set(ours_types):
+            a = (ours_types.get(kind) or {}).get("sigma")
+            b = (csv_types.get(kind) or {}).get("sigma")
+            if a and b and [float(v) for v in a] != [float(v) for v in b]:
+                out.append(f"{kind} sigma: the CSV has {b}, the parameters {a}")
+    return out
 
 
 def _margin(extractor: RadiomicsFeatureExtractor, volume: CTVolume) -> int:

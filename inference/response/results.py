@@ -90,7 +90,13 @@ class FeatureDelta:
     """Change of one feature between baseline and follow-up.
 
     ``relative`` is ``(follow_up - baseline) / |baseline|`` or None when ``|baseline|`` is below the
-    feature's epsilon; ``value`` is what the signature uses: ``relative`` if defined, else ``absolute``.
+    feature's epsilon. ``value`` is what the signature uses, by ``definition``:
+
+    - ``"symmetric"`` (default of new packages, continuous everywhere): ``(follow_up - baseline) /
+      ((|baseline| + |follow_up|) / 2 + floor)``, in (-2, 2); close to the relative change for small
+      changes of a feature well above its ``floor``, and no jump when the baseline crosses 0;
+    - ``"relative"`` (packages trained before; discontinuous near a zero baseline): ``relative`` if
+      defined, else ``absolute``.
     """
 
     name: str
@@ -98,16 +104,20 @@ class FeatureDelta:
     follow_up: float
     absolute: float
     relative: float | None
+    definition: str = "relative"
+    floor: float = 0.0
 
     @property
     def value(self) -> float:
-        """The delta: relative change, or absolute change when the baseline is ~0."""
+        """The delta by :attr:`definition`."""
+        if self.definition == "symmetric":
+            return self.absolute / ((abs(self.baseline) + abs(self.follow_up)) / 2 + self.floor)
         return self.absolute if self.relative is None else self.relative
 
     @property
     def is_relative(self) -> bool:
-        """True when ``value`` is a relative change."""
-        return self.relative is not None
+        """True when ``value`` is a ratio (shown as a percentage)."""
+        return self.definition == "symmetric" or self.relative is not None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import InputError, ModelPackageError
-from inference.radiomics.delta import DELTA_EPSILON, FEATURE_NAMES, FeatureDeltas
+from inference.radiomics.delta import DEFAULT_DELTA, DELTA_DEFINITIONS, DELTA_EPSILON, FEATURE_NAMES, FeatureDeltas
 from inference.registry import TRUSTED_SKOPS_TYPES, load_package, write_package
 from inference.response.results import SignatureScore
 from inference.results import AlgorithmInfo, ValidationStatus
@@ -64,6 +64,8 @@ class ResponseSignature:
     threshold: float
     algorithm: AlgorithmInfo
     feature_names: tuple[str, ...] = FEATURE_NAMES
+    delta_definition: str = "relative"
+    """How the deltas it was trained on were computed (``[input] delta_definition``; absent = ``"relative"``)."""
 
     def probability(self, vectors: np.ndarray) -> np.ndarray:
         """P(treatment insensitive) for rows of deltas in :data:`FEATURE_NAMES` order."""
@@ -253,6 +255,7 @@ def write_signature_package(
     threshold: float = DEFAULT_THRESHOLD,
     intended_use: str = INTENDED_USE,
     description: str = "",
+    delta_definition: str = DEFAULT_DELTA,
 ) -> Path:
     """Write a ``response`` model package (``model.toml`` + ``classifier.skops``) and verify it.
 
@@ -270,6 +273,9 @@ def write_signature_package(
         ``[metrics]`` table, e.g. :meth:`TrainingReport.as_metrics`.
     threshold
         Decision threshold on the probability (high risk above it).
+    delta_definition
+        How the training deltas were computed (``"symmetric"`` or ``"relative"``); the pipeline
+        computes a study's deltas the same way.
 
     Returns
     -------
@@ -283,6 +289,8 @@ def write_signature_package(
     """
     if list(getattr(estimator, "classes_", [])) != [0, 1]:
         raise ValueError('Argument "estimator" must be a fitted binary classifier with classes [0, 1].')
+    if delta_definition not in DELTA_DEFINITIONS:
+        raise ValueError(f'Argument "delta_definition" must be one of {DELTA_DEFINITIONS}.')
     metadata = {
         "name": name,
         "version": version,
@@ -294,7 +302,12 @@ def write_signature_package(
         or "Random forest on the 8-week deltas of SI4, LoG-z entropy, LoG-x entropy and NGTDM contrast.",
         "input": {
             "features": list(CSV_COLUMNS),
-            "delta": f"(follow-up - baseline) / |baseline|; follow-up - baseline when |baseline| < {DELTA_EPSILON:g}",
+            "delta_definition": delta_definition,
+            "delta": (
+                "(follow-up - baseline) / ((|baseline| + |follow-up|) / 2 + floor)"
+                if delta_definition == "symmetric"
+                else f"(follow-up - baseline) / |baseline|; follow-up - baseline when |baseline| < {DELTA_EPSILON:g}"
+            ),
             "radiomics_parameters": "config/radiomics/response.yaml",
         },
         "thresholds": {LABEL: float(threshold)},
@@ -335,8 +348,16 @@ def load_signature(path: str | os.PathLike[str]) -> ResponseSignature:
     n_features = getattr(estimator, "n_features_in_", len(FEATURE_NAMES))
     if n_features != len(FEATURE_NAMES):
         raise ModelPackageError(f"{path}: the classifier takes {n_features} inputs, not {len(FEATURE_NAMES)}")
+    definition = str(package.input_spec.get("delta_definition", "relative"))
+    if definition not in DELTA_DEFINITIONS:
+        raise ModelPackageError(
+            f"{path}: [input] delta_definition must be one of {DELTA_DEFINITIONS}, got {definition!r}"
+        )
     return ResponseSignature(
-        estimator=estimator, threshold=float(package.thresholds[LABEL]), algorithm=package.algorithm_info()
+        estimator=estimator,
+        threshold=float(package.thresholds[LABEL]),
+        algorithm=package.algorithm_info(),
+        delta_definition=definition,
     )
 
 

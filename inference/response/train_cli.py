@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out share of patients (0.25)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="high-risk threshold (0.5)")
     parser.add_argument("--seed", type=int, default=0, help="split and forest seed")
+    parser.add_argument(
+        "--delta-definition",
+        choices=("symmetric", "relative"),
+        default="symmetric",
+        help="how the CSV's deltas were computed (recorded in the package; the node computes a study's deltas "
+        "the same way): symmetric (default, continuous) or relative (legacy)",
+    )
     return parser
 
 
@@ -78,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             training_description=description,
             metrics={**training.as_metrics(), "test": test.summary(), "validation": validation.summary()},
             threshold=args.threshold,
+            delta_definition=args.delta_definition,
         )
         write_report(
             Path(package) / "report",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inference.errors import ConfigError, PacsAgentError
-from inference.training.config import METHODS
+from inference.training.config import METHODS, TrainConfig
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "main"]
 
@@ -31,8 +31,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, required=True, help="training configuration (TOML)")
     parser.add_argument("--out", type=Path, required=True, help="package folder to create")
     parser.add_argument("--work", type=Path, help="folder for generated phantom cohorts (kept and reused)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        help="pyradiomics parameter file the features were / are computed with (overrides [radiomics] params; "
+        "with a features CSV it makes the package runnable on DICOM studies)",
+    )
+    parser.add_argument(
+        "--scheme",
+        choices=("auto", "holdout", "repeated-cv"),
+        help="evaluation scheme (overrides [split] scheme; auto = repeated-cv below 200 patients)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _override(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """Apply ``--params`` / ``--scheme`` to a loaded configuration."""
+    from dataclasses import replace
+
+    if args.params is not None:
+        params = args.params.resolve()
+        if not params.is_file():
+            raise ConfigError([f"--params: {params} does not exist"])
+        config = replace(config, radiomics=replace(config.radiomics, params=params))
+    if args.scheme is not None:
+        config = replace(config, split=replace(config.split, scheme=args.scheme))
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_train_config(args.config, args.method)
+        config = _override(config, args)
         result = train(config, args.out, work_dir=args.work, progress=None if args.quiet else TextProgress())
     except ConfigError as exc:
         print(f"pacs-agent train: {exc}", file=sys.stderr)
@@ -58,6 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pacs-agent train: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"package: {result.package}")
+    if result.cross_validation is not None:
+        cv = result.cross_validation
+        for r in cv.labels:
+            lo, hi = r.pooled.auc_ci
+            p = f", permutation p {r.permutation_p:.3f}" if r.null else ""
+            print(
+                f"  {r.label}: pooled out-of-fold AUC {r.pooled.auc:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
+                f"{cv.folds}-fold x {cv.plan.repeats}: {r.repeat_mean:.3f} +- {r.repeat_sd:.3f}{p}"
+            )
+        print("  final model fit on all patients with the same recipe")
     for ev in result.test or result.validation:
         lo, hi = ev.auc_ci
         split = "test" if result.test else "validation"

@@ -18,6 +18,11 @@ Example (every table optional except ``[package]`` and a data source)::
     studies = "/data/crc"           # DICOM folder tree (relative paths: to this file)
     labels = "/data/crc/labels.csv"
     min_lesion_ml = 0.05
+    # features = "features.csv"     # radiomics only; feature columns: pyradiomics-named by default, or
+    # feature_columns = [...]       # exact names, and / or
+    # feature_prefixes = ["original_", "log-sigma-", "wavelet-"]
+    # feature_regex = "wavelet-.*_glszm_.*"
+    # ignore_columns = ["scanner"]  # other non-feature columns to tolerate (default mode)
 
     [input]                         # method input parameters (docs/models.md); defaults: the papers'
     shape = [80, 80]
@@ -40,18 +45,23 @@ Example (every table optional except ``[package]`` and a data source)::
     rotate_deg = [1, 15]
 
     [split]
-    test_fraction = 0.2             # held-out patients
-    val_fraction = 0.2              # of the rest: early stopping + thresholds
-    cv_folds = 5                    # optional k-fold on the development split
-    cv_repeats = 2
+    scheme = "auto"                 # auto | holdout | repeated-cv (auto: repeated-cv below 200 patients)
+    test_fraction = 0.2             # holdout: held-out patients
+    val_fraction = 0.2              # of the rest (networks, also inside each CV fold): early stopping
+    cv_folds = 5                    # repeated-cv: outer folds (default 5); holdout: optional k-fold on dev
+    cv_repeats = 10                 # repeated-cv default: 10 (radiomics), 3 (networks)
+    permutations = 100              # repeated-cv permutation test (default: 100 radiomics, 20 networks)
+    permutation_repeats = 1         # CV repeats per permutation
 
     [radiomics]                     # radiomics comparator and M4 RadScores
-    params = "../radiomics/default.yaml"
+    params = "../radiomics/default.yaml"   # with a features CSV: the settings the CSV was computed with
+    selection = "lasso"             # lasso (He 2020: t-test, LASSO, RF 200 x 4) | rfe (Dong 2021: RFE, RF 100)
     p_value = 0.05
-    test = "mannwhitney"
+    test = "ttest"                  # the comparator's default (He 2020); M4: mannwhitney
     cv_folds = 10
-    n_trees = 200
-    max_depth = 4
+    n_trees = 200                   # rfe default: 100
+    max_depth = 4                   # rfe default: 0 (unlimited)
+    rfe_features = 10               # selection = "rfe": features kept
 """
 
 from __future__ import annotations
@@ -71,11 +81,13 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
     from inference.comparator import UnivariateTest
+    from inference.training.crossval import CVPlan
 
 _Settings = TypeVar("_Settings", bound="DataclassInstance")
 
 __all__ = [
     "METHODS",
+    "SCHEMES",
     "DataSettings",
     "RadiomicsSettings",
     "SplitSettings",
@@ -122,14 +134,47 @@ class TrainingSettings:
     augment: Augmentation = field(default_factory=Augmentation)
 
 
+SCHEMES = ("auto", "holdout", "repeated-cv")
+
+
 @dataclass(frozen=True)
 class SplitSettings:
-    """``[split]``: patient-level held-out test, validation and optional cross-validation."""
+    """``[split]``: the evaluation scheme (held-out split or repeated cross-validation) and its sizes.
 
+    ``scheme = "auto"`` (default) is ``"repeated-cv"`` below
+    :data:`~inference.training.crossval.REPEATED_CV_BELOW` patients and ``"holdout"`` from there on.
+    ``cv_repeats`` / ``permutations`` left unset take the method's default (:meth:`cv_plan`).
+    """
+
+    scheme: str = "auto"
     test_fraction: float = 0.2
     val_fraction: float = 0.2
     cv_folds: int = 0
-    cv_repeats: int = 1
+    cv_repeats: int | None = None
+    permutations: int | None = None
+    permutation_repeats: int = 1
+
+    def resolved_scheme(self, patients: int) -> str:
+        """``"holdout"`` or ``"repeated-cv"`` for a cohort of ``patients``."""
+        from inference.training.crossval import REPEATED_CV_BELOW
+
+        if self.scheme != "auto":
+            return self.scheme
+        return "repeated-cv" if patients < REPEATED_CV_BELOW else "holdout"
+
+    def cv_plan(self, method: str, seed: int) -> CVPlan:
+        """The repeated-CV plan: 5 folds; 10 repeats and 100 permutations for the comparator, 3 and 20 for networks."""
+        from inference.training.crossval import CVPlan
+
+        network = method != "radiomics"
+        repeats = self.cv_repeats if self.cv_repeats is not None else (3 if network else 10)
+        return CVPlan(
+            folds=self.cv_folds or 5,
+            repeats=repeats,
+            permutations=self.permutations if self.permutations is not None else (20 if network else 100),
+            permutation_repeats=min(self.permutation_repeats, repeats),
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -137,11 +182,13 @@ class RadiomicsSettings:
     """``[radiomics]``: feature extraction and the comparator / RadScore fit."""
 
     params: Path | None = None
+    selection: str = "lasso"
     p_value: float = 0.05
     test: UnivariateTest = "mannwhitney"
     cv_folds: int = 10
     n_trees: int = 200
     max_depth: int = 4
+    rfe_features: int = 10
     radscore_label: str | None = None
 
 
@@ -153,6 +200,9 @@ class DataSettings:
     labels: Path | None = None
     features: Path | None = None
     feature_columns: tuple[str, ...] | None = None
+    feature_prefixes: tuple[str, ...] | None = None
+    feature_regex: str | None = None
+    ignore_columns: tuple[str, ...] = ()
     phantom: PhantomCohortSpec | None = None
     min_lesion_ml: float = 0.05
 
@@ -277,7 +327,20 @@ def config_from_mapping(
 
     data_table = _table(data, "data", problems)
     _known(
-        data_table, {"studies", "labels", "features", "feature_columns", "phantom", "min_lesion_ml"}, "data", problems
+        data_table,
+        {
+            "studies",
+            "labels",
+            "features",
+            "feature_columns",
+            "feature_prefixes",
+            "feature_regex",
+            "ignore_columns",
+            "phantom",
+            "min_lesion_ml",
+        },
+        "data",
+        problems,
     )
     phantom = None
     if "phantom" in data_table:
@@ -290,11 +353,29 @@ def config_from_mapping(
             if missing:
                 problems.append(f"data.phantom.planted: no planted property for label(s) {missing}")
     columns = data_table.get("feature_columns")
+    prefixes = data_table.get("feature_prefixes")
+    regex = data_table.get("feature_regex")
+    ignore = data_table.get("ignore_columns", [])
+    for key, value in (("feature_columns", columns), ("feature_prefixes", prefixes), ("ignore_columns", ignore)):
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+            problems.append(f"data.{key}: must be a list of column names / prefixes (strings)")
+    if regex is not None:
+        import re
+
+        try:
+            re.compile(str(regex))
+        except re.error as exc:
+            problems.append(f"data.feature_regex: not a valid regular expression ({exc})")
+    if (columns or prefixes or regex) and not data_table.get("features"):
+        problems.append("data.feature_columns / feature_prefixes / feature_regex: only with a features CSV")
     data_settings = DataSettings(
         studies=resolve(data_table.get("studies")),
         labels=resolve(data_table.get("labels")),
         features=resolve(data_table.get("features")),
-        feature_columns=tuple(columns) if columns else None,
+        feature_columns=tuple(columns) if isinstance(columns, list) and columns else None,
+        feature_prefixes=tuple(prefixes) if isinstance(prefixes, list) and prefixes else None,
+        feature_regex=str(regex) if regex else None,
+        ignore_columns=tuple(ignore) if isinstance(ignore, list) else (),
         phantom=phantom,
         min_lesion_ml=float(data_table.get("min_lesion_ml", 0.05)),
     )
@@ -327,15 +408,30 @@ def config_from_mapping(
     split = _settings(SplitSettings, _table(data, "split", problems), "split", problems)
     if not 0 <= split.test_fraction < 1 or not 0 < split.val_fraction < 1:
         problems.append("split: test_fraction must be in [0, 1) and val_fraction in (0, 1)")
-    if split.cv_folds == 1 or split.cv_folds < 0 or split.cv_repeats < 1:
-        problems.append("split: cv_folds must be 0 (off) or >= 2, cv_repeats >= 1")
+    if split.cv_folds == 1 or split.cv_folds < 0 or (split.cv_repeats is not None and split.cv_repeats < 1):
+        problems.append("split: cv_folds must be 0 (off / default) or >= 2, cv_repeats >= 1")
+    if split.scheme not in SCHEMES:
+        problems.append(f"split.scheme: one of {', '.join(SCHEMES)}, got {split.scheme!r}")
+    if (split.permutations is not None and split.permutations < 0) or split.permutation_repeats < 1:
+        problems.append("split: permutations must be >= 0 and permutation_repeats >= 1")
 
     radiomics_table = _table(data, "radiomics", problems)
     if "params" in radiomics_table:
         radiomics_table["params"] = resolve(radiomics_table["params"])
-    radiomics = _settings(RadiomicsSettings, radiomics_table, "radiomics", problems)
+    paper_radiomics: dict[str, Any] = {"test": "ttest"} if chosen == "radiomics" else {}
+    if chosen == "radiomics" and radiomics_table.get("selection") == "rfe":  # Dong 2021: RFE + 100 trees
+        paper_radiomics.update(n_trees=100, max_depth=0)
+    radiomics = _settings(RadiomicsSettings, radiomics_table, "radiomics", problems, **paper_radiomics)
     if radiomics.test not in ("mannwhitney", "ttest"):
         problems.append(f"radiomics.test: mannwhitney or ttest, got {radiomics.test!r}")
+    if radiomics.selection not in ("lasso", "rfe"):
+        problems.append(f"radiomics.selection: lasso or rfe, got {radiomics.selection!r}")
+    if radiomics.selection == "rfe" and chosen != "radiomics":
+        problems.append("radiomics.selection: rfe is an option of the radiomics comparator only")
+    if radiomics.rfe_features < 1 or radiomics.n_trees < 1:
+        problems.append("radiomics: rfe_features and n_trees must be >= 1")
+    if radiomics.params is not None and not radiomics.params.is_file():
+        problems.append(f"radiomics.params: {radiomics.params} does not exist")
     if radiomics.radscore_label is not None and radiomics.radscore_label not in labels:
         problems.append(f"radiomics.radscore_label: {radiomics.radscore_label!r} is not one of the labels")
 

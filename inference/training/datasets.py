@@ -14,7 +14,8 @@ within a segment, largest lesion first (``find_lesions`` order). Covariates miss
 are read from the CT header (PatientAge or PatientBirthDate + StudyDate; PatientSex).
 
 **Features CSV** (radiomics comparator only): the same id / label columns plus one column per
-radiomic feature (every other column, or the ``features`` list given).
+radiomic feature: the pyradiomics-named columns, or those chosen explicitly (names, prefixes, a
+regex); see :mod:`inference.training.columns` - another label's column is never a feature.
 
 Every lesion becomes a :class:`LesionCase`; its method input is computed by
 :func:`method_inputs` from the package ``[input]`` parameters, the same function evaluation and
@@ -50,6 +51,7 @@ from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_i
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.networks.m2_multiview import Covariates
 from inference.pipelines.m2_egfr_kras import covariates_from_header
+from inference.training.columns import ColumnSelection, select_feature_columns
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -91,7 +93,6 @@ DEFAULT_INPUTS: dict[str, dict[str, Any]] = {
 }
 """The papers' input settings per method (METHODS.md); a training config overrides single keys."""
 
-_ID_COLUMNS = ("patient_id", "study_uid", "lesion", "age", "sex", "smoking")
 _POSITIVE = {"1", "1.0", "mutant", "mut", "mutated", "yes", "y", "true", "positive", "pos"}
 _NEGATIVE = {"0", "0.0", "wild type", "wildtype", "wild-type", "wt", "no", "n", "false", "negative", "neg"}
 
@@ -435,6 +436,10 @@ class CaseSet:
     features: dict[str, np.ndarray] = field(default_factory=dict)
     feature_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     radiomics_settings: str = ""
+    column_selection: ColumnSelection | None = None
+    """How the feature columns of a features CSV were chosen (None for DICOM data)."""
+    diagnostics: dict[str, str] = field(default_factory=dict)
+    """A features CSV's pyradiomics ``diagnostics_Configuration_*`` / ``diagnostics_Versions_*`` values."""
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -589,7 +594,14 @@ def write_features_csv(cases: CaseSet, path: str | Path, region: str = "tumour")
 
 
 def read_features_csv(
-    path: str | Path, labels: Sequence[str], *, features: Sequence[str] | None = None, region: str = "tumour"
+    path: str | Path,
+    labels: Sequence[str],
+    *,
+    features: Sequence[str] | None = None,
+    prefixes: Sequence[str] | None = None,
+    regex: str | None = None,
+    ignore: Sequence[str] = (),
+    region: str = "tumour",
 ) -> CaseSet:
     """Read a features CSV into a radiomics :class:`CaseSet`.
 
@@ -599,29 +611,44 @@ def read_features_csv(
         The CSV (``patient_id``, ``study_uid``, optional ``lesion``, labels, features).
     labels
         Label columns.
-    features
-        Feature columns (default: every column that is not an id, covariate or label column).
+    features, prefixes, regex
+        Explicit feature choice (exact names, name prefixes, a regular expression); default: the
+        pyradiomics-named columns, and any other unknown column is an error
+        (:func:`inference.training.columns.select_feature_columns`). A column that looks like a label
+        (another mutation) is never a feature.
+    ignore
+        Non-feature columns to tolerate in the default mode.
     region
         Region name the features describe.
 
     Returns
     -------
     CaseSet
+        With ``column_selection`` (what was chosen, what was skipped as label-like) and the CSV's
+        pyradiomics ``diagnostics`` (first row) when it has them.
 
     Raises
     ------
     TrainingDataError
         Missing columns, non-numeric feature values.
+    FeatureColumnError
+        The feature columns cannot be chosen as asked (see ``select_feature_columns``).
     """
     path = Path(path)
     columns, rows = _csv_rows(path)
-    needed = ["patient_id", "study_uid", *labels]
-    names = list(features) if features is not None else [c for c in columns if c not in (*_ID_COLUMNS, *labels)]
-    missing = [c for c in (*needed, *names) if c not in columns]
+    missing = [c for c in ("patient_id", "study_uid") if c not in columns]
     if missing:
         raise TrainingDataError(f"{path.name} lacks column(s) {missing}")
-    if not names:
-        raise TrainingDataError(f"{path.name} has no feature columns")
+    selection = select_feature_columns(
+        columns,
+        labels,
+        feature_columns=features,
+        feature_prefixes=prefixes,
+        feature_regex=regex,
+        ignore_columns=ignore,
+        source=path.name,
+    )
+    names = list(selection.features)
     cases: list[LesionCase] = []
     matrix: list[list[float]] = []
     for number, row in enumerate(rows, start=2):
@@ -635,7 +662,10 @@ def read_features_csv(
         matrix.append(values)
     if not cases:
         raise TrainingDataError(f"{path.name} has no rows")
-    out = CaseSet("radiomics", tuple(labels), cases)
+    out = CaseSet("radiomics", tuple(labels), cases, column_selection=selection)
+    out.diagnostics = {
+        c: rows[0][c] for c in columns if c.startswith(("diagnostics_Configuration_", "diagnostics_Versions_"))
+    }
     out.features[region] = np.array(matrix, dtype=float)
     out.feature_names[region] = tuple(names)
     return out

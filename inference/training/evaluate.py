@@ -10,6 +10,8 @@ Everything here is a pure function of labels (0 / 1) and scores (probabilities),
 - :func:`youden_threshold` picks the threshold maximising sensitivity + specificity - 1 (chosen on
   the validation split, then applied unchanged to the test split).
 - :func:`calibration` gives the Brier score and equal-width reliability bins.
+- Multi-label metrics of the RAS-family paper (M3): :func:`multilabel_f1`, :func:`weighted_ovr_auc`
+  and :func:`hamming_loss`, on (items, labels) arrays with NaN for unknown labels.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ __all__ = [
     "delong_auc_variance",
     "delong_test",
     "evaluate_label",
+    "hamming_loss",
     "midranks",
+    "multilabel_f1",
     "roc_auc",
     "roc_curve",
+    "weighted_ovr_auc",
     "youden_threshold",
 ]
 
@@ -501,3 +506,146 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# ------------------------------------------------------------------------------ multi-label (M3)
+
+
+def _multilabel(
+    y_true: np.ndarray | Sequence[Any], values: np.ndarray | Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if y.ndim == 1:
+        y = y[:, None]
+    if v.ndim == 1:
+        v = v[:, None]
+    if y.shape != v.shape:
+        raise ValueError(f"labels {y.shape} and predictions {v.shape} differ in shape")
+    known = ~np.isnan(y)
+    if not np.all((y[known] == 0) | (y[known] == 1)):
+        raise ValueError("labels must be 0, 1 or NaN (unknown)")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("predictions must be finite")
+    return y, v
+
+
+def _binarise(probabilities: np.ndarray, thresholds: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    t = np.broadcast_to(np.asarray(thresholds, dtype=float), (probabilities.shape[1],))
+    return (probabilities >= t).astype(float)
+
+
+def multilabel_f1(
+    y_true: np.ndarray | Sequence[Any],
+    probabilities: np.ndarray | Sequence[Any],
+    thresholds: float | Sequence[float] | np.ndarray = 0.5,
+    *,
+    average: str = "macro",
+) -> float:
+    """F1 of multi-label predictions (positive: probability >= the label's threshold).
+
+    Unknown (NaN) labels are left out of every count.
+
+    Parameters
+    ----------
+    y_true
+        (items, labels) 0 / 1 / NaN.
+    probabilities
+        (items, labels) probabilities.
+    thresholds
+        One threshold, or one per label.
+    average
+        ``"macro"`` (mean of per-label F1), ``"micro"`` (pooled counts), ``"weighted"`` (per-label F1
+        weighted by the label's positives), or ``"samples"`` (mean per-item F1; an item with no true
+        and no predicted positive counts 1).
+
+    Returns
+    -------
+    float
+        F1 in [0, 1]; NaN when undefined (e.g. macro with no positive and no predicted positive at all).
+    """
+    y, p = _multilabel(y_true, probabilities)
+    pred = _binarise(p, thresholds)
+    known = ~np.isnan(y)
+    yk = np.where(known, y, 0.0)
+    pk = np.where(known, pred, 0.0)
+    tp = (yk * pk).sum(axis=0)
+    fp = ((1 - yk) * pk * known).sum(axis=0)
+    fn = (yk * (1 - pk)).sum(axis=0)
+    if average == "micro":
+        denom = 2 * tp.sum() + fp.sum() + fn.sum()
+        return float(2 * tp.sum() / denom) if denom else math.nan
+    if average == "samples":
+        tp_i = (yk * pk).sum(axis=1)
+        denom_i = yk.sum(axis=1) + pk.sum(axis=1)
+        return float(np.mean(np.where(denom_i > 0, 2 * tp_i / np.where(denom_i > 0, denom_i, 1), 1.0)))
+    denom = 2 * tp + fp + fn
+    per_label = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
+    if average == "macro":
+        defined = per_label[~np.isnan(per_label)]
+        return float(defined.mean()) if defined.size else math.nan
+    if average == "weighted":
+        support = yk.sum(axis=0)
+        if support.sum() == 0:
+            return math.nan
+        return float(np.nansum(np.nan_to_num(per_label) * support) / support.sum())
+    raise ValueError(f'average must be "macro", "micro", "weighted" or "samples", got {average!r}')
+
+
+def weighted_ovr_auc(y_true: np.ndarray | Sequence[Any], probabilities: np.ndarray | Sequence[Any]) -> float:
+    """One-vs-rest AUC per label, averaged with weights = the label's positives (the M3 paper's AUC).
+
+    Labels whose known items hold one class only are left out (and do not weigh).
+
+    Parameters
+    ----------
+    y_true
+        (items, labels) 0 / 1 / NaN.
+    probabilities
+        (items, labels) probabilities.
+
+    Returns
+    -------
+    float
+        Weighted mean AUC; NaN when no label has both classes.
+    """
+    y, p = _multilabel(y_true, probabilities)
+    aucs, weights = [], []
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        yj = y[known, j]
+        if 0 < yj.sum() < yj.size:
+            aucs.append(roc_auc(yj, p[known, j]))
+            weights.append(float(yj.sum()))
+    if not aucs:
+        return math.nan
+    return float(np.average(aucs, weights=weights))
+
+
+def hamming_loss(
+    y_true: np.ndarray | Sequence[Any],
+    probabilities: np.ndarray | Sequence[Any],
+    thresholds: float | Sequence[float] | np.ndarray = 0.5,
+) -> float:
+    """Share of wrong (item, label) decisions among the known ones (positive: probability >= threshold).
+
+    Parameters
+    ----------
+    y_true
+        (items, labels) 0 / 1 / NaN.
+    probabilities
+        (items, labels) probabilities (or 0 / 1 predictions).
+    thresholds
+        One threshold, or one per label.
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN when no label is known.
+    """
+    y, p = _multilabel(y_true, probabilities)
+    pred = _binarise(p, thresholds)
+    known = ~np.isnan(y)
+    if not known.any():
+        return math.nan
+    return float(np.mean(pred[known] != y[known]))

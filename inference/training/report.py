@@ -11,11 +11,15 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from inference.training.evaluate import LabelEvaluation
+
+if TYPE_CHECKING:
+    from inference.training.crossval import CVResult
 
 __all__ = ["TextProgress", "draw_roc_png", "write_report"]
 
@@ -168,6 +172,8 @@ def write_report(
     validation: Sequence[LabelEvaluation],
     cross_validation: Mapping[str, Any] | None = None,
     history: Sequence[Mapping[str, Any]] = (),
+    repeated_cv: CVResult | None = None,
+    final_fit: str = "",
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md``, ``roc-test.png`` and ``roc-validation.png``.
 
@@ -185,11 +191,15 @@ def write_report(
         Optional per-label cross-validation results (``{"folds": [...], "<label>": {...}}``).
     history
         Per-epoch training records.
+    repeated_cv
+        The repeated cross-validation (``scheme = "repeated-cv"``): its section replaces the held-out one.
+    final_fit
+        How the package's model was fit after the cross-validation (said in the report).
 
     Returns
     -------
     dict
-        ``json``, ``markdown``, ``roc_test``, ``roc_validation`` -> paths.
+        ``json``, ``markdown``, ``roc_test``, ``roc_validation``, ``roc_cv`` -> paths (those written).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +208,14 @@ def write_report(
         "markdown": out / "report.md",
         "roc_test": out / "roc-test.png",
         "roc_validation": out / "roc-validation.png",
+        "roc_cv": out / "roc-cv.png",
     }
+    if repeated_cv is not None:
+        draw_roc_png(
+            {r.label: r.pooled for r in repeated_cv.labels},
+            paths["roc_cv"],
+            title=f"{title} - pooled out-of-fold",
+        )
     if test:
         draw_roc_png({ev.label: ev for ev in test}, paths["roc_test"], title=f"{title} - held-out test")
     if validation:
@@ -209,6 +226,17 @@ def write_report(
         "test": [ev.as_dict() for ev in test],
         "validation": [ev.as_dict() for ev in validation],
         "cross_validation": dict(cross_validation or {}),
+        "repeated_cv": None
+        if repeated_cv is None
+        else {
+            "folds": repeated_cv.folds,
+            "repeats": repeated_cv.plan.repeats,
+            "permutations": repeated_cv.plan.permutations,
+            "permutation_repeats": repeated_cv.plan.permutation_repeats,
+            "seed": repeated_cv.plan.seed,
+            "labels": [r.as_dict() for r in repeated_cv.labels],
+        },
+        "final_fit": final_fit,
         "history": list(history),
     }
     paths["json"].write_text(
@@ -219,15 +247,21 @@ def write_report(
         if isinstance(value, Mapping):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         lines.append(f"- **{key}**: {value}")
-    lines += ["", "## Held-out test split", ""]
-    lines += _label_table(test) if test else ["(no test split)"]
+    if repeated_cv is not None:
+        lines += ["", *_repeated_cv_lines(repeated_cv)]
+        if final_fit:
+            lines += ["## The package", "", final_fit, ""]
+    else:
+        lines += ["", "## Held-out test split", ""]
+        lines += _label_table(test) if test else ["(no test split)"]
     if test:
         lines += ["", "Thresholds were chosen by Youden's J on the validation split and applied unchanged.", ""]
         lines += ["![ROC, held-out test](roc-test.png)", ""]
         for ev in test:
             lines += [*_calibration_lines(ev), ""]
-    lines += ["## Validation split (early stopping and thresholds)", ""]
-    lines += _label_table(validation) if validation else ["(none)"]
+    if repeated_cv is None:
+        lines += ["## Validation split (early stopping and thresholds)", ""]
+        lines += _label_table(validation) if validation else ["(none)"]
     if cross_validation:
         lines += ["", "## Cross-validation on the development split (patient-level, stratified)", ""]
         lines += ["| label | folds | AUC mean | AUC SD | AUC min | AUC max |", "|---|---|---|---|---|---|"]
@@ -246,6 +280,55 @@ def write_report(
             )
     paths["markdown"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {k: v for k, v in paths.items() if v.exists()}
+
+
+def _repeated_cv_lines(cv: CVResult) -> list[str]:
+    plan = cv.plan
+    lines = [
+        f"## Repeated cross-validation ({cv.folds}-fold x {plan.repeats}, patient-grouped, label-stratified)",
+        "",
+        "Every patient is test data once per repeat; feature selection / early stopping happen inside each "
+        "training part only (nested). The pooled AUC is that of each item's out-of-fold probability averaged "
+        "over the repeats, with a DeLong 95% CI (lesions counted as independent).",
+        "",
+        "| label | n (positive) | pooled AUC (95% CI, DeLong) | AUC per repeat: mean (SD) [min-max] | "
+        "permutation p | threshold | sensitivity | specificity | Brier |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cv.labels:
+        ev, m = r.pooled, r.pooled.metrics
+        spread = (
+            f"{r.repeat_mean:.3f} ({r.repeat_sd:.3f}) [{min(r.repeat_aucs):.3f}-{max(r.repeat_aucs):.3f}]"
+            if r.repeat_aucs
+            else "n/a"
+        )
+        p = f"{r.permutation_p:.3f} ({len(r.null)} permutations)" if r.null else "not run"
+        lines.append(
+            f"| {r.label} | {ev.n} ({ev.positives}) | {ev.auc:.3f} ({_fmt(ev.auc_ci[0])}-{_fmt(ev.auc_ci[1])}) | "
+            f"{spread} | {p} | {r.threshold:.3f} | {_fmt(m.sensitivity)} | {_fmt(m.specificity)} | "
+            f"{ev.calibration.brier:.3f} |"
+        )
+    lines += [
+        "",
+        "Permutation test: labels shuffled between patients and the whole cross-validation rerun "
+        f"({plan.permutation_repeats} repeat per permutation); p = (1 + permutations with a mean pooled AUC at "
+        "least the observed one) / (1 + permutations). The threshold is Youden's on the pooled out-of-fold "
+        "probabilities, so sensitivity and specificity at it are optimistic.",
+        "",
+        "![ROC, pooled out-of-fold](roc-cv.png)",
+        "",
+    ]
+    for r in cv.labels:
+        if r.null:
+            null = np.asarray(r.null)
+            lines.append(
+                f"- {r.label}: observed statistic {r.statistic:.3f}; under shuffled labels mean {null.mean():.3f}, "
+                f"95th percentile {np.quantile(null, 0.95):.3f}"
+            )
+    lines.append("")
+    for r in cv.labels:
+        lines += [*_calibration_lines(r.pooled), ""]
+    return lines
 
 
 def _json_default(value: Any) -> Any:

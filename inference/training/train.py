@@ -5,9 +5,12 @@ The flow of :func:`train`:
 1. **Data**: a DICOM folder + labels CSV, a features CSV (radiomics), or a planted-label phantom
    cohort generated on the spot (:mod:`inference.training.phantom_data`); lesions become cases
    with their method inputs (:mod:`inference.training.datasets`).
-2. **Splits**, all patient-level and stratified (:mod:`inference.training.splits`): a held-out test
-   split, then training / validation; optionally a repeated k-fold cross-validation on the
-   development (training + validation) patients, reported beside the final model.
+2. **Evaluation scheme** (``[split] scheme``), all splits patient-level and stratified
+   (:mod:`inference.training.splits`): ``holdout`` - a held-out test split, then training /
+   validation, optionally a k-fold cross-validation on the development patients reported beside;
+   ``repeated-cv`` (default below 200 patients, :mod:`inference.training.crossval`) - repeated
+   nested k-fold with pooled out-of-fold AUC, DeLong CI, spread across repeats, calibration and a
+   permutation test, then the package is fit on all patients with the same recipe.
 3. **Fit** on the training split only: normalisation statistics (and M4 RadScores) from the
    training split; class balancing; augmentation; early stopping on the validation split (the
    weights of the best validation epoch are kept).
@@ -28,14 +31,21 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inference.comparator import RadiomicsComparator, RadScore, fit_radscore
+from inference.radiomics.features import (
+    canonical_settings,
+    comparator_params,
+    settings_mismatch,
+    uncomputable_features,
+)
 from inference.training.config import TrainConfig
+from inference.training.crossval import CVResult, repeated_cv
 from inference.training.datasets import (
     DEFAULT_INPUTS,
     REGIONS,
@@ -211,9 +221,18 @@ def _fit_comparator(config: TrainConfig, train: CaseSet, val: CaseSet, progress:
     r = config.radiomics
     y = train.y[:, 0]
     keep = ~np.isnan(y)
-    progress("fitting", 0, 1, "univariate filter, LASSO, random forest")
+    progress(
+        "fitting", 0, 1, "RFE, random forest" if r.selection == "rfe" else "univariate filter, LASSO, random forest"
+    )
     comparator = RadiomicsComparator(
-        p_value=r.p_value, test=r.test, cv_folds=r.cv_folds, n_trees=r.n_trees, max_depth=r.max_depth, seed=config.seed
+        p_value=r.p_value,
+        test=r.test,
+        cv_folds=r.cv_folds,
+        n_trees=r.n_trees,
+        max_depth=r.max_depth,
+        seed=config.seed,
+        selection_method="rfe" if r.selection == "rfe" else "lasso",
+        rfe_features=r.rfe_features,
     ).fit(
         train.features["tumour"][keep],
         y[keep],
@@ -425,17 +444,71 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _csv_settings(config: TrainConfig, cases: CaseSet) -> str:
+    """The pyradiomics settings a features CSV was computed with (``[radiomics] params`` / ``--params``).
+
+    Checked against the CSV's ``diagnostics_Configuration_*`` columns when it has them, and every
+    feature name must be one the node computes with those settings. Without parameters the package
+    records no settings and the DICOM pipeline refuses it (the report says so).
+
+    Raises
+    ------
+    TrainingDataError
+        The parameters disagree with the CSV's diagnostics, or name features they would not compute.
+    """
+    params = config.radiomics.params
+    if params is None:
+        logger.warning(
+            "features CSV without [radiomics] params / --params: the package cannot run on DICOM studies; "
+            "give the pyradiomics parameter file the features were computed with"
+        )
+        return ""
+    try:
+        settings = canonical_settings(params)
+    except (OSError, ValueError) as exc:
+        raise TrainingDataError(f"radiomics parameters {params}: {exc}") from None
+    mismatch = settings_mismatch(settings, cases.diagnostics)
+    if mismatch:
+        raise TrainingDataError(f"the features CSV was not computed with {params.name}: " + "; ".join(mismatch))
+    names = [n for names in cases.feature_names.values() for n in names]
+    missing = uncomputable_features(settings, names)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TrainingDataError(
+            f"{len(missing)} feature column(s) of the CSV cannot be computed by the node with {params.name}: {shown}; "
+            "give the parameter file the CSV was computed with, or leave those columns out of the features"
+        )
+    return settings
+
+
 def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[CaseSet, dict[str, Any]]:
     data = config.data
     method = config.method
     spec = {**DEFAULT_INPUTS[method], **dict(config.input)}
     regions = package_regions(method)
-    params = str(config.radiomics.params) if config.radiomics.params else None
+    params: Path | Mapping[str, Any] | None = config.radiomics.params
+    if params is None and method == "radiomics":
+        params = comparator_params()
     described: dict[str, Any] = {"source": data.source}
     if data.source == "features":
         assert data.features is not None
-        cases = read_features_csv(data.features, config.labels, features=data.feature_columns)
+        cases = read_features_csv(
+            data.features,
+            config.labels,
+            features=data.feature_columns,
+            prefixes=data.feature_prefixes,
+            regex=data.feature_regex,
+            ignore=data.ignore_columns,
+        )
         described["description"] = f"radiomic features from {data.features.name}"
+        selection = cases.column_selection
+        if selection is not None:
+            described["feature_columns"] = f"{len(selection.features)} ({selection.rule})"
+            if selection.label_like:
+                described["label-like columns never used as features"] = ", ".join(selection.label_like)
+        cases.radiomics_settings = _csv_settings(config, cases)
+        if not cases.radiomics_settings:
+            described["deployable on DICOM"] = "no: the pyradiomics parameters of the CSV were not given (--params)"
         return cases, described
     if data.source == "phantom":
         assert data.phantom is not None
@@ -458,7 +531,7 @@ def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[Ca
         labels_csv,
         input_spec=spec,
         regions=regions,
-        radiomics_params=Path(params) if params else None,
+        radiomics_params=params,
         min_volume_ml=data.min_lesion_ml,
         progress=lambda d, t: progress("loading", d, t, "studies"),
     )
@@ -478,6 +551,8 @@ class TrainResult:
     validation: tuple[LabelEvaluation, ...]
     thresholds: dict[str, float]
     seconds: float
+    cross_validation: CVResult | None = None
+    """The repeated cross-validation (``scheme = "repeated-cv"``), else None."""
 
 
 def _evaluate(
@@ -506,7 +581,7 @@ def _cross_validate(config: TrainConfig, cases: CaseSet, dev: np.ndarray, progre
     split = config.split
     patients = [cases.patients[i] for i in dev]
     y = cases.y[dev]
-    folds = list(patient_kfold(patients, y, k=split.cv_folds, repeats=split.cv_repeats, seed=config.seed))
+    folds = list(patient_kfold(patients, y, k=split.cv_folds, repeats=split.cv_repeats or 1, seed=config.seed))
     per_label: dict[str, list[float]] = {label: [] for label in config.labels}
     for n, fold in enumerate(folds, start=1):
         fold_train, fold_test = dev[fold.train], dev[fold.test]
@@ -537,6 +612,76 @@ def _cross_validate(config: TrainConfig, cases: CaseSet, dev: np.ndarray, progre
                 "aucs": [round(float(v), 4) for v in a],
             }
     return out
+
+
+def _relabelled(cases: CaseSet, y: np.ndarray) -> CaseSet:
+    """The same cases with the labels ``y`` (the permutation test's shuffled labels)."""
+    if np.array_equal(y, cases.y, equal_nan=True):
+        return cases
+    return replace(
+        cases, cases=[replace(c, labels=tuple(float(v) for v in row)) for c, row in zip(cases.cases, y, strict=True)]
+    )
+
+
+def _repeated_cv(config: TrainConfig, cases: CaseSet, progress: Progress) -> CVResult:
+    """Repeated patient-grouped stratified k-fold CV of the configured recipe, with a permutation test.
+
+    Model selection is nested: the comparator chooses its LASSO penalty (or RFE features) inside each
+    outer training part; networks stop early on a validation split of the outer training part.
+    """
+    plan = config.split.cv_plan(config.method, config.seed)
+    all_patients = cases.patients
+
+    def fit_predict(train_items: np.ndarray, test_items: np.ndarray, y: np.ndarray) -> np.ndarray:
+        labelled = _relabelled(cases, y)
+        if config.method == "radiomics":
+            inner_train, inner_val = train_items, np.zeros(0, dtype=int)
+        else:
+            a, b = patient_split(
+                [all_patients[i] for i in train_items],
+                y[train_items],
+                fraction=config.split.val_fraction,
+                seed=config.seed + 1000 + int(test_items[0]),
+            )
+            inner_train, inner_val = train_items[a], train_items[b]
+        assert_patient_disjoint(all_patients, inner_train, inner_val, test_items)
+        fitted = _fit(config, labelled.subset(inner_train), labelled.subset(inner_val), _no_progress)
+        return fitted.predictor.predict(labelled.subset(test_items))
+
+    try:
+        return repeated_cv(all_patients, cases.y, config.labels, fit_predict, plan, progress=progress)
+    except ValueError as exc:
+        raise TrainingDataError(f"repeated cross-validation is not possible on this data: {exc}") from None
+
+
+def _split_description(config: TrainConfig, scheme: str, cv: CVResult | None) -> str:
+    if cv is None:
+        return "patient-level, stratified; held-out test, then training / validation"
+    plan = cv.plan
+    return (
+        f"repeated cross-validation: {cv.folds}-fold x {plan.repeats} repeats, patient-grouped, label-stratified, "
+        f"nested model selection; permutation test with {plan.permutations} label permutations "
+        f"({plan.permutation_repeats} repeat each)"
+        + (" (scheme auto: fewer than 200 patients)" if config.split.scheme == "auto" else "")
+    )
+
+
+def _final_fit_description(config: TrainConfig, cv: CVResult | None, counts: Mapping[str, int]) -> str:
+    if cv is None:
+        return ""
+    if config.method == "radiomics":
+        return (
+            f"The package's model was then fit on all {counts['patients']} patients ({counts['lesions']} lesions) "
+            "with the same recipe (feature selection inside); its threshold is the Youden threshold of the pooled "
+            "out-of-fold probabilities. The cross-validated numbers above estimate how this recipe performs on "
+            "new patients; the package itself has no held-out evaluation."
+        )
+    return (
+        f"The package's network was then trained on {counts['train_patients']} of the {counts['patients']} patients, "
+        f"early stopping on the other {counts['validation_patients']} (validation fraction "
+        f"{config.split.val_fraction}); its threshold is the Youden threshold of the pooled out-of-fold "
+        "probabilities. The cross-validated numbers above estimate how this recipe performs on new patients."
+    )
 
 
 def _set_threads(threads: int) -> None:
@@ -595,22 +740,45 @@ def train(
         known = y[~np.isnan(y[:, j]), j]
         if not 0 < known.sum() < known.size:
             raise TrainingDataError(f"label {label} has a single class in the data; cannot train")
-    if config.split.test_fraction > 0:
-        dev, test_idx = patient_split(patients, y, fraction=config.split.test_fraction, seed=config.seed)
+    scheme = config.split.resolved_scheme(len(set(patients)))
+    cv_result: CVResult | None = None
+    cross_validation: dict[str, Any] = {}
+    if scheme == "repeated-cv":
+        cv_result = _repeated_cv(config, cases, progress)
+        # the final package: every patient (networks keep a validation part for early stopping)
+        everyone = np.arange(len(cases))
+        if config.method == "radiomics":
+            train_idx, val_idx = everyone, np.zeros(0, dtype=int)
+        else:
+            rel_train, rel_val = patient_split(patients, y, fraction=config.split.val_fraction, seed=config.seed + 1)
+            train_idx, val_idx = everyone[rel_train], everyone[rel_val]
+        test_idx = np.zeros(0, dtype=int)
     else:
-        dev, test_idx = np.arange(len(cases)), np.zeros(0, dtype=int)
-    rel_train, rel_val = patient_split(
-        [patients[i] for i in dev], y[dev], fraction=config.split.val_fraction, seed=config.seed + 1
-    )
-    train_idx, val_idx = dev[rel_train], dev[rel_val]
+        if config.split.test_fraction > 0:
+            dev, test_idx = patient_split(patients, y, fraction=config.split.test_fraction, seed=config.seed)
+        else:
+            dev, test_idx = np.arange(len(cases)), np.zeros(0, dtype=int)
+        rel_train, rel_val = patient_split(
+            [patients[i] for i in dev], y[dev], fraction=config.split.val_fraction, seed=config.seed + 1
+        )
+        train_idx, val_idx = dev[rel_train], dev[rel_val]
+        cross_validation = _cross_validate(config, cases, dev, progress) if config.split.cv_folds else {}
     assert_patient_disjoint(patients, train_idx, val_idx, test_idx)
-    cross_validation = _cross_validate(config, cases, dev, progress) if config.split.cv_folds else {}
     train_set, val_set, test_set = cases.subset(train_idx), cases.subset(val_idx), cases.subset(test_idx)
     fitted = _fit(config, train_set, val_set, progress)
-    p_val = fitted.predictor.predict(val_set)
-    thresholds = _thresholds(config.labels, val_set.y, p_val)
-    validation = _evaluate(config.labels, val_set.y, p_val, thresholds)
-    test = _evaluate(config.labels, test_set.y, fitted.predictor.predict(test_set), thresholds) if len(test_set) else []
+    if cv_result is not None:
+        thresholds = cv_result.thresholds
+        validation: list[LabelEvaluation] = []
+        test: list[LabelEvaluation] = []
+    else:
+        p_val = fitted.predictor.predict(val_set)
+        thresholds = _thresholds(config.labels, val_set.y, p_val)
+        validation = _evaluate(config.labels, val_set.y, p_val, thresholds)
+        test = (
+            _evaluate(config.labels, test_set.y, fitted.predictor.predict(test_set), thresholds)
+            if len(test_set)
+            else []
+        )
     counts = {
         "patients": len(set(patients)),
         "lesions": len(cases),
@@ -626,10 +794,10 @@ def train(
         **described,
         **counts,
         "positives": positives,
-        "split": "patient-level, stratified; held-out test, then training / validation",
+        "split": _split_description(config, scheme, cv_result),
         "seed": config.seed,
     }
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {r.label: r.summary() for r in cv_result.labels} if cv_result else {}
     evaluated = test or validation
     for ev in evaluated:
         table = {"split": "held-out test" if test else "validation", **ev.summary()}
@@ -674,6 +842,7 @@ def train(
         "validation status": pkg["validation_status"],
         "intended use": pkg["intended_use"],
         "training data": described["description"],
+        "evaluation": training_data["split"],
         "patients (train / validation / test)": (
             f"{counts['train_patients']} / {counts['validation_patients']} / {counts['test_patients']}"
         ),
@@ -681,7 +850,7 @@ def train(
             f"{counts['train_lesions']} / {counts['validation_lesions']} / {counts['test_lesions']}"
         ),
         "evaluation unit": "lesion" + (" (mean of its slice probabilities)" if config.method == "m3" else ""),
-        "thresholds (Youden, validation)": thresholds,
+        f"thresholds (Youden, {'pooled out-of-fold' if cv_result else 'validation'})": thresholds,
         "seed": config.seed,
     }
     if config.method != "radiomics":
@@ -694,6 +863,9 @@ def train(
     else:
         sel = fitted.input_extra
         summary["selected features"] = ", ".join(sel["features"])
+        for key in ("feature_columns", "label-like columns never used as features", "deployable on DICOM"):
+            if key in described:
+                summary[key] = described[key]
     report = write_report(
         package_dir / "report",
         title=f"{pkg['name']} {pkg['version']}",
@@ -702,7 +874,9 @@ def train(
         validation=validation,
         cross_validation=cross_validation,
         history=fitted.history,
+        repeated_cv=cv_result,
+        final_fit=_final_fit_description(config, cv_result, counts),
     )
     seconds = time.monotonic() - started
     logger.info("trained %s in %.0f s", pkg["name"], seconds)
-    return TrainResult(package_dir, report, tuple(test), tuple(validation), thresholds, seconds)
+    return TrainResult(package_dir, report, tuple(test), tuple(validation), thresholds, seconds, cv_result)

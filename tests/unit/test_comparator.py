@@ -124,7 +124,7 @@ def test_train_from_features_csv_writes_a_skops_package(tmp_path):
             "labels": ["KRAS"],
             "package": {"name": "rad-test", "version": "1", "validation_status": "RESEARCH", "intended_use": "test"},
             "data": {"features": str(features)},
-            "split": {"test_fraction": 0.25, "cv_folds": 3},
+            "split": {"scheme": "holdout", "test_fraction": 0.25, "cv_folds": 3},
         }
     )
     result = train(config, tmp_path / "pkg")

@@ -186,9 +186,11 @@ def test_si4_falls_when_a_lobulated_border_becomes_smooth() -> None:
     assert smooth.si4 == 0.0
     delta = feature_deltas(lobed, smooth)["si4"]
     assert delta.relative == pytest.approx(-1.0)
-    back = feature_deltas(smooth, lobed)["si4"]  # baseline 0: the absolute change is used
-    assert back.relative is None
-    assert back.value == pytest.approx(lobed.si4)
+    legacy = feature_deltas(smooth, lobed, definition="relative")["si4"]  # baseline 0: absolute change
+    assert legacy.relative is None
+    assert legacy.value == pytest.approx(lobed.si4)
+    back = feature_deltas(smooth, lobed)["si4"]  # symmetric (default): continuous, the same sign
+    assert back.value == pytest.approx(lobed.si4 / (lobed.si4 / 2 + 0.2))
 
 
 def test_patient_features_are_volume_weighted() -> None:
@@ -203,16 +205,26 @@ def test_patient_features_are_volume_weighted() -> None:
         patient_features([])
 
 
-def test_delta_is_relative_unless_the_baseline_is_zero() -> None:
-    assert feature_delta("log_z_entropy", 5.0, 4.0).value == pytest.approx(-0.2)
-    assert feature_delta("ngtdm_contrast", -0.5, -0.25).value == pytest.approx(0.5)  # divided by |baseline|
-    zero = feature_delta("si4", 0.0, 0.03)
+def test_legacy_delta_is_relative_unless_the_baseline_is_zero() -> None:
+    def rel(name: str, b: float, f: float):
+        return feature_delta(name, b, f, definition="relative")
+
+    assert rel("log_z_entropy", 5.0, 4.0).value == pytest.approx(-0.2)
+    assert rel("ngtdm_contrast", -0.5, -0.25).value == pytest.approx(0.5)  # divided by |baseline|
+    zero = rel("si4", 0.0, 0.03)
     assert (zero.relative, zero.value, zero.is_relative) == (None, pytest.approx(0.03), False)
-    tiny = feature_delta("si4", 5e-7, 0.01)
+    tiny = rel("si4", 5e-7, 0.01)
     assert tiny.relative is None
-    assert feature_delta("si4", 2e-6, 4e-6).relative == pytest.approx(1.0)
-    deltas = FeatureDeltas(tuple(feature_delta(n, 1.0, 1.0 + i) for i, n in enumerate(FEATURE_NAMES)))
+    assert rel("si4", 2e-6, 4e-6).relative == pytest.approx(1.0)
+    deltas = FeatureDeltas(tuple(rel(n, 1.0, 1.0 + i) for i, n in enumerate(FEATURE_NAMES)))
     assert deltas.vector() == (0.0, 1.0, 2.0, 3.0)
     assert deltas.as_dict()["ngtdm_contrast"] == 3.0
+
+
+def test_symmetric_delta_by_default() -> None:
+    d = feature_delta("log_z_entropy", 5.0, 4.0)
+    assert d.value == pytest.approx(-1.0 / (4.5 + 0.01)) and d.is_relative
+    assert d.relative == pytest.approx(-0.2)  # the relative change is kept beside it
+    deltas = FeatureDeltas(tuple(feature_delta(n, 1.0, 1.0 + i) for i, n in enumerate(FEATURE_NAMES)))
     with pytest.raises(KeyError):
         deltas["volume"]

@@ -293,7 +293,7 @@ def _tiny_config(cohort, **training):
         "input": {"shape": [16, 16], "margin_px": 2},
         "architecture": {"width": 0.1, "blocks": 1, "convs_per_block": 1},
         "training": {"epochs": 3, "batch_size": 4, "patience": 5, "augment": {"probability": 0.5}, **training},
-        "split": {"test_fraction": 0.25, "val_fraction": 0.34},
+        "split": {"scheme": "holdout", "test_fraction": 0.25, "val_fraction": 0.34},
     }
 
 
@@ -429,6 +429,7 @@ def test_cli_train_writes_a_package(cohort, tmp_path, capsys):
         "epochs = 1",
         "batch_size = 4",
         "[split]",
+        'scheme = "holdout"',
         "test_fraction = 0.25",
         "val_fraction = 0.34",
     ]
