@@ -20,8 +20,9 @@ Example (every table optional except ``[package]`` and a data source)::
     min_lesion_ml = 0.05
 
     [input]                         # method input parameters (docs/models.md); defaults: the papers'
-    shape = [80, 80]
-    margin_px = 20
+    roi_set = "A2"                  # M1: ROI | A1 | A2 | A3 (He et al.: ROI + 0 / 10 / 20 / 30 px in all)
+    shape = [80, 80]                # (set by roi_set unless given)
+    margin_px = 10                  # M1: pixels on each side (set by roi_set unless given)
 
     [architecture]                  # network keyword arguments (width, blocks, ...)
     width = 0.5
@@ -339,6 +340,9 @@ def config_from_mapping(
     if radiomics.radscore_label is not None and radiomics.radscore_label not in labels:
         problems.append(f"radiomics.radscore_label: {radiomics.radscore_label!r} is not one of the labels")
 
+    input_table = _table(data, "input", problems)
+    if chosen == "m1" and input_table.get("roi_set", "A2") not in ("custom", "ROI", "A1", "A2", "A3"):
+        problems.append(f"input.roi_set: ROI, A1, A2, A3 (He et al. 2020) or custom, got {input_table['roi_set']!r}")
     architecture = _table(data, "architecture", problems)
     if architecture and chosen == "radiomics":
         problems.append("architecture: the radiomics comparator has no network")
@@ -356,7 +360,7 @@ def config_from_mapping(
         labels=tuple(labels),
         package=package,
         data=data_settings,
-        input=_table(data, "input", problems),
+        input=input_table,
         architecture=architecture,
         training=training,
         split=split,

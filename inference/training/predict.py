@@ -109,6 +109,11 @@ def caseset_for_package(
     CaseSet
     """
     spec = dict(package.input_spec)
+    if package.method == "m1":  # a package without margin_px crops as it was trained (20 px per side)
+        from inference.imaging.roi import M1_LEGACY_MARGIN_PX
+
+        spec.setdefault("margin_px", M1_LEGACY_MARGIN_PX)
+        spec.setdefault("roi_set", "custom")
     settings = spec.get("radiomics_settings")
     params = radiomics_params(settings) if isinstance(settings, str) and settings else None
     return build_caseset(

@@ -37,12 +37,12 @@ import numpy as np
 from inference.comparator import RadiomicsComparator, RadScore, fit_radscore
 from inference.training.config import TrainConfig
 from inference.training.datasets import (
-    DEFAULT_INPUTS,
     REGIONS,
     CaseSet,
     TrainingDataError,
     build_caseset,
     read_features_csv,
+    resolve_input_spec,
 )
 from inference.training.evaluate import LabelEvaluation, evaluate_label, roc_auc, youden_threshold
 from inference.training.phantom_data import cohort_folder, make_phantom_cohort
@@ -428,7 +428,7 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
 def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[CaseSet, dict[str, Any]]:
     data = config.data
     method = config.method
-    spec = {**DEFAULT_INPUTS[method], **dict(config.input)}
+    spec = resolve_input_spec(method, config.input)
     regions = package_regions(method)
     params = str(config.radiomics.params) if config.radiomics.params else None
     described: dict[str, Any] = {"source": data.source}
@@ -642,7 +642,7 @@ def train(
             table["cv_auc_sd"] = round(cv["auc_sd"], 4)
             table["cv_folds"] = cv["folds"]
         metrics[ev.label] = table
-    spec = {**DEFAULT_INPUTS[config.method], **dict(config.input), **fitted.input_extra}
+    spec = {**resolve_input_spec(config.method, config.input), **fitted.input_extra}
     if config.method == "m2":
         spec["covariates"] = ["age", "sex", "smoking"]
     if config.method == "m3":
