@@ -31,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, required=True, help="training configuration (TOML)")
     parser.add_argument("--out", type=Path, required=True, help="package folder to create")
     parser.add_argument("--work", type=Path, help="folder for generated phantom cohorts (kept and reused)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start the network from this weights file or SimCLR checkpoint folder (overrides training.init_from)",
+    )
+    parser.add_argument(
+        "--pretrain",
+        choices=("simclr",),
+        help="m3 only: SimCLR self-supervised pretraining on unlabelled lesion crops; --out gets a checkpoint folder",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -50,6 +60,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_train_config(args.config, args.method)
+        if args.init_from is not None:
+            import dataclasses
+
+            if not args.init_from.exists():
+                raise ConfigError([f"--init-from: {args.init_from} does not exist"])
+            training = dataclasses.replace(config.training, init_from=args.init_from.resolve())
+            config = dataclasses.replace(config, training=training)
+        if args.pretrain:
+            from inference.training.simclr import pretrain
+
+            if config.method != "m3":
+                raise ConfigError([f"--pretrain simclr: only m3 has a SimCLR stage, not {config.method}"])
+            checkpoint = pretrain(config, args.out, work_dir=args.work, progress=None if args.quiet else TextProgress())
+            print(f"checkpoint: {checkpoint.folder}")
+            print(
+                f"  {checkpoint.crops} crops of {checkpoint.lesions} lesions, {checkpoint.epochs} epochs, "
+                f"NT-Xent {checkpoint.first_loss:.3f} -> {checkpoint.last_loss:.3f}"
+            )
+            print(f"next: pacs-agent train m3 --config ... --init-from {checkpoint.folder} --out PKG_DIR")
+            return EXIT_OK
         result = train(config, args.out, work_dir=args.work, progress=None if args.quiet else TextProgress())
     except ConfigError as exc:
         print(f"pacs-agent train: {exc}", file=sys.stderr)

@@ -35,6 +35,9 @@ Example (every table optional except ``[package]`` and a data source)::
     patience = 8                    # early stopping on the validation split
     monitor = "loss"                # loss | auc
     balance = "sampler"             # none | sampler | loss | median
+    stages = "single"               # single | staged (M2 default: new FC layers first, then all layers)
+    head_epochs = 10                # staged: at most this many epochs of stage 1
+    init_from = "/site/weights.pt"  # optional: trunk weights file or SimCLR checkpoint folder (never downloaded)
     [training.augment]
     probability = 0.8
     translate_px = [5, 10, 15, 20]
@@ -45,6 +48,11 @@ Example (every table optional except ``[package]`` and a data source)::
     val_fraction = 0.2              # of the rest: early stopping + thresholds
     cv_folds = 5                    # optional k-fold on the development split
     cv_repeats = 2
+
+    [pretrain]                      # M3 only: pacs-agent train m3 --pretrain simclr (docs/models.md)
+    studies = "/data/unlabelled"    # any folder of CT + SEG / RTSTRUCT (default: [data] studies)
+    epochs = 1000
+    temperature = 0.5
 
     [radiomics]                     # radiomics comparator and M4 RadScores
     params = "../radiomics/default.yaml"
@@ -90,7 +98,16 @@ METHODS = tuple(dict.fromkeys(spec.package for spec in REGISTRY if spec.package 
 
 _PAPER_TRAINING: dict[str, dict[str, Any]] = {
     "m1": {"optimizer": "adam", "lr": 1e-3, "batch_size": 40, "balance": "sampler"},
-    "m2": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "balance": "loss"},
+    "m2": {
+        "optimizer": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "batch_size": 16,
+        "epochs": 100,
+        "patience": 5,
+        "balance": "loss",
+        "stages": "staged",
+    },
     "m3": {
         "optimizer": "sgd",
         "lr": 1e-3,
@@ -121,6 +138,9 @@ class TrainingSettings:
     monitor: str = "loss"
     balance: str = "sampler"
     augment: Augmentation = field(default_factory=Augmentation)
+    stages: str = "single"
+    head_epochs: int = 10
+    init_from: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +199,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     path: Path | None = None
+    pretrain: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _table(data: Mapping[str, Any], key: str, problems: list[str]) -> dict[str, Any]:
@@ -242,7 +263,7 @@ def config_from_mapping(
     """Validate a parsed training configuration (see :func:`load_train_config`)."""
     problems: list[str] = []
     top = {"method", "labels", "seed", "threads", "package", "data", "input", "architecture", "training", "split"}
-    _known(data, top | {"radiomics"}, "config", problems)
+    _known(data, top | {"radiomics", "pretrain"}, "config", problems)
     file_method = data.get("method")
     if method and file_method and method != file_method:
         problems.append(f"method: the file says {file_method!r} but {method!r} was asked for")
@@ -309,6 +330,8 @@ def config_from_mapping(
 
     training_table = _table(data, "training", problems)
     augment_table = training_table.pop("augment", None)
+    if training_table.get("init_from"):
+        training_table["init_from"] = resolve(training_table["init_from"])
     paper = _PAPER_TRAINING[chosen]
     training = _settings(TrainingSettings, training_table, "training", problems, **paper)
     try:
@@ -322,6 +345,12 @@ def config_from_mapping(
         problems.append(f"training.monitor: loss or auc, got {training.monitor!r}")
     if training.balance not in ("none", "sampler", "loss", "median"):
         problems.append(f"training.balance: none, sampler, loss or median, got {training.balance!r}")
+    if training.stages not in ("single", "staged"):
+        problems.append(f"training.stages: single or staged, got {training.stages!r}")
+    if training.stages == "staged" and (chosen == "radiomics" or training.head_epochs < 1):
+        problems.append("training.stages: staged needs a network method and head_epochs >= 1")
+    if training.init_from is not None and not training.init_from.exists():
+        problems.append(f"training.init_from: {training.init_from} does not exist")
     if training.epochs < 1 or training.batch_size < 1 or training.lr <= 0 or training.patience < 1:
         problems.append("training: epochs, batch_size, patience must be >= 1 and lr > 0")
 
@@ -350,6 +379,9 @@ def config_from_mapping(
         from inference.networks import architecture_keys
 
         _known(architecture, set(architecture_keys(chosen)), "architecture", problems)
+    pretrain_table = _table(data, "pretrain", problems)
+    if pretrain_table and chosen != "m3":
+        problems.append("pretrain: SimCLR pretraining is an m3 stage")
     seed, threads = data.get("seed", 0), data.get("threads", 1)
     if not isinstance(seed, int) or seed < 0 or not isinstance(threads, int) or threads < 1:
         problems.append("seed must be an integer >= 0 and threads an integer >= 1")
@@ -368,4 +400,5 @@ def config_from_mapping(
         seed=seed,
         threads=threads,
         path=path,
+        pretrain=pretrain_table,
     )

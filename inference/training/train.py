@@ -45,6 +45,7 @@ from inference.training.datasets import (
     resolve_input_spec,
 )
 from inference.training.evaluate import LabelEvaluation, evaluate_label, roc_auc, youden_threshold
+from inference.training.initialise import RANDOM_INIT, load_initial_weights
 from inference.training.phantom_data import cohort_folder, make_phantom_cohort
 from inference.training.predict import Predictor, package_regions
 from inference.training.report import write_report
@@ -196,6 +197,9 @@ class Fitted:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int = 0
     best_epoch: int = 0
+    initialisation: str = ""
+    init_table: dict[str, Any] = field(default_factory=dict)
+    stages: str = ""
 
 
 def _skops_bytes(estimator: Any) -> bytes:
@@ -294,7 +298,7 @@ class _NetworkFit:
         """Train with early stopping; returns the best validation epoch's model."""
         import torch
 
-        from inference.networks import build_model, build_network
+        from inference.networks import build_model, build_network, head_parameter_names
 
         cfg = self.config.training
         torch.manual_seed(self.config.seed)
@@ -317,26 +321,73 @@ class _NetworkFit:
                 },
             }
         network = build_network(self.method, self.labels, self.config.architecture)
+        initialisation = RANDOM_INIT
+        init_table: dict[str, Any] = {"source": RANDOM_INIT}
+        if cfg.init_from is not None:
+            loaded = load_initial_weights(network, cfg.init_from)
+            initialisation, init_table = loaded.describe(), loaded.as_table()
         model = build_model(self.method, network, self.labels, norm)
         predictor = Predictor(self.method, self.labels, model, radscores)
+        self._model, self._network, self._predictor = model, network, predictor
+        self._train, self._val, self._raw_scores = train, val, raw_scores
+        _, y_all = self._items(train)
+        known = ~np.all(np.isnan(y_all), axis=1)
+        self._item_index = np.flatnonzero(known)
+        self._pos_weight = torch.tensor(_pos_weight(y_all[self._item_index]), dtype=torch.float32, device=model.device)
+        history: list[dict[str, Any]] = []
+        stages: list[tuple[str, list[Any], int]] = []
+        if cfg.stages == "staged":
+            head = set(head_parameter_names(self.method, network))
+            stages.append(
+                (
+                    "new layers",
+                    [p for n, p in network.named_parameters() if n in head],
+                    min(cfg.head_epochs, cfg.epochs),
+                )
+            )
+        stages.append(("all layers", list(network.parameters()), cfg.epochs))
+        best_epochs = []
+        for name, params, epochs in stages:
+            stopper = self._run_stage(name, params, epochs, history)
+            best_epochs.append(f"{name}: {stopper.epochs} epochs, best {stopper.best_epoch}")
+        network.eval()
+        return Fitted(
+            predictor=predictor,
+            normalisation=norm,
+            input_extra=input_extra,
+            weights={"model": ("model.pt", network)},
+            history=history,
+            stopped_epoch=len(history),
+            best_epoch=stopper.best_epoch,
+            initialisation=initialisation,
+            init_table=init_table,
+            stages="; ".join(best_epochs),
+        )
+
+    def _run_stage(self, stage: str, params: list[Any], epochs: int, history: list[dict[str, Any]]) -> EarlyStopping:
+        """Train ``params`` (the rest frozen) with early stopping; the network ends at the stage's best epoch."""
+        import torch
+
+        cfg = self.config.training
+        network, model, predictor = self._network, self._model, self._predictor
+        train, val = self._train, self._val
         device = model.device
-        params = [p for p in network.parameters() if p.requires_grad]
+        trainable = {id(p) for p in params}
+        for p in network.parameters():
+            p.requires_grad_(id(p) in trainable)
         if cfg.optimizer == "sgd":
             optimiser: Any = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         x_all, y_all = self._items(train)
-        known = ~np.all(np.isnan(y_all), axis=1)
-        item_index = np.flatnonzero(known)
+        item_index = self._item_index
         y_items = y_all[item_index]
-        pos_weight = torch.tensor(_pos_weight(y_items), dtype=torch.float32, device=device)
         stopper = EarlyStopping(
             cfg.patience, "min" if cfg.monitor == "loss" else "max", cfg.min_delta, min_epochs=cfg.min_epochs
         )
         best_state = copy.deepcopy(network.state_dict())
-        history: list[dict[str, Any]] = []
         owner = train.slice_owner
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             started = time.monotonic()
             network.train()
             order = item_index[epoch_order(y_items, cfg.balance, self.rng)]
@@ -347,18 +398,20 @@ class _NetworkFit:
                     continue
                 x = cfg.augment.apply(x_all[idx], self.rng) if cfg.augment.active else x_all[idx]
                 case_idx = owner[idx] if self.method == "m3" and owner is not None else idx
-                tensors = [t.to(device) for t in model.pre_process(self._batch_inputs(train, x, case_idx, raw_scores))]
+                batch = self._batch_inputs(train, x, case_idx, self._raw_scores)
+                tensors = [t.to(device) for t in model.pre_process(batch)]
                 target = torch.tensor(y_all[idx], dtype=torch.float32, device=device)
                 logits = network(*tensors)
-                loss = self._loss(logits, target, pos_weight if cfg.balance == "loss" else None)
+                loss = self._loss(logits, target, self._pos_weight if cfg.balance == "loss" else None)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 losses.append(float(loss.detach()))
             p_val = predictor.predict(val)
             y_val = val.y
-            record = {
-                "epoch": epoch,
+            record: dict[str, Any] = {
+                "epoch": len(history) + 1,
+                "stage": stage,
                 "train_loss": float(np.mean(losses)) if losses else math.nan,
                 "val_loss": _bce(y_val, p_val),
                 "val_auc": _mean_auc(y_val, p_val),
@@ -370,24 +423,18 @@ class _NetworkFit:
             self.progress(
                 "epochs",
                 epoch,
-                cfg.epochs,
-                f"loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f} val AUC {record['val_auc']:.3f}",
+                epochs,
+                f"{stage}: loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f} "
+                f"val AUC {record['val_auc']:.3f}",
             )
             if stopper.should_stop:
-                logger.info("early stopping after epoch %d (best epoch %d)", epoch, stopper.best_epoch)
-                self.progress("epochs", cfg.epochs, cfg.epochs, f"early stop, best epoch {stopper.best_epoch}")
+                logger.info("%s: early stopping after epoch %d (best epoch %d)", stage, epoch, stopper.best_epoch)
+                self.progress("epochs", epochs, epochs, f"early stop, best epoch {stopper.best_epoch}")
                 break
         network.load_state_dict(best_state)
-        network.eval()
-        return Fitted(
-            predictor=predictor,
-            normalisation=norm,
-            input_extra=input_extra,
-            weights={"model": ("model.pt", network)},
-            history=history,
-            stopped_epoch=len(history),
-            best_epoch=stopper.best_epoch,
-        )
+        for p in network.parameters():
+            p.requires_grad_(True)
+        return stopper
 
     def _loss(self, logits: Any, target: Any, pos_weight: Any) -> Any:
         import torch
@@ -664,6 +711,8 @@ def train(
     if config.method != "radiomics":
         metadata["architecture"] = dict(config.architecture)
         metadata["normalisation"] = fitted.normalisation
+        training_data["initialisation"] = fitted.init_table
+        training_data["fine_tuning"] = config.training.stages
     if pkg.get("label_names"):
         metadata["label_names"] = dict(pkg["label_names"])
     package_dir = write_package(out, metadata, fitted.weights)
@@ -691,6 +740,9 @@ def train(
             f"best epoch {fitted.best_epoch}; balance {cfg.balance}"
         )
         summary["architecture"] = dict(config.architecture) or "paper-sized defaults"
+        summary["initialisation"] = fitted.initialisation
+        if cfg.stages == "staged":
+            summary["fine-tuning"] = f"staged: new FC layers first, then all layers ({fitted.stages})"
     else:
         sel = fitted.input_extra
         summary["selected features"] = ", ".join(sel["features"])
