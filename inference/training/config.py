@@ -38,6 +38,9 @@ Example (every table optional except ``[package]`` and a data source)::
     stages = "single"               # single | staged (M2 default: new FC layers first, then all layers)
     head_epochs = 10                # staged: at most this many epochs of stage 1
     init_from = "/site/weights.pt"  # optional: trunk weights file or SimCLR checkpoint folder (never downloaded)
+    final_classifier = "select"     # M4: select (best of LDA SVM RF NB LR KNN MLP by CV) | network | one name
+    classifier_cv_folds = 5         # M4 selection: repeated k-fold on the training split (paper 5 x 10)
+    classifier_cv_repeats = 10
     [training.augment]
     probability = 0.8
     translate_px = [5, 10, 15, 20]
@@ -116,7 +119,7 @@ _PAPER_TRAINING: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "balance": "median",
     },
-    "m4": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "balance": "loss"},
+    "m4": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "balance": "loss", "final_classifier": "select"},
     "radiomics": {},
 }
 """The papers' optimiser settings per method (METHODS.md) where they give them."""
@@ -141,6 +144,9 @@ class TrainingSettings:
     stages: str = "single"
     head_epochs: int = 10
     init_from: Path | None = None
+    final_classifier: str = "network"
+    classifier_cv_folds: int = 5
+    classifier_cv_repeats: int = 10
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,15 @@ def config_from_mapping(
         problems.append(f"training.stages: single or staged, got {training.stages!r}")
     if training.stages == "staged" and (chosen == "radiomics" or training.head_epochs < 1):
         problems.append("training.stages: staged needs a network method and head_epochs >= 1")
+    if training.final_classifier not in ("network", "select", "LDA", "SVM", "RF", "NB", "LR", "KNN", "MLP"):
+        problems.append(
+            f"training.final_classifier: network, select or one of LDA SVM RF NB LR KNN MLP, "
+            f"got {training.final_classifier!r}"
+        )
+    elif training.final_classifier != "network" and chosen != "m4":
+        problems.append("training.final_classifier: only M4 replaces its last layer by a classical classifier")
+    if training.classifier_cv_folds < 2 or training.classifier_cv_repeats < 1:
+        problems.append("training: classifier_cv_folds must be >= 2 and classifier_cv_repeats >= 1")
     if training.init_from is not None and not training.init_from.exists():
         problems.append(f"training.init_from: {training.init_from} does not exist")
     if training.epochs < 1 or training.batch_size < 1 or training.lr <= 0 or training.patience < 1:

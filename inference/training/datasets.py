@@ -53,6 +53,7 @@ from inference.pipelines.m2_egfr_kras import covariates_from_header
 
 __all__ = [
     "DEFAULT_INPUTS",
+    "M4_RADIOMICS_SETTINGS",
     "REGIONS",
     "CaseSet",
     "LabelRecord",
@@ -95,6 +96,15 @@ DEFAULT_INPUTS: dict[str, dict[str, Any]] = {
 M1: the paper's A2 set (ROI + 20 pixels in all, 10 per side, 80 x 80); ``roi_set = "A1"`` / ``"A3"``
 / ``"ROI"`` picks another of the paper's sets (see :func:`resolve_input_spec`).
 """
+
+
+M4_RADIOMICS_SETTINGS: dict[str, Any] = {
+    "setting": {"binWidth": 25, "label": 1, "additionalInfo": True, "minimumROIDimensions": 2, "padDistance": 5},
+    "imageType": {"Original": {}, "Wavelet": {}},
+    "featureClass": dict.fromkeys(("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")),
+}
+"""M4's default radiomics parameters (``config/radiomics/m4_deep_radscore.yaml``): the paper's 851 features
+per ROI (Original: 14 shape + 93 first-order and texture; 8 wavelet images x 93)."""
 
 
 def resolve_input_spec(method: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import numpy as np
 from inference.comparator import RadiomicsComparator, RadScore, fit_radscore
 from inference.training.config import TrainConfig
 from inference.training.datasets import (
+    M4_RADIOMICS_SETTINGS,
     REGIONS,
     CaseSet,
     TrainingDataError,
@@ -199,6 +200,8 @@ class Fitted:
     best_epoch: int = 0
     initialisation: str = ""
     init_table: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    final_classifier: dict[str, Any] = field(default_factory=dict)
     stages: str = ""
 
 
@@ -262,27 +265,47 @@ class _NetworkFit:
         return norm
 
     def _radscores(self, train: CaseSet) -> tuple[dict[str, RadScore], dict[str, Any]]:
+        """Tumour and peritumoral RadScores per endpoint (the paper), or one shared pair (``radscore_label``).
+
+        Returns
+        -------
+        tuple
+            ``(columns, tables)``: RadScore per column key (``"<label>/<region>"``, or ``"<region>"``
+            for a shared pair) in network input order, and the package's ``[input.radscore]`` tables.
+        """
         r = self.config.radiomics
-        label = r.radscore_label or self.labels[0]
-        j = self.labels.index(label)
-        y = train.y[:, j]
-        keep = ~np.isnan(y)
-        groups = [p for p, k in zip(train.patients, keep, strict=True) if k]
-        out, info = {}, {}
-        for region in REGIONS:
-            sel = fit_radscore(
-                train.features[region][keep],
-                y[keep],
-                train.feature_names[region],
-                groups=groups,
-                p_value=r.p_value,
-                test=r.test,
-                cv_folds=r.cv_folds,
-                seed=self.config.seed,
-            )
-            out[region] = sel.radscore
-            info[region] = sel
-        return out, info
+        targets = [r.radscore_label] if r.radscore_label else list(self.labels)
+        columns: dict[str, RadScore] = {}
+        tables: dict[str, Any] = {}
+        for label in targets:
+            j = self.labels.index(label)
+            y = train.y[:, j]
+            keep = ~np.isnan(y)
+            groups = [p for p, k in zip(train.patients, keep, strict=True) if k]
+            per_region: dict[str, Any] = {}
+            for region in REGIONS:
+                sel = fit_radscore(
+                    train.features[region][keep],
+                    y[keep],
+                    train.feature_names[region],
+                    groups=groups,
+                    p_value=r.p_value,
+                    test=r.test,
+                    cv_folds=r.cv_folds,
+                    seed=self.config.seed,
+                )
+                key = region if r.radscore_label else f"{label}/{region}"
+                columns[key] = sel.radscore
+                per_region[region] = {
+                    **sel.radscore.as_table(),
+                    "filtered": list(sel.filtered),
+                    "fallback": sel.fallback,
+                }
+            if r.radscore_label:
+                tables = per_region
+            else:
+                tables[label] = per_region
+        return columns, tables
 
     def _batch_inputs(self, cases: CaseSet, x: np.ndarray, idx: np.ndarray, raw_scores: np.ndarray | None) -> Any:
         from inference.networks import DeepRadInput, MultiViewInput
@@ -298,7 +321,7 @@ class _NetworkFit:
         """Train with early stopping; returns the best validation epoch's model."""
         import torch
 
-        from inference.networks import build_model, build_network, head_parameter_names
+        from inference.networks import M4Model, build_model, build_network, head_parameter_names
 
         cfg = self.config.training
         torch.manual_seed(self.config.seed)
@@ -306,21 +329,23 @@ class _NetworkFit:
         radscores: dict[str, RadScore] = {}
         input_extra: dict[str, Any] = {}
         raw_scores = None
+        architecture = dict(self.config.architecture)
         if self.method == "m4":
-            radscores, info = self._radscores(train)
+            radscores, tables = self._radscores(train)
             scorer = Predictor("m4", self.labels, None, radscores)
             raw_scores = scorer.radscore_matrix(train)
             norm["radscore_mean"] = [float(v) for v in raw_scores.mean(axis=0)]
             norm["radscore_std"] = [float(max(v, 1e-6)) for v in raw_scores.std(axis=0)]
+            architecture.setdefault("radscores", len(radscores))
             input_extra = {
                 "radiomics_settings": train.radiomics_settings,
-                "radscore_label": self.config.radiomics.radscore_label or self.labels[0],
-                "radscore": {
-                    r: {**radscores[r].as_table(), "filtered": list(info[r].filtered), "fallback": info[r].fallback}
-                    for r in REGIONS
-                },
+                "radscores": "shared" if self.config.radiomics.radscore_label else "per endpoint",
+                "radscore": tables,
             }
-        network = build_network(self.method, self.labels, self.config.architecture)
+            if self.config.radiomics.radscore_label:
+                input_extra["radscore_label"] = self.config.radiomics.radscore_label
+        self.architecture = architecture
+        network = build_network(self.method, self.labels, architecture)
         initialisation = RANDOM_INIT
         init_table: dict[str, Any] = {"source": RANDOM_INIT}
         if cfg.init_from is not None:
@@ -351,18 +376,63 @@ class _NetworkFit:
             stopper = self._run_stage(name, params, epochs, history)
             best_epochs.append(f"{name}: {stopper.epochs} epochs, best {stopper.best_epoch}")
         network.eval()
+        weights: dict[str, tuple[str, Any]] = {"model": ("model.pt", network)}
+        extra: dict[str, Any] = {}
+        if self.method == "m4" and cfg.final_classifier != "network":
+            chosen, extra = self._final_classifiers(model, train)
+            assert isinstance(model, M4Model)
+            model.final_classifiers = chosen
+            weights["final_classifier"] = ("final-classifiers.skops", _skops_bytes(chosen))
+            input_extra["final_classifier"] = {label: extra[label]["chosen"] for label in chosen}
         return Fitted(
             predictor=predictor,
             normalisation=norm,
             input_extra=input_extra,
-            weights={"model": ("model.pt", network)},
+            weights=weights,
             history=history,
             stopped_epoch=len(history),
             best_epoch=stopper.best_epoch,
+            final_classifier=extra,
             initialisation=initialisation,
             init_table=init_table,
+            architecture=architecture,
             stages="; ".join(best_epochs),
         )
+
+    def _final_classifiers(self, model: Any, train: CaseSet) -> tuple[dict[str, Any], dict[str, Any]]:
+        """M4: per endpoint, the best of the paper's seven classifiers on the deep features (training split)."""
+        from inference.networks import DeepRadInput
+        from inference.training.final_classifier import CLASSIFIERS, select_classifier
+
+        cfg = self.config.training
+        candidates = CLASSIFIERS if cfg.final_classifier == "select" else (cfg.final_classifier,)
+        assert self._raw_scores is not None
+        h = model.features(DeepRadInput(train.arrays["patch"], self._raw_scores))
+        chosen: dict[str, Any] = {}
+        table: dict[str, Any] = {}
+        for j, label in enumerate(self.labels):
+            y = train.y[:, j]
+            keep = ~np.isnan(y)
+            self.progress("final classifier", j, len(self.labels), f"{label}: {', '.join(candidates)}")
+            choice = select_classifier(
+                h[keep],
+                y[keep],
+                [p for p, k in zip(train.patients, keep, strict=True) if k],
+                candidates=candidates,
+                folds=cfg.classifier_cv_folds,
+                repeats=cfg.classifier_cv_repeats,
+                seed=self.config.seed,
+            )
+            chosen[label] = choice.estimator
+            table[label] = {
+                "chosen": choice.name,
+                "cv_auc": {k: round(v, 4) for k, v in choice.cv_auc.items() if not math.isnan(v)},
+                "cv": f"{choice.repeats} x {choice.folds // max(choice.repeats, 1)}-fold, patient-grouped"
+                if choice.repeats
+                else "none (one candidate)",
+            }
+        self.progress("final classifier", len(self.labels), len(self.labels), "chosen")
+        return chosen, table
 
     def _run_stage(self, stage: str, params: list[Any], epochs: int, history: list[dict[str, Any]]) -> EarlyStopping:
         """Train ``params`` (the rest frozen) with early stopping; the network ends at the stage's best epoch."""
@@ -477,7 +547,9 @@ def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[Ca
     method = config.method
     spec = resolve_input_spec(method, config.input)
     regions = package_regions(method)
-    params = str(config.radiomics.params) if config.radiomics.params else None
+    params: Any = str(config.radiomics.params) if config.radiomics.params else None
+    if params is None and method == "m4":
+        params = M4_RADIOMICS_SETTINGS  # the paper's 851 features per region
     described: dict[str, Any] = {"source": data.source}
     if data.source == "features":
         assert data.features is not None
@@ -505,7 +577,7 @@ def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[Ca
         labels_csv,
         input_spec=spec,
         regions=regions,
-        radiomics_params=Path(params) if params else None,
+        radiomics_params=Path(params) if isinstance(params, str) else params,
         min_volume_ml=data.min_lesion_ml,
         progress=lambda d, t: progress("loading", d, t, "studies"),
     )
@@ -709,10 +781,12 @@ def train(
         "metrics": metrics,
     }
     if config.method != "radiomics":
-        metadata["architecture"] = dict(config.architecture)
+        metadata["architecture"] = fitted.architecture
         metadata["normalisation"] = fitted.normalisation
         training_data["initialisation"] = fitted.init_table
         training_data["fine_tuning"] = config.training.stages
+        if fitted.final_classifier:
+            training_data["final_classifier"] = fitted.final_classifier
     if pkg.get("label_names"):
         metadata["label_names"] = dict(pkg["label_names"])
     package_dir = write_package(out, metadata, fitted.weights)
@@ -741,6 +815,11 @@ def train(
         )
         summary["architecture"] = dict(config.architecture) or "paper-sized defaults"
         summary["initialisation"] = fitted.initialisation
+        if fitted.final_classifier:
+            summary["final classifier (last FC replaced; mean CV AUC on the training split)"] = "; ".join(
+                f"{label}: {t['chosen']} ({t['cv']}; " + ", ".join(f"{k} {v:.3f}" for k, v in t["cv_auc"].items()) + ")"
+                for label, t in fitted.final_classifier.items()
+            )
         if cfg.stages == "staged":
             summary["fine-tuning"] = f"staged: new FC layers first, then all layers ({fitted.stages})"
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +340,94 @@ def test_init_from_must_exist(cohort, tmp_path):
         _config(cohort, "m1", ["KRAS"], training={"init_from": str(tmp_path / "missing.pt")})
     with pytest.raises(ConfigError, match="stages"):
         _config(cohort, "m1", ["KRAS"], training={"stages": "three"})
+
+
+# ------------------------------------------------------------------------------------------------ M4
+
+SMALL_RADIOMICS = """setting:
+  binWidth: 25
+  label: 1
+  minimumROIDimensions: 2
+imageType:
+  Original: {}
+featureClass:
+  firstorder: [Mean, Variance, Entropy, Skewness]
+  glcm: [Contrast, JointEntropy]
+"""
+
+
+def test_m4_radiomics_default_is_the_papers_851_features():
+    from ruamel.yaml import YAML
+
+    from inference.training.datasets import M4_RADIOMICS_SETTINGS
+
+    path = Path(__file__).parents[2] / "config" / "radiomics" / "m4_deep_radscore.yaml"
+    shipped = YAML(typ="safe").load(path.read_text())
+    assert shipped == M4_RADIOMICS_SETTINGS
+    assert set(shipped["imageType"]) == {"Original", "Wavelet"}
+
+
+def test_final_classifier_selection_picks_by_cross_validated_auc():
+    from inference.training.final_classifier import CLASSIFIERS, select_classifier
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    groups = [f"p{i // 2}" for i in range(40)]  # two items per patient
+    features = np.column_stack([y * 3.0 + rng.normal(0, 0.5, 40), rng.normal(0, 1, (40, 3))])
+    choice = select_classifier(features, y, groups, folds=5, repeats=2, seed=1)
+    assert choice.name in CLASSIFIERS and set(choice.cv_auc) == set(CLASSIFIERS)
+    assert choice.cv_auc[choice.name] == max(choice.cv_auc.values()) > 0.9
+    assert choice.folds == 10 and choice.repeats == 2
+    assert choice.estimator.predict_proba(features)[:, 1][y == 1].mean() > 0.5
+    only = select_classifier(features, y, groups, candidates=("NB",))
+    assert only.name == "NB" and only.cv_auc == {} and only.repeats == 0
+    with pytest.raises(ValueError, match="unknown classifier"):
+        select_classifier(features, y, groups, candidates=("XGB",))
+    with pytest.raises(ValueError, match="both classes"):
+        select_classifier(features, np.zeros(40), groups)
+
+
+def test_m4_trains_radscores_per_endpoint_and_a_selected_final_classifier(cohort, tmp_path):
+    from inference.pipelines import PIPELINES
+    from inference.training.datasets import index_studies
+    from inference.training.final_classifier import CLASSIFIERS
+    from inference.training.predict import Predictor, evaluate_package
+
+    params = tmp_path / "small.yaml"
+    params.write_text(SMALL_RADIOMICS)
+    config = _config(
+        cohort,
+        "m4",
+        ["KRAS", "EGFR"],
+        input={"shape": [32, 32]},
+        architecture={"width": 0.1, "blocks": [1, 1], "hidden": 8},
+        training={"epochs": 1, "batch_size": 4, "classifier_cv_folds": 2, "classifier_cv_repeats": 1},
+        radiomics={"params": str(params), "cv_folds": 2},
+        split={"test_fraction": 0.0, "val_fraction": 0.25},
+    )
+    assert config.training.final_classifier == "select"
+    result = train(config, tmp_path / "pkg")
+    assert verify_package(result.package) == []
+    package = load_package(result.package)
+    spec = package.input_spec
+    assert set(spec["radscore"]) == {"KRAS", "EGFR"}
+    assert all(set(spec["radscore"][label]) == {"tumour", "peritumoral"} for label in ("KRAS", "EGFR"))
+    assert package.architecture["radscores"] == 4 and len(package.normalisation["radscore_mean"]) == 4
+    assert set(spec["final_classifier"]) == {"KRAS", "EGFR"} and set(spec["final_classifier"].values()) <= set(
+        CLASSIFIERS
+    )
+    assert set(package.training_data["final_classifier"]["KRAS"]["cv_auc"]) <= set(CLASSIFIERS)
+    # inference uses the chosen classifiers on the deep features
+    model = package.model
+    assert set(model.final_classifiers) == {"KRAS", "EGFR"}
+    cases, p, _ = evaluate_package(result.package, cohort.studies_dir, cohort.labels_csv)
+    predictor = Predictor.from_package(package)
+    from inference.networks import DeepRadInput
+
+    h = model.features(DeepRadInput(cases.arrays["patch"], predictor.radscore_matrix(cases)))
+    expected = model.final_classifiers["EGFR"].predict_proba(h)[:, 1]
+    np.testing.assert_allclose(p[:, 1], expected, atol=1e-6)
+    # and the node's pipeline runs the package on a DICOM study
+    study = next(iter(index_studies(cohort.studies_dir).values()))
+    output = PIPELINES["m4"](list(study.ct_files), study.segmentation, model=result.package, explain=False)
+    assert "KRAS/tumour" in output.result.provenance["radscores"]
