@@ -320,13 +320,48 @@ def _bbox2d(mask2d: np.ndarray) -> tuple[int, int, int, int]:
 
 # ----------------------------------------------------------------------------------------------- M1
 
+M1_ROI_SETS: dict[str, tuple[int, tuple[int, int]]] = {
+    "ROI": (0, (60, 60)),
+    "A1": (5, (70, 70)),
+    "A2": (10, (80, 80)),
+    "A3": (15, (90, 90)),
+}
+"""He et al. 2020's axial input sets: name -> (margin in pixels on each side, resized (rows, cols)).
+
+The paper enlarges the minimum bounding rectangle "in both height and width, with an interval of 10
+pixels": A1 = ROI + 10 pixels in all (5 per side, resized to 70 x 70), A2 = ROI + 20 pixels
+(10 per side, 80 x 80; the paper's best, AUC 0.93), A3 = ROI + 30 pixels (15 per side, 90 x 90);
+the ROI alone is resized to 60 x 60. ``margin_px`` everywhere in pacs-agent is the margin on
+*each* side.
+"""
+
+M1_DEFAULT_ROI_SET = "A2"
+
+M1_LEGACY_MARGIN_PX = 20
+"""Margin (per side) of an M1 package whose ``[input]`` has no ``margin_px``: packages written before
+the A2 default (10) crop as they were trained, with 20 pixels per side."""
+
+
+def m1_roi_set(name: str) -> tuple[int, tuple[int, int]]:
+    """``(margin_px per side, (rows, cols))`` of one of the paper's input sets (:data:`M1_ROI_SETS`).
+
+    Raises
+    ------
+    ValueError
+        An unknown set name.
+    """
+    try:
+        return M1_ROI_SETS[name]
+    except KeyError:
+        raise ValueError(f"roi_set must be one of {', '.join(M1_ROI_SETS)}, got {name!r}") from None
+
 
 def m1_input(
     ct: np.ndarray,
     mask: np.ndarray,
     zscore: ZScore | None,
     *,
-    margin_px: int = 20,
+    margin_px: int = 10,
     size: Sequence[int] = (80, 80),
     order: int = 3,
     square: bool = False,
@@ -342,9 +377,11 @@ def m1_input(
     zscore
         Normalisation statistics from the model package; None leaves HU (for inspection only).
     margin_px
-        Pixels added on every side of the minimum axis-aligned bounding rectangle (paper: 20).
+        Pixels added on *each* side of the minimum axis-aligned bounding rectangle. Default 10: the
+        paper's A2 set ("ROI and 20-pixel": the rectangle grows by 20 pixels in height and in
+        width); A1 / A3 are 5 / 15 (:data:`M1_ROI_SETS`).
     size
-        Output (rows, cols) (paper: 80 x 80 with a 20 px margin).
+        Output (rows, cols) (paper: 80 x 80 for A2).
     order
         Spline order of the resize (3: cubic, the paper's "non-linear interpolation").
     square

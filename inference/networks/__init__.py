@@ -53,6 +53,7 @@ __all__ = [
     "build_network",
     "default_device",
     "encode_covariates",
+    "head_parameter_names",
     "label_problem",
 ]
 
@@ -70,6 +71,14 @@ _LABEL_ARGUMENT = {"m2": "tasks", "m3": "num_labels", "m4": "num_labels"}
 
 _OUTPUT_WEIGHT = {"m1": "fc.weight", "m2": "fusion_bias", "m3": "classifier.weight", "m4": "fc2.weight"}
 """State-dict entry whose first dimension is the number of outputs."""
+
+_NEW_LAYERS: dict[str, tuple[str, ...]] = {
+    "m1": ("fc.",),
+    "m2": (".heads.", ".to_rgb.", "fusion_"),
+    "m3": ("classifier.",),
+    "m4": ("fc1.", "fc2."),
+}
+"""Parameter-name fragments of the layers a transfer-learned network adds on top of its trunk."""
 
 NORMALISATION_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "m1": (frozenset({"mean", "std"}), frozenset()),
@@ -97,6 +106,25 @@ def architecture_keys(method: str) -> frozenset[str]:
     names = set(inspect.signature(network.__init__).parameters) - {"self"}
     names.discard(_LABEL_ARGUMENT.get(method, ""))
     return frozenset(names)
+
+
+def head_parameter_names(method: str, network: nn.Module) -> list[str]:
+    """Names of the parameters of the layers added on top of the trunk (stage 1 of staged fine-tuning).
+
+    M1 the final FC; M2 each branch's task heads (FC256, FC128, FC2), the 1 -> 3 channel 3x3 conv
+    and the view fusion; M3 the classifier; M4 the two FC layers (the penultimate, where the
+    RadScores enter, and the last).
+
+    Returns
+    -------
+    list of str
+        Never empty.
+    """
+    fragments = _NEW_LAYERS[_check_method(method)]
+    names = [n for n, _ in network.named_parameters() if any(f in n or n.startswith(f) for f in fragments)]
+    if not names:
+        raise ValueError(f"the {method} network has no head parameters named {fragments}")
+    return names
 
 
 def build_network(method: str, labels: Sequence[str], architecture: Mapping[str, Any] | None = None) -> nn.Module:

@@ -3,7 +3,8 @@
 The paper: "six residual learning blocks ... y = sigma(F(x, W_i) + x) ... The kernel size of all the
 convolution layers is 5 x 5. Then, a max-pooling layer, a fully connected layer and a soft-max layer"
 and (Fig. 2) "six identity blocks ... Each identity block has three convolutional layers ... ReLu are
-adopted after every convolutional layer." Input: the ROI bounding box + 20 px margin resized to 80x80.
+adopted after every convolutional layer." Input: the ROI bounding box + 20 px in all (10 per side, the
+paper's A2 set) resized to 80x80.
 
 What the paper leaves open, and what we chose (documented in docs/models.md):
 

@@ -19,7 +19,7 @@ the RadScores to the penultimate output (the other reading of the sentence).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -226,6 +226,33 @@ class M4Model(MethodModel[DeepRadInput]):
         super().__init__(network, labels, device=device, batch_size=batch_size)
         self.normalisation = normalisation
         self.radscore_normalisation = radscore_normalisation or (ZScore(0.0, 1.0),) * network.radscores
+        self.final_classifiers: dict[str, Any] = {}
+        """Per endpoint, a fitted classifier on :meth:`features` replacing the last FC layer (the paper's
+        final-classifier selection); endpoints without one keep the network's sigmoid."""
+
+    def features(self, inputs: DeepRadInput) -> np.ndarray:
+        """The Deep-RadScore feature vectors (penultimate FC output, RadScores fused), (N, hidden)."""
+        network = self.network
+        assert isinstance(network, DeepRadScoreNet)
+        patches, scores = self.pre_process(inputs)
+        network.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, patches.shape[0], self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                out.append(network.deep_features(patches[chunk].to(self.device), scores[chunk].to(self.device)))
+        return torch.cat(out).float().cpu().numpy()
+
+    def __call__(self, inputs: DeepRadInput) -> Probabilities:
+        """Network probabilities, replaced per endpoint by its final classifier when the package has one."""
+        out = super().__call__(inputs)
+        if self.final_classifiers:
+            h = self.features(inputs)
+            for label, estimator in self.final_classifiers.items():
+                p = estimator.predict_proba(h)[:, 1]
+                for row, value in zip(out, p, strict=True):
+                    row[label] = float(value)
+        return out
 
     def pre_process(self, inputs: DeepRadInput) -> tuple[torch.Tensor, ...]:
         """-> (patches (N, 1, H, W) z-scored float32, radscores (N, 2) float32)."""

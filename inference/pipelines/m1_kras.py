@@ -10,8 +10,10 @@ Data flow (METHODS.md M1)::
     -> predictions per lesion + patient level                   (model_methods.assemble)
 
 ``[input]`` keys read from the package: ``shape`` (rows, cols; paper 80 x 80), ``margin_px``
-(paper 20), ``square`` (false: the paper stretches the rectangle), ``order`` (resize spline
-order, 3). The largest slice is the lesion's key slice, so the heat map needs no other slice.
+(pixels on each side; the paper's A2 set is 10, i.e. "ROI and 20-pixel" in all; a package without
+the key crops with 20 per side, as packages written before that default were trained), ``square``
+(false: the paper stretches the rectangle), ``order`` (resize spline order, 3). The largest slice
+is the lesion's key slice, so the heat map needs no other slice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from inference.explain import box_maps, grad_cam, register
-from inference.imaging.roi import M1Input, m1_input
+from inference.imaging.roi import M1_LEGACY_MARGIN_PX, M1Input, m1_input
 from inference.networks import M1Model, Probabilities, ResNetKRAS
 from inference.pipelines.model_methods import assemble, device_name, input_size, resolve_package, spec_value, stack
 from inference.pipelines.study import LoadedStudy, load_study
@@ -78,7 +80,7 @@ def run_m1(
     package = resolve_package(model, METHOD)
     study = study or load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
-    margin_px = spec_value(package, "margin_px", 20, int)
+    margin_px = spec_value(package, "margin_px", M1_LEGACY_MARGIN_PX, int)
     square = spec_value(package, "square", False, bool)
     order = spec_value(package, "order", 3, int)
     inputs = [
@@ -99,8 +101,8 @@ def run_m1(
         probabilities=probabilities,
         heatmaps=heatmaps,
         provenance={
-            "input": f"largest slice, bounding box + {margin_px} px, resized to {size[0]}x{size[1]} (order {order})"
-            + (", squared" if square else ""),
+            "input": f"largest slice, bounding box + {margin_px} px per side, resized to {size[0]}x{size[1]} "
+            f"(order {order})" + (", squared" if square else ""),
             "device": device_name(net),
             "heatmap": f"Grad-CAM at the last residual block for {package.labels[0]} (log-odds mutant)"
             if explain

@@ -12,8 +12,9 @@ Data flow (METHODS.md M4)::
     -> predictions per lesion + patient level                              (model_methods.assemble)
 
 The RadScores come from the package, never from the study, in the format training writes
-(:class:`inference.comparator.RadScore`): ``[input.radscore.tumour]`` and
-``[input.radscore.peritumoral]`` each list the selected pyradiomics ``features``, their LASSO
+(:class:`inference.comparator.RadScore`): per endpoint, as the paper, ``[input.radscore.<label>.tumour]``
+and ``[input.radscore.<label>.peritumoral]`` (or one shared pair ``[input.radscore.tumour]`` /
+``[input.radscore.peritumoral]`` in older packages), each list the selected pyradiomics ``features``, their LASSO
 ``coefficients``, the training-set z-score ``mean`` / ``std`` of each feature and an ``intercept``;
 ``[input] radiomics_settings`` is the canonical pyradiomics settings JSON the features were
 computed with at training (default: the node's radiomics defaults). The network z-scores the raw
@@ -52,14 +53,59 @@ from inference.registry import ModelPackage
 from inference.results import PipelineOutput
 from inference.structures import StructureSelection
 
-__all__ = ["METHOD", "REGIONS", "RESULT_KIND", "m4_explained", "radscores_of", "run_m4"]
+__all__ = ["METHOD", "REGIONS", "RESULT_KIND", "m4_explained", "radscore_columns", "radscores_of", "run_m4"]
 
 METHOD = "m4"
 RESULT_KIND = "Deep-RadScore"
 
 
+def radscore_columns(package: ModelPackage) -> list[tuple[str, RadScore]]:
+    """The package's RadScores in network input order, each with its column key.
+
+    Two layouts of ``[input.radscore]``: per endpoint (the paper; what training writes by default)
+    ``[input.radscore.<label>.tumour]`` and ``[input.radscore.<label>.peritumoral]`` for every label,
+    keys ``"<label>/<region>"``; or one shared pair ``[input.radscore.tumour]`` /
+    ``[input.radscore.peritumoral]`` (older packages, ``radscore_label``), keys ``"<region>"``.
+
+    Raises
+    ------
+    ModelUnavailableError
+        A malformed table.
+    """
+    table = package.input_spec.get("radscore")
+    if table is None:
+        return []
+    try:
+        if not isinstance(table, Mapping):
+            raise TypeError("must be a table")
+        if set(table) & set(REGIONS):
+            unknown = set(table) - set(REGIONS)
+            if unknown:
+                raise ValueError(f"unknown key(s) {sorted(unknown)}")
+            missing = [region for region in REGIONS if region not in table]
+            if missing:
+                raise ValueError(f"missing table(s) {missing}")
+            return [(region, RadScore.from_table(table[region])) for region in REGIONS]
+        unknown = set(table) - set(package.labels)
+        missing = [label for label in package.labels if label not in table]
+        if unknown or missing:
+            raise ValueError(
+                f"per-endpoint tables must be the labels {list(package.labels)} "
+                f"(unknown {sorted(unknown)}, missing {missing})"
+            )
+        out = []
+        for label in package.labels:
+            regions = table[label]
+            if not isinstance(regions, Mapping) or any(r not in regions for r in REGIONS):
+                raise ValueError(f"[input.radscore.{label}] needs tables {list(REGIONS)}")
+            out += [(f"{label}/{region}", RadScore.from_table(regions[region])) for region in REGIONS]
+        return out
+    except (TypeError, ValueError) as exc:
+        raise ModelUnavailableError(f"model package {package.name}: [input] radscore is not usable: {exc}") from exc
+
+
 def radscores_of(package: ModelPackage) -> tuple[tuple[RadScore, ...], dict[str, Any] | None]:
-    """The package's RadScores (tumour, peritumoral) and the pyradiomics parameters of their features.
+    """The package's RadScores (network input order, see :func:`radscore_columns`) and their pyradiomics parameters.
 
     Parameters
     ----------
@@ -77,23 +123,14 @@ def radscores_of(package: ModelPackage) -> tuple[tuple[RadScore, ...], dict[str,
     ModelUnavailableError
         ``[input.radscore]`` or ``[input] radiomics_settings`` is malformed.
     """
-    table = package.input_spec.get("radscore")
     settings = package.input_spec.get("radiomics_settings")
     try:
         params = radiomics_params(settings) if settings else None
-        if table is None:
-            return (), params
-        if not isinstance(table, Mapping):
-            raise TypeError("must be a table")
-        unknown = set(table) - set(REGIONS)
-        if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)}")
-        missing = [region for region in REGIONS if region not in table]
-        if missing:
-            raise ValueError(f"missing table(s) {missing}")
-        return tuple(RadScore.from_table(table[region]) for region in REGIONS), params
     except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise ModelUnavailableError(f"model package {package.name}: [input] radscore is not usable: {exc}") from exc
+        raise ModelUnavailableError(
+            f"model package {package.name}: [input] radscore is not usable: radiomics_settings: {exc}"
+        ) from exc
+    return tuple(score for _, score in radscore_columns(package)), params
 
 
 def run_m4(
@@ -136,11 +173,12 @@ def run_m4(
     package = resolve_package(model, METHOD)
     net = package.model
     network = cast(DeepRadScoreNet, net.network)
-    scores, params = radscores_of(package)
-    if network.radscores and len(scores) != network.radscores:
+    columns = radscore_columns(package)
+    _, params = radscores_of(package)
+    if network.radscores and len(columns) != network.radscores:
         raise ModelUnavailableError(
             f"model package {package.name}: the network fuses {network.radscores} RadScores but the package "
-            "defines none ([input.radscore.tumour] and [input.radscore.peritumoral])"
+            f"defines {len(columns) or 'none'} ([input.radscore.<label>.tumour] / [input.radscore.<label>.peritumoral])"
         )
     study = study or load_study(ct_paths, segmentation_path, structures)
     size = input_size(package)
@@ -152,7 +190,7 @@ def run_m4(
     values = np.zeros((len(inputs), network.radscores), dtype=np.float32)
     if network.radscores:
         for i, (item, x) in enumerate(zip(study.lesions, inputs, strict=True)):
-            values[i] = _radscores(study, item.lesion.mask, x.ring_mask, scores, params)
+            values[i] = _radscores(study, item.lesion.mask, x.ring_mask, columns, params)
     batch = DeepRadInput(patches=stack([x.patch_hu for x in inputs]), radscores=values)
     if explain:  # one forward pass gives both the probabilities and the Grad-CAM maps
         probabilities, heatmaps = m4_explained(net, batch, inputs, study)
@@ -165,7 +203,8 @@ def run_m4(
     }
     if network.radscores:
         provenance["radscores"] = "; ".join(
-            f"{item.lesion.tracking_id}: " + ", ".join(f"{r} {v:.4f}" for r, v in zip(REGIONS, row, strict=True))
+            f"{item.lesion.tracking_id}: "
+            + ", ".join(f"{key} {v:.4f}" for (key, _), v in zip(columns, row, strict=True))
             for item, row in zip(study.lesions, values, strict=True)
         )
     return assemble(
@@ -183,18 +222,20 @@ def _radscores(
     study: LoadedStudy,
     tumour: np.ndarray,
     ring: np.ndarray,
-    scores: Sequence[RadScore],
+    columns: Sequence[tuple[str, RadScore]],
     params: Mapping[str, Any] | None,
 ) -> list[float]:
+    masks = {"tumour": tumour, "peritumoral": ring}
+    features = {region: compute_features(study.volume, mask, params=params).features for region, mask in masks.items()}
     out = []
-    for region, mask, radscore in zip(REGIONS, (tumour, ring), scores, strict=True):
-        features = compute_features(study.volume, mask, params=params).features
-        missing = [name for name in radscore.features if name not in features]
+    for key, radscore in columns:
+        region = key.rsplit("/", 1)[-1]
+        missing = [name for name in radscore.features if name not in features[region]]
         if missing:
             raise ModelUnavailableError(
-                f"{region} RadScore: the radiomics settings of the package do not compute {missing}"
+                f"{key} RadScore: the radiomics settings of the package do not compute {missing}"
             )
-        out.append(radscore.score(features))
+        out.append(radscore.score(features[region]))
     return out
 
 
@@ -236,4 +277,5 @@ def m4_explained(
             out.append(None)
             continue
         out.append(register(cam, *box_maps(x.box, cam.shape), shape))
-    return net.post_process(logits), out
+    # with final classifiers (the paper's last step) the probabilities are theirs; the map stays the network's
+    return (net(batch) if net.final_classifiers else net.post_process(logits)), out

@@ -155,7 +155,14 @@ class ModelPackage:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ModelPackageError(f"{self.path}: the weights do not fit the architecture: {exc}") from exc
-        return build_model(self.method, network, self.labels, self.normalisation, device=device, batch_size=batch_size)
+        model = build_model(self.method, network, self.labels, self.normalisation, device=device, batch_size=batch_size)
+        if self.method == "m4" and any(w.role == "final_classifier" for w in self.weights):
+            # M4's last FC replaced per endpoint by the classifier training chose (docs/models.md)
+            from inference.networks import M4Model
+
+            assert isinstance(model, M4Model)
+            model.final_classifiers = dict(load_skops(self.read_file("final_classifier"), "final_classifier"))
+        return model
 
     @cached_property
     def model(self) -> Any:

@@ -7,7 +7,11 @@
   pixels are repeated.
 - **M3**: random horizontal / vertical flips and rotations by multiples of 90 degrees - lossless
   on the windowed 0-255 crops.
-- **M2**: optional flips of all nine views together; **M4**: the M1 scheme on the patch.
+- **M2** (Dong et al. 2021): "image translation, rotation, and vertical and horizontal flipping ...
+  The rotation angle was selected from 90, 180, 270 degrees, and the translation was horizontal or
+  vertical", for each slice: each of the nine views gets its own flip / quarter turn / translation
+  along one axis (10 or 20 px of the 299 px view; the paper gives no magnitude).
+- **M4**: the M1 scheme on the patch (the Deep-RadScore paper gives none).
 
 ``Augmentation.apply(batch, rng)`` returns a new array; the input is never modified.
 """
@@ -82,6 +86,12 @@ class Augmentation:
         Random flips along both in-plane axes.
     quarter_turns
         Random rotations by multiples of 90 degrees (square inputs only).
+    translate_axes
+        ``"both"``: a translation moves along rows and columns (each -1 / 0 / +1 times the
+        magnitude); ``"one"``: along rows or along columns only (M2's "horizontal or vertical").
+    independent_views
+        For (V, H, W) items: draw the transformation of each view separately (M2: per slice)
+        instead of one for all views.
     """
 
     probability: float = 0.0
@@ -89,6 +99,8 @@ class Augmentation:
     rotate_deg: tuple[float, float] = (0.0, 0.0)
     flips: bool = False
     quarter_turns: bool = False
+    translate_axes: str = "both"
+    independent_views: bool = False
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, default: Augmentation) -> Augmentation:
@@ -106,6 +118,8 @@ class Augmentation:
         values["rotate_deg"] = tuple(float(v) for v in values["rotate_deg"])
         if len(values["rotate_deg"]) != 2:
             raise ValueError("[training.augment] rotate_deg must be [min, max]")
+        if values["translate_axes"] not in ("both", "one"):
+            raise ValueError(f"[training.augment] translate_axes must be both or one, got {values['translate_axes']!r}")
         return cls(**values)
 
     @property
@@ -116,6 +130,8 @@ class Augmentation:
         )
 
     def _one(self, item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.independent_views and item.ndim == 3:
+            return np.stack([self._one(view, rng) for view in item])
         out = item
         if self.flips or self.quarter_turns:
             out = flip_rotate(
@@ -128,7 +144,11 @@ class Augmentation:
             shift = (0.0, 0.0)
             if self.translate_px:
                 magnitude = float(rng.choice(self.translate_px))
-                shift = (magnitude * rng.choice([-1, 0, 1]), magnitude * rng.choice([-1, 0, 1]))
+                if self.translate_axes == "one":
+                    step = magnitude * float(rng.choice([-1, 1]))
+                    shift = (step, 0.0) if rng.random() < 0.5 else (0.0, step)
+                else:
+                    shift = (magnitude * rng.choice([-1, 0, 1]), magnitude * rng.choice([-1, 0, 1]))
             angle = float(rng.uniform(*self.rotate_deg)) * float(rng.choice([-1, 1]))
             views = out if out.ndim == 3 else out[None]
             out = np.stack([affine2d(v, shift, angle) for v in views]).reshape(out.shape)
@@ -153,7 +173,14 @@ class Augmentation:
 
 DEFAULT_AUGMENTATION: dict[str, Augmentation] = {
     "m1": Augmentation(probability=0.8, translate_px=(5, 10, 15, 20), rotate_deg=(1.0, 15.0)),
-    "m2": Augmentation(probability=0.5, flips=True),
+    "m2": Augmentation(
+        probability=0.8,
+        translate_px=(10, 20),
+        flips=True,
+        quarter_turns=True,
+        translate_axes="one",
+        independent_views=True,
+    ),
     "m3": Augmentation(probability=0.8, flips=True, quarter_turns=True),
     "m4": Augmentation(probability=0.8, translate_px=(5, 10, 15, 20), rotate_deg=(1.0, 15.0)),
 }

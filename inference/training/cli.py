@@ -42,12 +42,22 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "holdout", "repeated-cv"),
         help="evaluation scheme (overrides [split] scheme; auto = repeated-cv below 200 patients)",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start the network from this weights file or SimCLR checkpoint folder (overrides training.init_from)",
+    )
+    parser.add_argument(
+        "--pretrain",
+        choices=("simclr",),
+        help="m3 only: SimCLR self-supervised pretraining on unlabelled lesion crops; --out gets a checkpoint folder",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def _override(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    """Apply ``--params`` / ``--scheme`` to a loaded configuration."""
+    """Apply ``--params`` / ``--scheme`` / ``--init-from`` to a loaded configuration."""
     from dataclasses import replace
 
     if args.params is not None:
@@ -57,6 +67,10 @@ def _override(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         config = replace(config, radiomics=replace(config.radiomics, params=params))
     if args.scheme is not None:
         config = replace(config, split=replace(config.split, scheme=args.scheme))
+    if args.init_from is not None:
+        if not args.init_from.exists():
+            raise ConfigError([f"--init-from: {args.init_from} does not exist"])
+        config = replace(config, training=replace(config.training, init_from=args.init_from.resolve()))
     return config
 
 
@@ -76,6 +90,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_train_config(args.config, args.method)
         config = _override(config, args)
+        if args.pretrain:
+            from inference.training.simclr import pretrain
+
+            if config.method != "m3":
+                raise ConfigError([f"--pretrain simclr: only m3 has a SimCLR stage, not {config.method}"])
+            checkpoint = pretrain(config, args.out, work_dir=args.work, progress=None if args.quiet else TextProgress())
+            print(f"checkpoint: {checkpoint.folder}")
+            print(
+                f"  {checkpoint.crops} crops of {checkpoint.lesions} lesions, {checkpoint.epochs} epochs, "
+                f"NT-Xent {checkpoint.first_loss:.3f} -> {checkpoint.last_loss:.3f}"
+            )
+            print(f"next: pacs-agent train m3 --config ... --init-from {checkpoint.folder} --out PKG_DIR")
+            return EXIT_OK
         result = train(config, args.out, work_dir=args.work, progress=None if args.quiet else TextProgress())
     except ConfigError as exc:
         print(f"pacs-agent train: {exc}", file=sys.stderr)

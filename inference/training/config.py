@@ -25,8 +25,9 @@ Example (every table optional except ``[package]`` and a data source)::
     # ignore_columns = ["scanner"]  # other non-feature columns to tolerate (default mode)
 
     [input]                         # method input parameters (docs/models.md); defaults: the papers'
-    shape = [80, 80]
-    margin_px = 20
+    roi_set = "A2"                  # M1: ROI | A1 | A2 | A3 (He et al.: ROI + 0 / 10 / 20 / 30 px in all)
+    shape = [80, 80]                # (set by roi_set unless given)
+    margin_px = 10                  # M1: pixels on each side (set by roi_set unless given)
 
     [architecture]                  # network keyword arguments (width, blocks, ...)
     width = 0.5
@@ -39,6 +40,12 @@ Example (every table optional except ``[package]`` and a data source)::
     patience = 8                    # early stopping on the validation split
     monitor = "loss"                # loss | auc
     balance = "sampler"             # none | sampler | loss | median
+    stages = "single"               # single | staged (M2 default: new FC layers first, then all layers)
+    head_epochs = 10                # staged: at most this many epochs of stage 1
+    init_from = "/site/weights.pt"  # optional: trunk weights file or SimCLR checkpoint folder (never downloaded)
+    final_classifier = "select"     # M4: select (best of LDA SVM RF NB LR KNN MLP by CV) | network | one name
+    classifier_cv_folds = 5         # M4 selection: repeated k-fold on the training split (paper 5 x 10)
+    classifier_cv_repeats = 10
     [training.augment]
     probability = 0.8
     translate_px = [5, 10, 15, 20]
@@ -52,6 +59,11 @@ Example (every table optional except ``[package]`` and a data source)::
     cv_repeats = 10                 # repeated-cv default: 10 (radiomics), 3 (networks)
     permutations = 100              # repeated-cv permutation test (default: 100 radiomics, 20 networks)
     permutation_repeats = 1         # CV repeats per permutation
+
+    [pretrain]                      # M3 only: pacs-agent train m3 --pretrain simclr (docs/models.md)
+    studies = "/data/unlabelled"    # any folder of CT + SEG / RTSTRUCT (default: [data] studies)
+    epochs = 1000
+    temperature = 0.5
 
     [radiomics]                     # radiomics comparator and M4 RadScores
     params = "../radiomics/default.yaml"   # with a features CSV: the settings the CSV was computed with
@@ -101,7 +113,16 @@ METHODS = tuple(dict.fromkeys(spec.package for spec in REGISTRY if spec.package 
 
 _PAPER_TRAINING: dict[str, dict[str, Any]] = {
     "m1": {"optimizer": "adam", "lr": 1e-3, "batch_size": 40, "balance": "sampler"},
-    "m2": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "balance": "loss"},
+    "m2": {
+        "optimizer": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "batch_size": 16,
+        "epochs": 100,
+        "patience": 5,
+        "balance": "loss",
+        "stages": "staged",
+    },
     "m3": {
         "optimizer": "sgd",
         "lr": 1e-3,
@@ -110,7 +131,7 @@ _PAPER_TRAINING: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "balance": "median",
     },
-    "m4": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "balance": "loss"},
+    "m4": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "balance": "loss", "final_classifier": "select"},
     "radiomics": {},
 }
 """The papers' optimiser settings per method (METHODS.md) where they give them."""
@@ -132,6 +153,12 @@ class TrainingSettings:
     monitor: str = "loss"
     balance: str = "sampler"
     augment: Augmentation = field(default_factory=Augmentation)
+    stages: str = "single"
+    head_epochs: int = 10
+    init_from: Path | None = None
+    final_classifier: str = "network"
+    classifier_cv_folds: int = 5
+    classifier_cv_repeats: int = 10
 
 
 SCHEMES = ("auto", "holdout", "repeated-cv")
@@ -228,6 +255,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     path: Path | None = None
+    pretrain: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _table(data: Mapping[str, Any], key: str, problems: list[str]) -> dict[str, Any]:
@@ -291,7 +319,7 @@ def config_from_mapping(
     """Validate a parsed training configuration (see :func:`load_train_config`)."""
     problems: list[str] = []
     top = {"method", "labels", "seed", "threads", "package", "data", "input", "architecture", "training", "split"}
-    _known(data, top | {"radiomics"}, "config", problems)
+    _known(data, top | {"radiomics", "pretrain"}, "config", problems)
     file_method = data.get("method")
     if method and file_method and method != file_method:
         problems.append(f"method: the file says {file_method!r} but {method!r} was asked for")
@@ -389,6 +417,8 @@ def config_from_mapping(
 
     training_table = _table(data, "training", problems)
     augment_table = training_table.pop("augment", None)
+    if training_table.get("init_from"):
+        training_table["init_from"] = resolve(training_table["init_from"])
     paper = _PAPER_TRAINING[chosen]
     training = _settings(TrainingSettings, training_table, "training", problems, **paper)
     try:
@@ -402,6 +432,21 @@ def config_from_mapping(
         problems.append(f"training.monitor: loss or auc, got {training.monitor!r}")
     if training.balance not in ("none", "sampler", "loss", "median"):
         problems.append(f"training.balance: none, sampler, loss or median, got {training.balance!r}")
+    if training.stages not in ("single", "staged"):
+        problems.append(f"training.stages: single or staged, got {training.stages!r}")
+    if training.stages == "staged" and (chosen == "radiomics" or training.head_epochs < 1):
+        problems.append("training.stages: staged needs a network method and head_epochs >= 1")
+    if training.final_classifier not in ("network", "select", "LDA", "SVM", "RF", "NB", "LR", "KNN", "MLP"):
+        problems.append(
+            f"training.final_classifier: network, select or one of LDA SVM RF NB LR KNN MLP, "
+            f"got {training.final_classifier!r}"
+        )
+    elif training.final_classifier != "network" and chosen != "m4":
+        problems.append("training.final_classifier: only M4 replaces its last layer by a classical classifier")
+    if training.classifier_cv_folds < 2 or training.classifier_cv_repeats < 1:
+        problems.append("training: classifier_cv_folds must be >= 2 and classifier_cv_repeats >= 1")
+    if training.init_from is not None and not training.init_from.exists():
+        problems.append(f"training.init_from: {training.init_from} does not exist")
     if training.epochs < 1 or training.batch_size < 1 or training.lr <= 0 or training.patience < 1:
         problems.append("training: epochs, batch_size, patience must be >= 1 and lr > 0")
 
@@ -435,6 +480,9 @@ def config_from_mapping(
     if radiomics.radscore_label is not None and radiomics.radscore_label not in labels:
         problems.append(f"radiomics.radscore_label: {radiomics.radscore_label!r} is not one of the labels")
 
+    input_table = _table(data, "input", problems)
+    if chosen == "m1" and input_table.get("roi_set", "A2") not in ("custom", "ROI", "A1", "A2", "A3"):
+        problems.append(f"input.roi_set: ROI, A1, A2, A3 (He et al. 2020) or custom, got {input_table['roi_set']!r}")
     architecture = _table(data, "architecture", problems)
     if architecture and chosen == "radiomics":
         problems.append("architecture: the radiomics comparator has no network")
@@ -442,6 +490,9 @@ def config_from_mapping(
         from inference.networks import architecture_keys
 
         _known(architecture, set(architecture_keys(chosen)), "architecture", problems)
+    pretrain_table = _table(data, "pretrain", problems)
+    if pretrain_table and chosen != "m3":
+        problems.append("pretrain: SimCLR pretraining is an m3 stage")
     seed, threads = data.get("seed", 0), data.get("threads", 1)
     if not isinstance(seed, int) or seed < 0 or not isinstance(threads, int) or threads < 1:
         problems.append("seed must be an integer >= 0 and threads an integer >= 1")
@@ -452,7 +503,7 @@ def config_from_mapping(
         labels=tuple(labels),
         package=package,
         data=data_settings,
-        input=_table(data, "input", problems),
+        input=input_table,
         architecture=architecture,
         training=training,
         split=split,
@@ -460,4 +511,5 @@ def config_from_mapping(
         seed=seed,
         threads=threads,
         path=path,
+        pretrain=pretrain_table,
     )

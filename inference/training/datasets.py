@@ -47,7 +47,7 @@ from inference.imaging.masks import (
     phase_of_segmentation,
     referenced_series_uids,
 )
-from inference.imaging.roi import VIEW_NAMES, m1_input, m2_input, m3_input, m4_input, peritumoral_ring
+from inference.imaging.roi import VIEW_NAMES, m1_input, m1_roi_set, m2_input, m3_input, m4_input, peritumoral_ring
 from inference.imaging.volume import CTVolume, load_ct_series
 from inference.networks.m2_multiview import Covariates
 from inference.pipelines.m2_egfr_kras import covariates_from_header
@@ -55,6 +55,7 @@ from inference.training.columns import ColumnSelection, select_feature_columns
 
 __all__ = [
     "DEFAULT_INPUTS",
+    "M4_RADIOMICS_SETTINGS",
     "REGIONS",
     "CaseSet",
     "LabelRecord",
@@ -68,6 +69,7 @@ __all__ = [
     "parse_label",
     "read_features_csv",
     "read_labels_csv",
+    "resolve_input_spec",
     "write_features_csv",
 ]
 
@@ -77,7 +79,7 @@ REGIONS = ("tumour", "peritumoral")
 """Radiomics regions: the lesion, and the 3 mm ring around it (M4)."""
 
 DEFAULT_INPUTS: dict[str, dict[str, Any]] = {
-    "m1": {"shape": [80, 80], "margin_px": 20, "order": 3, "square": False},
+    "m1": {"roi_set": "A2", "shape": [80, 80], "margin_px": 10, "order": 3, "square": False},
     "m2": {"shape": [9, 299, 299], "cube_mm": 64.0, "spacing_mm": 1.0, "order": 3},
     "m3": {
         "shape": [128, 128],
@@ -91,7 +93,48 @@ DEFAULT_INPUTS: dict[str, dict[str, Any]] = {
     "m4": {"shape": [160, 160], "ring_mm": 3.0},
     "radiomics": {"region": "tumour"},
 }
-"""The papers' input settings per method (METHODS.md); a training config overrides single keys."""
+"""The papers' input settings per method (METHODS.md); a training config overrides single keys.
+
+M1: the paper's A2 set (ROI + 20 pixels in all, 10 per side, 80 x 80); ``roi_set = "A1"`` / ``"A3"``
+/ ``"ROI"`` picks another of the paper's sets (see :func:`resolve_input_spec`).
+"""
+
+
+M4_RADIOMICS_SETTINGS: dict[str, Any] = {
+    "setting": {"binWidth": 25, "label": 1, "additionalInfo": True, "minimumROIDimensions": 2, "padDistance": 5},
+    "imageType": {"Original": {}, "Wavelet": {}},
+    "featureClass": dict.fromkeys(("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")),
+}
+"""M4's default radiomics parameters (``config/radiomics/m4_deep_radscore.yaml``): the paper's 851 features
+per ROI (Original: 14 shape + 93 first-order and texture; 8 wavelet images x 93)."""
+
+
+def resolve_input_spec(method: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A method's ``[input]`` parameters: :data:`DEFAULT_INPUTS` with a configuration's keys on top.
+
+    M1: ``roi_set`` (``"ROI"``, ``"A1"``, ``"A2"``, ``"A3"``, :data:`~inference.imaging.roi.M1_ROI_SETS`)
+    sets ``margin_px`` (per side) and ``shape`` unless the configuration gives them too; a
+    ``margin_px`` or ``shape`` that differs from the named set makes ``roi_set = "custom"``. The
+    resolved ``margin_px`` is always written into the package, so inference crops as training did.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``roi_set``.
+    """
+    given = dict(overrides or {})
+    spec = {**DEFAULT_INPUTS[method], **given}
+    if method == "m1":
+        name = str(given.get("roi_set", DEFAULT_INPUTS["m1"]["roi_set"]))
+        if name != "custom":
+            margin, shape = m1_roi_set(name)
+            spec["margin_px"] = int(given.get("margin_px", margin))
+            spec["shape"] = [int(v) for v in given.get("shape", shape)]
+            if spec["margin_px"] != margin or spec["shape"] != list(shape):
+                name = "custom"
+        spec["roi_set"] = name
+    return spec
+
 
 _POSITIVE = {"1", "1.0", "mutant", "mut", "mutated", "yes", "y", "true", "positive", "pos"}
 _NEGATIVE = {"0", "0.0", "wild type", "wildtype", "wild-type", "wt", "no", "n", "false", "negative", "neg"}
@@ -377,7 +420,7 @@ def method_inputs(method: str, spec: Mapping[str, Any], volume: CTVolume, mask: 
             ct,
             mask,
             None,
-            margin_px=int(spec.get("margin_px", 20)),
+            margin_px=int(spec.get("margin_px", 10)),
             size=shape,
             order=int(spec.get("order", 3)),
             square=bool(spec.get("square", False)),
@@ -525,7 +568,7 @@ def build_caseset(
     TrainingDataError
         No lesion could be loaded.
     """
-    spec = {**DEFAULT_INPUTS[method], **dict(input_spec or {})}
+    spec = resolve_input_spec(method, input_spec)
     records = read_labels_csv(labels_csv, labels)
     studies = index_studies(studies_dir)
     cases: list[LesionCase] = []

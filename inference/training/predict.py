@@ -44,7 +44,8 @@ class Predictor:
         The method wrapper (:class:`~inference.networks.MethodModel`) or a fitted
         :class:`~inference.comparator.RadiomicsComparator`.
     radscores
-        M4: the tumour and peritumoral :class:`~inference.comparator.RadScore`.
+        M4: the RadScores in network input order, keyed ``"<label>/<region>"`` (one tumour and one
+        peritumoral per endpoint) or ``"<region>"`` (one shared pair, older packages).
     """
 
     method: str
@@ -53,10 +54,12 @@ class Predictor:
     radscores: Mapping[str, RadScore] = field(default_factory=dict)
 
     def radscore_matrix(self, cases: CaseSet) -> np.ndarray:
-        """(cases, 2) raw RadScores (tumour, peritumoral) of M4 cases."""
-        return np.column_stack(
-            [self.radscores[r].score_matrix(cases.features[r], cases.feature_names[r]) for r in REGIONS]
-        ).astype(np.float32)
+        """(cases, RadScores) raw RadScores of M4 cases, in network input order."""
+        columns = []
+        for key, radscore in self.radscores.items():
+            region = key.rsplit("/", 1)[-1]
+            columns.append(radscore.score_matrix(cases.features[region], cases.feature_names[region]))
+        return np.column_stack(columns).astype(np.float32)
 
     def predict(self, cases: CaseSet) -> np.ndarray:
         """Probabilities, shape (cases, labels)."""
@@ -90,12 +93,11 @@ class Predictor:
         labels = tuple(package.labels)
         if package.method == "radiomics":
             return cls("radiomics", labels, RadiomicsComparator.from_package(package))
-        radscores = {}
+        radscores: dict[str, RadScore] = {}
         if package.method == "m4":
-            tables = package.input_spec.get("radscore", {})
-            radscores = {r: RadScore.from_table(tables[r]) for r in REGIONS if r in tables}
-            if len(radscores) != len(REGIONS):
-                raise ValueError(f"package {package.name}: [input.radscore] needs tables {list(REGIONS)}")
+            from inference.pipelines.m4_radscore import radscore_columns
+
+            radscores = dict(radscore_columns(package))
         return cls(package.method, labels, package.model, radscores)
 
 
@@ -109,6 +111,11 @@ def caseset_for_package(
     CaseSet
     """
     spec = dict(package.input_spec)
+    if package.method == "m1":  # a package without margin_px crops as it was trained (20 px per side)
+        from inference.imaging.roi import M1_LEGACY_MARGIN_PX
+
+        spec.setdefault("margin_px", M1_LEGACY_MARGIN_PX)
+        spec.setdefault("roi_set", "custom")
     settings = spec.get("radiomics_settings")
     params = radiomics_params(settings) if isinstance(settings, str) and settings else None
     return build_caseset(

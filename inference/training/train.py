@@ -47,14 +47,16 @@ from inference.radiomics.features import (
 from inference.training.config import TrainConfig
 from inference.training.crossval import CVResult, repeated_cv
 from inference.training.datasets import (
-    DEFAULT_INPUTS,
+    M4_RADIOMICS_SETTINGS,
     REGIONS,
     CaseSet,
     TrainingDataError,
     build_caseset,
     read_features_csv,
+    resolve_input_spec,
 )
 from inference.training.evaluate import LabelEvaluation, evaluate_label, roc_auc, youden_threshold
+from inference.training.initialise import RANDOM_INIT, load_initial_weights
 from inference.training.phantom_data import cohort_folder, make_phantom_cohort
 from inference.training.predict import Predictor, package_regions
 from inference.training.report import write_report
@@ -206,6 +208,11 @@ class Fitted:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int = 0
     best_epoch: int = 0
+    initialisation: str = ""
+    init_table: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    final_classifier: dict[str, Any] = field(default_factory=dict)
+    stages: str = ""
 
 
 def _skops_bytes(estimator: Any) -> bytes:
@@ -277,27 +284,47 @@ class _NetworkFit:
         return norm
 
     def _radscores(self, train: CaseSet) -> tuple[dict[str, RadScore], dict[str, Any]]:
+        """Tumour and peritumoral RadScores per endpoint (the paper), or one shared pair (``radscore_label``).
+
+        Returns
+        -------
+        tuple
+            ``(columns, tables)``: RadScore per column key (``"<label>/<region>"``, or ``"<region>"``
+            for a shared pair) in network input order, and the package's ``[input.radscore]`` tables.
+        """
         r = self.config.radiomics
-        label = r.radscore_label or self.labels[0]
-        j = self.labels.index(label)
-        y = train.y[:, j]
-        keep = ~np.isnan(y)
-        groups = [p for p, k in zip(train.patients, keep, strict=True) if k]
-        out, info = {}, {}
-        for region in REGIONS:
-            sel = fit_radscore(
-                train.features[region][keep],
-                y[keep],
-                train.feature_names[region],
-                groups=groups,
-                p_value=r.p_value,
-                test=r.test,
-                cv_folds=r.cv_folds,
-                seed=self.config.seed,
-            )
-            out[region] = sel.radscore
-            info[region] = sel
-        return out, info
+        targets = [r.radscore_label] if r.radscore_label else list(self.labels)
+        columns: dict[str, RadScore] = {}
+        tables: dict[str, Any] = {}
+        for label in targets:
+            j = self.labels.index(label)
+            y = train.y[:, j]
+            keep = ~np.isnan(y)
+            groups = [p for p, k in zip(train.patients, keep, strict=True) if k]
+            per_region: dict[str, Any] = {}
+            for region in REGIONS:
+                sel = fit_radscore(
+                    train.features[region][keep],
+                    y[keep],
+                    train.feature_names[region],
+                    groups=groups,
+                    p_value=r.p_value,
+                    test=r.test,
+                    cv_folds=r.cv_folds,
+                    seed=self.config.seed,
+                )
+                key = region if r.radscore_label else f"{label}/{region}"
+                columns[key] = sel.radscore
+                per_region[region] = {
+                    **sel.radscore.as_table(),
+                    "filtered": list(sel.filtered),
+                    "fallback": sel.fallback,
+                }
+            if r.radscore_label:
+                tables = per_region
+            else:
+                tables[label] = per_region
+        return columns, tables
 
     def _batch_inputs(self, cases: CaseSet, x: np.ndarray, idx: np.ndarray, raw_scores: np.ndarray | None) -> Any:
         from inference.networks import DeepRadInput, MultiViewInput
@@ -313,7 +340,7 @@ class _NetworkFit:
         """Train with early stopping; returns the best validation epoch's model."""
         import torch
 
-        from inference.networks import build_model, build_network
+        from inference.networks import M4Model, build_model, build_network, head_parameter_names
 
         cfg = self.config.training
         torch.manual_seed(self.config.seed)
@@ -321,41 +348,135 @@ class _NetworkFit:
         radscores: dict[str, RadScore] = {}
         input_extra: dict[str, Any] = {}
         raw_scores = None
+        architecture = dict(self.config.architecture)
         if self.method == "m4":
-            radscores, info = self._radscores(train)
+            radscores, tables = self._radscores(train)
             scorer = Predictor("m4", self.labels, None, radscores)
             raw_scores = scorer.radscore_matrix(train)
             norm["radscore_mean"] = [float(v) for v in raw_scores.mean(axis=0)]
             norm["radscore_std"] = [float(max(v, 1e-6)) for v in raw_scores.std(axis=0)]
+            architecture.setdefault("radscores", len(radscores))
             input_extra = {
                 "radiomics_settings": train.radiomics_settings,
-                "radscore_label": self.config.radiomics.radscore_label or self.labels[0],
-                "radscore": {
-                    r: {**radscores[r].as_table(), "filtered": list(info[r].filtered), "fallback": info[r].fallback}
-                    for r in REGIONS
-                },
+                "radscores": "shared" if self.config.radiomics.radscore_label else "per endpoint",
+                "radscore": tables,
             }
-        network = build_network(self.method, self.labels, self.config.architecture)
+            if self.config.radiomics.radscore_label:
+                input_extra["radscore_label"] = self.config.radiomics.radscore_label
+        self.architecture = architecture
+        network = build_network(self.method, self.labels, architecture)
+        initialisation = RANDOM_INIT
+        init_table: dict[str, Any] = {"source": RANDOM_INIT}
+        if cfg.init_from is not None:
+            loaded = load_initial_weights(network, cfg.init_from)
+            initialisation, init_table = loaded.describe(), loaded.as_table()
         model = build_model(self.method, network, self.labels, norm)
         predictor = Predictor(self.method, self.labels, model, radscores)
+        self._model, self._network, self._predictor = model, network, predictor
+        self._train, self._val, self._raw_scores = train, val, raw_scores
+        _, y_all = self._items(train)
+        known = ~np.all(np.isnan(y_all), axis=1)
+        self._item_index = np.flatnonzero(known)
+        self._pos_weight = torch.tensor(_pos_weight(y_all[self._item_index]), dtype=torch.float32, device=model.device)
+        history: list[dict[str, Any]] = []
+        stages: list[tuple[str, list[Any], int]] = []
+        if cfg.stages == "staged":
+            head = set(head_parameter_names(self.method, network))
+            stages.append(
+                (
+                    "new layers",
+                    [p for n, p in network.named_parameters() if n in head],
+                    min(cfg.head_epochs, cfg.epochs),
+                )
+            )
+        stages.append(("all layers", list(network.parameters()), cfg.epochs))
+        best_epochs = []
+        for name, params, epochs in stages:
+            stopper = self._run_stage(name, params, epochs, history)
+            best_epochs.append(f"{name}: {stopper.epochs} epochs, best {stopper.best_epoch}")
+        network.eval()
+        weights: dict[str, tuple[str, Any]] = {"model": ("model.pt", network)}
+        extra: dict[str, Any] = {}
+        if self.method == "m4" and cfg.final_classifier != "network":
+            chosen, extra = self._final_classifiers(model, train)
+            assert isinstance(model, M4Model)
+            model.final_classifiers = chosen
+            weights["final_classifier"] = ("final-classifiers.skops", _skops_bytes(chosen))
+            input_extra["final_classifier"] = {label: extra[label]["chosen"] for label in chosen}
+        return Fitted(
+            predictor=predictor,
+            normalisation=norm,
+            input_extra=input_extra,
+            weights=weights,
+            history=history,
+            stopped_epoch=len(history),
+            best_epoch=stopper.best_epoch,
+            final_classifier=extra,
+            initialisation=initialisation,
+            init_table=init_table,
+            architecture=architecture,
+            stages="; ".join(best_epochs),
+        )
+
+    def _final_classifiers(self, model: Any, train: CaseSet) -> tuple[dict[str, Any], dict[str, Any]]:
+        """M4: per endpoint, the best of the paper's seven classifiers on the deep features (training split)."""
+        from inference.networks import DeepRadInput
+        from inference.training.final_classifier import CLASSIFIERS, select_classifier
+
+        cfg = self.config.training
+        candidates = CLASSIFIERS if cfg.final_classifier == "select" else (cfg.final_classifier,)
+        assert self._raw_scores is not None
+        h = model.features(DeepRadInput(train.arrays["patch"], self._raw_scores))
+        chosen: dict[str, Any] = {}
+        table: dict[str, Any] = {}
+        for j, label in enumerate(self.labels):
+            y = train.y[:, j]
+            keep = ~np.isnan(y)
+            self.progress("final classifier", j, len(self.labels), f"{label}: {', '.join(candidates)}")
+            choice = select_classifier(
+                h[keep],
+                y[keep],
+                [p for p, k in zip(train.patients, keep, strict=True) if k],
+                candidates=candidates,
+                folds=cfg.classifier_cv_folds,
+                repeats=cfg.classifier_cv_repeats,
+                seed=self.config.seed,
+            )
+            chosen[label] = choice.estimator
+            table[label] = {
+                "chosen": choice.name,
+                "cv_auc": {k: round(v, 4) for k, v in choice.cv_auc.items() if not math.isnan(v)},
+                "cv": f"{choice.repeats} x {choice.folds // max(choice.repeats, 1)}-fold, patient-grouped"
+                if choice.repeats
+                else "none (one candidate)",
+            }
+        self.progress("final classifier", len(self.labels), len(self.labels), "chosen")
+        return chosen, table
+
+    def _run_stage(self, stage: str, params: list[Any], epochs: int, history: list[dict[str, Any]]) -> EarlyStopping:
+        """Train ``params`` (the rest frozen) with early stopping; the network ends at the stage's best epoch."""
+        import torch
+
+        cfg = self.config.training
+        network, model, predictor = self._network, self._model, self._predictor
+        train, val = self._train, self._val
         device = model.device
-        params = [p for p in network.parameters() if p.requires_grad]
+        trainable = {id(p) for p in params}
+        for p in network.parameters():
+            p.requires_grad_(id(p) in trainable)
         if cfg.optimizer == "sgd":
             optimiser: Any = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         x_all, y_all = self._items(train)
-        known = ~np.all(np.isnan(y_all), axis=1)
-        item_index = np.flatnonzero(known)
+        item_index = self._item_index
         y_items = y_all[item_index]
-        pos_weight = torch.tensor(_pos_weight(y_items), dtype=torch.float32, device=device)
         stopper = EarlyStopping(
             cfg.patience, "min" if cfg.monitor == "loss" else "max", cfg.min_delta, min_epochs=cfg.min_epochs
         )
         best_state = copy.deepcopy(network.state_dict())
-        history: list[dict[str, Any]] = []
         owner = train.slice_owner
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             started = time.monotonic()
             network.train()
             order = item_index[epoch_order(y_items, cfg.balance, self.rng)]
@@ -366,18 +487,20 @@ class _NetworkFit:
                     continue
                 x = cfg.augment.apply(x_all[idx], self.rng) if cfg.augment.active else x_all[idx]
                 case_idx = owner[idx] if self.method == "m3" and owner is not None else idx
-                tensors = [t.to(device) for t in model.pre_process(self._batch_inputs(train, x, case_idx, raw_scores))]
+                batch = self._batch_inputs(train, x, case_idx, self._raw_scores)
+                tensors = [t.to(device) for t in model.pre_process(batch)]
                 target = torch.tensor(y_all[idx], dtype=torch.float32, device=device)
                 logits = network(*tensors)
-                loss = self._loss(logits, target, pos_weight if cfg.balance == "loss" else None)
+                loss = self._loss(logits, target, self._pos_weight if cfg.balance == "loss" else None)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 losses.append(float(loss.detach()))
             p_val = predictor.predict(val)
             y_val = val.y
-            record = {
-                "epoch": epoch,
+            record: dict[str, Any] = {
+                "epoch": len(history) + 1,
+                "stage": stage,
                 "train_loss": float(np.mean(losses)) if losses else math.nan,
                 "val_loss": _bce(y_val, p_val),
                 "val_auc": _mean_auc(y_val, p_val),
@@ -389,24 +512,18 @@ class _NetworkFit:
             self.progress(
                 "epochs",
                 epoch,
-                cfg.epochs,
-                f"loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f} val AUC {record['val_auc']:.3f}",
+                epochs,
+                f"{stage}: loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f} "
+                f"val AUC {record['val_auc']:.3f}",
             )
             if stopper.should_stop:
-                logger.info("early stopping after epoch %d (best epoch %d)", epoch, stopper.best_epoch)
-                self.progress("epochs", cfg.epochs, cfg.epochs, f"early stop, best epoch {stopper.best_epoch}")
+                logger.info("%s: early stopping after epoch %d (best epoch %d)", stage, epoch, stopper.best_epoch)
+                self.progress("epochs", epochs, epochs, f"early stop, best epoch {stopper.best_epoch}")
                 break
         network.load_state_dict(best_state)
-        network.eval()
-        return Fitted(
-            predictor=predictor,
-            normalisation=norm,
-            input_extra=input_extra,
-            weights={"model": ("model.pt", network)},
-            history=history,
-            stopped_epoch=len(history),
-            best_epoch=stopper.best_epoch,
-        )
+        for p in network.parameters():
+            p.requires_grad_(True)
+        return stopper
 
     def _loss(self, logits: Any, target: Any, pos_weight: Any) -> Any:
         import torch
@@ -484,11 +601,13 @@ def _csv_settings(config: TrainConfig, cases: CaseSet) -> str:
 def _load_cases(config: TrainConfig, work: Path, progress: Progress) -> tuple[CaseSet, dict[str, Any]]:
     data = config.data
     method = config.method
-    spec = {**DEFAULT_INPUTS[method], **dict(config.input)}
+    spec = resolve_input_spec(method, config.input)
     regions = package_regions(method)
     params: Path | Mapping[str, Any] | None = config.radiomics.params
     if params is None and method == "radiomics":
         params = comparator_params()
+    elif params is None and method == "m4":
+        params = M4_RADIOMICS_SETTINGS  # the paper's 851 features per region
     described: dict[str, Any] = {"source": data.source}
     if data.source == "features":
         assert data.features is not None
@@ -810,7 +929,7 @@ def train(
             table["cv_auc_sd"] = round(cv["auc_sd"], 4)
             table["cv_folds"] = cv["folds"]
         metrics[ev.label] = table
-    spec = {**DEFAULT_INPUTS[config.method], **dict(config.input), **fitted.input_extra}
+    spec = {**resolve_input_spec(config.method, config.input), **fitted.input_extra}
     if config.method == "m2":
         spec["covariates"] = ["age", "sex", "smoking"]
     if config.method == "m3":
@@ -830,8 +949,12 @@ def train(
         "metrics": metrics,
     }
     if config.method != "radiomics":
-        metadata["architecture"] = dict(config.architecture)
+        metadata["architecture"] = fitted.architecture
         metadata["normalisation"] = fitted.normalisation
+        training_data["initialisation"] = fitted.init_table
+        training_data["fine_tuning"] = config.training.stages
+        if fitted.final_classifier:
+            training_data["final_classifier"] = fitted.final_classifier
     if pkg.get("label_names"):
         metadata["label_names"] = dict(pkg["label_names"])
     package_dir = write_package(out, metadata, fitted.weights)
@@ -860,6 +983,14 @@ def train(
             f"best epoch {fitted.best_epoch}; balance {cfg.balance}"
         )
         summary["architecture"] = dict(config.architecture) or "paper-sized defaults"
+        summary["initialisation"] = fitted.initialisation
+        if fitted.final_classifier:
+            summary["final classifier (last FC replaced; mean CV AUC on the training split)"] = "; ".join(
+                f"{label}: {t['chosen']} ({t['cv']}; " + ", ".join(f"{k} {v:.3f}" for k, v in t["cv_auc"].items()) + ")"
+                for label, t in fitted.final_classifier.items()
+            )
+        if cfg.stages == "staged":
+            summary["fine-tuning"] = f"staged: new FC layers first, then all layers ({fitted.stages})"
     else:
         sel = fitted.input_extra
         summary["selected features"] = ", ".join(sel["features"])

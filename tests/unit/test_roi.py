@@ -115,9 +115,10 @@ def test_m1_crops_the_bounding_rectangle_plus_margin_on_the_largest_slice() -> N
     mask[7, 35:65, 28:47] = True  # slice 7 is the largest: rows 35..64, columns 28..46
     out = roi.m1_input(ct, mask, None)
     assert out.slice_index == 7
-    assert out.box == (15, 85, 8, 67)
+    # the paper's A2 set by default: 20 pixels more in height and width, 10 on each side
+    assert out.box == (25, 75, 18, 57)
     assert not out.padded
-    np.testing.assert_array_equal(out.crop_hu, ct[7, 15:85, 8:67])
+    np.testing.assert_array_equal(out.crop_hu, ct[7, 25:75, 18:57])
     assert out.image.shape == (80, 80) and out.image.dtype == np.float32
     # cubic resize without blur: a constant crop stays constant, values stay in the crop's range
     flat = roi.m1_input(np.full(ct.shape, 55.0, np.float32), mask, None)
@@ -149,10 +150,29 @@ def test_m1_margin_size_and_square_options() -> None:
     assert (r1 - r0, c1 - c0) == (41, 41) and (c0, c1) == (25, 66)
 
 
+def test_m1_roi_sets_are_the_papers_a1_a2_a3() -> None:
+    ct = _ct()
+    mask = _box_mask(ct.shape, slice(5, 6), slice(40, 60), slice(30, 50))  # a 20 x 20 ROI
+    heights = {}
+    for name in ("ROI", "A1", "A2", "A3"):
+        margin, shape = roi.m1_roi_set(name)
+        out = roi.m1_input(ct, mask, None, margin_px=margin, size=shape)
+        r0, r1, c0, c1 = out.box
+        heights[name] = (r1 - r0, c1 - c0, out.image.shape)
+    assert heights == {
+        "ROI": (20, 20, (60, 60)),
+        "A1": (30, 30, (70, 70)),
+        "A2": (40, 40, (80, 80)),
+        "A3": (50, 50, (90, 90)),
+    }
+    with pytest.raises(ValueError, match="roi_set"):
+        roi.m1_roi_set("A4")
+
+
 def test_m1_lesion_at_the_volume_edge_is_padded_not_shifted() -> None:
     ct = _ct()
     mask = _box_mask(ct.shape, slice(3, 5), slice(0, 6), slice(100, 110))  # touches top and right edges
-    out = roi.m1_input(ct, mask, None)
+    out = roi.m1_input(ct, mask, None, margin_px=20)
     assert out.padded
     assert out.box == (-20, 26, 80, 130)
     assert out.crop_hu.shape == (46, 50)
@@ -360,3 +380,21 @@ def test_m4_tumour_at_the_volume_edge() -> None:
     np.testing.assert_array_equal(out.patch_hu[:86, 76:], ct[out.slice_index, 14:100, 0:84])
     assert out.ring_mask.shape == ct.shape and out.ring_mask.any()
     assert not out.ring_mask[:, :, 14:].any() and not (out.ring_mask & mask).any()
+
+
+def test_m1_input_spec_records_the_roi_set_margin_for_inference() -> None:
+    from inference.training.datasets import resolve_input_spec
+
+    assert resolve_input_spec("m1") == {
+        "roi_set": "A2",
+        "shape": [80, 80],
+        "margin_px": 10,
+        "order": 3,
+        "square": False,
+    }
+    a3 = resolve_input_spec("m1", {"roi_set": "A3"})
+    assert (a3["margin_px"], a3["shape"], a3["roi_set"]) == (15, [90, 90], "A3")
+    custom = resolve_input_spec("m1", {"margin_px": 20})
+    assert (custom["margin_px"], custom["shape"], custom["roi_set"]) == (20, [80, 80], "custom")
+    with pytest.raises(ValueError, match="roi_set"):
+        resolve_input_spec("m1", {"roi_set": "B2"})
