@@ -31,7 +31,15 @@ from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.console import data, images, ruletest
 from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions
-from pacs_agent.console.users import User, UserError, authenticate, check_name, find_user
+from pacs_agent.console.users import (
+    MIN_PASSWORD_LENGTH,
+    User,
+    UserError,
+    authenticate,
+    change_password,
+    check_name,
+    find_user,
+)
 from pacs_agent.db import Database
 from pacs_agent.events_cli import EVENT_KINDS, LEVELS, EventQuery, parse_since
 from pacs_agent.jobs.queue import RetryRefused, retry_job
@@ -185,10 +193,14 @@ def _authenticated(ctx: Context, request: Request) -> tuple[User, Session] | Non
     return None if user is None else (user, session)
 
 
-def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[Request], Awaitable[Response]]:
+def guarded(
+    ctx: Context, handler: Handler, *, api: bool = False, with_one_time_password: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     """``handler`` for logged-in users only (pages redirect to the login page, ``/api/`` answers 401).
 
-    A POST must also carry the session's CSRF token in its form field ``csrf`` (else 403).
+    A POST must also carry the session's CSRF token in its form field ``csrf`` (else 403). A user
+    who logged in with a one-time password reaches only the password form and logout
+    (``with_one_time_password``) until they have chosen their own password.
     """
 
     async def endpoint(request: Request) -> Response:
@@ -199,6 +211,11 @@ def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[R
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"{ctx.root}/login?next={quote(target)}", status_code=303)
         user, session = found
+        if user.must_change_password and not session.sso and not with_one_time_password:
+            if api:
+                return JSONResponse({"error": "choose your own password first (the console's password page)"}, 403)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"{ctx.root}/password?next={quote(target)}", status_code=303)
         if request.method == "POST":
             form = await request.form()
             token = form.get("csrf")
@@ -291,6 +308,59 @@ async def logout(request: Request, ctx: Context, user: User, session: Session) -
     response = RedirectResponse(f"{ctx.root}/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
+
+
+async def password_page(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """GET: the form to change one's password; POST: change it (the current one must be right)."""
+    if session.sso:
+        return _message(
+            ctx,
+            request,
+            user,
+            session,
+            "Not here",
+            "You are logged in by the single sign-on; its password is not ours.",
+            404,
+        )
+    error, status = "", 200
+    next_url = request.query_params.get("next", "")
+    if request.method == "POST":
+        form = await request.form()
+        current, new, again = (str(form.get(key) or "") for key in ("current", "new", "again"))
+        next_url = str(form.get("next") or "")
+        if new != again:
+            error, status = "The two new passwords differ.", 400
+        elif ctx.limiter.blocked_for(_client(request)):
+            error, status = "Too many failed attempts from your address; try again later.", 429
+        else:
+            try:
+                with ctx.db.session() as db_session, db_session.begin():
+                    change_password(db_session, user.name, current, new)
+                    record_event(
+                        db_session,
+                        "console_password_changed",
+                        peer=_client(request),
+                        detail=f"user {user.name}"
+                        + (" (one-time password replaced)" if user.must_change_password else ""),
+                        log=False,
+                    )
+            except UserError as exc:
+                if "current password" in str(exc):
+                    ctx.limiter.failed(_client(request))
+                error, status = f"Not changed: {exc}.", 400
+            else:
+                return RedirectResponse(_safe_next(ctx, next_url), status_code=303)
+    return _render(
+        ctx,
+        request,
+        "password.html",
+        status,
+        user=user,
+        csrf=session.csrf,
+        next=next_url,
+        error=error,
+        min_length=MIN_PASSWORD_LENGTH,
+    )
 
 
 # -- pages ------------------------------------------------------------------------------------
@@ -735,7 +805,8 @@ def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLi
     routes: list[Route | Mount] = [
         Route("/login", login_get, methods=["GET"]),
         Route("/login", login_post, methods=["POST"]),
-        Route("/logout", guarded(ctx, logout), methods=["POST"]),
+        Route("/logout", guarded(ctx, logout, with_one_time_password=True), methods=["POST"]),
+        Route("/password", guarded(ctx, password_page, with_one_time_password=True), methods=["GET", "POST"]),
         Route("/studies/{uid}/results/{result_id:int}.png", guarded(ctx, result_png)),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]

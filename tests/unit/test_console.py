@@ -20,7 +20,15 @@ from pacs_agent.checks import check_settings, console_problems
 from pacs_agent.config import Settings, load_settings
 from pacs_agent.console.app import CSP, create_app
 from pacs_agent.console.auth import LoginLimiter, Sessions, load_secret
-from pacs_agent.console.users import UserError, add_user, authenticate, hash_password
+from pacs_agent.console.users import (
+    UserError,
+    add_one_time_user,
+    add_user,
+    authenticate,
+    change_password,
+    find_user,
+    hash_password,
+)
 from pacs_agent.db import Database
 from pacs_agent.db.tables import ConsoleUser, Event, Job, Study, utcnow
 from pacs_agent.errors import ConfigError
@@ -148,6 +156,92 @@ def test_a_forged_or_expired_session_is_no_session() -> None:
     assert sessions.read(cookie[:-2] + "xx") is None
     assert Sessions(b"other" * 8, 3600).read(cookie) is None
     assert Sessions(b"k" * 32, max_age_seconds=-1).read(cookie) is None
+
+
+# -- one-time passwords ----------------------------------------------------------------------
+
+
+def change_form(client: TestClient, **fields: str) -> dict[str, str]:
+    page = client.get("/password")
+    assert page.status_code == 200, page.text
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    return {"csrf": token.group(1), **fields}
+
+
+def test_a_one_time_password_is_random_hashed_and_must_be_replaced_before_anything_else(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    with db.session() as session, session.begin():
+        user, password, until = add_one_time_user(session, "admin", "admin")
+        _, other, _ = add_one_time_user(session, "admin2", "admin")
+    assert user.must_change_password and len(password) >= 16 and password != other
+    assert timedelta(hours=23) < until - utcnow() <= timedelta(hours=24)
+    with db.session() as session:
+        row = session.execute(select(ConsoleUser).where(ConsoleUser.name == "admin")).scalar_one()
+        assert row.password_hash.startswith("$argon2id$") and password not in row.password_hash
+    assert login(client, "admin", password) == 303
+    # every page and API leads to the password form first
+    page = client.get("/studies")
+    assert page.status_code == 303 and page.headers["location"] == "/password?next=/studies"
+    assert client.get("/api/studies").status_code == 403
+    assert "one-time password" in client.get("/password").text
+    # a wrong current password, two differing new ones, or a short one change nothing
+    for fields, says in (
+        ({"current": "wrong password!", "new": "my own password", "again": "my own password"}, "current password"),
+        ({"current": password, "new": "my own password", "again": "my own passw0rd"}, "differ"),
+        ({"current": password, "new": "short", "again": "short"}, "at least 12"),
+        ({"current": password, "new": password, "again": password}, "differ from the current"),
+    ):
+        refused = client.post("/password", data=change_form(client, **fields))
+        assert refused.status_code == 400 and says in refused.text, refused.text
+    assert client.get("/").status_code == 303
+    changed = client.post(
+        "/password",
+        data=change_form(client, current=password, new="my own password", again="my own password", next="/studies"),
+    )
+    assert changed.status_code == 303 and changed.headers["location"] == "/studies"
+    assert client.get("/studies").status_code == 200
+    assert [e.detail for e in events(db, "console_password_changed")] == ["user admin (one-time password replaced)"]
+    client.cookies.clear()
+    assert login(client, "admin", password) == 401  # the one-time password is gone
+    assert login(client, "admin", "my own password") == 303
+    assert client.get("/").status_code == 200
+
+
+def test_an_expired_one_time_password_is_refused(sqlite_db: Database) -> None:
+    with sqlite_db.session() as session, session.begin():
+        _, password, _ = add_one_time_user(session, "admin", "admin", hours=-1)
+    with sqlite_db.session() as session, session.begin():
+        assert authenticate(session, "admin", password) is None
+        with pytest.raises(UserError, match="expired"):
+            change_password(session, "admin", password, "my own password")
+        add_user(session, "admin", "admin", "a new password")  # resetting it ends the one-time state
+    with sqlite_db.session() as session, session.begin():
+        user = find_user(session, "admin")
+        assert user is not None and not user.must_change_password
+        assert authenticate(session, "admin", "a new password") is not None
+
+
+def test_console_user_add_one_time_prints_the_password_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pacs_agent.cli import main
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["console", "user", "add", "root", "--role", "admin", "--one-time", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    password = re.search(r"one-time password: (\S+) \(valid until", out)
+    assert password is not None
+    assert main(["console", "user", "list", "--config", str(config)]) == 0
+    listed = capsys.readouterr().out
+    assert "one-time password not yet replaced" in listed and password.group(1) not in listed
+    db = Database(f"sqlite:///{tmp_path / 'state' / 'pacs-agent.db'}")
+    try:
+        with db.session() as session, session.begin():
+            assert authenticate(session, "root", password.group(1)) is not None
+    finally:
+        db.dispose()
 
 
 # -- no anonymous access ----------------------------------------------------------------------
