@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
-from pacs_agent.console import data, images, ruletest
+from pacs_agent.console import charts, data, images, ruletest
 from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions
 from pacs_agent.console.users import (
     MIN_PASSWORD_LENGTH,
@@ -366,31 +366,6 @@ async def password_page(request: Request, ctx: Context, user: User, session: Ses
 # -- pages ------------------------------------------------------------------------------------
 
 
-def _chart(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bars of an inline SVG chart: x, y, height per hour (a 480 x 120 box)."""
-    top = max((p["instances"] for p in points), default=0) or 1
-    width = 480 / max(len(points), 1)
-    bars = []
-    for i, p in enumerate(points):
-        height = round(p["instances"] / top * 100, 1)
-        bars.append(
-            {
-                "x": round(i * width + 1, 1),
-                "y": round(110 - height, 1),
-                "w": round(width - 2, 1),
-                "h": height,
-                "label": f"{p['hour'][11:16]} UTC: {p['instances']}",
-                "n": p["instances"],
-            }
-        )
-    return {
-        "bars": bars,
-        "top": top,
-        "first": points[0]["hour"][11:16] if points else "",
-        "last": points[-1]["hour"][11:16] if points else "",
-    }
-
-
 def _page(
     api: bool, ctx: Context, request: Request, user: User, session: Session, name: str, payload: Any, **extra: Any
 ) -> Response:
@@ -412,7 +387,9 @@ def overview_handler(api: bool) -> Handler:
             session,
             "overview.html",
             payload,
-            chart=_chart(payload["instances_per_hour"]),
+            instances_chart=charts.hourly(payload["instances_per_hour"], ("instances",)),
+            failures_chart=charts.hourly(payload["delivery_failures_per_hour"], ("retry", "dead")),
+            durations_chart=charts.durations(payload["job_durations"]),
             nav="overview",
         )
 

@@ -23,7 +23,7 @@ from inference.registry.files import MANIFEST, sha256_file
 from inference.registry.package import list_packages
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.db.tables import Delivery, Instance, Job, Result, Series, Study
+from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Series, Study
 from pacs_agent.events_cli import EventQuery, query_events
 from pacs_agent.health import HealthMonitor
 from pacs_agent.pause import current_pause
@@ -45,23 +45,81 @@ def _counts(db: Database, column: Any) -> dict[str, int]:
         return {str(k): int(v) for k, v in session.execute(select(column, func.count()).group_by(column)).all()}
 
 
+def _hours(now: datetime | None, hours: int) -> datetime:
+    """Start of the first of the last ``hours`` whole hours (the current hour is the last)."""
+    now = now or datetime.now(UTC)
+    return now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1) - timedelta(hours=hours)
+
+
+def _per_hour(start: datetime, hours: int, series: dict[str, list[datetime]]) -> list[dict[str, Any]]:
+    buckets = {key: [0] * hours for key in series}
+    for key, times in series.items():
+        for at in times:
+            index = int((at - start).total_seconds() // 3600)
+            if 0 <= index < hours:
+                buckets[key][index] += 1
+    return [
+        {"hour": _iso(start + timedelta(hours=i)), **{key: counts[i] for key, counts in buckets.items()}}
+        for i in range(hours)
+    ]
+
+
 def instances_per_hour(db: Database, now: datetime | None = None, hours: int = 24) -> list[dict[str, Any]]:
     """Instances received in each of the last ``hours`` whole hours (oldest first), the current one last."""
-    now = now or datetime.now(UTC)
-    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    start = end - timedelta(hours=hours)
+    start = _hours(now, hours)
     with db.read_session() as session:
         times = session.execute(select(Instance.received_at).where(Instance.received_at >= start)).scalars().all()
-    buckets = [0] * hours
-    for at in times:
-        index = int((at - start).total_seconds() // 3600)
-        if 0 <= index < hours:
-            buckets[index] += 1
-    return [{"hour": _iso(start + timedelta(hours=i)), "instances": n} for i, n in enumerate(buckets)]
+    return _per_hour(start, hours, {"instances": list(times)})
+
+
+def delivery_failures_per_hour(db: Database, now: datetime | None = None, hours: int = 24) -> list[dict[str, Any]]:
+    """Failed sends per hour (oldest first): ``retry`` (will be tried again) and ``dead`` (gave up)."""
+    start = _hours(now, hours)
+    with db.read_session() as session:
+        rows = session.execute(
+            select(Event.kind, Event.at).where(Event.at >= start, Event.kind.in_(("delivery_retry", "delivery_dead")))
+        ).all()
+    return _per_hour(
+        start,
+        hours,
+        {
+            "retry": [at for kind, at in rows if kind == "delivery_retry"],
+            "dead": [at for kind, at in rows if kind == "delivery_dead"],
+        },
+    )
+
+
+def job_durations(db: Database, now: datetime | None = None, hours: int = 24) -> list[dict[str, Any]]:
+    """Per method, the run time of the jobs done in the last ``hours``: count, median and longest (seconds)."""
+    since = (now or datetime.now(UTC)) - timedelta(hours=hours)
+    with db.read_session() as session:
+        rows = session.execute(
+            select(Job.method, Job.started_at, Job.finished_at).where(
+                Job.state == "done", Job.finished_at >= since, Job.started_at.is_not(None)
+            )
+        ).all()
+    per_method: dict[str, list[float]] = {}
+    for method, started, finished in rows:
+        per_method.setdefault(method, []).append(max((finished - started).total_seconds(), 0.0))
+    out = []
+    for method, seconds in sorted(per_method.items()):
+        seconds.sort()
+        middle = len(seconds) // 2
+        median = seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+        out.append(
+            {
+                "method": method,
+                "jobs": len(seconds),
+                "median_seconds": round(median, 2),
+                "max_seconds": round(seconds[-1], 2),
+            }
+        )
+    return out
 
 
 def overview(db: Database, settings: Settings) -> dict[str, Any]:
-    """Health (as ``/healthz``), counts by state, and instances per hour over the last 24 h."""
+    """Health (as ``/healthz``), counts by state, and the last 24 h: instances and delivery failures per hour,
+    job run times per method."""
     monitor = HealthMonitor(settings)
     try:
         health = monitor.report().as_json()
@@ -76,6 +134,8 @@ def overview(db: Database, settings: Settings) -> dict[str, Any]:
         "jobs_by_state": _counts(db, Job.state),
         "deliveries_by_state": _counts(db, Delivery.state),
         "instances_per_hour": instances_per_hour(db),
+        "delivery_failures_per_hour": delivery_failures_per_hour(db),
+        "job_durations": job_durations(db),
     }
 
 

@@ -745,3 +745,70 @@ def test_config_check_names_the_console_files_that_will_not_do(tmp_path: Path) -
     secret.chmod(0o600)
     secret.write_text("short\n")
     assert any("fewer than 32 characters" in p for p in console_problems(settings))
+
+
+def test_the_demo_stays_with_its_console_only_for_a_terminal_or_when_asked() -> None:
+    from pacs_agent.demo import should_stay
+
+    assert should_stay(None, stdin_is_terminal=True)
+    assert not should_stay(None, stdin_is_terminal=False)  # CI, make demo in a pipeline
+    assert should_stay(True, stdin_is_terminal=False)
+    assert not should_stay(False, stdin_is_terminal=True)
+
+
+# -- overview charts --------------------------------------------------------------------------
+
+
+def test_the_overview_charts_job_run_times_per_method_and_delivery_failures_per_hour(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    now = utcnow()
+    with db.session() as session, session.begin():
+        study_id = session.execute(select(Study.id)).scalar_one()
+        for method, seconds, hours_ago in (
+            ("radiomics", 10, 1),
+            ("radiomics", 60, 2),
+            ("radiomics", 20, 3),
+            ("m1", 5, 1),
+        ):
+            finished = now - timedelta(hours=hours_ago)
+            session.add(
+                Job(
+                    study_id=study_id,
+                    method=method,
+                    inputs="{}",
+                    state="done",
+                    started_at=finished - timedelta(seconds=seconds),
+                    finished_at=finished,
+                )
+            )
+        old = now - timedelta(hours=30)  # outside the 24 h
+        session.add(Job(study_id=study_id, method="m3", inputs="{}", state="done", started_at=old, finished_at=old))
+        for kind, at in (
+            ("delivery_retry", now),
+            ("delivery_retry", now),
+            ("delivery_dead", now - timedelta(hours=2)),
+            ("delivery_dead", old),
+            ("delivered", now),
+        ):
+            session.add(Event(kind=kind, at=at, level="WARNING"))
+    assert login(client, "vera") == 303
+    overview = client.get("/api/overview").json()
+    assert overview["job_durations"] == [
+        {"method": "m1", "jobs": 1, "median_seconds": 5.0, "max_seconds": 5.0},
+        {"method": "radiomics", "jobs": 3, "median_seconds": 20.0, "max_seconds": 60.0},
+    ]
+    failures = overview["delivery_failures_per_hour"]
+    assert len(failures) == 24
+    assert failures[-1]["retry"] == 2 and failures[-1]["dead"] == 0
+    assert failures[-3] == {"hour": failures[-3]["hour"], "retry": 0, "dead": 1}
+    assert sum(p["retry"] + p["dead"] for p in failures) == 3
+    page = client.get("/").text
+    chart = page[page.index('id="failures-chart"') : page.index("</svg>", page.index('id="failures-chart"'))]
+    assert chart.count("<rect") == 2 and 'class="dead"' in chart and 'class="retry"' in chart
+    durations = page[page.index('id="durations-chart"') : page.index("</svg>", page.index('id="durations-chart"'))]
+    assert (
+        durations.count('<g class="method">') == 2 and "radiomics: 3 job(s), median 20.0 s, longest 60.0 s" in durations
+    )
+    assert "<script" not in page and " style=" not in page  # the CSP allows neither
