@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inference.methods import method_names
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
 from pacs_agent.console import charts, data, images, ruletest
@@ -396,24 +397,71 @@ def overview_handler(api: bool) -> Handler:
     return handler
 
 
+def _day(params: Any, key: str, problems: list[str]) -> date | None:
+    value = (params.get(key) or "").strip()
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        problems.append(f"{key}: {value[:40]!r} is not a date (YYYY-MM-DD)")
+        return None
+
+
 def studies_handler(api: bool) -> Handler:
-    """``/studies`` and ``/api/studies`` (``?state=``, ``?q=`` UID or accession)."""
+    """``/studies`` and ``/api/studies``, filtered by the query parameters.
+
+    ``state``, ``q`` (UID or accession), ``from`` / ``to`` (UTC days of arrival, YYYY-MM-DD, both
+    included), ``method`` and ``calling_ae``; a bad value answers 400 with the reason.
+    """
 
     async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
-        state = request.query_params.get("state") or None
-        search = request.query_params.get("q") or None
-        rows = data.studies(ctx.db, state=state if state in data.STUDY_STATES else None, search=search)
-        return _page(
-            api,
+        params = request.query_params
+        problems: list[str] = []
+        state = params.get("state") or None
+        search = params.get("q") or None
+        received_from, received_to = _day(params, "from", problems), _day(params, "to", problems)
+        method = (params.get("method") or "").strip() or None
+        calling_ae = (params.get("calling_ae") or "").strip() or None
+        if state and state not in data.STUDY_STATES:
+            problems.append(f"state: {state[:40]!r} is none of {', '.join(data.STUDY_STATES)}")
+        rows = (
+            []
+            if problems
+            else data.studies(
+                ctx.db,
+                state=state,
+                search=search,
+                received_from=received_from,
+                received_to=received_to,
+                method=method,
+                calling_ae=calling_ae,
+            )
+        )
+        if api:
+            if problems:
+                return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+            return JSONResponse(rows)
+        return _render(
             ctx,
             request,
-            user,
-            session,
             "studies.html",
-            rows,
+            400 if problems else 200,
+            user=user,
+            csrf=session.csrf,
+            data=rows,
+            problems=problems,
             states=data.STUDY_STATES,
-            state=state or "",
-            q=search or "",
+            methods=method_names(),
+            calling_aes=data.calling_ae_titles(ctx.db),
+            filters={
+                "state": state or "",
+                "q": search or "",
+                "from": params.get("from", ""),
+                "to": params.get("to", ""),
+                "method": method or "",
+                "calling_ae": calling_ae or "",
+            },
             nav="studies",
         )
 

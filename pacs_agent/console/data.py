@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tomllib
 import zipfile
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,8 @@ def job_durations(db: Database, now: datetime | None = None, hours: int = 24) ->
         ).all()
     per_method: dict[str, list[float]] = {}
     for method, started, finished in rows:
-        per_method.setdefault(method, []).append(max((finished - started).total_seconds(), 0.0))
+        if started is not None and finished is not None:
+            per_method.setdefault(method, []).append(max((finished - started).total_seconds(), 0.0))
     out = []
     for method, seconds in sorted(per_method.items()):
         seconds.sort()
@@ -118,8 +119,10 @@ def job_durations(db: Database, now: datetime | None = None, hours: int = 24) ->
 
 
 def overview(db: Database, settings: Settings) -> dict[str, Any]:
-    """Health (as ``/healthz``), counts by state, and the last 24 h: instances and delivery failures per hour,
-    job run times per method."""
+    """Health (as ``/healthz``), counts by state, and charts of the last 24 h.
+
+    The charts: instances received and delivery failures per hour, job run times per method.
+    """
     monitor = HealthMonitor(settings)
     try:
         health = monitor.report().as_json()
@@ -140,9 +143,23 @@ def overview(db: Database, settings: Settings) -> dict[str, Any]:
 
 
 def studies(
-    db: Database, *, state: str | None = None, search: str | None = None, limit: int = 100
+    db: Database,
+    *,
+    state: str | None = None,
+    search: str | None = None,
+    received_from: date | None = None,
+    received_to: date | None = None,
+    method: str | None = None,
+    calling_ae: str | None = None,
+    limit: int = 100,
 ) -> list[dict[str, Any]]:
-    """Studies, newest first; ``search`` matches the Study Instance UID (or its start) or the accession number."""
+    """Studies, newest first, with their methods and the AE titles that sent them.
+
+    ``search`` matches the Study Instance UID (or its start) or the accession number;
+    ``received_from`` / ``received_to`` (UTC days, both included) the day the study's first
+    instance arrived; ``method`` a study with a job of that method; ``calling_ae`` a study with an
+    instance sent by that AE title.
+    """
     query = select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)
     if state:
         query = query.where(Study.state == state)
@@ -151,16 +168,43 @@ def studies(
         query = query.where(
             or_(Study.study_instance_uid.startswith(term, autoescape=True), Study.accession_number == term)
         )
+    if received_from:
+        query = query.where(Study.first_received_at >= datetime.combine(received_from, time(), UTC))
+    if received_to:
+        query = query.where(Study.first_received_at < datetime.combine(received_to + timedelta(days=1), time(), UTC))
+    if method:
+        query = query.where(select(Job.id).where(Job.study_id == Study.id, Job.method == method).exists())
+    if calling_ae:
+        query = query.where(
+            select(Instance.id)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == Study.id, Instance.calling_ae_title == calling_ae)
+            .exists()
+        )
     with db.read_session() as session:
         rows = session.execute(query).scalars().all()
+        ids = [r.id for r in rows]
         counts = dict(
             session.execute(
                 select(Series.study_id, func.count(Instance.id))
                 .join(Instance, Instance.series_id == Series.id)
-                .where(Series.study_id.in_([r.id for r in rows]))
+                .where(Series.study_id.in_(ids))
                 .group_by(Series.study_id)
             ).all()
         )
+        senders: dict[int, set[str]] = {}
+        for study_id, ae in session.execute(
+            select(Series.study_id, Instance.calling_ae_title)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id.in_(ids), Instance.calling_ae_title.is_not(None))
+            .distinct()
+        ).all():
+            senders.setdefault(study_id, set()).add(ae)
+        methods: dict[int, set[str]] = {}
+        for study_id, name in session.execute(
+            select(Job.study_id, Job.method).where(Job.study_id.in_(ids)).distinct()
+        ).all():
+            methods.setdefault(study_id, set()).add(name)
         return [
             {
                 "study_instance_uid": r.study_instance_uid,
@@ -171,9 +215,24 @@ def studies(
                 "first_received_at": _iso(r.first_received_at),
                 "last_received_at": _iso(r.last_received_at),
                 "instances": int(counts.get(r.id, 0)),
+                "calling_ae_titles": sorted(senders.get(r.id, ())),
+                "methods": sorted(methods.get(r.id, ())),
             }
             for r in rows
         ]
+
+
+def calling_ae_titles(db: Database, limit: int = 200) -> list[str]:
+    """The AE titles that have sent instances (for the Studies filter)."""
+    with db.read_session() as session:
+        rows = session.execute(
+            select(Instance.calling_ae_title)
+            .where(Instance.calling_ae_title.is_not(None))
+            .distinct()
+            .order_by(Instance.calling_ae_title)
+            .limit(limit)
+        ).scalars()
+        return [str(r) for r in rows]
 
 
 def study_page(db: Database, settings: Settings, study_instance_uid: str) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from pacs_agent.console.users import (
     hash_password,
 )
 from pacs_agent.db import Database
-from pacs_agent.db.tables import ConsoleUser, Event, Job, Study, utcnow
+from pacs_agent.db.tables import ConsoleUser, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.errors import ConfigError
 from pacs_agent.jobs.worker import Worker
 from pacs_agent.pause import pause_processing, resume_processing
@@ -812,3 +812,62 @@ def test_the_overview_charts_job_run_times_per_method_and_delivery_failures_per_
         durations.count('<g class="method">') == 2 and "radiomics: 3 job(s), median 20.0 s, longest 60.0 s" in durations
     )
     assert "<script" not in page and " style=" not in page  # the CSP allows neither
+
+
+# -- studies filters --------------------------------------------------------------------------
+
+
+def test_studies_filter_by_arrival_days_method_and_calling_ae_on_the_page_and_the_api(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    from datetime import UTC, datetime
+
+    client, db, _ = node
+    with db.session() as session, session.begin():
+        for n, (day, ae, method) in enumerate(
+            (
+                ("2026-11-02", "CT_SCANNER_A", "m1"),
+                ("2026-11-05", "PACS_B", "radiomics"),
+                ("2026-11-07", "PACS_B", "m3"),
+            )
+        ):
+            at = datetime.fromisoformat(f"{day}T10:00:00").replace(tzinfo=UTC)
+            study = Study(study_instance_uid=f"1.2.3.{n}", state="done", first_received_at=at, last_received_at=at)
+            session.add(study)
+            session.flush()
+            series = Series(study_id=study.id, series_instance_uid=f"1.2.3.{n}.1", modality="CT")
+            session.add(series)
+            session.flush()
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=f"1.2.3.{n}.1.1",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"x/{n}.dcm",
+                    size_bytes=1,
+                    calling_ae_title=ae,
+                    received_at=at,
+                )
+            )
+            session.add(Job(study_id=study.id, method=method, inputs="{}", state="done"))
+    assert login(client, "vera") == 303
+
+    def uids(**params: str) -> list[str]:
+        response = client.get("/api/studies", params=params)
+        assert response.status_code == 200, response.text
+        return sorted(r["study_instance_uid"] for r in response.json())
+
+    assert uids(**{"from": "2026-11-05"}) == ["1.2.3.1", "1.2.3.2", STUDY_UID]  # the fixture's study arrived today
+    assert uids(**{"from": "2026-11-02", "to": "2026-11-05"}) == ["1.2.3.0", "1.2.3.1"]  # both days included
+    assert uids(calling_ae="PACS_B") == ["1.2.3.1", "1.2.3.2"]
+    assert uids(method="m1") == ["1.2.3.0"]
+    assert uids(method="radiomics", calling_ae="PACS_B") == ["1.2.3.1"]
+    row = next(r for r in client.get("/api/studies").json() if r["study_instance_uid"] == "1.2.3.2")
+    assert row["calling_ae_titles"] == ["PACS_B"] and row["methods"] == ["m3"]
+    bad = client.get("/api/studies", params={"from": "5.11.2026"})
+    assert bad.status_code == 400 and "not a date (YYYY-MM-DD)" in bad.json()["error"]
+    page = client.get("/studies", params={"calling_ae": "PACS_B", "to": "2026-11-06"})
+    assert page.status_code == 200
+    assert "1.2.3.1" in page.text and "1.2.3.2" not in page.text and "1.2.3.0" not in page.text
+    assert "<option selected>PACS_B</option>" in page.text and 'value="2026-11-06"' in page.text
