@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inference.methods import method_names
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
-from pacs_agent.console import charts, data, images, ruletest
+from pacs_agent.console import charts, data, images, markdown, ruletest
 from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions
 from pacs_agent.console.users import (
     MIN_PASSWORD_LENGTH,
@@ -622,6 +622,63 @@ def models_handler(api: bool) -> Handler:
     return handler
 
 
+def model_report_handler(api: bool) -> Handler:
+    """``/models/{index}/{name}/report`` and its ``/api/`` twin: a package's training report (report.md).
+
+    The page renders the Markdown safely (:mod:`.markdown`) with the report's ROC plots; the API
+    returns the Markdown text.
+    """
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        index, name = request.path_params["index"], request.path_params["name"]
+        package = data.model_package(ctx.settings, index, name)
+        body = data.report_file(package, "report.md") if package is not None else None
+        if package is None or body is None:
+            if api:
+                return JSONResponse({"error": "no such package or it has no training report"}, status_code=404)
+            return _message(
+                ctx, request, user, session, "Not found", "No such model package, or it has no training report.", 404
+            )
+        text = body.decode("utf-8", errors="replace")
+        if api:
+            return JSONResponse({"package": name, "markdown": text})
+        base = f"{ctx.root}/models/{index}/{quote(name, safe='')}/report/"
+
+        images = data.report_images(package)
+        shown: list[str] = []
+
+        def image_url(file: str) -> str | None:
+            if file not in images:
+                return None
+            shown.append(file)
+            return base + file
+
+        report = markdown.render(text, image_url)
+        return _render(
+            ctx,
+            request,
+            "model_report.html",
+            user=user,
+            csrf=session.csrf,
+            package=name,
+            report=report,
+            more_images=[(file, base + file) for file in images if file not in shown],
+            nav="models",
+        )
+
+    return handler
+
+
+async def model_report_image(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """A PNG of a package's training report (e.g. its ROC plot), only by a plain file name in ``report/``."""
+    index, name, file = request.path_params["index"], request.path_params["name"], request.path_params["file"]
+    package = data.model_package(ctx.settings, index, name)
+    body = data.report_file(package, file) if package is not None and file.endswith(".png") else None
+    if body is None:
+        return Response("no such image", status_code=404, media_type="text/plain")
+    return Response(body, media_type="image/png")
+
+
 def config_handler(api: bool) -> Handler:
     """``/config`` and ``/api/config``: effective settings (secrets redacted) and ``config check`` problems."""
 
@@ -833,6 +890,9 @@ def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLi
         Route("/logout", guarded(ctx, logout, with_one_time_password=True), methods=["POST"]),
         Route("/password", guarded(ctx, password_page, with_one_time_password=True), methods=["GET", "POST"]),
         Route("/studies/{uid}/results/{result_id:int}.png", guarded(ctx, result_png)),
+        Route("/models/{index:int}/{name}/report", guarded(ctx, model_report_handler(False))),
+        Route("/api/models/{index:int}/{name}/report", guarded(ctx, model_report_handler(True), api=True)),
+        Route("/models/{index:int}/{name}/report/{file}", guarded(ctx, model_report_image)),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     for path, make in pages:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from inference.registry.files import MANIFEST, sha256_file
 from inference.registry.package import list_packages
 from pacs_agent.config import Settings
+from pacs_agent.console.markdown import PNG_NAME
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Series, Study
 from pacs_agent.events_cli import EventQuery, query_events
@@ -199,7 +200,7 @@ def studies(
             .where(Series.study_id.in_(ids), Instance.calling_ae_title.is_not(None))
             .distinct()
         ).all():
-            senders.setdefault(study_id, set()).add(ae)
+            senders.setdefault(study_id, set()).add(str(ae))
         methods: dict[int, set[str]] = {}
         for study_id, name in session.execute(
             select(Job.study_id, Job.method).where(Job.study_id.in_(ids)).distinct()
@@ -358,9 +359,10 @@ def models(settings: Settings) -> list[dict[str, Any]]:
     for index, directory in enumerate(settings.model_dirs):
         for entry in list_packages(directory):
             manifest = _manifest(entry.path)
-            report = entry.path / "report" / "report.md"
+            has_report = report_file(entry.path, "report.md") is not None
             out.append(
                 {
+                    "key": f"{index}/{entry.path.name}",
                     "where": "installed" if index == 0 else "demo",
                     "path": str(entry.path),
                     "name": entry.name,
@@ -370,11 +372,57 @@ def models(settings: Settings) -> list[dict[str, Any]]:
                     "labels": list(entry.labels),
                     "intended_use": str(manifest.get("intended_use", "")),
                     "checksums": _checksums(entry.path, manifest),
-                    "training_report": report.is_file(),
+                    "training_report": has_report,
                     "problems": list(entry.problems),
                 }
             )
     return out
+
+
+def model_package(settings: Settings, index: int, name: str) -> Path | None:
+    """The package ``name`` (its folder or zip name) in the ``index``-th models directory, None if there is none.
+
+    Found by listing the directory, never by joining a path from the request.
+    """
+    dirs = settings.model_dirs
+    if not 0 <= index < len(dirs):
+        return None
+    return next((e.path for e in list_packages(dirs[index]) if e.path.name == name), None)
+
+
+def report_file(package: Path, name: str) -> bytes | None:
+    """``report/NAME`` of a package folder or zip (``report.md`` or a PNG), None when it has none.
+
+    ``name`` must be ``report.md`` or a plain PNG file name; the file must lie inside the package's
+    ``report`` folder (no ``..``, no symbolic link out of it).
+    """
+    if name != "report.md" and not PNG_NAME.match(name):
+        return None
+    try:
+        if package.is_dir():
+            root = (package / "report").resolve()
+            target = (root / name).resolve()
+            if not target.is_relative_to(root) or not target.is_file():
+                return None
+            return target.read_bytes()
+        with zipfile.ZipFile(package) as archive:
+            return archive.read(f"report/{name}")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def report_images(package: Path) -> list[str]:
+    """The PNG file names in a package's ``report`` folder (e.g. ``roc-test.png``), sorted."""
+    try:
+        if package.is_dir():
+            folder = package / "report"
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        else:
+            with zipfile.ZipFile(package) as archive:
+                names = [n.removeprefix("report/") for n in archive.namelist() if n.startswith("report/")]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    return sorted(n for n in names if PNG_NAME.match(n) and report_file(package, n) is not None)
 
 
 def _redact(value: Any, key: str = "") -> Any:

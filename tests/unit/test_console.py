@@ -255,6 +255,7 @@ def test_every_route_without_a_session_gets_the_login_page_or_401(node: tuple[Te
             continue
         assert isinstance(route, Route)
         path = route.path.replace("{uid}", STUDY_UID).replace("{result_id:int}", "1")
+        path = path.replace("{index:int}", "1").replace("{name}", "m1-kras-crc-demo").replace("{file}", "roc-test.png")
         for method in sorted(route.methods or ()):
             if method == "HEAD":
                 continue
@@ -871,3 +872,79 @@ def test_studies_filter_by_arrival_days_method_and_calling_ae_on_the_page_and_th
     assert page.status_code == 200
     assert "1.2.3.1" in page.text and "1.2.3.2" not in page.text and "1.2.3.0" not in page.text
     assert "<option selected>PACS_B</option>" in page.text and 'value="2026-11-06"' in page.text
+
+
+# -- training reports on the Models page ------------------------------------------------------
+
+
+def test_the_models_page_links_each_training_report_with_its_roc_plots(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, _, _ = node
+    assert login(client, "vera") == 303
+    models = client.get("/api/models").json()
+    m1 = next(m for m in models if m["name"] == "m1-kras-crc-demo")
+    assert m1["training_report"] and m1["key"] == "1/m1-kras-crc-demo"  # 0: [models] dir, 1: the demo packages
+    assert 'href="/models/1/m1-kras-crc-demo/report"' in client.get("/models").text
+    page = client.get("/models/1/m1-kras-crc-demo/report")
+    assert page.status_code == 200
+    assert "<h2>Training report: m1-kras-crc-demo 0.1.0</h2>" in page.text
+    assert "<th>AUC (95% CI, DeLong)</th>" in page.text and "<strong>validation status</strong>: DEMO" in page.text
+    images = re.findall(r'<img class="report" src="([^"]+)"', page.text)
+    assert images == [
+        "/models/1/m1-kras-crc-demo/report/roc-test.png",
+        "/models/1/m1-kras-crc-demo/report/roc-validation.png",
+    ]
+    for src in images:
+        png = client.get(src)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+    api = client.get("/api/models/1/m1-kras-crc-demo/report").json()
+    assert api["markdown"].startswith("# Training report: m1-kras-crc-demo")
+    assert client.get("/models/1/no-such-package/report").status_code == 404
+    assert client.get("/models/7/m1-kras-crc-demo/report").status_code == 404
+    client.cookies.clear()
+    assert client.get(images[0]).status_code == 303  # no image without a session
+
+
+def test_a_training_report_is_escaped_and_its_images_cannot_leave_the_report_folder(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    package = models / "evil-0.1"
+    (package / "report").mkdir(parents=True)
+    shutil.copy(Path("config/models/m1-kras-crc-demo/model.toml"), package / "model.toml")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\nSECRET")
+    (package / "report" / "link.png").symlink_to(tmp_path / "secret.png")
+    (package / "report" / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\nROC")
+    (package / "report" / "report.md").write_text(
+        "# Report <script>alert(1)</script>\n\n"
+        '- **x**: <img src=x onerror="alert(2)">\n\n'
+        "![ROC](roc.png)\n\n![up](../model.toml)\n\n![link](link.png)\n\n![missing](none.png)\n\n"
+        "| a | b |\n|---|---|\n| <b>1</b> | `2` |\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(
+        None,
+        {"PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state"), "PACS_AGENT__MODELS__DIR": str(models)},
+    )
+    db = Database(settings.database_url)
+    try:
+        with db.session() as session, session.begin():
+            add_user(session, "vera", "viewer", PASSWORD)
+        app = create_app(settings, db, load_secret(settings.console_secret_file))
+        with TestClient(app, follow_redirects=False) as client:
+            assert login(client, "vera") == 303
+            page = client.get("/models/0/evil-0.1/report").text
+            report = page[page.index('<article class="report">') :]
+            assert "<script" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+            assert "<img src=x" not in report and "&lt;img src=x onerror=" in report
+            assert "&lt;b&gt;1&lt;/b&gt;" in report and "<code>2</code>" in report
+            assert re.findall(r'<img class="report" src="([^"]+)"', report) == ["/models/0/evil-0.1/report/roc.png"]
+            assert "link.png" not in report.split("</article>")[1]  # a link out of the folder is not listed
+            assert "![up](../model.toml)" in report and "![missing](none.png)" in report  # left as text
+            assert client.get("/models/0/evil-0.1/report/roc.png").content.endswith(b"ROC")
+            for bad in ("link.png", "..%2Fmodel.toml", "..%2F..%2Fsecret.png", "report.md", "model.toml", "none.png"):
+                response = client.get(f"/models/0/evil-0.1/report/{bad}")
+                assert response.status_code == 404, bad
+                assert b"SECRET" not in response.content
+    finally:
+        db.dispose()
