@@ -167,6 +167,24 @@ def test_console_in_a_browser(
     viewed = node.scalars(select(Event.detail).where(Event.kind == "console_study_viewed"))
     assert "by otto" in viewed
 
+    # the Studies filters: by the AE title that sent it
+    operator.goto(f"{base}/studies")
+    operator.select_option("select[name=calling_ae]", "STORESCU")
+    operator.click("form.filters button[type=submit]")
+    listed = operator.locator("table.list tbody").inner_text()
+    assert bad.study_instance_uid in listed and phantom.study_instance_uid not in listed
+
+    # a demo package's training report with its ROC plots
+    operator.goto(f"{base}/models")
+    operator.click("tr:has-text('m1-kras-crc-demo') a:has-text('report')")
+    operator.wait_for_load_state("load")
+    assert "Training report: m1-kras-crc-demo" in operator.locator("h1").inner_text()
+    plots = operator.locator("img.report")
+    assert plots.count() >= 1
+    for i in range(plots.count()):
+        assert plots.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+    operator.goto(f"{base}/studies/{phantom.study_instance_uid}")
+
     # the rule tester on the study: the node's rules give its decision, an edited rule changes it
     operator.click("a:has-text('Test the rules on it')")
     assert operator.input_value("input[name=study]") == phantom.study_instance_uid
