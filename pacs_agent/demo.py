@@ -197,11 +197,6 @@ def _console_admin(state_dir: Path) -> tuple[str, str]:
     return password, f"{until:%Y-%m-%d %H:%M} UTC"
 
 
-def should_stay(stay: bool | None, stdin_is_terminal: bool) -> bool:
-    """Keep the node running after the results: when asked (``--stay``), else only for a person at a terminal."""
-    return stdin_is_terminal if stay is None else stay
-
-
 def _stay_until_interrupted(node: subprocess.Popen[bytes]) -> int:
     """Wait for Ctrl-C (SIGINT) or SIGTERM; 0 then, 1 when the node stopped on its own."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -267,7 +262,7 @@ def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7, stay: bo
         show(receiver.folder, png_dir=out / "png")
         password, until = _console_admin(out / "state")
         _step(f"done. Node state: {out / 'state'}; inspect it with `pacs-agent status --config {config}`")
-        stays = should_stay(stay, sys.stdin.isatty())
+        stays = sys.stdin.isatty() if stay is None else stay  # by default only for a person at a terminal
         print(
             f"Console: http://127.0.0.1:{console_port}/ user admin, one-time password {password} "
             f"(valid until {until}; choose your own at the first login)"

@@ -748,15 +748,6 @@ def test_config_check_names_the_console_files_that_will_not_do(tmp_path: Path) -
     assert any("fewer than 32 characters" in p for p in console_problems(settings))
 
 
-def test_the_demo_stays_with_its_console_only_for_a_terminal_or_when_asked() -> None:
-    from pacs_agent.demo import should_stay
-
-    assert should_stay(None, stdin_is_terminal=True)
-    assert not should_stay(None, stdin_is_terminal=False)  # CI, make demo in a pipeline
-    assert should_stay(True, stdin_is_terminal=False)
-    assert not should_stay(False, stdin_is_terminal=True)
-
-
 # -- overview charts --------------------------------------------------------------------------
 
 
