@@ -111,7 +111,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pacs_agent.demo import run_demo
 
-    return run_demo(Path(args.out), timeout_seconds=args.timeout)
+    return run_demo(Path(args.out), timeout_seconds=args.timeout, stay=args.stay)
 
 
 def _cmd_phantom(argv: Sequence[str]) -> int:
@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="end-to-end demonstration on a synthetic study")
     demo.add_argument("--out", default="demo-output", help="working folder (default demo-output)")
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result")
+    demo.add_argument(
+        "--stay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the node and its web console running until Ctrl-C (default: only when run from a terminal)",
+    )
     sub.add_parser("phantom", help="write a synthetic CT study with SEG and RTSTRUCT", add_help=False)
     sub.add_parser("radiomics", help="pyradiomics features of one segment of a DICOM CT, as JSON", add_help=False)
     sub.add_parser(

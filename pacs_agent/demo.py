@@ -4,7 +4,9 @@
 defaults with that receiver as its destination and every method enabled (the mutation models
 run from the committed DEMO packages), 3. generate a phantom CT + SEG study, 4. send it with
 C-STORE, 5. wait for every result to come back, 6. print the SRs as text and write the Secondary
-Captures as PNG, 7. stop everything.
+Captures as PNG, 7. print the web console's address with a one-time password of the user ``admin``,
+8. on a terminal (or with ``--stay``), keep the node and console running until Ctrl-C; otherwise
+(CI, ``--no-stay``, stdin not a terminal) stop everything.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy import select
 
 from inference.methods import method_names
 from pacs_agent.config import Destination
+from pacs_agent.console.users import add_one_time_user
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Job
 from pacs_agent.receive.header import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
@@ -93,7 +96,7 @@ class _LocalReceiver:
         return Destination(name="demo-pacs", ae_title=self.ae_title, host="127.0.0.1", port=self.port)
 
 
-def _write_config(path: Path, state_dir: Path, node_port: int, receiver: _LocalReceiver) -> None:
+def _write_config(path: Path, state_dir: Path, node_port: int, console_port: int, receiver: _LocalReceiver) -> None:
     dest = receiver.destination()
     path.write_text(
         "\n".join(
@@ -118,6 +121,10 @@ def _write_config(path: Path, state_dir: Path, node_port: int, receiver: _LocalR
                 "[observability]",
                 'http_host = "127.0.0.1"',
                 f"http_port = {_free_port()}",
+                "[console]",
+                "enabled = true",
+                'host = "127.0.0.1"',
+                f"port = {console_port}",
                 "[[destinations]]",
                 f'name = "{dest.name}"',
                 f'ae_title = "{dest.ae_title}"',
@@ -179,8 +186,39 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
-    """Run the demonstration in folder ``out``; returns the process exit code."""
+def _console_admin(state_dir: Path) -> tuple[str, str]:
+    """A one-time password for the console user ``admin`` (only its hash is stored): (password, valid until)."""
+    db = Database(f"sqlite:///{state_dir / 'pacs-agent.db'}", run_migrations=False)
+    try:
+        with db.session() as session, session.begin():
+            _, password, until = add_one_time_user(session, "admin", "admin")
+    finally:
+        db.dispose()
+    return password, f"{until:%Y-%m-%d %H:%M} UTC"
+
+
+def _stay_until_interrupted(node: subprocess.Popen[bytes]) -> int:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM; 0 then, 1 when the node stopped on its own."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while node.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("", flush=True)
+        _step("stopping the node")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"demo: the node exited with code {node.returncode}", file=sys.stderr)
+    return 1
+
+
+def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7, stay: bool | None = None) -> int:
+    """Run the demonstration in folder ``out``; returns the process exit code.
+
+    ``stay``: keep the node and console running until Ctrl-C after the results (None: when stdin
+    is a terminal).
+    """
     from inference.phantom import generate_study
     from pacs_agent.show import show
 
@@ -190,9 +228,9 @@ def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
     out = out.absolute()
     receiver = _LocalReceiver(out / "received")
     receiver.start()
-    node_port = _free_port()
+    node_port, console_port = _free_port(), _free_port()
     config = out / "pacs-agent.toml"
-    _write_config(config, out / "state", node_port, receiver)
+    _write_config(config, out / "state", node_port, console_port, receiver)
     _step(f"starting pacs-agent on 127.0.0.1:{node_port} (log: {out / 'node.log'})")
     log = (out / "node.log").open("wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT__")}
@@ -222,8 +260,22 @@ def run_demo(out: Path, *, timeout_seconds: float = 300, seed: int = 7) -> int:
             return 1
         _step(f"received {len(receiver.files())} result object(s) in {receiver.folder}")
         show(receiver.folder, png_dir=out / "png")
+        password, until = _console_admin(out / "state")
         _step(f"done. Node state: {out / 'state'}; inspect it with `pacs-agent status --config {config}`")
-        return 0
+        stays = sys.stdin.isatty() if stay is None else stay  # by default only for a person at a terminal
+        print(
+            f"Console: http://127.0.0.1:{console_port}/ user admin, one-time password {password} "
+            f"(valid until {until}; choose your own at the first login)"
+            + (
+                " - press Ctrl-C to stop"
+                if stays
+                else f"; the node stops now, `pacs-agent serve --config {config}` restarts it"
+            ),
+            flush=True,
+        )
+        if not stays:
+            return 0
+        return _stay_until_interrupted(node)
     finally:
         if node.poll() is None:
             node.send_signal(signal.SIGTERM)

@@ -65,6 +65,7 @@ EVENT_KINDS = (
     "console_action",
     "console_action_refused",
     "console_rules_tested",
+    "console_password_changed",
     "processing_paused",
     "processing_resumed",
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,11 +27,20 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inference.methods import method_names
 from pacs_agent.audit import record_event
 from pacs_agent.config import Settings
-from pacs_agent.console import data, images, ruletest
+from pacs_agent.console import charts, data, images, markdown, ruletest
 from pacs_agent.console.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions
-from pacs_agent.console.users import User, UserError, authenticate, check_name, find_user
+from pacs_agent.console.users import (
+    MIN_PASSWORD_LENGTH,
+    User,
+    UserError,
+    authenticate,
+    change_password,
+    check_name,
+    find_user,
+)
 from pacs_agent.db import Database
 from pacs_agent.events_cli import EVENT_KINDS, LEVELS, EventQuery, parse_since
 from pacs_agent.jobs.queue import RetryRefused, retry_job
@@ -185,10 +194,14 @@ def _authenticated(ctx: Context, request: Request) -> tuple[User, Session] | Non
     return None if user is None else (user, session)
 
 
-def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[Request], Awaitable[Response]]:
+def guarded(
+    ctx: Context, handler: Handler, *, api: bool = False, with_one_time_password: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     """``handler`` for logged-in users only (pages redirect to the login page, ``/api/`` answers 401).
 
-    A POST must also carry the session's CSRF token in its form field ``csrf`` (else 403).
+    A POST must also carry the session's CSRF token in its form field ``csrf`` (else 403). A user
+    who logged in with a one-time password reaches only the password form and logout
+    (``with_one_time_password``) until they have chosen their own password.
     """
 
     async def endpoint(request: Request) -> Response:
@@ -199,6 +212,11 @@ def guarded(ctx: Context, handler: Handler, *, api: bool = False) -> Callable[[R
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"{ctx.root}/login?next={quote(target)}", status_code=303)
         user, session = found
+        if user.must_change_password and not session.sso and not with_one_time_password:
+            if api:
+                return JSONResponse({"error": "choose your own password first (the console's password page)"}, 403)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"{ctx.root}/password?next={quote(target)}", status_code=303)
         if request.method == "POST":
             form = await request.form()
             token = form.get("csrf")
@@ -293,32 +311,60 @@ async def logout(request: Request, ctx: Context, user: User, session: Session) -
     return response
 
 
-# -- pages ------------------------------------------------------------------------------------
-
-
-def _chart(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bars of an inline SVG chart: x, y, height per hour (a 480 x 120 box)."""
-    top = max((p["instances"] for p in points), default=0) or 1
-    width = 480 / max(len(points), 1)
-    bars = []
-    for i, p in enumerate(points):
-        height = round(p["instances"] / top * 100, 1)
-        bars.append(
-            {
-                "x": round(i * width + 1, 1),
-                "y": round(110 - height, 1),
-                "w": round(width - 2, 1),
-                "h": height,
-                "label": f"{p['hour'][11:16]} UTC: {p['instances']}",
-                "n": p["instances"],
-            }
+async def password_page(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """GET: the form to change one's password; POST: change it (the current one must be right)."""
+    if session.sso:
+        return _message(
+            ctx,
+            request,
+            user,
+            session,
+            "Not here",
+            "You are logged in by the single sign-on; its password is not ours.",
+            404,
         )
-    return {
-        "bars": bars,
-        "top": top,
-        "first": points[0]["hour"][11:16] if points else "",
-        "last": points[-1]["hour"][11:16] if points else "",
-    }
+    error, status = "", 200
+    next_url = request.query_params.get("next", "")
+    if request.method == "POST":
+        form = await request.form()
+        current, new, again = (str(form.get(key) or "") for key in ("current", "new", "again"))
+        next_url = str(form.get("next") or "")
+        if new != again:
+            error, status = "The two new passwords differ.", 400
+        elif ctx.limiter.blocked_for(_client(request)):
+            error, status = "Too many failed attempts from your address; try again later.", 429
+        else:
+            try:
+                with ctx.db.session() as db_session, db_session.begin():
+                    change_password(db_session, user.name, current, new)
+                    record_event(
+                        db_session,
+                        "console_password_changed",
+                        peer=_client(request),
+                        detail=f"user {user.name}"
+                        + (" (one-time password replaced)" if user.must_change_password else ""),
+                        log=False,
+                    )
+            except UserError as exc:
+                if "current password" in str(exc):
+                    ctx.limiter.failed(_client(request))
+                error, status = f"Not changed: {exc}.", 400
+            else:
+                return RedirectResponse(_safe_next(ctx, next_url), status_code=303)
+    return _render(
+        ctx,
+        request,
+        "password.html",
+        status,
+        user=user,
+        csrf=session.csrf,
+        next=next_url,
+        error=error,
+        min_length=MIN_PASSWORD_LENGTH,
+    )
+
+
+# -- pages ------------------------------------------------------------------------------------
 
 
 def _page(
@@ -342,31 +388,80 @@ def overview_handler(api: bool) -> Handler:
             session,
             "overview.html",
             payload,
-            chart=_chart(payload["instances_per_hour"]),
+            instances_chart=charts.hourly(payload["instances_per_hour"], ("instances",)),
+            failures_chart=charts.hourly(payload["delivery_failures_per_hour"], ("retry", "dead")),
+            durations_chart=charts.durations(payload["job_durations"]),
             nav="overview",
         )
 
     return handler
 
 
+def _day(params: Any, key: str, problems: list[str]) -> date | None:
+    value = (params.get(key) or "").strip()
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        problems.append(f"{key}: {value[:40]!r} is not a date (YYYY-MM-DD)")
+        return None
+
+
 def studies_handler(api: bool) -> Handler:
-    """``/studies`` and ``/api/studies`` (``?state=``, ``?q=`` UID or accession)."""
+    """``/studies`` and ``/api/studies``, filtered by the query parameters.
+
+    ``state``, ``q`` (UID or accession), ``from`` / ``to`` (UTC days of arrival, YYYY-MM-DD, both
+    included), ``method`` and ``calling_ae``; a bad value answers 400 with the reason.
+    """
 
     async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
-        state = request.query_params.get("state") or None
-        search = request.query_params.get("q") or None
-        rows = data.studies(ctx.db, state=state if state in data.STUDY_STATES else None, search=search)
-        return _page(
-            api,
+        params = request.query_params
+        problems: list[str] = []
+        state = params.get("state") or None
+        search = params.get("q") or None
+        received_from, received_to = _day(params, "from", problems), _day(params, "to", problems)
+        method = (params.get("method") or "").strip() or None
+        calling_ae = (params.get("calling_ae") or "").strip() or None
+        if state and state not in data.STUDY_STATES:
+            problems.append(f"state: {state[:40]!r} is none of {', '.join(data.STUDY_STATES)}")
+        rows = (
+            []
+            if problems
+            else data.studies(
+                ctx.db,
+                state=state,
+                search=search,
+                received_from=received_from,
+                received_to=received_to,
+                method=method,
+                calling_ae=calling_ae,
+            )
+        )
+        if api:
+            if problems:
+                return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+            return JSONResponse(rows)
+        return _render(
             ctx,
             request,
-            user,
-            session,
             "studies.html",
-            rows,
+            400 if problems else 200,
+            user=user,
+            csrf=session.csrf,
+            data=rows,
+            problems=problems,
             states=data.STUDY_STATES,
-            state=state or "",
-            q=search or "",
+            methods=method_names(),
+            calling_aes=data.calling_ae_titles(ctx.db),
+            filters={
+                "state": state or "",
+                "q": search or "",
+                "from": params.get("from", ""),
+                "to": params.get("to", ""),
+                "method": method or "",
+                "calling_ae": calling_ae or "",
+            },
             nav="studies",
         )
 
@@ -525,6 +620,63 @@ def models_handler(api: bool) -> Handler:
         return _page(api, ctx, request, user, session, "models.html", data.models(ctx.settings), nav="models")
 
     return handler
+
+
+def model_report_handler(api: bool) -> Handler:
+    """``/models/{index}/{name}/report`` and its ``/api/`` twin: a package's training report (report.md).
+
+    The page renders the Markdown safely (:mod:`.markdown`) with the report's ROC plots; the API
+    returns the Markdown text.
+    """
+
+    async def handler(request: Request, ctx: Context, user: User, session: Session) -> Response:
+        index, name = request.path_params["index"], request.path_params["name"]
+        package = data.model_package(ctx.settings, index, name)
+        body = data.report_file(package, "report.md") if package is not None else None
+        if package is None or body is None:
+            if api:
+                return JSONResponse({"error": "no such package or it has no training report"}, status_code=404)
+            return _message(
+                ctx, request, user, session, "Not found", "No such model package, or it has no training report.", 404
+            )
+        text = body.decode("utf-8", errors="replace")
+        if api:
+            return JSONResponse({"package": name, "markdown": text})
+        base = f"{ctx.root}/models/{index}/{quote(name, safe='')}/report/"
+
+        images = data.report_images(package)
+        shown: list[str] = []
+
+        def image_url(file: str) -> str | None:
+            if file not in images:
+                return None
+            shown.append(file)
+            return base + file
+
+        report = markdown.render(text, image_url)
+        return _render(
+            ctx,
+            request,
+            "model_report.html",
+            user=user,
+            csrf=session.csrf,
+            package=name,
+            report=report,
+            more_images=[(file, base + file) for file in images if file not in shown],
+            nav="models",
+        )
+
+    return handler
+
+
+async def model_report_image(request: Request, ctx: Context, user: User, session: Session) -> Response:
+    """A PNG of a package's training report (e.g. its ROC plot), only by a plain file name in ``report/``."""
+    index, name, file = request.path_params["index"], request.path_params["name"], request.path_params["file"]
+    package = data.model_package(ctx.settings, index, name)
+    body = data.report_file(package, file) if package is not None and file.endswith(".png") else None
+    if body is None:
+        return Response("no such image", status_code=404, media_type="text/plain")
+    return Response(body, media_type="image/png")
 
 
 def config_handler(api: bool) -> Handler:
@@ -735,8 +887,12 @@ def create_app(settings: Settings, db: Database, secret: bytes, limiter: LoginLi
     routes: list[Route | Mount] = [
         Route("/login", login_get, methods=["GET"]),
         Route("/login", login_post, methods=["POST"]),
-        Route("/logout", guarded(ctx, logout), methods=["POST"]),
+        Route("/logout", guarded(ctx, logout, with_one_time_password=True), methods=["POST"]),
+        Route("/password", guarded(ctx, password_page, with_one_time_password=True), methods=["GET", "POST"]),
         Route("/studies/{uid}/results/{result_id:int}.png", guarded(ctx, result_png)),
+        Route("/models/{index:int}/{name}/report", guarded(ctx, model_report_handler(False))),
+        Route("/api/models/{index:int}/{name}/report", guarded(ctx, model_report_handler(True), api=True)),
+        Route("/models/{index:int}/{name}/report/{file}", guarded(ctx, model_report_image)),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     for path, make in pages:

@@ -9,7 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pacs_agent.config import Settings
-from pacs_agent.console.users import ROLES, UserError, add_user, list_users, remove_user
+from pacs_agent.console.users import (
+    ONE_TIME_HOURS,
+    ROLES,
+    UserError,
+    add_one_time_user,
+    add_user,
+    list_users,
+    remove_user,
+)
 from pacs_agent.db import Database
 
 
@@ -25,7 +33,13 @@ def add_console_parser(
     add = with_config(user_sub.add_parser("add", help="add a user (or set a user's role and password)"))
     add.add_argument("name", help="user name (letters, digits and . _ @ -)")
     add.add_argument("--role", choices=ROLES, required=True, help="viewer looks; operator and admin also act")
-    add.add_argument("--password-file", help="read the password from this file (first line) instead of a prompt")
+    given = add.add_mutually_exclusive_group()
+    given.add_argument("--password-file", help="read the password from this file (first line) instead of a prompt")
+    given.add_argument(
+        "--one-time",
+        action="store_true",
+        help=f"make a random one-time password, print it once; valid {ONE_TIME_HOURS} h, replaced at the first login",
+    )
     remove = with_config(user_sub.add_parser("remove", help="remove a user"))
     remove.add_argument("name")
     with_config(user_sub.add_parser("list", help="list the users and their roles"))
@@ -56,7 +70,13 @@ def run_console_command(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
     try:
         with db.session() as session, session.begin():
-            if args.user_command == "add":
+            if args.user_command == "add" and args.one_time:
+                user, password, until = add_one_time_user(session, args.name, args.role)
+                print(
+                    f"console user {user.name} ({user.role}) saved; one-time password: {password} "
+                    f"(valid until {until:%Y-%m-%d %H:%M} UTC; the user chooses their own at the first login)"
+                )
+            elif args.user_command == "add":
                 user = add_user(session, args.name, args.role, _password(args))
                 print(f"console user {user.name} ({user.role}) saved")
             elif args.user_command == "remove":
@@ -67,7 +87,10 @@ def run_console_command(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 users = list_users(session)
                 for u in users:
-                    print(f"{u.name:<32} {u.role}")
+                    print(
+                        f"{u.name:<32} {u.role}"
+                        + ("  (one-time password not yet replaced)" if u.must_change_password else "")
+                    )
                 if not users:
                     print("no console users yet: pacs-agent console user add NAME --role admin")
     except UserError as exc:

@@ -342,6 +342,8 @@ class ConsoleUser(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    password_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set for a one-time password: refused after this time, and replaced by the user's own at first login."""
 
 
 class NodeFlag(Base):

@@ -20,9 +20,17 @@ from pacs_agent.checks import check_settings, console_problems
 from pacs_agent.config import Settings, load_settings
 from pacs_agent.console.app import CSP, create_app
 from pacs_agent.console.auth import LoginLimiter, Sessions, load_secret
-from pacs_agent.console.users import UserError, add_user, authenticate, hash_password
+from pacs_agent.console.users import (
+    UserError,
+    add_one_time_user,
+    add_user,
+    authenticate,
+    change_password,
+    find_user,
+    hash_password,
+)
 from pacs_agent.db import Database
-from pacs_agent.db.tables import ConsoleUser, Event, Job, Study, utcnow
+from pacs_agent.db.tables import ConsoleUser, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.errors import ConfigError
 from pacs_agent.jobs.worker import Worker
 from pacs_agent.pause import pause_processing, resume_processing
@@ -150,6 +158,92 @@ def test_a_forged_or_expired_session_is_no_session() -> None:
     assert Sessions(b"k" * 32, max_age_seconds=-1).read(cookie) is None
 
 
+# -- one-time passwords ----------------------------------------------------------------------
+
+
+def change_form(client: TestClient, **fields: str) -> dict[str, str]:
+    page = client.get("/password")
+    assert page.status_code == 200, page.text
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    return {"csrf": token.group(1), **fields}
+
+
+def test_a_one_time_password_is_random_hashed_and_must_be_replaced_before_anything_else(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    with db.session() as session, session.begin():
+        user, password, until = add_one_time_user(session, "admin", "admin")
+        _, other, _ = add_one_time_user(session, "admin2", "admin")
+    assert user.must_change_password and len(password) >= 16 and password != other
+    assert timedelta(hours=23) < until - utcnow() <= timedelta(hours=24)
+    with db.session() as session:
+        row = session.execute(select(ConsoleUser).where(ConsoleUser.name == "admin")).scalar_one()
+        assert row.password_hash.startswith("$argon2id$") and password not in row.password_hash
+    assert login(client, "admin", password) == 303
+    # every page and API leads to the password form first
+    page = client.get("/studies")
+    assert page.status_code == 303 and page.headers["location"] == "/password?next=/studies"
+    assert client.get("/api/studies").status_code == 403
+    assert "one-time password" in client.get("/password").text
+    # a wrong current password, two differing new ones, or a short one change nothing
+    for fields, says in (
+        ({"current": "wrong password!", "new": "my own password", "again": "my own password"}, "current password"),
+        ({"current": password, "new": "my own password", "again": "my own passw0rd"}, "differ"),
+        ({"current": password, "new": "short", "again": "short"}, "at least 12"),
+        ({"current": password, "new": password, "again": password}, "differ from the current"),
+    ):
+        refused = client.post("/password", data=change_form(client, **fields))
+        assert refused.status_code == 400 and says in refused.text, refused.text
+    assert client.get("/").status_code == 303
+    changed = client.post(
+        "/password",
+        data=change_form(client, current=password, new="my own password", again="my own password", next="/studies"),
+    )
+    assert changed.status_code == 303 and changed.headers["location"] == "/studies"
+    assert client.get("/studies").status_code == 200
+    assert [e.detail for e in events(db, "console_password_changed")] == ["user admin (one-time password replaced)"]
+    client.cookies.clear()
+    assert login(client, "admin", password) == 401  # the one-time password is gone
+    assert login(client, "admin", "my own password") == 303
+    assert client.get("/").status_code == 200
+
+
+def test_an_expired_one_time_password_is_refused(sqlite_db: Database) -> None:
+    with sqlite_db.session() as session, session.begin():
+        _, password, _ = add_one_time_user(session, "admin", "admin", hours=-1)
+    with sqlite_db.session() as session, session.begin():
+        assert authenticate(session, "admin", password) is None
+        with pytest.raises(UserError, match="expired"):
+            change_password(session, "admin", password, "my own password")
+        add_user(session, "admin", "admin", "a new password")  # resetting it ends the one-time state
+    with sqlite_db.session() as session, session.begin():
+        user = find_user(session, "admin")
+        assert user is not None and not user.must_change_password
+        assert authenticate(session, "admin", "a new password") is not None
+
+
+def test_console_user_add_one_time_prints_the_password_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pacs_agent.cli import main
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["console", "user", "add", "root", "--role", "admin", "--one-time", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    password = re.search(r"one-time password: (\S+) \(valid until", out)
+    assert password is not None
+    assert main(["console", "user", "list", "--config", str(config)]) == 0
+    listed = capsys.readouterr().out
+    assert "one-time password not yet replaced" in listed and password.group(1) not in listed
+    db = Database(f"sqlite:///{tmp_path / 'state' / 'pacs-agent.db'}")
+    try:
+        with db.session() as session, session.begin():
+            assert authenticate(session, "root", password.group(1)) is not None
+    finally:
+        db.dispose()
+
+
 # -- no anonymous access ----------------------------------------------------------------------
 
 
@@ -161,6 +255,7 @@ def test_every_route_without_a_session_gets_the_login_page_or_401(node: tuple[Te
             continue
         assert isinstance(route, Route)
         path = route.path.replace("{uid}", STUDY_UID).replace("{result_id:int}", "1")
+        path = path.replace("{index:int}", "1").replace("{name}", "m1-kras-crc-demo").replace("{file}", "roc-test.png")
         for method in sorted(route.methods or ()):
             if method == "HEAD":
                 continue
@@ -651,3 +746,196 @@ def test_config_check_names_the_console_files_that_will_not_do(tmp_path: Path) -
     secret.chmod(0o600)
     secret.write_text("short\n")
     assert any("fewer than 32 characters" in p for p in console_problems(settings))
+
+
+# -- overview charts --------------------------------------------------------------------------
+
+
+def test_the_overview_charts_job_run_times_per_method_and_delivery_failures_per_hour(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    now = utcnow()
+    with db.session() as session, session.begin():
+        study_id = session.execute(select(Study.id)).scalar_one()
+        for method, seconds, hours_ago in (
+            ("radiomics", 10, 1),
+            ("radiomics", 60, 2),
+            ("radiomics", 20, 3),
+            ("m1", 5, 1),
+        ):
+            finished = now - timedelta(hours=hours_ago)
+            session.add(
+                Job(
+                    study_id=study_id,
+                    method=method,
+                    inputs="{}",
+                    state="done",
+                    started_at=finished - timedelta(seconds=seconds),
+                    finished_at=finished,
+                )
+            )
+        old = now - timedelta(hours=30)  # outside the 24 h
+        session.add(Job(study_id=study_id, method="m3", inputs="{}", state="done", started_at=old, finished_at=old))
+        for kind, at in (
+            ("delivery_retry", now),
+            ("delivery_retry", now),
+            ("delivery_dead", now - timedelta(hours=2)),
+            ("delivery_dead", old),
+            ("delivered", now),
+        ):
+            session.add(Event(kind=kind, at=at, level="WARNING"))
+    assert login(client, "vera") == 303
+    overview = client.get("/api/overview").json()
+    assert overview["job_durations"] == [
+        {"method": "m1", "jobs": 1, "median_seconds": 5.0, "max_seconds": 5.0},
+        {"method": "radiomics", "jobs": 3, "median_seconds": 20.0, "max_seconds": 60.0},
+    ]
+    failures = overview["delivery_failures_per_hour"]
+    assert len(failures) == 24
+    assert failures[-1]["retry"] == 2 and failures[-1]["dead"] == 0
+    assert failures[-3] == {"hour": failures[-3]["hour"], "retry": 0, "dead": 1}
+    assert sum(p["retry"] + p["dead"] for p in failures) == 3
+    page = client.get("/").text
+    chart = page[page.index('id="failures-chart"') : page.index("</svg>", page.index('id="failures-chart"'))]
+    assert chart.count("<rect") == 2 and 'class="dead"' in chart and 'class="retry"' in chart
+    durations = page[page.index('id="durations-chart"') : page.index("</svg>", page.index('id="durations-chart"'))]
+    assert (
+        durations.count('<g class="method">') == 2 and "radiomics: 3 job(s), median 20.0 s, longest 60.0 s" in durations
+    )
+    assert "<script" not in page and " style=" not in page  # the CSP allows neither
+
+
+# -- studies filters --------------------------------------------------------------------------
+
+
+def test_studies_filter_by_arrival_days_method_and_calling_ae_on_the_page_and_the_api(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    from datetime import UTC, datetime
+
+    client, db, _ = node
+    with db.session() as session, session.begin():
+        for n, (day, ae, method) in enumerate(
+            (
+                ("2026-11-02", "CT_SCANNER_A", "m1"),
+                ("2026-11-05", "PACS_B", "radiomics"),
+                ("2026-11-07", "PACS_B", "m3"),
+            )
+        ):
+            at = datetime.fromisoformat(f"{day}T10:00:00").replace(tzinfo=UTC)
+            study = Study(study_instance_uid=f"1.2.3.{n}", state="done", first_received_at=at, last_received_at=at)
+            session.add(study)
+            session.flush()
+            series = Series(study_id=study.id, series_instance_uid=f"1.2.3.{n}.1", modality="CT")
+            session.add(series)
+            session.flush()
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=f"1.2.3.{n}.1.1",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"x/{n}.dcm",
+                    size_bytes=1,
+                    calling_ae_title=ae,
+                    received_at=at,
+                )
+            )
+            session.add(Job(study_id=study.id, method=method, inputs="{}", state="done"))
+    assert login(client, "vera") == 303
+
+    def uids(**params: str) -> list[str]:
+        response = client.get("/api/studies", params=params)
+        assert response.status_code == 200, response.text
+        return sorted(r["study_instance_uid"] for r in response.json())
+
+    assert uids(**{"from": "2026-11-05"}) == ["1.2.3.1", "1.2.3.2", STUDY_UID]  # the fixture's study arrived today
+    assert uids(**{"from": "2026-11-02", "to": "2026-11-05"}) == ["1.2.3.0", "1.2.3.1"]  # both days included
+    assert uids(calling_ae="PACS_B") == ["1.2.3.1", "1.2.3.2"]
+    assert uids(method="m1") == ["1.2.3.0"]
+    assert uids(method="radiomics", calling_ae="PACS_B") == ["1.2.3.1"]
+    row = next(r for r in client.get("/api/studies").json() if r["study_instance_uid"] == "1.2.3.2")
+    assert row["calling_ae_titles"] == ["PACS_B"] and row["methods"] == ["m3"]
+    bad = client.get("/api/studies", params={"from": "5.11.2026"})
+    assert bad.status_code == 400 and "not a date (YYYY-MM-DD)" in bad.json()["error"]
+    page = client.get("/studies", params={"calling_ae": "PACS_B", "to": "2026-11-06"})
+    assert page.status_code == 200
+    assert "1.2.3.1" in page.text and "1.2.3.2" not in page.text and "1.2.3.0" not in page.text
+    assert "<option selected>PACS_B</option>" in page.text and 'value="2026-11-06"' in page.text
+
+
+# -- training reports on the Models page ------------------------------------------------------
+
+
+def test_the_models_page_links_each_training_report_with_its_roc_plots(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, _, _ = node
+    assert login(client, "vera") == 303
+    models = client.get("/api/models").json()
+    m1 = next(m for m in models if m["name"] == "m1-kras-crc-demo")
+    assert m1["training_report"] and m1["key"] == "1/m1-kras-crc-demo"  # 0: [models] dir, 1: the demo packages
+    assert 'href="/models/1/m1-kras-crc-demo/report"' in client.get("/models").text
+    page = client.get("/models/1/m1-kras-crc-demo/report")
+    assert page.status_code == 200
+    assert "<h2>Training report: m1-kras-crc-demo 0.1.0</h2>" in page.text
+    assert "<th>AUC (95% CI, DeLong)</th>" in page.text and "<strong>validation status</strong>: DEMO" in page.text
+    images = re.findall(r'<img class="report" src="([^"]+)"', page.text)
+    assert images == [
+        "/models/1/m1-kras-crc-demo/report/roc-test.png",
+        "/models/1/m1-kras-crc-demo/report/roc-validation.png",
+    ]
+    for src in images:
+        png = client.get(src)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+    api = client.get("/api/models/1/m1-kras-crc-demo/report").json()
+    assert api["markdown"].startswith("# Training report: m1-kras-crc-demo")
+    assert client.get("/models/1/no-such-package/report").status_code == 404
+    assert client.get("/models/7/m1-kras-crc-demo/report").status_code == 404
+    client.cookies.clear()
+    assert client.get(images[0]).status_code == 303  # no image without a session
+
+
+def test_a_training_report_is_escaped_and_its_images_cannot_leave_the_report_folder(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    package = models / "evil-0.1"
+    (package / "report").mkdir(parents=True)
+    shutil.copy(Path("config/models/m1-kras-crc-demo/model.toml"), package / "model.toml")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\nSECRET")
+    (package / "report" / "link.png").symlink_to(tmp_path / "secret.png")
+    (package / "report" / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\nROC")
+    (package / "report" / "report.md").write_text(
+        "# Report <script>alert(1)</script>\n\n"
+        '- **x**: <img src=x onerror="alert(2)">\n\n'
+        "![ROC](roc.png)\n\n![up](../model.toml)\n\n![link](link.png)\n\n![missing](none.png)\n\n"
+        "| a | b |\n|---|---|\n| <b>1</b> | `2` |\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(
+        None,
+        {"PACS_AGENT__STORAGE__STATE_DIR": str(tmp_path / "state"), "PACS_AGENT__MODELS__DIR": str(models)},
+    )
+    db = Database(settings.database_url)
+    try:
+        with db.session() as session, session.begin():
+            add_user(session, "vera", "viewer", PASSWORD)
+        app = create_app(settings, db, load_secret(settings.console_secret_file))
+        with TestClient(app, follow_redirects=False) as client:
+            assert login(client, "vera") == 303
+            page = client.get("/models/0/evil-0.1/report").text
+            report = page[page.index('<article class="report">') :]
+            assert "<script" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+            assert "<img src=x" not in report and "&lt;img src=x onerror=" in report
+            assert "&lt;b&gt;1&lt;/b&gt;" in report and "<code>2</code>" in report
+            assert re.findall(r'<img class="report" src="([^"]+)"', report) == ["/models/0/evil-0.1/report/roc.png"]
+            assert "link.png" not in report.split("</article>")[1]  # a link out of the folder is not listed
+            assert "![up](../model.toml)" in report and "![missing](none.png)" in report  # left as text
+            assert client.get("/models/0/evil-0.1/report/roc.png").content.endswith(b"ROC")
+            for bad in ("link.png", "..%2Fmodel.toml", "..%2F..%2Fsecret.png", "report.md", "model.toml", "none.png"):
+                response = client.get(f"/models/0/evil-0.1/report/{bad}")
+                assert response.status_code == 404, bad
+                assert b"SECRET" not in response.content
+    finally:
+        db.dispose()
