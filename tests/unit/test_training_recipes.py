@@ -49,7 +49,7 @@ def _config(cohort, method: str, labels: list[str], **extra):
             "intended_use": "unit test - NOT FOR CLINICAL USE",
         },
         "data": {"studies": str(cohort.studies_dir), "labels": str(cohort.labels_csv)},
-        "split": {"test_fraction": 0.25, "val_fraction": 0.34},
+        "split": {"scheme": "holdout", "test_fraction": 0.25, "val_fraction": 0.34},
     }
     for key, value in extra.items():
         raw[key] = value
@@ -403,7 +403,7 @@ def test_m4_trains_radscores_per_endpoint_and_a_selected_final_classifier(cohort
         architecture={"width": 0.1, "blocks": [1, 1], "hidden": 8},
         training={"epochs": 1, "batch_size": 4, "classifier_cv_folds": 2, "classifier_cv_repeats": 1},
         radiomics={"params": str(params), "cv_folds": 2},
-        split={"test_fraction": 0.0, "val_fraction": 0.25},
+        split={"scheme": "holdout", "test_fraction": 0.0, "val_fraction": 0.25},
     )
     assert config.training.final_classifier == "select"
     result = train(config, tmp_path / "pkg")
