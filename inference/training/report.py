@@ -240,7 +240,7 @@ def write_report(
         "history": list(history),
     }
     paths["json"].write_text(
-        json.dumps(data, indent=1, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
+        json.dumps(_finite(data), indent=1, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
     )
     lines = [f"# Training report: {title}", ""]
     for key, value in summary.items():
@@ -329,6 +329,20 @@ def _repeated_cv_lines(cv: CVResult) -> list[str]:
     for r in cv.labels:
         lines += [*_calibration_lines(r.pooled), ""]
     return lines
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (e.g. an epoch AUC on a one-class validation split) as None.
+
+    JSON has no NaN; ``null`` says "not defined" to every reader.
+    """
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

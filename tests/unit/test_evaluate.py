@@ -188,6 +188,16 @@ def test_evaluate_label_drops_missing_and_reports(tmp_path):
     assert '"auc"' in paths["json"].read_text()
 
 
+def test_report_json_writes_an_undefined_epoch_auc_as_null(tmp_path):
+    import json
+
+    ev = evaluate_label("KRAS", [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.5)
+    history = [{"epoch": 1, "val_auc": float("nan"), "val_loss": np.float32(0.5)}]
+    paths = write_report(tmp_path, title="t", summary={}, test=[ev], validation=[ev], history=history)
+    data = json.loads(paths["json"].read_text())
+    assert data["history"] == [{"epoch": 1, "val_auc": None, "val_loss": 0.5}]
+
+
 def test_roc_png_draws_each_label(tmp_path):
     ev_a = evaluate_label("EGFR", [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.5)
     ev_b = evaluate_label("KRAS", [0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], 0.5)
