@@ -309,6 +309,8 @@ MATCH_RULE = private_concept("MATCH-RULE", "Lesion matching rule")
 BASELINE_SEGMENT = private_concept("BASELINE-SEGMENT", "Baseline segment or ROI")
 RECIST_REASON = private_concept("RECIST-REASON", "Response category reason")
 RESULT_NOTE = private_concept("RESULT-NOTE", "Result note")
+QUALITY_TIER = private_concept("QUALITY-TIER", "Acquisition quality tier")
+"""M5: the study pair's CT quality tier whose recalibration the score used (high / standard), with the reasons."""
 BASELINE_STUDY = private_concept("BASELINE-STUDY", "Baseline Study Instance UID")
 BASELINE_SEGMENTATION = private_concept("BASELINE-SEG-UID", "Baseline segmentation SOP Instance UID")
 DAY = CodedConcept(value="d", meaning="day", scheme_designator="UCUM")

@@ -200,12 +200,18 @@ def _score_lines(result: ResponseResult) -> list[TextLine]:
         return [
             TextLine(f"Treatment insensitivity: {group}", 34, RESULT_YELLOW),
             TextLine(f"probability {score.probability:.2f} (decision threshold {score.threshold:.2f})", 26),
+            *([TextLine(_tier_line(score.tier, score.tier_reason), 22)] if score.tier is not None else []),
         ]
     if result.algorithm.weights_sha256 is None:
         reason = NO_MODEL_NOTE
     else:
         reason = next((p for p in result.problems if "score" in p), "score not computed")
     return [TextLine(f"No score: {reason}", 28, RESULT_YELLOW)]
+
+
+def _tier_line(tier: str, reason: str) -> str:
+    """The SC line naming the quality tier whose calibration the probability used."""
+    return f"Calibration: {tier} quality tier ({reason})"
 
 
 def _delta_text(result: ResponseResult) -> str:

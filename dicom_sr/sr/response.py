@@ -40,8 +40,9 @@ Content tree written by :func:`build_response_report`::
           CODE Treatment insensitivity risk group = High risk | Low risk (SCT)    (with a model)
           CODE Current Response = Target Lesion CR | PR | SD | PD (DCM) or Not evaluable,
                with HAS CONCEPT MOD Response Evaluation Method = RECIST 1.1
-          TEXT Response category reason, Result notes (e.g. "no response model installed - score
-               not computed", lesions seen at one time point only)
+          TEXT Response category reason, Acquisition quality tier (with a package that recalibrates
+               per tier: the tier whose calibration the probability used, and why), Result notes (e.g.
+               "no response model installed - score not computed", lesions seen at one time point only)
       CONTAINER Qualitative Evaluations                                    TID 1500 rows 12-14
         TEXT Usage warning (DEMO), Validation status, Intended use, weights SHA-256, provenance,
              Analysis method, Frame of Reference UID (follow-up), follow-up segmentation,
@@ -134,6 +135,7 @@ from dicom_sr.codes import (
     MATCH_DISTANCE,
     MATCH_RULE,
     NON_TARGET_AT_BASELINE,
+    QUALITY_TIER,
     RECIST_1_1,
     RECIST_CATEGORY_CODES,
     RECIST_REASON,
@@ -161,7 +163,7 @@ from dicom_sr.sr.templates import (
 )
 from dicom_sr.uids import ResultUIDs, derive_uid, result_uids
 from inference.response import LesionMeasurement, LesionPair, ResponseResult
-from inference.response.results import FEATURE_NAMES, FeatureDeltas
+from inference.response.results import FEATURE_NAMES, FeatureDeltas, SignatureScore
 from inference.results import AlgorithmInfo, LesionResult
 
 __all__ = [
@@ -675,9 +677,17 @@ def _patient_group(
     )
     items = group[0].ContentSequence
     items.append(_text(RECIST_REASON, f"RECIST 1.1-like: {recist.category} ({recist.category_name}): {recist.reason}"))
+    if score is not None and score.tier is not None:
+        items.append(_text(QUALITY_TIER, quality_tier_text(score)[:1024]))
     for note in notes:
         items.append(_text(RESULT_NOTE, note[:1024]))
     return group
+
+
+def quality_tier_text(score: SignatureScore) -> str:
+    """How the SR and the SC name the quality tier whose calibration a score used."""
+    before = "" if score.uncalibrated_probability is None else f" (forest {score.uncalibrated_probability:.3f})"
+    return f"{score.tier}: probability recalibrated for this tier{before}; {score.tier_reason}"
 
 
 def _notes(result: ResponseResult) -> list[str]:

@@ -42,6 +42,7 @@ from inference.radiomics.delta import (
 from inference.radiomics.features import FeatureError
 from inference.response import LesionMeasurement, LesionPair, ResponseResult, TimePoint
 from inference.response.matching import MAX_DISTANCE_MM, MIN_DICE, REGION_MARGIN_MM, Alignment, align, match_lesions
+from inference.response.quality import Acquisition, QualityTier, TierRule, decide_tier
 from inference.response.recist import MeasuredLesion, assess_response
 from inference.response.signature import ResponseSignature, signature_from
 from inference.results import AlgorithmInfo
@@ -191,12 +192,13 @@ def run_response(
         new_lesions=len(new),
         new_lesion_volume_ml=sum(n.volume_ml for n in new),
     )
+    quality = _quality(base.volume, follow.volume, signature)
     score = None
     if signature is not None:
         if deltas is None:
             problems.append("no signature score: the deltas need lesions with features at both time points")
         else:
-            score = signature.score(deltas)
+            score = signature.score(deltas, quality)
     algorithm = signature.algorithm if signature is not None else _algorithm(provenance)
     provenance.update(_alignment_provenance(alignment))
     return ResponseResult(
@@ -215,6 +217,17 @@ def run_response(
         problems=tuple(problems),
         method=METHOD,
         provenance=provenance,
+        quality=quality,
+    )
+
+
+def _quality(baseline: CTVolume, follow_up: CTVolume, signature: ResponseSignature | None) -> QualityTier:
+    """The pair's quality tier by the package's tier rule (the default rule without a tiered package)."""
+    rule = signature.tiers.rule if signature is not None and signature.tiers is not None else TierRule()
+    return decide_tier(
+        Acquisition.from_headers(baseline.headers, baseline.spacing_xyz[2]),
+        Acquisition.from_headers(follow_up.headers, follow_up.spacing_xyz[2]),
+        rule,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from inference.response.quality import QualityTier
 from inference.results import AlgorithmInfo, FeatureValue, SegmentationSource
 
 __all__ = [
@@ -246,9 +247,15 @@ class SignatureScore:
     """Output of the signature for one patient."""
 
     probability: float
-    """Probability of treatment insensitivity, in [0, 1]."""
+    """Probability of treatment insensitivity, in [0, 1] (recalibrated for ``tier`` when there is one)."""
     threshold: float
     high_risk: bool
+    tier: str | None = None
+    """The acquisition quality tier whose calibration was used (None: a package without quality tiers)."""
+    tier_reason: str = ""
+    """Why the pair is in that tier (the tier rule's findings)."""
+    uncalibrated_probability: float | None = None
+    """The forest's own probability before the tier's recalibration (None without tiers)."""
 
     @property
     def risk_group(self) -> str:
@@ -348,6 +355,9 @@ class ResponseResult:
     method: str = "response"
     provenance: dict[str, str] = field(default_factory=dict)
     """Reproducibility facts (library versions, parameter hash, registration settings)."""
+    quality: QualityTier | None = None
+    """The pair's acquisition quality tier by the package's tier rule (the default rule without a
+    tiered package); the score used its calibration when ``score.tier`` is set."""
 
     def __hash__(self) -> int:  # dict field: hash by identity-relevant fields only
         return hash((self.method, self.baseline, self.follow_up, self.pairs))

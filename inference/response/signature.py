@@ -32,6 +32,7 @@ import numpy as np
 from inference.errors import InputError, ModelPackageError
 from inference.radiomics.delta import DEFAULT_DELTA, DELTA_DEFINITIONS, DELTA_EPSILON, FEATURE_NAMES, FeatureDeltas
 from inference.registry import TRUSTED_SKOPS_TYPES, load_package, write_package
+from inference.response.quality import HIGH, TIERS, QualityTier, TierRule, TierRuleError
 from inference.response.results import SignatureScore
 from inference.results import AlgorithmInfo, ValidationStatus
 
@@ -50,10 +51,204 @@ INTENDED_USE = (
     "about 8 weeks into treatment (Dercle et al., JNCI 2020). Not a diagnosis; read beside RECIST."
 )
 _LABEL_VALUES = {"1": 1, "0": 0, "insensitive": 1, "sensitive": 0, "true": 1, "false": 0}
+TIER_COLUMN = "tier"
+"""Optional training-CSV column: the pair's quality tier (``high`` / ``standard``), for ``--tiers``."""
+TIER_REFERENCES: tuple[str, ...] = (*TIERS, "all")
+"""Which patients train the forest of a tiered package: one tier's (the paper: ``high``) or all."""
+_PROBABILITY_CLIP = 1e-3
+"""Forest probabilities are clipped to [clip, 1 - clip] before the logit of the recalibration."""
 
 
 class TrainingDataError(InputError):
     """The training CSV cannot be used (missing columns, non-numeric values, one class only)."""
+
+
+@dataclass(frozen=True)
+class TierCalibration:
+    """Per-tier recalibration of the forest's probability (``[input.quality_tiers]`` of a package).
+
+    As the paper: the forest is developed on one tier's patients (``reference``, the paper's
+    high-quality CT; ``"all"``: every tier) and its probability is calibrated per tier. Each tier has a
+    Platt map ``p' = 1 / (1 + exp(-(slope * logit(p) + intercept)))`` fitted on that tier's training
+    patients (out-of-bag probabilities for the patients the forest was trained on). ``rule`` decides a
+    study pair's tier (:func:`inference.response.quality.decide_tier`).
+    """
+
+    rule: TierRule
+    reference: str
+    maps: Mapping[str, tuple[float, float]]
+    """tier -> (slope, intercept) on the logit of the forest's probability."""
+    counts: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """tier -> (training patients, of them insensitive), for the record."""
+
+    def calibrate(self, probabilities: np.ndarray, tier: str) -> np.ndarray:
+        """The tier's recalibrated probabilities (KeyError for a tier without a map)."""
+        slope, intercept = self.maps[tier]
+        return _platt(np.asarray(probabilities, dtype=float), slope, intercept)
+
+    def as_table(self) -> dict[str, Any]:
+        """The ``[input.quality_tiers]`` table."""
+        table: dict[str, Any] = {
+            "reference": self.reference,
+            "recalibration": "platt",
+            "rule": self.rule.as_table(),
+        }
+        for tier, (slope, intercept) in self.maps.items():
+            entry: dict[str, Any] = {"slope": float(slope), "intercept": float(intercept)}
+            if tier in self.counts:
+                entry["patients"], entry["insensitive"] = (int(v) for v in self.counts[tier])
+            table[tier] = entry
+        return table
+
+    @classmethod
+    def from_table(cls, table: Any, where: str) -> TierCalibration:
+        """Read ``[input.quality_tiers]``; :class:`ModelPackageError` naming the bad key."""
+        if not isinstance(table, Mapping):
+            raise ModelPackageError(f"{where}: [input.quality_tiers] must be a table")
+        if table.get("recalibration", "platt") != "platt":
+            raise ModelPackageError(f'{where}: [input.quality_tiers] recalibration must be "platt"')
+        reference = table.get("reference", HIGH)
+        if reference not in TIER_REFERENCES:
+            raise ModelPackageError(f"{where}: [input.quality_tiers] reference must be one of {TIER_REFERENCES}")
+        try:
+            rule = TierRule.from_table(table.get("rule", {}))
+        except (TierRuleError, TypeError) as exc:
+            raise ModelPackageError(f"{where}: [input.quality_tiers.rule]: {exc}") from None
+        maps: dict[str, tuple[float, float]] = {}
+        counts: dict[str, tuple[int, int]] = {}
+        for tier in TIERS:
+            entry = table.get(tier)
+            if not isinstance(entry, Mapping):
+                raise ModelPackageError(f"{where}: [input.quality_tiers.{tier}] is missing: every tier needs its map")
+            try:
+                slope, intercept = float(entry["slope"]), float(entry["intercept"])
+            except (KeyError, TypeError, ValueError):
+                raise ModelPackageError(
+                    f"{where}: [input.quality_tiers.{tier}] needs numeric slope and intercept"
+                ) from None
+            if not (math.isfinite(slope) and math.isfinite(intercept)):
+                raise ModelPackageError(f"{where}: [input.quality_tiers.{tier}] slope and intercept must be finite")
+            maps[tier] = (slope, intercept)
+            if "patients" in entry:
+                counts[tier] = (int(entry["patients"]), int(entry.get("insensitive", 0)))
+        unknown = sorted(set(table) - {"reference", "recalibration", "rule", *TIERS})
+        if unknown:
+            raise ModelPackageError(f"{where}: [input.quality_tiers] unknown key(s) {', '.join(unknown)}")
+        return cls(rule=rule, reference=str(reference), maps=maps, counts=counts)
+
+
+def _platt(p: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    clipped = np.clip(p, _PROBABILITY_CLIP, 1.0 - _PROBABILITY_CLIP)
+    z = slope * np.log(clipped / (1.0 - clipped)) + intercept
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=float)
+
+
+def fit_tier_calibration(
+    probabilities: np.ndarray,
+    y: np.ndarray,
+    tiers: Sequence[str],
+    *,
+    rule: TierRule,
+    reference: str,
+) -> TierCalibration:
+    """Fit one Platt map per tier on the forest's (out-of-bag) probabilities of that tier's patients.
+
+    Raises
+    ------
+    TrainingDataError
+        A tier has fewer than two patients of a class (it cannot be calibrated).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    p = np.asarray(probabilities, dtype=float)
+    y = np.asarray(y, dtype=int)
+    tier_array = np.asarray(list(tiers), dtype=object)
+    maps: dict[str, tuple[float, float]] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    for tier in TIERS:
+        rows = tier_array == tier
+        yt = y[rows]
+        n_pos, n_neg = int(yt.sum()), int((yt == 0).sum())
+        if min(n_pos, n_neg) < 2:
+            raise TrainingDataError(
+                f"quality tier {tier!r} has {n_pos} insensitive and {n_neg} sensitive training patients; its "
+                "recalibration needs at least two of each (train without --tiers, or add patients of that tier)"
+            )
+        clipped = np.clip(p[rows], _PROBABILITY_CLIP, 1.0 - _PROBABILITY_CLIP)
+        logit = np.log(clipped / (1.0 - clipped)).reshape(-1, 1)
+        model = LogisticRegression(C=1.0).fit(logit, yt)
+        maps[tier] = (float(model.coef_[0, 0]), float(model.intercept_[0]))
+        counts[tier] = (int(rows.sum()), n_pos)
+    return TierCalibration(rule=rule, reference=reference, maps=maps, counts=counts)
+
+
+def train_tiered_signature(
+    x: np.ndarray,
+    y: np.ndarray,
+    tiers: Sequence[str],
+    *,
+    reference: str = HIGH,
+    rule: TierRule | None = None,
+    n_estimators: int = 500,
+    random_state: int = 0,
+) -> tuple[Any, TrainingReport, TierCalibration]:
+    """Fit the forest on the reference tier's patients (or all) and a recalibration per tier.
+
+    Parameters
+    ----------
+    x, y
+        Deltas (n, 4) and labels (1 = insensitive).
+    tiers
+        Each patient's quality tier (``high`` / ``standard``).
+    reference
+        Whose patients train the forest: ``"high"`` (the paper: the signature was developed on
+        high-quality CT), ``"standard"``, or ``"all"``.
+    rule
+        The tier rule recorded with the calibration (the node applies it to decide a pair's tier).
+    n_estimators, random_state
+        Forest settings.
+
+    Returns
+    -------
+    tuple
+        The forest, its :class:`TrainingReport` (on the patients it was fitted on) and the calibration.
+
+    Raises
+    ------
+    TrainingDataError
+        An unknown tier value, or a tier (or the reference) without two patients of each class.
+    """
+    tier_list = [str(t).strip().lower() for t in tiers]
+    unknown = sorted(set(tier_list) - set(TIERS))
+    if unknown:
+        raise TrainingDataError(f"unknown quality tier(s) {unknown}; use {' / '.join(TIERS)}")
+    if reference not in TIER_REFERENCES:
+        raise ValueError(f'Argument "reference" must be one of {TIER_REFERENCES}.')
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=int)
+    in_forest = np.ones(len(y), dtype=bool) if reference == "all" else np.asarray(tier_list) == reference
+    y_ref = y[in_forest]
+    if min(int(y_ref.sum()), int((y_ref == 0).sum())) < 2:
+        raise TrainingDataError(
+            f"the reference tier {reference!r} needs at least two training patients of each class to train the "
+            f"forest, got {np.bincount(y_ref, minlength=2).tolist()}"
+        )
+    estimator, report = train_signature(x[in_forest], y_ref, n_estimators=n_estimators, random_state=random_state)
+    raw = np.empty(len(y), dtype=float)
+    if (~in_forest).any():
+        raw[~in_forest] = estimator.predict_proba(x[~in_forest])[:, 1]
+    oob = getattr(estimator, "oob_decision_function_", None)
+    if oob is not None and np.all(np.isfinite(oob)):
+        raw[in_forest] = oob[:, 1]
+    else:  # a patient never out of bag (few trees): cross-validated probabilities instead
+        from sklearn.base import clone
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+        folds = StratifiedKFold(n_splits=int(max(2, min(5, np.bincount(y_ref).min()))), shuffle=True, random_state=0)
+        unbagged = clone(estimator).set_params(oob_score=False)
+        raw[in_forest] = cross_val_predict(unbagged, x[in_forest], y_ref, cv=folds, method="predict_proba")[:, 1]
+    calibration = fit_tier_calibration(raw, y, tier_list, rule=rule or TierRule(), reference=reference)
+    return estimator, report, calibration
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +261,8 @@ class ResponseSignature:
     feature_names: tuple[str, ...] = FEATURE_NAMES
     delta_definition: str = "relative"
     """How the deltas it was trained on were computed (``[input] delta_definition``; absent = ``"relative"``)."""
+    tiers: TierCalibration | None = None
+    """Per-quality-tier recalibration (``[input.quality_tiers]``); None for packages without tiers."""
 
     def probability(self, vectors: np.ndarray) -> np.ndarray:
         """P(treatment insensitive) for rows of deltas in :data:`FEATURE_NAMES` order."""
@@ -73,29 +270,45 @@ class ResponseSignature:
         classes = list(self.estimator.classes_)
         return self.estimator.predict_proba(x)[:, classes.index(1)]
 
-    def score(self, deltas: FeatureDeltas) -> SignatureScore:
+    def score(self, deltas: FeatureDeltas, quality: QualityTier | None = None) -> SignatureScore:
         """Score one patient.
 
         Parameters
         ----------
         deltas
             The patient-level deltas.
+        quality
+            The pair's quality tier; required when the package has tiers (its calibration is used),
+            ignored otherwise.
 
         Returns
         -------
         SignatureScore
-            ``high_risk`` when the probability is above the threshold (strictly, as in the paper).
+            ``high_risk`` when the (recalibrated) probability is above the threshold (strictly, as in
+            the paper); ``tier`` names the calibration used.
 
         Raises
         ------
         ValueError
-            A delta is not finite.
+            A delta is not finite, or a tiered package is given no tier.
         """
         vector = deltas.vector()
         if not all(math.isfinite(v) for v in vector):
             raise ValueError(f"the feature deltas must be finite, got {vector}")
         p = float(self.probability(np.asarray([vector]))[0])
-        return SignatureScore(probability=p, threshold=self.threshold, high_risk=p > self.threshold)
+        if self.tiers is None:
+            return SignatureScore(probability=p, threshold=self.threshold, high_risk=p > self.threshold)
+        if quality is None:
+            raise ValueError("this signature recalibrates per quality tier: the pair's tier is needed")
+        calibrated = float(self.tiers.calibrate(np.asarray([p]), quality.tier)[0])
+        return SignatureScore(
+            probability=calibrated,
+            threshold=self.threshold,
+            high_risk=calibrated > self.threshold,
+            tier=quality.tier,
+            tier_reason=quality.describe(),
+            uncalibrated_probability=p,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +331,35 @@ class TrainingReport:
                 metrics[key] = round(float(value), 4)
         metrics["feature_importances"] = {k: round(v, 4) for k, v in self.feature_importances.items()}
         return metrics
+
+
+def read_training_tiers(path: str | os.PathLike[str]) -> list[str]:
+    """The ``tier`` column of a training CSV, row by row (``high`` / ``standard``).
+
+    Raises
+    ------
+    TrainingDataError
+        No ``tier`` column, or a value that is not a tier (rows named by number).
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if TIER_COLUMN not in header:
+            raise TrainingDataError(
+                f"{path.name}: --tiers needs a column {TIER_COLUMN!r} ({' / '.join(TIERS)} per patient); "
+                f"found {', '.join(header)}"
+            )
+        tiers = []
+        for number, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            value = row[TIER_COLUMN].lower()
+            if value not in TIERS:
+                raise TrainingDataError(
+                    f"{path.name} row {number}: {TIER_COLUMN} must be {' or '.join(TIERS)}, got {row[TIER_COLUMN]!r}"
+                )
+            tiers.append(value)
+    return tiers
 
 
 def read_training_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +498,7 @@ def write_signature_package(
     intended_use: str = INTENDED_USE,
     description: str = "",
     delta_definition: str = DEFAULT_DELTA,
+    tiers: TierCalibration | None = None,
 ) -> Path:
     """Write a ``response`` model package (``model.toml`` + ``classifier.skops``) and verify it.
 
@@ -276,6 +519,9 @@ def write_signature_package(
     delta_definition
         How the training deltas were computed (``"symmetric"`` or ``"relative"``); the pipeline
         computes a study's deltas the same way.
+    tiers
+        Per-quality-tier recalibration and its tier rule (``[input.quality_tiers]``); None: one
+        calibration for every acquisition.
 
     Returns
     -------
@@ -309,6 +555,7 @@ def write_signature_package(
                 else f"(follow-up - baseline) / |baseline|; follow-up - baseline when |baseline| < {DELTA_EPSILON:g}"
             ),
             "radiomics_parameters": "config/radiomics/response.yaml",
+            **({"quality_tiers": tiers.as_table()} if tiers is not None else {}),
         },
         "thresholds": {LABEL: float(threshold)},
         "training_data": {"description": training_description},
@@ -353,11 +600,13 @@ def load_signature(path: str | os.PathLike[str]) -> ResponseSignature:
         raise ModelPackageError(
             f"{path}: [input] delta_definition must be one of {DELTA_DEFINITIONS}, got {definition!r}"
         )
+    tiers = package.input_spec.get("quality_tiers")
     return ResponseSignature(
         estimator=estimator,
         threshold=float(package.thresholds[LABEL]),
         algorithm=package.algorithm_info(),
         delta_definition=definition,
+        tiers=None if tiers is None else TierCalibration.from_table(tiers, str(path)),
     )
 
 
