@@ -32,7 +32,7 @@ from inference.radiomics.features import compute_features
 from inference.registry import ModelPackage, load_package
 from pacs_agent.db.tables import Job
 from tests.integration.peers import Node, Orthanc, storescu, wait_for
-from tests.unit.kras_cohort import PLANTED, write_kras_cohort
+from tests.kras_cohort import PLANTED, write_kras_cohort
 
 pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=21, lesions=2, slices=36, rows=128, columns=128)]
 

@@ -16,7 +16,7 @@ from inference.training.config import config_from_mapping
 from inference.training.crossval import CVPlan, permute_patient_labels, repeated_cv
 from inference.training.datasets import read_features_csv
 from inference.training.evaluate import hamming_loss, multilabel_f1, weighted_ovr_auc
-from tests.unit.kras_cohort import PLANTED, write_kras_cohort
+from tests.kras_cohort import PLANTED, write_kras_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARATOR_YAML = ROOT / "config" / "radiomics" / "comparator.yaml"
