@@ -134,9 +134,10 @@ def study_status(session: Session, study: Study) -> dict[str, Any]:
         "first_received_at": study.first_received_at.isoformat(),
         "last_received_at": study.last_received_at.isoformat(),
         "senders": list(senders),
-        "instances": received[0],
-        "duplicates": received[1],
-        "size_bytes": received[2],
+        # int(): PostgreSQL sums BIGINT / INTEGER columns as NUMERIC, which the driver gives as Decimal
+        "instances": int(received[0]),
+        "duplicates": int(received[1]),
+        "size_bytes": int(received[2]),
         "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
         "jobs": [
             {
