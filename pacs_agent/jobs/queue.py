@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from pacs_agent.audit import record_event
 from pacs_agent.db.tables import Job, JobState, Study, StudyState, utcnow
@@ -103,6 +103,16 @@ def claim_next(
     now = now or utcnow()
     while True:
         query = select(Job.id).where(Job.state == PENDING, Job.not_before <= now)
+        # One study at a time, in order, as procrastinate's lock per study does on PostgreSQL: not
+        # while a job of the study runs, nor before an earlier pending job of it (even one not yet due).
+        before = aliased(Job)
+        query = query.where(
+            ~exists().where(
+                before.study_id == Job.study_id,
+                before.id != Job.id,
+                or_(before.state == RUNNING, and_(before.state == PENDING, before.id < Job.id)),
+            )
+        )
         if queues:
             query = query.where(Job.queue.in_(queues))
         candidate = session.execute(query.order_by(Job.id).limit(1)).scalar_one_or_none()
