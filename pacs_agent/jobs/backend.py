@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, ClassVar
 from sqlalchemy.orm import Session
 
 from pacs_agent.errors import StorageError
+from pacs_agent.jobs.protocol import QueueWorker
 
 if TYPE_CHECKING:
     from pacs_agent.db.tables import Job
-    from pacs_agent.jobs.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class JobQueue(ABC):
         """Give back jobs whose worker died (the scheduler's pass); returns how many."""
 
     @abstractmethod
-    def serve(self, worker: Worker, on_ready: Callable[[], object]) -> None:
+    def serve(self, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
         """Run ``worker``'s jobs until ``worker.stop`` is set; ``on_ready`` once jobs can be taken."""
 
 
@@ -68,7 +68,7 @@ class InProcessQueue(JobQueue):
 
         return requeue_stale(session, lease_seconds)
 
-    def serve(self, worker: Worker, on_ready: Callable[[], object]) -> None:
+    def serve(self, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
         """Poll for due jobs on ``worker.concurrency`` threads until stopped."""
         with worker.db.session() as session, session.begin():
             self.recover(session, worker.settings.jobs.lease_seconds)
@@ -84,7 +84,7 @@ class InProcessQueue(JobQueue):
             thread.join()
 
     @staticmethod
-    def _loop(worker: Worker) -> None:
+    def _loop(worker: QueueWorker) -> None:
         while not worker.stop.is_set():
             if not worker.parent_alive():
                 logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", worker.worker_id)
@@ -120,9 +120,9 @@ class EngineQueue(JobQueue):
         """Nothing here: procrastinate's workers hand back the jobs of silent workers."""
         return 0
 
-    def serve(self, worker: Worker, on_ready: Callable[[], object]) -> None:
+    def serve(self, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
         """Run procrastinate's worker on the queues of ``worker``."""
-        from pacs_agent.jobs.engine import run_engine_worker
+        from pacs_agent.jobs.engine_worker import run_engine_worker
 
         run_engine_worker(self.url, worker, on_ready)
 

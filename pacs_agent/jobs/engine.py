@@ -16,28 +16,25 @@ of truth, no dual write. procrastinate then does what a home-made queue would ge
   dead with the reason.
 
 procrastinate's schema (``procrastinate_*`` tables and functions) lives in the node's database; it
-is created by migration 0009 (:func:`apply_engine_schema`). Imported only on PostgreSQL.
+is created by migration 0009 (:func:`apply_engine_schema`). The worker side (procrastinate's worker
+running our task) is :mod:`pacs_agent.jobs.engine_worker`. Imported only on PostgreSQL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import procrastinate
 import procrastinate.schema
-import procrastinate.worker
 from sqlalchemy import Connection, make_url
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from pacs_agent.db.tables import Job
-    from pacs_agent.jobs.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -124,79 +121,3 @@ class EngineRetry(procrastinate.BaseRetryStrategy):
         if isinstance(exception, JobEnded) or job.attempts >= ENGINE_RETRY_LIMIT:
             return None
         return procrastinate.RetryDecision(retry_in={"seconds": min(300, 2 ** min(job.attempts, 9))})
-
-
-def worker_app(url: str, worker: Worker) -> procrastinate.App:
-    """The procrastinate App of a worker process, with the task that runs ``jobs`` rows on ``worker``."""
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo(url)))
-
-    def run_job(job_id: int) -> None:
-        worker.run_queued_job(job_id)
-
-    app.task(name=TASK_NAME, retry=EngineRetry())(run_job)
-    return app
-
-
-async def recover_stalled(app: procrastinate.App, lease_seconds: float) -> int:
-    """Hand back the jobs of workers whose heartbeat stopped ``lease_seconds`` ago; returns how many."""
-    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=lease_seconds)
-    count = 0
-    for job in stalled:
-        try:
-            await app.job_manager.retry_job(job)
-        except Exception as exc:  # another worker handed it back first
-            logger.debug("stalled job %s not handed back here: %s", job.id, exc)
-            continue
-        logger.warning(
-            "queue job %s (pacs-agent job %s) was held by a worker silent for %g s; it runs again",
-            job.id,
-            job.task_kwargs.get("job_id"),
-            lease_seconds,
-        )
-        count += 1
-    return count
-
-
-def run_engine_worker(url: str, worker: Worker, on_ready: Callable[[], object]) -> None:
-    """Run procrastinate's worker for ``worker`` until ``worker.stop`` is set; the current jobs finish first."""
-    asyncio.run(_run(url, worker, on_ready))
-
-
-async def _run(url: str, worker: Worker, on_ready: Callable[[], object]) -> None:
-    lease = worker.settings.jobs.lease_seconds
-    app = worker_app(url, worker)
-    async with app.open_async():
-        engine_worker = procrastinate.worker.Worker(
-            app=app,
-            queues=list(worker.queues) or None,
-            name=worker.worker_id,
-            concurrency=worker.concurrency,
-            install_signal_handlers=False,
-            listen_notify=True,
-            update_heartbeat_interval=max(lease / 4, 0.5),
-            stalled_worker_timeout=lease,
-            shutdown_graceful_timeout=None,  # SIGTERM: the jobs running finish first
-        )
-        running = asyncio.create_task(engine_worker.run(), name="procrastinate worker")
-        while engine_worker.worker_id is None and not running.done():
-            await asyncio.sleep(0.05)
-        if running.done():
-            await running  # raises what stopped it
-        worker.registered(queue_worker_id=engine_worker.worker_id)
-        on_ready()
-        stop = asyncio.create_task(asyncio.to_thread(worker.stop.wait), name="stop")
-        period = max(lease / 4, 0.5)
-        while not running.done() and not stop.done():
-            try:
-                await recover_stalled(app, lease)
-            except Exception:
-                logger.exception("looking for stalled jobs failed; trying again")
-            worker.beat_idle()
-            if not worker.parent_alive():
-                logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", worker.worker_id)
-                break
-            await asyncio.wait({running, stop}, timeout=period, return_when=asyncio.FIRST_COMPLETED)
-        engine_worker.stop()
-        worker.stop.set()
-        await running
-        await stop

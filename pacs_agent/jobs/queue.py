@@ -88,9 +88,11 @@ def schedule_job(
 
 
 def _enqueue(session: Session, job: Job) -> None:
-    from pacs_agent.jobs.backend import session_backend  # the backend imports this module
+    """PostgreSQL: defer the job's procrastinate job in this transaction; SQLite: the row is the queue entry."""
+    if session.get_bind().dialect.name == "postgresql":
+        from pacs_agent.jobs.engine import defer  # procrastinate: the postgres extra
 
-    session_backend(session).enqueue(session, job)
+        defer(session, job)
 
 
 def claim_next(
