@@ -148,30 +148,34 @@ def drop_connections(url: str) -> int:
 
 def test_six_studies_two_workers_a_killed_worker_and_dropped_connections(hosts: HostSet, phantoms: Phantoms) -> None:
     studies: list[PhantomStudy] = [
-        phantoms.study(seed=700 + n, lesions=2, slices=24, rows=96, columns=96, segmentation="seg")
+        phantoms.study(seed=700 + n, lesions=2, slices=40, rows=128, columns=128, segmentation="seg")
         for n in range(STUDIES)
     ]
     receiver = hosts.receiver(f"[jobs]\nlease_seconds = {LEASE_SECONDS}\nretry_delay_seconds = 1\n")
-    first = hosts.worker("host-a")
+    workers = [hosts.worker("host-a"), hosts.worker("host-b")]
     for study in studies:
         sent = storescu(receiver.port, [*study.ct_files, study.seg_file])
         assert sent.returncode == 0, sent.stderr
 
-    def running_on(host: Host) -> int | None:
-        return receiver.scalar(select(Job.id).where(Job.state == "running", Job.worker_id == host.identity))
+    def first_running() -> tuple[int, Host] | None:
+        for host in workers:
+            job_id = receiver.scalar(select(Job.id).where(Job.state == "running", Job.worker_id == host.identity))
+            if job_id is not None:
+                return job_id, host
+        return None
 
-    killed_job = wait_for(lambda: running_on(first), 240, "host-a to run a job", interval=0.05)
-    second = hosts.worker("host-b")
-    killed_identity = first.identity
-    assert first.process is not None
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait(30)
-    first.process = None
+    killed_job, victim = wait_for(first_running, 240, "a worker to run a job", interval=0.05)
+    survivor = next(host for host in workers if host is not victim)
+    killed_identity = victim.identity
+    assert victim.process is not None
+    victim.process.send_signal(signal.SIGKILL)  # mid-job: no chance to record anything
+    victim.process.wait(30)
+    victim.process = None
 
     wait_for(
-        lambda: receiver.scalar(select(Job.worker_id).where(Job.id == killed_job)) == second.identity,
+        lambda: receiver.scalar(select(Job.worker_id).where(Job.id == killed_job)) == survivor.identity,
         120,
-        "host-b to take over the killed worker's job",
+        "the other worker to take over the killed worker's job",
     )
     assert drop_connections(hosts.url) > 0  # mid-run: the receiver, host-b and procrastinate lose theirs
 
@@ -185,14 +189,15 @@ def test_six_studies_two_workers_a_killed_worker_and_dropped_connections(hosts: 
     jobs = receiver.rows(select(Job.id, Job.study_id, Job.attempts, Job.worker_id).order_by(Job.id))
     assert len({j.study_id for j in jobs}) == STUDIES  # one job per study, no second one
     by_id = {j.id: j for j in jobs}
-    assert by_id[killed_job].attempts == 2 and by_id[killed_job].worker_id == second.identity
+    assert by_id[killed_job].attempts == 2 and by_id[killed_job].worker_id == survivor.identity
     retried = receiver.scalars(select(Event.detail).where(Event.kind == "job_retry", Event.job_id == killed_job))
     assert retried == [
         f"attempt 1 of 3: worker {killed_identity} stopped while running this job (its heartbeat stopped)"
     ]
     started_by = set(receiver.scalars(select(Event.detail).where(Event.kind == "job_started")))
-    assert any(killed_identity in d for d in started_by) and any(second.identity in d for d in started_by)
-    assert {j.worker_id for j in jobs} <= {killed_identity, second.identity}
+    assert any(killed_identity in d for d in started_by) and any(survivor.identity in d for d in started_by)
+    assert receiver.scalar(select(func.count(Event.id)).where(Event.kind == "job_started")) == STUDIES + 1
+    assert {j.worker_id for j in jobs} <= {killed_identity, survivor.identity}
 
     results = receiver.rows(select(Result.study_id, Result.kind, Result.sop_instance_uid))
     srs = [r for r in results if r.kind == "sr"]
@@ -204,7 +209,7 @@ def test_six_studies_two_workers_a_killed_worker_and_dropped_connections(hosts: 
     engine_jobs = receiver.rows(text("SELECT status, count(*) FROM procrastinate_jobs GROUP BY status"))
     assert dict((s, n) for s, n in engine_jobs) == {"succeeded": STUDIES}  # the queue agrees with the jobs table
     status = hosts.status(receiver)
-    assert f"worker {second.identity} [running] cpu, every queue" in status
+    assert f"worker {survivor.identity} [running] cpu, every queue" in status
     assert f"worker {killed_identity} [silent]" in status  # killed: no heartbeat since
 
 
