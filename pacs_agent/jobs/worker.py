@@ -174,6 +174,7 @@ class Worker:
             except Exception:
                 logger.exception("heartbeat of job %d failed", job_id)
             self.heartbeat.beat(f"job {job_id}")
+            self._update_row(heartbeat_at=utcnow())  # the workers row: alive while a long job runs
 
     def run_one(self) -> bool:
         """In-process queue: claim and run one job of our queues; returns False when there was nothing to do."""
