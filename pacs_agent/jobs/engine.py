@@ -80,16 +80,35 @@ def defer(session: Session, job: Job) -> int:
     both the row and the queue entry away.
     """
     raw = session.connection().connection.driver_connection
+    job.queue_job_id = defer_on(raw, job.id, job.study_id, job.queue, job.not_before)
+    return job.queue_job_id
+
+
+def defer_on(raw_connection: Any, job_id: int, study_id: int, queue: str, due: datetime) -> int:
+    """Defer ``run_job(job_id)`` on ``queue`` with the study's lock, in the transaction of ``raw_connection``."""
     deferrer = _deferring_app().configure_task(
-        TASK_NAME,
-        queue=job.queue,
-        lock=f"study-{job.study_id}",
-        schedule_at=job.not_before,
-        connection=raw,
+        TASK_NAME, queue=queue, lock=f"study-{study_id}", schedule_at=due, connection=raw_connection
     )
-    queue_job_id = int(deferrer.defer(job_id=job.id))
-    job.queue_job_id = queue_job_id
-    return queue_job_id
+    return int(deferrer.defer(job_id=job_id))
+
+
+def defer_open_jobs(bind: Connection) -> int:
+    """Hand the jobs not finished when the engine arrives (migration 0009) to procrastinate; returns how many.
+
+    A job still ``running`` had a worker of the old version, which the upgrade stopped (operations
+    guide: workers first): it is pending again (its attempt stays counted) and runs on a new worker.
+    """
+    raw = bind.connection.driver_connection
+    rows = bind.exec_driver_sql(
+        "SELECT id, study_id, queue, not_before FROM jobs WHERE state IN ('pending', 'running') ORDER BY id"
+    ).all()
+    for job_id, study_id, queue, due in rows:
+        queue_job_id = defer_on(raw, job_id, study_id, queue, due)
+        bind.exec_driver_sql(
+            "UPDATE jobs SET state = 'pending', worker_id = NULL, queue_job_id = %(q)s WHERE id = %(id)s",
+            {"q": queue_job_id, "id": job_id},
+        )
+    return len(rows)
 
 
 @dataclass

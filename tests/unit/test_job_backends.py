@@ -193,3 +193,46 @@ def test_postgresql_defers_the_job_in_the_transaction_that_records_it(postgres_u
         assert _job(db, job.id).queue_job_id is not None
     finally:
         db.dispose()
+
+
+def test_the_upgrade_hands_unfinished_jobs_to_procrastinate(postgres_url: str) -> None:
+    """Migration 0009 on a database of 0008 with a pending and a running job: both end up in the queue engine."""
+    from alembic import command
+
+    from pacs_agent.db import alembic_config, make_engine, migrate
+
+    engine = make_engine(postgres_url)
+    try:
+        command.upgrade(alembic_config(engine), "0008")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, study_instance_uid, state, first_received_at, last_received_at) "
+                    "VALUES (1, '1.2.3.6', 'processing', now(), now())"
+                )
+            )
+            for job_id, state in ((1, "pending"), (2, "running"), (3, "done")):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, study_id, method, state, inputs, attempts, max_attempts, not_before, "
+                        "created_at, worker_id, waits) VALUES (:id, 1, 'radiomics', :state, '{}', :attempts, 3, "
+                        "now(), now(), :worker, 0)"
+                    ),
+                    {"id": job_id, "state": state, "attempts": int(state != "pending"), "worker": "old-host:1"},
+                )
+        migrate(engine)
+        with engine.connect() as conn:
+            jobs = conn.execute(text("SELECT id, state, worker_id, attempts, queue FROM jobs ORDER BY id")).all()
+            queued = conn.execute(text("SELECT args, lock, queue_name, status FROM procrastinate_jobs ORDER BY id"))
+            queued_rows = [tuple(q) for q in queued.all()]
+        assert [tuple(j) for j in jobs] == [
+            (1, "pending", None, 0, "default"),
+            (2, "pending", None, 1, "default"),  # its worker was stopped for the upgrade; the attempt stays counted
+            (3, "done", "old-host:1", 1, "default"),
+        ]
+        assert queued_rows == [
+            ({"job_id": 1}, "study-1", "default", "todo"),
+            ({"job_id": 2}, "study-1", "default", "todo"),
+        ]
+    finally:
+        engine.dispose()

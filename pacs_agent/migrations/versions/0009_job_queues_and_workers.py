@@ -43,9 +43,10 @@ def upgrade() -> None:
     )
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
-        from pacs_agent.jobs.engine import apply_engine_schema
+        from pacs_agent.jobs.engine import apply_engine_schema, defer_open_jobs
 
         apply_engine_schema(bind)
+        defer_open_jobs(bind)  # jobs waiting at the upgrade: into the queue engine, nothing left behind
 
 
 def downgrade() -> None:
