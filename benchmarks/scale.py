@@ -4,9 +4,10 @@ Each configuration runs on a fresh PostgreSQL database of the local server: one 
 (``pacs-agent scp``, the several-hosts set-up: ``[database] url`` on PostgreSQL, ``[storage]
 shared_dir``) and N ``pacs-agent worker`` processes with their own state directories, as separate
 hosts would be. The studies (distinct phantoms, radiomics) are stored first with the workers not
-yet started, then the workers start together: the time from the first worker ready to the last job
-done is the processing time of the queue (store and readiness are not in it), and studies/hour is
-12 / that time. Rounds interleave the worker counts (1, 2, 3, 1, 2, 3, ...) so that a change of
+yet started, then the workers start together: the time from the moment every worker is ready (a
+worker registers with the queue only once its pipeline is loaded, so imports are not in it) to the
+last job done is the processing time of the queue (store and readiness are not in it either), and
+studies/hour is 12 / that time. Rounds interleave the worker counts (1, 2, 3, 1, 2, 3, ...) so that a change of
 load on the shared machine touches each alike; the figures are medians with their spread, and the
 ratios are to 1 worker in the same run.
 

@@ -60,6 +60,7 @@ def run_engine_worker(url: str, worker: QueueWorker, on_ready: Callable[[], obje
 async def _run(url: str, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
     lease = worker.settings.jobs.lease_seconds
     app = worker_app(url, worker)
+    await asyncio.to_thread(worker.warm_up)  # take no job before the pipeline is loaded
     async with app.open_async():
         engine_worker = procrastinate.worker.Worker(
             app=app,

@@ -26,6 +26,9 @@ class QueueWorker(Protocol):
     poll_seconds: float
     parent_alive: Callable[[], bool]
 
+    def warm_up(self) -> None:
+        """Load what every job needs (the imaging stack) before taking the first job."""
+
     def beat_idle(self) -> None:
         """Liveness while waiting for jobs."""
 

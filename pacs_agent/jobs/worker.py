@@ -157,6 +157,14 @@ class Worker:
         except Exception as exc:  # the database away: the row catches up with the next update
             logger.warning("cannot update the workers row of %s: %s", self.worker_id, flatten(str(exc)))
 
+    def warm_up(self) -> None:
+        """Import the job pipeline (inference, dicom_sr, pyradiomics) now rather than inside the first job.
+
+        Queue engine (several workers): a worker registers only once warm, so that a job never waits
+        for a cold worker's imports while a warm one is idle.
+        """
+        import pacs_agent.jobs.execute  # noqa: F401  # heavy imports live in the worker only
+
     def beat_idle(self) -> None:
         """Liveness while waiting for jobs: the heartbeat file; on SQLite also ``workers.heartbeat_at``."""
         self.heartbeat.beat("idle")

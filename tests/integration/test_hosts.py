@@ -109,7 +109,7 @@ class HostSet:
     def worker(self, name: str, queues: str = "") -> Host:
         host = self.nodes.add(self._host(name, queues))
         host.start("worker")
-        wait_for(host.worker_ready, 60, f"worker {name} to register with the queue")
+        wait_for(host.worker_ready, 180, f"worker {name} to load its pipeline and register with the queue")
         return host
 
     def _host(self, name: str, queues: str = "") -> Host:
