@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel versioneer
 	$(BIN)/pip install --quiet numpy "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet --no-build-isolation "pyradiomics>=3.0.1"
-	$(BIN)/pip install --quiet -e ".[test]" "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet -e ".[test,postgres]" "torch==$(TORCH_VERSION)"
 	touch $(STAMP)
 
 # Installs the DICOM tools the tests talk to (DCMTK, dicom3tools, Orthanc and its DICOMweb plugin)

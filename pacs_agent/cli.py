@@ -72,7 +72,7 @@ def _run_service(args: argparse.Namespace) -> int:
     if args.command == "scp":
         return service.run_scp(settings)
     if args.command == "worker":
-        return service.run_worker(settings)
+        return service.run_worker(settings, tuple(args.queue) if args.queue else None)
     return service.run_serve(settings, _config_path(args))
 
 
@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("serve", help="run the receiving process and one worker (embedded default)"))
     with_config(sub.add_parser("scp", help="run the receiving process only (receive, schedule, send)"))
-    with_config(sub.add_parser("worker", help="run a worker process only (runs jobs)"))
+    worker = with_config(sub.add_parser("worker", help="run a worker process only (runs jobs; any host)"))
+    worker.add_argument(
+        "--queue",
+        action="append",
+        metavar="NAME",
+        help="take jobs of this queue only (repeatable; overrides [worker] queues; e.g. --queue gpu)",
+    )
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     with_config(config_sub.add_parser("check", help="validate a configuration; prints every problem"))

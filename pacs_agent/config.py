@@ -79,16 +79,30 @@ class StorageSettings(_Section):
 
     state_dir: Path = Path("pacs-agent-state")
     min_free_mb: int = Field(default=1024, ge=0)
+    shared_dir: Path | None = None
+    """Several hosts: a directory on a shared filesystem (NFS, mounted on every host) that holds the
+    spool and the results, so that a worker on another host reads the CT the receiver stored; None
+    (``""`` in the file): both live in ``state_dir``."""
+
+    @field_validator("shared_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the spool and the results live: ``shared_dir`` when set, else ``state_dir``."""
+        return self.shared_dir if self.shared_dir is not None else self.state_dir
 
     @property
     def spool_dir(self) -> Path:
-        """Directory of received instances (``<state_dir>/spool``)."""
-        return self.state_dir / "spool"
+        """Directory of received instances (``<shared_dir or state_dir>/spool``)."""
+        return self.data_dir / "spool"
 
     @property
     def results_dir(self) -> Path:
-        """Directory of result objects waiting for or done with delivery."""
-        return self.state_dir / "results"
+        """Directory of result objects waiting for or done with delivery (``<shared_dir or state_dir>/results``)."""
+        return self.data_dir / "results"
 
 
 class DatabaseSettings(_Section):
@@ -106,13 +120,43 @@ class ReadinessSettings(_Section):
     """How long a study waits for images its segmentation was drawn on but that have not arrived."""
 
 
+_QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+DEFAULT_QUEUE = "default"
+"""The queue of a method ``[jobs.queues]`` does not name."""
+
+
+def _check_queue_name(value: str) -> str:
+    if not _QUEUE_NAME.match(value):
+        raise ValueError(f"queue name {value!r}: 1 to 32 of a-z, 0-9, _ and -, starting with a letter or digit")
+    return value
+
+
 class JobSettings(_Section):
-    """``[jobs]``: retries of processing jobs."""
+    """``[jobs]``: retries of processing jobs, and which queue each method's jobs go to."""
 
     max_attempts: int = Field(default=3, ge=1)
     retry_delay_seconds: float = Field(default=30.0, ge=0)
     lease_seconds: float = Field(default=120.0, gt=0)
+    """A worker silent this long is taken as dead and its job runs again elsewhere (SQLite: the job's
+    lease; PostgreSQL: procrastinate's stalled-worker timeout, heartbeat every quarter of it)."""
     methods: tuple[str, ...] = ("radiomics",)
+    queues: dict[str, str] = Field(default_factory=dict)
+    """``[jobs.queues]``: method -> queue (``m2 = "gpu"``); a method not named goes to ``default``."""
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, value: dict[str, str]) -> dict[str, str]:
+        known = (*KNOWN_METHODS, *PAIR_METHODS)
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"[jobs.queues] names unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        for queue in value.values():
+            _check_queue_name(queue)
+        return value
+
+    def queue_for(self, method: str) -> str:
+        """The queue of ``method``'s jobs (``[jobs.queues]``, else ``default``)."""
+        return self.queues.get(method, DEFAULT_QUEUE)
 
     @field_validator("methods")
     @classmethod
@@ -124,6 +168,32 @@ class JobSettings(_Section):
         if not value:
             raise ValueError("at least one method must be enabled")
         return value
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda:\d+)$")
+
+
+class WorkerSettings(_Section):
+    """``[worker]``: what a ``pacs-agent worker`` process takes and where its models run."""
+
+    device: str = "auto"
+    """``auto`` (the first GPU when one is usable, else the CPU), ``cpu``, or ``cuda:N``."""
+    queues: tuple[str, ...] = ()
+    """Queues this worker takes (``pacs-agent worker --queue`` overrides); empty: every queue."""
+    concurrency: int = Field(default=1, ge=1, le=64)
+    """Jobs one worker process runs at the same time."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device {value!r}: auto, cpu or cuda:N (cuda:0, cuda:1, ...)")
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_queue_name(q) for q in value)
 
 
 class ModelSettings(_Section):
@@ -606,6 +676,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     readiness: ReadinessSettings = ReadinessSettings()
     jobs: JobSettings = JobSettings()
+    worker: WorkerSettings = WorkerSettings()
     models: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[Destination, ...] = ()

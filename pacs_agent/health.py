@@ -36,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from pacs_agent import __version__
 from pacs_agent.config import Settings
@@ -260,8 +261,20 @@ class HealthMonitor:
         workers = read_worker_heartbeats(self.settings.storage.state_dir)
         alive = [w for w in workers if w.age_seconds <= limit]
         details["workers"] = [asdict(w) | {"age_seconds": round(w.age_seconds, 1)} for w in alive]
-        if alive:
-            return Check("workers", True, f"{len(alive)} worker(s) alive")
+        # Workers on other hosts (several hosts: only the database is common) have no file here:
+        # the workers table and the queue's heartbeat say which are alive.
+        from pacs_agent.status import worker_status
+
+        local = {w.worker_id for w in alive}
+        with Session(bind=conn) as session:
+            remote = [w for w in worker_status(session, limit) if w["alive"] and w["name"] not in local]
+        details["workers"] += [
+            {"worker_id": w["name"], "host": w["host"], "device": w["device"]}
+            | {"age_seconds": w["heartbeat_age_seconds"]}
+            for w in remote
+        ]
+        if alive or remote:
+            return Check("workers", True, f"{len(alive) + len(remote)} worker(s) alive")
         waiting = conn.execute(
             select(func.count(Job.id)).where(Job.state == "pending", Job.not_before <= datetime.now(UTC))
         ).scalar_one()
@@ -324,7 +337,7 @@ class HealthMonitor:
         )
         try:
             with self.engine.connect() as conn:
-                database_metrics(conn, self.settings.destinations, out)
+                database_metrics(conn, self.settings.destinations, out, self.settings.jobs.lease_seconds)
         except Exception as exc:
             logger.warning("metrics from the database unavailable: %s", _short_error(exc))
         return out.render()

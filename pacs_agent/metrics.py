@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Integer, case, cast, extract, func, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from pacs_agent.config import Destination
 from pacs_agent.db.tables import Delivery, DeliveryState, Event, Instance, Job, JobState, Study, StudyState
@@ -179,8 +180,25 @@ def connection_counts(conn: Connection, kind: str) -> list[Sample]:
     return [({"reason": label}, counts.get(label, 0)) for label in labels]
 
 
-def database_metrics(conn: Connection, destinations: Sequence[Destination], out: Exposition) -> None:
-    """Add every metric that comes from the database to ``out``."""
+def worker_samples(conn: Connection, lease_seconds: float = 120.0) -> list[Sample]:
+    """One sample per worker process: its host, device and queues as labels, 1 when alive."""
+    from pacs_agent.status import worker_status  # status reads the queue engine's heartbeats too
+
+    with Session(bind=conn) as session:
+        workers = worker_status(session, lease_seconds)
+    return [
+        (
+            {"worker": w["name"], "host": w["host"], "device": w["device"], "queues": ",".join(w["queues"])},
+            int(w["alive"]),
+        )
+        for w in workers
+    ]
+
+
+def database_metrics(
+    conn: Connection, destinations: Sequence[Destination], out: Exposition, lease_seconds: float = 120.0
+) -> None:
+    """Add every metric that comes from the database to ``out`` (a worker is up within ``lease_seconds``)."""
     now = datetime.now(UTC)
     stored, duplicates = conn.execute(
         select(func.count(Instance.id), func.coalesce(func.sum(Instance.duplicates), 0))
@@ -224,6 +242,21 @@ def database_metrics(conn: Connection, destinations: Sequence[Destination], out:
     )
     out.add("pacs_agent_studies", "gauge", "Studies by state.", _by_state(conn, Study.state, STUDY_STATES))
     out.add("pacs_agent_jobs", "gauge", "Jobs by state.", _by_state(conn, Job.state, JOB_STATES))
+    pending = conn.execute(
+        select(Job.queue, func.count(Job.id)).where(Job.state == "pending").group_by(Job.queue).order_by(Job.queue)
+    ).all()
+    out.add(
+        "pacs_agent_jobs_pending_by_queue",
+        "gauge",
+        "Pending jobs per queue ([jobs.queues]); a queue no running worker takes keeps growing.",
+        [({"queue": queue}, n) for queue, n in pending],
+    )
+    out.add(
+        "pacs_agent_worker_up",
+        "gauge",
+        "1 per worker process (any host) whose queue heartbeat is fresh, 0 when silent or stopped (last 24 h).",
+        worker_samples(conn, lease_seconds),
+    )
     rows = conn.execute(
         select(Delivery.destination, Delivery.state, func.count(Delivery.id)).group_by(
             Delivery.destination, Delivery.state

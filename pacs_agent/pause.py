@@ -2,9 +2,11 @@
 
 While paused, the receiver still receives, stores and records every instance (nothing is lost)
 and the scheduler still decides readiness and queues jobs, but no worker *starts* a job: the
-check sits where a worker claims its next job (:meth:`pacs_agent.jobs.worker.Worker.run_one`).
-Jobs already running finish. The switch is a row of ``node_flags``, so it holds for every
-process of the node (scp, workers on other hosts of a PostgreSQL set-up) and across restarts.
+check sits where a worker claims its next job (:meth:`pacs_agent.jobs.worker.Worker.run_one`;
+on PostgreSQL, a job the queue engine hands a worker while paused is handed back untouched, no
+attempt counted, and offered again ten seconds later). Jobs already running finish. The switch is
+a row of ``node_flags``, so it holds for every process of the node (scp, workers on other hosts
+of a PostgreSQL set-up) and across restarts.
 Pausing and resuming are audit events naming who did it.
 """
 

@@ -31,7 +31,7 @@ from pacs_agent.config import Settings
 from pacs_agent.db import Database
 from pacs_agent.errors import ConfigError
 from pacs_agent.health import WORKER_INSTANCE_ENV, HealthServer
-from pacs_agent.jobs.queue import requeue_stale
+from pacs_agent.jobs.backend import backend_for
 from pacs_agent.notify import Notifier, Watchdog
 from pacs_agent.receive.server import ReceiveServer
 from pacs_agent.receive.spool import Spool
@@ -104,12 +104,13 @@ class ScpService:
     def _schedule_forever(self) -> None:
         rules = readiness_rules(self.settings)
         jobs = self.settings.jobs
+        backend = backend_for(self.db.url)
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
             try:
                 with self.db.session() as session, session.begin():
                     run_once(session, rules, jobs.methods, jobs.max_attempts, settings=self.settings)
-                    requeue_stale(session, jobs.lease_seconds)
+                    backend.recover(session, jobs.lease_seconds)  # SQLite; procrastinate's workers do it
             except Exception:
                 logger.exception("scheduler pass failed; retrying")
             self.stop.wait(SCHEDULER_PERIOD_SECONDS)
@@ -214,11 +215,13 @@ def cuda_devices_for_instance(instance: str) -> str:
     return match.group(1)
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, queues: tuple[str, ...] | None = None) -> int:
     """``pacs-agent worker``: run jobs until SIGTERM.
 
-    ``$PACS_AGENT_WORKER_INSTANCE`` (set by ``pacs-agent-worker@.service``) selects the GPU before
-    any model is loaded, see :func:`cuda_devices_for_instance`. ``$PACS_AGENT_SUPERVISOR_PID`` (set
+    ``queues`` (``--queue``) overrides ``[worker] queues``. ``[worker] device`` picks where the
+    models run before any is loaded (:func:`pacs_agent.jobs.device.resolve_device`);
+    ``$PACS_AGENT_WORKER_INSTANCE`` (set by ``pacs-agent-worker@.service``) selects the GPU first,
+    see :func:`cuda_devices_for_instance`. ``$PACS_AGENT_SUPERVISOR_PID`` (set
     by ``serve``) ties the worker to that process: it gets SIGTERM when ``serve`` dies and checks
     between jobs that ``serve`` still runs (:func:`pacs_agent.supervision.die_with_parent`).
     """
@@ -231,11 +234,13 @@ def run_worker(settings: Settings) -> int:
     instance = os.environ.get(WORKER_INSTANCE_ENV)
     if instance:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices_for_instance(instance)
+    from pacs_agent.jobs.device import resolve_device
     from pacs_agent.jobs.worker import Worker
 
+    device = resolve_device(settings.worker.device)
     notifier = Notifier.from_environment()
     prepare_state(settings)
-    worker = Worker(settings, Database(settings.database_url))
+    worker = Worker(settings, Database(settings.database_url), queues=queues, device=device)
     worker.on_status = notifier.status
     if parent_alive is not None:
         worker.parent_alive = parent_alive
@@ -243,9 +248,8 @@ def run_worker(settings: Settings) -> int:
     stall = max(settings.jobs.lease_seconds, WORKER_STALL_MIN_SECONDS)
     watchdog = Watchdog(notifier, lambda: worker.heartbeat.seconds_since_beat() < stall)
     watchdog.start()
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    where = f"CUDA_VISIBLE_DEVICES={devices!r}" if devices is not None else "all devices"
-    worker.run_forever(on_ready=lambda: notifier.ready(f"waiting for jobs ({where})"))
+    takes = ", ".join(worker.queues) or "every queue"
+    worker.run_forever(on_ready=lambda: notifier.ready(f"waiting for jobs ({device}; {takes})"))
     watchdog.stop()
     worker.db.dispose()
     return 0

@@ -12,12 +12,12 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study
+from pacs_agent.db.tables import Delivery, Event, Instance, Job, Pairing, Result, Series, Study, WorkerProcess, utcnow
 from pacs_agent.pause import current_pause
 from pacs_agent.routing.pairing import baseline_of
 from pacs_agent.text import printable
@@ -38,7 +38,51 @@ def _clock(iso: str | None) -> str:
     return iso[:19].replace("T", " ") if iso else "-"
 
 
-def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
+WORKERS_SHOWN_HOURS = 24.0
+"""Stopped (or silent) workers are listed for this long after their last sign of life."""
+
+
+def worker_status(session: Session, lease_seconds: float = 120.0) -> list[dict[str, Any]]:
+    """Every worker process of the node, on any host: where it runs, what it takes, its last heartbeat.
+
+    The heartbeat is the queue's own: ``workers.heartbeat_at`` on SQLite, procrastinate's
+    ``procrastinate_workers.last_heartbeat`` on PostgreSQL. ``alive`` is false for a worker that
+    stopped or has been silent for ``lease_seconds`` (its job then runs elsewhere).
+    """
+    engine_beats: dict[int, datetime] = {}
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(text("SELECT id, last_heartbeat FROM procrastinate_workers")).all()
+        engine_beats = {int(r[0]): r[1] for r in rows}
+    now = utcnow()
+    out = []
+    for w in session.execute(select(WorkerProcess).order_by(WorkerProcess.host, WorkerProcess.name)).scalars():
+        beat = engine_beats.get(w.queue_worker_id) if w.queue_worker_id is not None else None
+        beat = beat or w.heartbeat_at
+        last = beat or w.stopped_at or w.started_at
+        if (now - last).total_seconds() > WORKERS_SHOWN_HOURS * 3600:
+            continue
+        alive = w.state == "running" and beat is not None and (now - beat).total_seconds() <= lease_seconds
+        out.append(
+            {
+                "name": w.name,
+                "host": w.host,
+                "pid": w.pid,
+                "device": w.device,
+                "queues": w.queues.split(),
+                "concurrency": w.concurrency,
+                "backend": w.backend,
+                "state": w.state if w.state != "running" or alive else "silent",
+                "alive": alive,
+                "started_at": w.started_at.isoformat(),
+                "heartbeat_at": _iso(beat),
+                "heartbeat_age_seconds": _seconds(beat, now),
+                "current_job_id": w.current_job_id if w.state == "running" else None,
+            }
+        )
+    return out
+
+
+def collect_status(db: Database, limit: int = 20, lease_seconds: float = 120.0) -> dict[str, Any]:
     """Gather the status as plain data (what ``--json`` prints)."""
     with db.session() as session:
         studies = session.execute(select(Study).order_by(Study.last_received_at.desc()).limit(limit)).scalars().all()
@@ -52,10 +96,16 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
         )
         counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
         pause = current_pause(session)
+        queues = session.execute(
+            select(Job.queue, func.count(Job.id)).where(Job.state == "pending").group_by(Job.queue)
+        ).all()
+        workers = worker_status(session, lease_seconds)
     return {
         "paused": pause.as_json() if pause else None,
         "studies": out,
         "jobs_by_state": counts,
+        "pending_by_queue": {q: int(n) for q, n in queues},
+        "workers": workers,
         "recent_problems": [
             {
                 "at": e.at.isoformat(),
@@ -137,9 +187,10 @@ def study_status(session: Session, study: Study) -> dict[str, Any]:
         "first_received_at": study.first_received_at.isoformat(),
         "last_received_at": study.last_received_at.isoformat(),
         "senders": list(senders),
-        "instances": received[0],
-        "duplicates": received[1],
-        "size_bytes": received[2],
+        # int(): PostgreSQL sums BIGINT / INTEGER columns as NUMERIC, which the driver gives as Decimal
+        "instances": int(received[0]),
+        "duplicates": int(received[1]),
+        "size_bytes": int(received[2]),
         "series": [{"series_instance_uid": s[0], "modality": s[1], "instances": s[2]} for s in series],
         "jobs": [
             {
@@ -242,6 +293,21 @@ def format_status(status: dict[str, Any]) -> str:
             + " - studies are received and stored, no new job starts (pacs-agent resume)"
         )
     lines.append(f"jobs: {jobs}")
+    waiting = status.get("pending_by_queue", {})
+    if set(waiting) - {"default"}:
+        lines.append("pending by queue: " + ", ".join(f"{q} {n}" for q, n in sorted(waiting.items())))
+    for w in status.get("workers", []):
+        queues = ", ".join(w["queues"]) if w["queues"] != ["*"] else "every queue"
+        line = f"worker {w['name']} [{w['state']}] {w['device']}, {queues}"
+        if w["heartbeat_age_seconds"] is not None:
+            line += f", heartbeat {w['heartbeat_age_seconds']:g} s ago"
+        if w["current_job_id"] is not None:
+            line += f", running job {w['current_job_id']}"
+        lines.append(line)
+    running = [w for w in status.get("workers", []) if w["alive"]]
+    served = {q for w in running for q in w["queues"]}
+    for name in sorted(q for q in waiting if q not in served and "*" not in served):
+        lines.append(f"queue {name}: {waiting[name]} job(s) pending and no running worker takes it")
     if not status["studies"]:
         lines.append("no studies received yet")
     for study in status["studies"]:
@@ -311,7 +377,7 @@ def print_status(settings: Settings, *, as_json: bool, limit: int) -> int:
     """Print the status of the node configured by ``settings``."""
     db = Database(settings.database_url)
     try:
-        status = collect_status(db, limit)
+        status = collect_status(db, limit, settings.jobs.lease_seconds)
     finally:
         db.dispose()
     print(json.dumps(status, indent=2) if as_json else format_status(status))

@@ -66,7 +66,7 @@ Example (every table optional except ``[package]`` and a data source)::
     temperature = 0.5
 
     [radiomics]                     # radiomics comparator and M4 RadScores
-    params = "../radiomics/comparator.yaml"   # the comparator default; with a features CSV: the settings the CSV was computed with
+    params = "../radiomics/comparator.yaml"   # comparator default; features CSV: the settings it was made with
     selection = "lasso"             # lasso (He 2020: t-test, LASSO, RF 200 x 4) | rfe (Dong 2021: RFE, RF 100)
     p_value = 0.05
     test = "ttest"                  # the comparator's default (He 2020); M4: mannwhitney

@@ -95,6 +95,17 @@ def migrate(engine: Engine) -> None:
         ) from exc
 
 
+ENGINE_TABLE_PREFIX = "procrastinate_"
+"""Tables of the job queue engine on PostgreSQL (created by migration 0009 from procrastinate's own schema)."""
+
+
+def include_in_comparison(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """Alembic ``include_object``: leave procrastinate's tables and their indexes out of schema comparisons."""
+    table = obj if type_ == "table" else getattr(obj, "table", None)
+    table_name = getattr(table, "name", name) or ""
+    return not table_name.startswith(ENGINE_TABLE_PREFIX)
+
+
 def schema_is_current(engine: Engine) -> bool:
     """True when every table exists (used by health checks)."""
     names = set(inspect(engine).get_table_names())

@@ -233,6 +233,10 @@ class Job(Base):
     """How many times in a row the job went back to wait for a passing problem (the backoff grows with it)."""
     wait_reason: Mapped[str | None] = mapped_column(Text)
     """While the job waits: why, in one line (e.g. ``disk full writing results (free 12 MB < watermark 1024 MB)``)."""
+    queue: Mapped[str] = mapped_column(String(32), default="default", server_default="default")
+    """The queue the job goes to (``[jobs.queues]``: e.g. ``gpu``); only workers that take this queue run it."""
+    queue_job_id: Mapped[int | None] = mapped_column(BigInteger)
+    """PostgreSQL: the id of the procrastinate job that carries this job (the latest, after a retry); None on SQLite."""
 
 
 class Pairing(Base):
@@ -321,6 +325,36 @@ class Event(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class WorkerProcess(Base):
+    """A ``pacs-agent worker`` process, on this host or another: where it runs, what it takes, its liveness.
+
+    ``heartbeat_at`` is written by the in-process queue (SQLite); on PostgreSQL the liveness is
+    procrastinate's own worker heartbeat (``procrastinate_workers.last_heartbeat``, row
+    ``queue_worker_id``). ``state``: ``running`` or ``stopped``.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    """``host:pid``, as recorded in ``jobs.worker_id``."""
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    """``cpu`` or ``cuda:N``: where the models of this worker run."""
+    queues: Mapped[str] = mapped_column(Text)
+    """Space-separated queue names it takes (``*``: every queue)."""
+    concurrency: Mapped[int] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(16))
+    """``sqlite`` (the in-process queue) or ``procrastinate`` (PostgreSQL)."""
+    queue_worker_id: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class ConsoleRole(StrEnum):

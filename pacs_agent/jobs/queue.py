@@ -1,10 +1,17 @@
-"""Job rows as a queue: create, claim with one atomic UPDATE, heartbeat, finish, wait, retry, dead-letter.
+"""Job rows: create, start, finish, wait, retry, dead-letter; and on SQLite the queue itself.
 
-The state of record is in SQL, so the scp process, local workers and (later) remote workers all
-agree. A worker that dies mid-job stops heart-beating; :func:`requeue_stale` then gives the job
-back to the queue or, after ``max_attempts``, marks it dead with the reason. A job that meets a
-passing problem (disk full, spool or database away) waits (:func:`wait`): pending again later,
-with a growing delay, without spending an attempt.
+The state of record is in SQL, so the scp process and every worker, on this host or another,
+agree. Which queue moves the rows depends on the database (:mod:`pacs_agent.jobs.backend`):
+
+- SQLite: the rows are the queue. :func:`claim_next` claims with one atomic UPDATE, the worker
+  heart-beats its lease (:func:`heartbeat`), and a worker that dies mid-job stops heart-beating;
+  :func:`requeue_stale` then gives the job back or, after ``max_attempts``, marks it dead.
+- PostgreSQL: :func:`schedule_job` and :func:`retry_job` also defer a procrastinate job in the same
+  transaction; procrastinate's worker calls :func:`start_job` for the row (which counts the
+  attempt of a worker that died holding it) and the outcome goes through the same functions.
+
+A job that meets a passing problem (disk full, spool or database away) waits (:func:`wait`):
+pending again later, with a growing delay, without spending an attempt.
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from pacs_agent.audit import record_event
 from pacs_agent.db.tables import Job, JobState, Study, StudyState, utcnow
@@ -49,8 +56,14 @@ class ClaimedJob:
     max_attempts: int
 
 
-def schedule_job(session: Session, study_id: int, method: str, inputs: dict[str, Any], max_attempts: int) -> Job:
-    """Add a pending job, or refresh the inputs of a pending one for the same study and method."""
+def schedule_job(
+    session: Session, study_id: int, method: str, inputs: dict[str, Any], max_attempts: int, queue: str = "default"
+) -> Job:
+    """Add a pending job on ``queue``, or refresh the inputs of a pending one for the same study and method.
+
+    A new job is handed to the database's job queue in the same transaction (PostgreSQL:
+    procrastinate; SQLite: the row is the queue entry).
+    """
     existing = session.execute(
         select(Job).where(Job.study_id == study_id, Job.method == method, Job.state == PENDING)
     ).scalar_one_or_none()
@@ -66,19 +79,45 @@ def schedule_job(session: Session, study_id: int, method: str, inputs: dict[str,
         max_attempts=max_attempts,
         not_before=utcnow(),
         created_at=utcnow(),
+        queue=queue,
     )
     session.add(job)
     session.flush()
+    _enqueue(session, job)
     return job
 
 
-def claim_next(session: Session, worker_id: str, now: datetime | None = None) -> ClaimedJob | None:
-    """Claim the oldest due pending job; safe against concurrent workers. The caller commits."""
+def _enqueue(session: Session, job: Job) -> None:
+    """PostgreSQL: defer the job's procrastinate job in this transaction; SQLite: the row is the queue entry."""
+    if session.get_bind().dialect.name == "postgresql":
+        from pacs_agent.jobs.engine import defer  # procrastinate: the postgres extra
+
+        defer(session, job)
+
+
+def claim_next(
+    session: Session, worker_id: str, now: datetime | None = None, queues: tuple[str, ...] = ()
+) -> ClaimedJob | None:
+    """Claim the oldest due pending job (of ``queues``; empty: any); safe against concurrent workers.
+
+    The in-process queue (SQLite) only; the caller commits.
+    """
     now = now or utcnow()
     while True:
-        candidate = session.execute(
-            select(Job.id).where(Job.state == PENDING, Job.not_before <= now).order_by(Job.id).limit(1)
-        ).scalar_one_or_none()
+        query = select(Job.id).where(Job.state == PENDING, Job.not_before <= now)
+        # One study at a time, in order, as procrastinate's lock per study does on PostgreSQL: not
+        # while a job of the study runs, nor before an earlier pending job of it (even one not yet due).
+        before = aliased(Job)
+        query = query.where(
+            ~exists().where(
+                before.study_id == Job.study_id,
+                before.id != Job.id,
+                or_(before.state == RUNNING, and_(before.state == PENDING, before.id < Job.id)),
+            )
+        )
+        if queues:
+            query = query.where(Job.queue.in_(queues))
+        candidate = session.execute(query.order_by(Job.id).limit(1)).scalar_one_or_none()
         if candidate is None:
             return None
         claimed = session.execute(
@@ -96,6 +135,40 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
             break
     job = session.get(Job, candidate, populate_existing=True)
     assert job is not None
+    return _started(session, job, worker_id)
+
+
+def start_job(session: Session, job_id: int, worker_id: str, now: datetime | None = None) -> ClaimedJob | None:
+    """Start the job the queue engine (PostgreSQL) handed to this worker; None when there is nothing to run.
+
+    The row is locked for the transaction. A row that is already done, failed or dead is left alone
+    (a queue entry delivered again). A row still ``running`` was held by a worker that died (the
+    engine handed its job back): that attempt is recorded as failed with the reason, and when it was
+    the last one the job is dead and None is returned. The caller commits.
+    """
+    now = now or utcnow()
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.state in (DONE, FAILED, DEAD):
+        return None
+    if job.state == RUNNING:
+        state = fail(
+            session,
+            job.id,
+            f"worker {job.worker_id} stopped while running this job (its heartbeat stopped)",
+            retryable=True,
+            retry_delay_seconds=0,
+        )
+        if state != PENDING:
+            return None
+    job.state = RUNNING
+    job.worker_id = worker_id
+    job.started_at = now
+    job.attempts += 1
+    return _started(session, job, worker_id)
+
+
+def _started(session: Session, job: Job, worker_id: str) -> ClaimedJob:
+    """Mark ``job``'s study processing, record the start; the job as the worker sees it."""
     study = session.get(Study, job.study_id)
     assert study is not None
     study.state = StudyState.PROCESSING
@@ -347,6 +420,7 @@ def retry_job(session: Session, job_id: int, *, operator: str) -> str:
     job.waits, job.wait_reason = 0, None
     study.state = StudyState.QUEUED
     study.state_reason = None
+    _enqueue(session, job)
     record_event(
         session,
         "job_retry_requested",

@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
+from pacs_agent.db import include_in_comparison
 from pacs_agent.db.tables import Base
 
 config = context.config
@@ -21,6 +22,7 @@ def run_migrations() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=connection.dialect.name == "sqlite",
+            include_object=include_in_comparison,  # procrastinate's tables are its own
         )
         context.run_migrations()
 

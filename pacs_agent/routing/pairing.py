@@ -217,7 +217,14 @@ def schedule_response(session: Session, pairing: Pairing, followup: Study, basel
         "structures": _selection_dict(followup),
         "baseline_structures": _selection_dict(baseline),
     }
-    job = schedule_job(session, followup.id, RESPONSE_METHOD, inputs, settings.jobs.max_attempts)
+    job = schedule_job(
+        session,
+        followup.id,
+        RESPONSE_METHOD,
+        inputs,
+        settings.jobs.max_attempts,
+        settings.jobs.queue_for(RESPONSE_METHOD),
+    )
     if followup.state in ("done", "failed", "incomplete", "receiving"):
         followup.state = StudyState.QUEUED
     if (

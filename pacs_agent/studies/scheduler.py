@@ -266,14 +266,15 @@ def run_once(
             pair_followup(session, study, settings, now)
             complete_open_pairings(session, study, settings)
         for method in (m for m in choice.selected if m != RESPONSE_METHOD):
-            job = schedule_job(session, study.id, method, inputs, max_attempts)
+            queue = settings.jobs.queue_for(method) if settings is not None else "default"
+            job = schedule_job(session, study.id, method, inputs, max_attempts, queue)
             created += 1
             record_event(
                 session,
                 "job_scheduled",
                 study_instance_uid=study.study_instance_uid,
                 job_id=job.id,
-                detail=f"{method}: {decision.reason}",
+                detail=f"{method}: {decision.reason}" + (f" (queue {queue})" if queue != "default" else ""),
             )
         _settle_without_jobs(session, study, choice)
     return SchedulerOutcome(decisions=decisions, jobs_created=created)

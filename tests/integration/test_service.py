@@ -311,7 +311,7 @@ def test_worker_notifies_and_keeps_a_heartbeat_file(nodes: Nodes, abstract_syste
     pid = node.process.pid
     ready = abstract_systemd.wait_for("READY=1", 30)
     assert ready.pid == pid
-    assert "STATUS=waiting for jobs (CUDA_VISIBLE_DEVICES='')" in ready.text.splitlines()
+    assert "STATUS=waiting for jobs (cpu; every queue)" in ready.text.splitlines()  # [worker] device, queues
     [beat] = (node.state_dir / "workers").glob("*.alive")
     record = json.loads(beat.read_text())
     assert (record["pid"], record["instance"], record["cuda_visible_devices"]) == (pid, "cpu0", "")

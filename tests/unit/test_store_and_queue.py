@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
-from pacs_agent.db import Database
+from pacs_agent.db import Database, include_in_comparison
 from pacs_agent.db.tables import Base, Event, Instance, Job, Series, Study, utcnow
 from pacs_agent.jobs import queue
 from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
@@ -69,7 +69,8 @@ def store(db: Database, *headers: InstanceHeader) -> list[StoreOutcome]:
 
 def test_migration_matches_models(any_db: Database) -> None:
     with any_db.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        options = {"compare_type": True, "include_object": include_in_comparison}
+        diff = compare_metadata(MigrationContext.configure(conn, opts=options), Base.metadata)
     assert diff == []
 
 

@@ -1,0 +1,98 @@
+"""A worker process on PostgreSQL: procrastinate's worker runs the ``jobs`` rows it is handed.
+
+Wake-ups come by LISTEN/NOTIFY; procrastinate sends the worker's heartbeat every ``[jobs]
+lease_seconds / 4`` and each worker looks for stalled jobs (a worker silent for ``lease_seconds``)
+as often, handing them back to run elsewhere (:func:`recover_stalled`). Nothing here claims,
+leases or heart-beats by itself. See :mod:`pacs_agent.jobs.engine` for the deferral side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import procrastinate
+import procrastinate.worker
+
+from pacs_agent.jobs.engine import TASK_NAME, EngineRetry, conninfo
+from pacs_agent.jobs.protocol import QueueWorker
+
+logger = logging.getLogger(__name__)
+
+
+def worker_app(url: str, worker: QueueWorker) -> procrastinate.App:
+    """The procrastinate App of a worker process, with the task that runs ``jobs`` rows on ``worker``."""
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo(url)))
+
+    def run_job(job_id: int) -> None:
+        worker.run_queued_job(job_id)
+
+    app.task(name=TASK_NAME, retry=EngineRetry())(run_job)
+    return app
+
+
+async def recover_stalled(app: procrastinate.App, lease_seconds: float) -> int:
+    """Hand back the jobs of workers whose heartbeat stopped ``lease_seconds`` ago; returns how many."""
+    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=lease_seconds)
+    count = 0
+    for job in stalled:
+        try:
+            await app.job_manager.retry_job(job)
+        except Exception as exc:  # another worker handed it back first
+            logger.debug("stalled job %s not handed back here: %s", job.id, exc)
+            continue
+        logger.warning(
+            "queue job %s (pacs-agent job %s) was held by a worker silent for %g s; it runs again",
+            job.id,
+            job.task_kwargs.get("job_id"),
+            lease_seconds,
+        )
+        count += 1
+    return count
+
+
+def run_engine_worker(url: str, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
+    """Run procrastinate's worker for ``worker`` until ``worker.stop`` is set; the current jobs finish first."""
+    asyncio.run(_run(url, worker, on_ready))
+
+
+async def _run(url: str, worker: QueueWorker, on_ready: Callable[[], object]) -> None:
+    lease = worker.settings.jobs.lease_seconds
+    app = worker_app(url, worker)
+    await asyncio.to_thread(worker.warm_up)  # take no job before the pipeline is loaded
+    async with app.open_async():
+        engine_worker = procrastinate.worker.Worker(
+            app=app,
+            queues=list(worker.queues) or None,
+            name=worker.worker_id,
+            concurrency=worker.concurrency,
+            install_signal_handlers=False,
+            listen_notify=True,
+            update_heartbeat_interval=max(lease / 4, 0.5),
+            stalled_worker_timeout=lease,
+            shutdown_graceful_timeout=None,  # SIGTERM: the jobs running finish first
+        )
+        running = asyncio.create_task(engine_worker.run(), name="procrastinate worker")
+        while engine_worker.worker_id is None and not running.done():
+            await asyncio.sleep(0.05)
+        if running.done():
+            await running  # raises what stopped it
+        worker.registered(queue_worker_id=engine_worker.worker_id)
+        on_ready()
+        stop = asyncio.create_task(asyncio.to_thread(worker.stop.wait), name="stop")
+        period = max(lease / 4, 0.5)
+        while not running.done() and not stop.done():
+            try:
+                await recover_stalled(app, lease)
+            except Exception:
+                logger.exception("looking for stalled jobs failed; trying again")
+            worker.beat_idle()
+            if not worker.parent_alive():
+                logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", worker.worker_id)
+                break
+            await asyncio.wait({running, stop}, timeout=period, return_when=asyncio.FIRST_COMPLETED)
+        engine_worker.stop()
+        worker.stop.set()
+        await running
+        await stop

@@ -1,0 +1,254 @@
+"""Several hosts on one PostgreSQL: a receiver and workers as separate processes with nothing in common but
+the database URL and the shared storage.
+
+Each "host" is a process of its own with its own working directory, state directory (heartbeat
+file, logs), temp directory and identity (``host:pid``); the receiver (``pacs-agent scp``) and the
+workers (``pacs-agent worker``) meet only in PostgreSQL (the jobs, through procrastinate) and in
+``[storage] shared_dir`` (the spool the receiver writes and the workers read, the results the
+workers write and the receiver sends). Orthanc is the PACS.
+
+- Six phantom studies are processed exactly once each, the jobs spread over two workers; one
+  worker is SIGKILLed mid-job and its job completes on the other (no duplicate result in Orthanc);
+  every PostgreSQL connection is dropped mid-run (``pg_terminate_backend``) and nothing is lost.
+- A method mapped to the ``gpu`` queue waits while only a CPU worker runs, and runs once a worker
+  of that queue starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, make_url, select, text
+
+from inference.phantom import PhantomStudy
+from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, WorkerProcess
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.integration.peers import Node, Nodes, Orthanc, storescu, wait_for
+from tests.integration.phantoms import Phantoms
+from tests.model_packages import write_test_package
+
+pytestmark = pytest.mark.integration
+
+STUDIES = 6
+LEASE_SECONDS = 4
+"""procrastinate's stalled-worker timeout in these tests (heartbeat every second)."""
+
+
+class Host(Node):
+    """A node process on a "host" of its own: own folder, state and temp dirs; shared database and storage."""
+
+    def __init__(self, workdir: Path, *, database_url: str, shared_dir: Path, common: str, queues: str = "") -> None:
+        super().__init__(workdir, extra_config=common)
+        self.url = database_url
+        self.shared_dir = shared_dir
+        self.queues = queues
+
+    def write_config(self) -> None:
+        """The node's TOML, with the shared database and storage (given as the environment would)."""
+        super().write_config()
+        text_ = self.config.read_text().replace("[storage]\n", f'[storage]\nshared_dir = "{self.shared_dir}"\n', 1)
+        self.config.write_text(text_ + f'\n[database]\nurl = "{self.url}"\n')
+
+    def start(self, command: str = "scp", env: dict[str, str] | None = None) -> None:
+        """Start the process with a temp dir of its own (and ``[worker] queues`` from the environment)."""
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        own = {"TMPDIR": str(tmp)}
+        if self.queues:
+            own["PACS_AGENT__WORKER__QUEUES"] = json.dumps(self.queues.split())
+        super().start(command, env={**own, **(env or {})})
+
+    def database_url(self) -> str:
+        """The shared PostgreSQL database."""
+        return self.url
+
+    @property
+    def identity(self) -> str:
+        """``host:pid`` of the running process, as recorded on its jobs."""
+        assert self.process is not None
+        return f"{socket.gethostname()}:{self.process.pid}"
+
+    def worker_ready(self) -> bool:
+        """True once this worker is registered with procrastinate (its heartbeat runs)."""
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        row = self.scalar(select(WorkerProcess.queue_worker_id).where(WorkerProcess.name == self.identity))
+        return row is not None
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, postgres_url: str, nodes: Nodes, orthanc: Orthanc) -> HostSet:
+    """The hosts of one test; the database (requested first) outlives every process that uses it."""
+    return HostSet(tmp_path, nodes, orthanc, postgres_url)
+
+
+class HostSet:
+    """Makes the receiver and worker hosts of one test around one Orthanc and one PostgreSQL database."""
+
+    def __init__(self, root: Path, nodes: Nodes, orthanc: Orthanc, url: str) -> None:
+        self.root, self.nodes, self.orthanc, self.url = root, nodes, orthanc, url
+        self.shared = root / "shared"
+        self.shared.mkdir()
+        self.common = ""
+
+    def receiver(self, common: str) -> Host:
+        self.common = common + "\n" + self.orthanc.destination_toml()  # every host: same settings but its own
+        host = self.nodes.add(self._host("receiver"))
+        self.orthanc.add_modality("pacsagent", host.ae_title, host.port)
+        self.orthanc.start()
+        host.start("scp")
+        return host
+
+    def worker(self, name: str, queues: str = "") -> Host:
+        host = self.nodes.add(self._host(name, queues))
+        host.start("worker")
+        wait_for(host.worker_ready, 180, f"worker {name} to load its pipeline and register with the queue")
+        return host
+
+    def _host(self, name: str, queues: str = "") -> Host:
+        workdir = self.nodes.workdir(name)
+        return Host(workdir, database_url=self.url, shared_dir=self.shared, common=self.common, queues=queues)
+
+    def status(self, host: Host) -> str:
+        """``pacs-agent status`` of ``host``'s configuration, as an operator on that host would run it."""
+        run = subprocess.run(
+            [sys.executable, "-m", "pacs_agent", "status", "--config", str(host.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")},
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+
+def drop_connections(url: str) -> int:
+    """Terminate every connection to the test's database (the server itself keeps running)."""
+    name = make_url(url).database
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            return len(
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": name},
+                ).all()
+            )
+    finally:
+        admin.dispose()
+
+
+def test_six_studies_two_workers_a_killed_worker_and_dropped_connections(hosts: HostSet, phantoms: Phantoms) -> None:
+    studies: list[PhantomStudy] = [
+        phantoms.study(seed=700 + n, lesions=2, slices=40, rows=128, columns=128, segmentation="seg")
+        for n in range(STUDIES)
+    ]
+    receiver = hosts.receiver(f"[jobs]\nlease_seconds = {LEASE_SECONDS}\nretry_delay_seconds = 1\n")
+    workers = [hosts.worker("host-a"), hosts.worker("host-b")]
+    for study in studies:
+        sent = storescu(receiver.port, [*study.ct_files, study.seg_file])
+        assert sent.returncode == 0, sent.stderr
+
+    def first_running() -> tuple[int, Host] | None:
+        for host in workers:
+            job_id = receiver.scalar(select(Job.id).where(Job.state == "running", Job.worker_id == host.identity))
+            if job_id is not None:
+                return job_id, host
+        return None
+
+    killed_job, victim = wait_for(first_running, 240, "a worker to run a job", interval=0.05)
+    survivor = next(host for host in workers if host is not victim)
+    killed_identity = victim.identity
+    assert victim.process is not None
+    victim.process.send_signal(signal.SIGKILL)  # mid-job: no chance to record anything
+    victim.process.wait(30)
+    victim.process = None
+
+    wait_for(
+        lambda: receiver.scalar(select(Job.worker_id).where(Job.id == killed_job)) == survivor.identity,
+        120,
+        "the other worker to take over the killed worker's job",
+    )
+    assert drop_connections(hosts.url) > 0  # mid-run: the receiver, host-b and procrastinate lose theirs
+
+    def all_delivered() -> bool:
+        states = receiver.scalars(select(Job.state))
+        pending = receiver.scalar(select(func.count(Delivery.id)).where(Delivery.state != "done"))
+        return len(states) == STUDIES and all(s == "done" for s in states) and pending == 0
+
+    wait_for(all_delivered, 600, "every study processed and its results delivered")
+
+    jobs = receiver.rows(select(Job.id, Job.study_id, Job.attempts, Job.worker_id).order_by(Job.id))
+    assert len({j.study_id for j in jobs}) == STUDIES  # one job per study, no second one
+    by_id = {j.id: j for j in jobs}
+    assert by_id[killed_job].attempts == 2 and by_id[killed_job].worker_id == survivor.identity
+    retried = receiver.scalars(select(Event.detail).where(Event.kind == "job_retry", Event.job_id == killed_job))
+    assert retried == [
+        f"attempt 1 of 3: worker {killed_identity} stopped while running this job (its heartbeat stopped)"
+    ]
+    started_by = set(receiver.scalars(select(Event.detail).where(Event.kind == "job_started")))
+    assert any(killed_identity in d for d in started_by) and any(survivor.identity in d for d in started_by)
+    assert receiver.scalar(select(func.count(Event.id)).where(Event.kind == "job_started")) == STUDIES + 1
+    assert {j.worker_id for j in jobs} <= {killed_identity, survivor.identity}
+
+    results = receiver.rows(select(Result.study_id, Result.kind, Result.sop_instance_uid))
+    srs = [r for r in results if r.kind == "sr"]
+    assert len(srs) == STUDIES and {r.study_id for r in srs} == {j.study_id for j in jobs}
+    in_orthanc = hosts.orthanc.instances_with_modality("SR")
+    assert sorted(i["SOPInstanceUID"] for i in in_orthanc) == sorted(r.sop_instance_uid for r in srs)
+    assert receiver.scalar(select(func.count(Delivery.id))) == len(results)  # each result sent once
+    assert set(receiver.scalars(select(Study.state))) == {"done"}
+    engine_jobs = receiver.rows(text("SELECT status, count(*) FROM procrastinate_jobs GROUP BY status"))
+    assert dict((s, n) for s, n in engine_jobs) == {"succeeded": STUDIES}  # the queue agrees with the jobs table
+    status = hosts.status(receiver)
+    assert f"worker {survivor.identity} [running] cpu, every queue" in status
+    assert f"worker {killed_identity} [silent]" in status  # killed: no heartbeat since
+
+
+def test_a_gpu_method_waits_for_a_gpu_worker(hosts: HostSet, phantoms: Phantoms, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_test_package(models / "m1-test-0.1.0", "m1")
+    first, second = (
+        phantoms.study(seed=800 + n, lesions=1, slices=16, rows=64, columns=64, segmentation="seg") for n in range(2)
+    )
+    receiver = hosts.receiver(
+        f'[jobs]\nmethods = ["m1", "radiomics"]\nlease_seconds = {LEASE_SECONDS}\n'
+        f'[jobs.queues]\nradiomics = "gpu"\n[models]\ndir = "{models}"\nuse_demo = false\n'
+    )
+    cpu = hosts.worker("cpu-host", queues="default")
+    assert storescu(receiver.port, [*first.ct_files, first.seg_file]).returncode == 0
+    wait_for(lambda: len(receiver.scalars(select(Job.id))) == 2, 120, "the first study's two jobs")
+    assert storescu(receiver.port, [*second.ct_files, second.seg_file]).returncode == 0
+
+    def job(study: PhantomStudy, method: str) -> tuple[int, str, str | None, int]:
+        row = receiver.rows(
+            select(Job.id, Job.state, Job.worker_id, Job.attempts)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_instance_uid == study.study_instance_uid, Job.method == method)
+        )
+        return tuple(row[0]) if row else (0, "none", None, 0)  # type: ignore[return-value]
+
+    wait_for(lambda: job(second, "m1")[1] == "done", 240, "the second study's m1 job on the CPU worker")
+    gpu_job = job(first, "radiomics")
+    # The first study's radiomics job was due (its m1 done) before the second study's m1 job, and a
+    # worker takes the oldest due job of its queues: the CPU worker passed it over for its queue.
+    assert gpu_job[0] < job(second, "m1")[0]
+    assert gpu_job[1:] == ("pending", None, 0)
+    assert job(first, "m1")[1:3] == ("done", cpu.identity)
+    assert "queue gpu: 2 job(s) pending and no running worker takes it" in hosts.status(receiver)
+
+    gpu = hosts.worker("gpu-host", queues="gpu")
+    wait_for(lambda: job(second, "radiomics")[1] == "done", 240, "the radiomics jobs on the gpu worker")
+    for study in (first, second):
+        assert job(study, "radiomics")[1:] == ("done", gpu.identity, 1)
+    status = hosts.status(receiver)
+    assert f"worker {gpu.identity} [running] cpu, gpu" in status  # a CPU-only host can serve the gpu queue
+    assert "no running worker takes it" not in status

@@ -1,0 +1,260 @@
+"""The job-queue interface, the same tests on both backends: in-process (SQLite) and procrastinate (PostgreSQL).
+
+A real worker runs real jobs (a small phantom study, the radiomics method) from a thread; the
+jobs table must tell the same story on either backend, and on PostgreSQL procrastinate's own job
+rows must agree with it (queue, the study's lock, final status).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from inference.phantom import PhantomStudy, generate_study
+from pacs_agent.config import Settings, settings_from_mapping
+from pacs_agent.db import Database
+from pacs_agent.db.tables import Event, Job, Result, Study, WorkerProcess
+from pacs_agent.jobs import queue
+from pacs_agent.jobs.worker import Worker
+from pacs_agent.status import collect_status, format_status
+from tests.unit.test_study_reuse import _inputs, _spool
+
+DEADLINE_SECONDS = 180.0
+"""A guard against a hung test, not a speed check: jobs of this phantom take a few seconds."""
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
+    return generate_study(tmp_path_factory.mktemp("backends"), seed=3, slices=16, rows=64, columns=64, lesions=1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
+    data: dict[str, object] = {
+        "storage": {"state_dir": str(tmp_path / "state")},
+        "jobs": {"methods": ["radiomics"], "lease_seconds": 4.0, "retry_delay_seconds": 0},
+    }
+    if request.param == "postgresql":
+        data["database"] = {"url": request.getfixturevalue("postgres_url")}
+    settings = settings_from_mapping(data)
+    settings.storage.state_dir.mkdir(parents=True)
+    db = Database(settings.database_url)
+    yield settings, db
+    db.dispose()
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {DEADLINE_SECONDS:g} s for {what}")
+        time.sleep(0.2)
+
+
+class RunningWorker:
+    """A worker's :meth:`~Worker.run_forever` on a thread, stopped (current job finished) on exit."""
+
+    def __init__(self, settings: Settings, db: Database, queues: tuple[str, ...] | None = None) -> None:
+        self.worker = Worker(settings, db, queues=queues, poll_seconds=0.1)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.worker.run_forever, args=(self.ready.set,), daemon=True)
+
+    def __enter__(self) -> Worker:
+        self.thread.start()
+        assert self.ready.wait(60), "the worker did not start"
+        return self.worker
+
+    def __exit__(self, *_exc: object) -> None:
+        self.worker.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the worker did not stop"
+
+
+def _job(db: Database, job_id: int) -> Job:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _schedule(
+    db: Database, study_id: int, phantom: PhantomStudy, method: str = "radiomics", queue_name: str = "default"
+) -> int:
+    with db.session() as session, session.begin():
+        return queue.schedule_job(session, study_id, method, _inputs(phantom), 3, queue_name).id
+
+
+def _engine_jobs(db: Database) -> list[tuple[str, str | None, str, dict[str, object]]]:
+    """procrastinate's job rows: queue, lock, status, arguments (PostgreSQL only)."""
+    with db.session() as session:
+        rows = session.execute(text("SELECT queue_name, lock, status, args FROM procrastinate_jobs ORDER BY id")).all()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def test_a_job_runs_once_on_the_worker_of_either_backend(
+    node: tuple[Settings, Database], phantom: PhantomStudy
+) -> None:
+    settings, db = node
+    study_id = _spool(settings, db, phantom)
+    job_id = _schedule(db, study_id, phantom)
+    with RunningWorker(settings, db) as worker:
+        _until(lambda: _job(db, job_id).state == "done", "the job to be done")
+        with db.session() as session:
+            row = session.execute(select(WorkerProcess)).scalar_one()
+            assert (row.name, row.state, row.device, row.queues) == (worker.worker_id, "running", "cpu", "*")
+            assert row.backend == worker.backend.name
+    job = _job(db, job_id)
+    assert (job.state, job.attempts, job.worker_id, job.last_error) == ("done", 1, worker.worker_id, None)
+    with db.session() as session:
+        assert session.execute(select(Result.id).where(Result.job_id == job_id)).first() is not None
+        assert session.execute(select(Study.state)).scalar_one() == "done"
+        started = session.execute(select(Event.detail).where(Event.kind == "job_started")).scalars().all()
+        assert started == [f"radiomics, attempt 1 of 3, worker {worker.worker_id}"]
+        assert session.execute(select(WorkerProcess.state)).scalar_one() == "stopped"
+    if db.url.startswith("postgresql"):
+        assert worker.backend.name == "procrastinate"
+        assert job.queue_job_id is not None
+        assert _engine_jobs(db) == [("default", f"study-{study_id}", "succeeded", {"job_id": job_id})]
+    else:
+        assert worker.backend.name == "sqlite"
+    status = collect_status(db)
+    assert [(w["name"], w["state"]) for w in status["workers"]] == [(worker.worker_id, "stopped")]
+    assert f"worker {worker.worker_id}" in format_status(status)
+
+
+def test_a_job_waits_until_a_worker_of_its_queue_runs(node: tuple[Settings, Database], phantom: PhantomStudy) -> None:
+    settings, db = node
+    study_id = _spool(settings, db, phantom)
+    gpu_job = _schedule(db, study_id, phantom, "radiomics", "gpu")
+    with db.session() as session, session.begin():  # another study (nothing received), default queue, later
+        other = Study(study_instance_uid="1.2.826.0.1.3680043.10.99.77")
+        session.add(other)
+        session.flush()
+        later = queue.schedule_job(session, other.id, "radiomics", {}, 1, "default").id
+    with RunningWorker(settings, db, queues=("default",)):
+        _until(lambda: _job(db, later).state != "pending", "the later default-queue job")
+    assert _job(db, later).state == "failed"  # it ran (and found no input), while ...
+    assert _job(db, gpu_job).state == "pending"  # passed over: no worker of its queue ran
+    assert _job(db, gpu_job).attempts == 0
+    with RunningWorker(settings, db, queues=("gpu",)) as gpu:
+        _until(lambda: _job(db, gpu_job).state == "done", "the gpu job once a gpu worker runs")
+    assert _job(db, gpu_job).worker_id == gpu.worker_id
+    if db.url.startswith("postgresql"):
+        assert [(q, s) for q, _, s, _ in _engine_jobs(db)] == [("gpu", "succeeded"), ("default", "failed")]
+
+
+def test_a_paused_node_starts_no_job_on_either_backend_until_resumed(
+    node: tuple[Settings, Database], phantom: PhantomStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacs_agent.jobs import worker as worker_module
+    from pacs_agent.pause import pause_processing, resume_processing
+
+    monkeypatch.setattr(worker_module, "PAUSE_RECHECK_SECONDS", 0.5)
+    settings, db = node
+    with db.session() as session, session.begin():
+        pause_processing(session, by="test", reason="model update")
+    study_id = _spool(settings, db, phantom)
+    job_id = _schedule(db, study_id, phantom)
+    with RunningWorker(settings, db):
+        time.sleep(3)  # the worker is up and has been handed (PostgreSQL) or has looked for (SQLite) the job
+        job = _job(db, job_id)
+        assert (job.state, job.attempts) == ("pending", 0)
+        with db.session() as session, session.begin():
+            resume_processing(session, by="test")
+        _until(lambda: _job(db, job_id).state == "done", "the job once processing resumed")
+    assert _job(db, job_id).attempts == 1
+
+
+def test_a_job_held_by_a_dead_worker_counts_its_attempt_then_is_dead(node: tuple[Settings, Database]) -> None:
+    _settings, db = node
+    with db.session() as session, session.begin():
+        study = Study(study_instance_uid="1.2.3.4")
+        session.add(study)
+        session.flush()
+        job_id = queue.schedule_job(session, study.id, "radiomics", {}, 2).id
+    with db.session() as session, session.begin():
+        first = queue.start_job(session, job_id, "gone-host:11")
+        assert first is not None and first.attempt == 1
+    with db.session() as session, session.begin():  # handed back: gone-host:11 stopped heart-beating
+        again = queue.start_job(session, job_id, "hostB:22")
+        assert again is not None and again.attempt == 2
+    with db.session() as session, session.begin():
+        assert queue.start_job(session, job_id, "hostC:33") is None
+    job = _job(db, job_id)
+    assert (job.state, job.attempts) == ("dead", 2)
+    assert job.last_error == "worker hostB:22 stopped while running this job (its heartbeat stopped)"
+    with db.session() as session:
+        retried = session.execute(select(Event.detail).where(Event.kind == "job_retry")).scalars().all()
+        assert retried == ["attempt 1 of 2: worker gone-host:11 stopped while running this job (its heartbeat stopped)"]
+        assert queue.start_job(session, job_id, "hostD:44") is None  # dead stays dead
+
+
+def test_postgresql_defers_the_job_in_the_transaction_that_records_it(postgres_url: str) -> None:
+    db = Database(postgres_url)
+    try:
+        with db.session() as session:
+            with session.begin():
+                study = Study(study_instance_uid="1.2.3.5")
+                session.add(study)
+                session.flush()
+                study_id = study.id
+            session.begin()
+            queue.schedule_job(session, study_id, "radiomics", {}, 3, "gpu")
+            session.rollback()  # the decision is taken back: its queue entry goes with it
+        assert _engine_jobs(db) == []
+        with db.session() as session:
+            assert session.execute(select(Job.id)).first() is None
+        with db.session() as session, session.begin():
+            job = queue.schedule_job(session, study_id, "radiomics", {}, 3, "gpu")
+        assert _engine_jobs(db) == [("gpu", f"study-{study_id}", "todo", {"job_id": job.id})]
+        assert _job(db, job.id).queue_job_id is not None
+    finally:
+        db.dispose()
+
+
+def test_the_upgrade_hands_unfinished_jobs_to_procrastinate(postgres_url: str) -> None:
+    """Migration 0009 on a database of 0008 with a pending and a running job: both end up in the queue engine."""
+    from alembic import command
+
+    from pacs_agent.db import alembic_config, make_engine, migrate
+
+    engine = make_engine(postgres_url)
+    try:
+        command.upgrade(alembic_config(engine), "0008")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, study_instance_uid, state, first_received_at, last_received_at) "
+                    "VALUES (1, '1.2.3.6', 'processing', now(), now())"
+                )
+            )
+            for job_id, state in ((1, "pending"), (2, "running"), (3, "done")):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, study_id, method, state, inputs, attempts, max_attempts, not_before, "
+                        "created_at, worker_id, waits) VALUES (:id, 1, 'radiomics', :state, '{}', :attempts, 3, "
+                        "now(), now(), :worker, 0)"
+                    ),
+                    {"id": job_id, "state": state, "attempts": int(state != "pending"), "worker": "old-host:1"},
+                )
+        migrate(engine)
+        with engine.connect() as conn:
+            jobs = conn.execute(text("SELECT id, state, worker_id, attempts, queue FROM jobs ORDER BY id")).all()
+            queued = conn.execute(text("SELECT args, lock, queue_name, status FROM procrastinate_jobs ORDER BY id"))
+            queued_rows = [tuple(q) for q in queued.all()]
+        assert [tuple(j) for j in jobs] == [
+            (1, "pending", None, 0, "default"),
+            (2, "pending", None, 1, "default"),  # its worker was stopped for the upgrade; the attempt stays counted
+            (3, "done", "old-host:1", 1, "default"),
+        ]
+        assert queued_rows == [
+            ({"job_id": 1}, "study-1", "default", "todo"),
+            ({"job_id": 2}, "study-1", "default", "todo"),
+        ]
+    finally:
+        engine.dispose()
