@@ -7,7 +7,8 @@ scp`` runs it), one DCMTK storescu (``TCP_NODELAY=1``) sends a CT series over on
 - the process CPU (user + system, every thread) per instance is the total;
 - the handler's stages are timed with the CPU clock of the thread that runs them
   (``time.thread_time``): header walk + parse, the free-space check, the spool write (open, write,
-  rename) and each fsync, the duplicate look-up, the index transaction (statements + COMMIT);
+  rename) and each fsync, the duplicate look-up, the index transaction (statements + COMMIT, on
+  the index's committer thread);
 - what is left is pynetdicom's work outside the handler (PDU reading and decoding on the DUL thread,
   DIMSE message assembly, the response) plus the streaming of the dataset into the spool's buffer.
 
@@ -96,16 +97,14 @@ def instrument(clock: StageClock, server: ReceiveServer) -> None:
     h = server.handlers
     for name, stage in (
         ("read_header", "header walk + parse"),
-        ("is_known_instance", "duplicate look-up (read connection)"),
-        ("record_instance", "index statements (INSERT, UPDATE)"),
+        ("is_known_instance", "duplicate look-up (read connection, only when the file exists)"),
     ):
         setattr(handlers_module, name, clock.wrap(stage, getattr(handlers_module, name)))
     h.spool.has_room = clock.wrap("free-space check (statvfs)", h.spool.has_room)  # type: ignore[method-assign]
     for method in ("write", "commit"):
         setattr(h.spool, method, clock.wrap("spool write (open, write, rename, mkdir)", getattr(h.spool, method)))
-    for method in ("record", "record_many"):
-        if hasattr(h, "index") and hasattr(h.index, method):
-            setattr(h.index, method, clock.wrap("durable index write (transaction + COMMIT)", getattr(h.index, method)))
+    # On the index's committer thread: statements, COMMIT (the WAL write and its fsync).
+    h.index._transaction = clock.wrap("durable index write (committer: statements + COMMIT)", h.index._transaction)  # type: ignore[method-assign]
     real_fsync = os.fsync
     spool_module.os = _OsWithTimedFsync(clock.wrap("fsync (file, directory)", real_fsync))  # type: ignore[attr-defined]
     h.on_store_response = clock.wrap("handler: the rest (checks, status, bookkeeping)", h.on_store_response)  # type: ignore[method-assign]

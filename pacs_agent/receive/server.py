@@ -19,14 +19,13 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement
-from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -94,23 +93,53 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> FileMetaDataset:
-    """The file meta of pynetdicom's ``create_file_meta``, without pydicom's check of the request's UIDs.
+class EncodedFileMeta(bytes):
+    """File meta information (group 0002, Explicit VR Little Endian) already encoded."""
+
+
+def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002 (OB with a 4-byte length, the rest 2)."""
+    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
+    if vr == b"OB":
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    """``value`` encoded (never raising: a malformed request is refused by the handler), padded to even."""
+    data = value.encode("utf-8", "backslashreplace")[:0xFFFE]
+    return data + pad if len(data) % 2 else data
+
+
+def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> EncodedFileMeta:
+    """The file meta of pynetdicom's ``create_file_meta``, encoded here, without pydicom's check of the UIDs.
 
     pynetdicom builds the file meta of a streamed dataset from the C-STORE request as soon as the
     command arrives, before any handler runs; pydicom's check would warn with the raw value of a
     malformed UID (control characters included) into the log. The handler refuses such a request
-    with its own, escaped, reason (0x0117 / 0x0122). The file meta is otherwise the same bytes.
+    with its own, escaped, reason (0x0117 / 0x0122). The bytes are those pydicom's
+    ``write_file_meta_info`` writes for the same file meta (a unit test compares them); encoding
+    them directly saves pydicom's dataset machinery on every instance.
     """
-    meta = FileMetaDataset()
-    meta.FileMetaInformationGroupLength = 0
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    for tag, value in ((0x00020002, sop_class_uid), (0x00020003, sop_instance_uid), (0x00020010, transfer_syntax)):
-        meta[tag] = DataElement(tag, "UI", str(value), validation_mode=pydicom_config.IGNORE)
-    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
-    meta.set_original_encoding(False, True)
-    return meta
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", _padded(str(sop_class_uid), b"\0")),
+            _element(0x00020003, b"UI", _padded(str(sop_instance_uid), b"\0")),
+            _element(0x00020010, b"UI", _padded(str(transfer_syntax), b"\0")),
+            _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    return EncodedFileMeta(_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """Stand in for pynetdicom's ``write_file_meta_info``: an :class:`EncodedFileMeta` is written as it is."""
+    if isinstance(file_meta, EncodedFileMeta):
+        fp.write(file_meta)
+        return
+    write_file_meta_info(fp, file_meta, enforce_standard)
 
 
 def stream_to_spool(incoming: IncomingFiles) -> None:
@@ -126,6 +155,7 @@ def stream_to_spool(incoming: IncomingFiles) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     setattr(dimse_messages, "NamedTemporaryFile", incoming.open)  # noqa: B010 (a module attribute of pynetdicom)
     setattr(dimse_messages, "create_file_meta", _file_meta)  # noqa: B010
+    setattr(dimse_messages, "write_file_meta_info", _write_file_meta_info)  # noqa: B010
 
 
 def build_ae(settings: Settings) -> AE:
@@ -474,6 +504,7 @@ class ReceiveServer:
                 server.shutdown()
         self._server = self._tls_server = None
         self.ae.shutdown()
+        self.handlers.index.stop()
         self._stop_watch.set()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
