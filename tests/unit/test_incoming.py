@@ -143,5 +143,7 @@ def test_the_encoded_file_meta_is_what_pydicom_writes(sop_class: str, sop_instan
     expected, ours = BytesIO(), BytesIO()
     with pydicom_config.disable_value_validation():
         write_file_meta_info(expected, meta)
-    _write_file_meta_info(ours, _file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax))
+    _write_file_meta_info(
+        ours, _file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax)
+    )
     assert ours.getvalue() == expected.getvalue()
