@@ -70,6 +70,7 @@ from pacs_agent.receive.access import (
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
+from pacs_agent.receive.processes import ReceiveProcesses, process_count
 from pacs_agent.receive.spool import IncomingFiles, Spool
 from pacs_agent.tls import HANDSHAKE_TIMEOUT_SECONDS, describe_tls_error, server_context, warn_about_certificate
 
@@ -291,6 +292,44 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class HandingAssociationServer(GuardedAssociationServer):
+    """The plain port when there are several receiving processes.
+
+    Each admitted connection is served by the least loaded process: this one, or a receiving
+    process it is handed to (:mod:`pacs_agent.receive.processes`).
+    """
+
+    processes: ReceiveProcesses | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._served_here: list[Connection] = []
+        self._local_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def local_load(self) -> int:
+        """Connections this process serves itself now."""
+        with self._local_lock:
+            self._served_here = [c for c in self._served_here if not c.closing and (c.alive is None or c.alive())]
+            return len(self._served_here)
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """Hand the connection to a receiving process, or serve it here (a thread, as pynetdicom does)."""
+        link = self.processes.choose() if self.processes is not None else None
+        with self._accepted_lock:
+            connection = self._accepted.get(id(request))
+        if link is not None and connection is not None:
+            with self._accepted_lock:
+                self._accepted.pop(id(request), None)
+            if link.hand_off(request, client_address, connection):
+                return
+            with self._accepted_lock:
+                self._accepted[id(request)] = connection
+        if connection is not None:
+            with self._local_lock:
+                self._served_here.append(connection)
+        super().process_request(request, client_address)
+
+
 PLAIN_ASSOCIATE_RQ = b"\x01"
 """The first byte of a plain DICOM association request (PDU type 01); TLS starts with 0x16."""
 PLAIN_ON_TLS_PORT = "plain DICOM on the TLS port (the sender must enable TLS, or use the plain port)"
@@ -383,6 +422,18 @@ class ReceiveServer:
         self._tls_server: ThreadedAssociationServer | None = None
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
+        count = process_count(settings.node.receive_processes) if settings.node.plain_port_enabled else 1
+        self.processes: ReceiveProcesses | None = None
+        """The extra receiving processes (``[node] receive_processes`` > 1), None with one."""
+        if count > 1:
+            self.processes = ReceiveProcesses(
+                count - 1,
+                settings,
+                self.guard,
+                self.handlers.limiter,
+                self.handlers.index,
+                settings.storage.state_dir,
+            )
 
     @property
     def port(self) -> int:
@@ -445,7 +496,21 @@ class ReceiveServer:
         self._watcher = threading.Thread(target=self._watch, name="ConnectionWatcher", daemon=True)
         self._watcher.start()
         try:
-            if node.plain_port_enabled:
+            if node.plain_port_enabled and self.processes is not None:
+                self.processes.start()
+                server = self._serve(node.port, HandingAssociationServer)
+                assert isinstance(server, HandingAssociationServer)
+                server.processes = self.processes
+                self.processes.local_load = server.local_load
+                self._server = server
+                logger.info(
+                    "listening as %s on %s:%d with %d receiving processes",
+                    node.ae_title,
+                    node.host,
+                    self.port,
+                    len(self.processes.links) + 1,
+                )
+            elif node.plain_port_enabled:
                 self._server = self._serve(node.port, GuardedAssociationServer)
                 logger.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
             if node.tls_port:
@@ -503,6 +568,8 @@ class ReceiveServer:
             if server is not None:
                 server.shutdown()
         self._server = self._tls_server = None
+        if self.processes is not None:
+            self.processes.stop()
         self.ae.shutdown()
         self.handlers.index.stop()
         self._stop_watch.set()
