@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_agent.db import Database
 from pacs_agent.db.tables import Instance
-from pacs_agent.receive.index import IndexEntry, InstanceIndex
+from pacs_agent.receive.index import IndexEntry, InstanceIndex, Outcome
 from pacs_agent.receive.processes import RemoteIndexError, decode_outcome, encode_outcome
 from pacs_agent.studies.store import StoreOutcome
 from tests.unit.test_store_and_queue import CT
@@ -32,9 +33,9 @@ def test_concurrent_rows_share_commits_and_each_gets_its_outcome(db: Database) -
     gate = threading.Event()
     real = index._transaction
 
-    def slow_first(entries: list[IndexEntry]) -> list[object]:
+    def slow_first(entries: list[IndexEntry]) -> list[Outcome]:
         gate.wait(5)  # the first transaction waits until every thread has submitted
-        return real(entries)  # type: ignore[return-value]
+        return real(entries)
 
     index._transaction = slow_first  # type: ignore[method-assign]
     outcomes: dict[int, StoreOutcome] = {}
@@ -58,10 +59,10 @@ def test_a_failing_row_fails_only_its_own_store(db: Database) -> None:
     index = InstanceIndex(db)
     real = index._transaction
 
-    def refuse_row_7(entries: list[IndexEntry]) -> list[object]:
+    def refuse_row_7(entries: list[IndexEntry]) -> list[Outcome]:
         if any(e.header.sop_instance_uid.endswith(".7") for e in entries):
             raise SQLAlchemyError("disk I/O error")
-        return real(entries)  # type: ignore[return-value]
+        return real(entries)
 
     index._transaction = refuse_row_7  # type: ignore[method-assign]
     results: dict[int, object] = {}
@@ -74,8 +75,11 @@ def test_a_failing_row_fails_only_its_own_store(db: Database) -> None:
         if not pending:
             done.set()
 
+    def callback(n: int) -> Callable[[Outcome], None]:
+        return lambda outcome: finished(n, outcome)
+
     for n in range(5, 10):
-        index.record_async(entry(n), lambda outcome, n=n: finished(n, outcome))
+        index.record_async(entry(n), callback(n))
     assert done.wait(10)
     index.stop()
     assert isinstance(results.pop(7), SQLAlchemyError)
