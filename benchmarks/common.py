@@ -228,6 +228,7 @@ def node_config(
     models_dir: Path | None = None,
     log_level: str = "WARNING",
     any_region: bool = True,
+    receive_processes: int | str = 1,
 ) -> Path:
     """Write a pacs-agent TOML for a benchmark node; returns its path.
 
@@ -239,6 +240,7 @@ def node_config(
         'ae_title = "PACS_AGENT"',
         'host = "127.0.0.1"',
         f"port = {port}",
+        f"receive_processes = {receive_processes!r}".replace("'", '"'),
         "[storage]",
         f'state_dir = "{work / "state"}"',
         "min_free_mb = 100",

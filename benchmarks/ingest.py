@@ -1,31 +1,41 @@
-"""Ingest benchmark: CT series sent with DCMTK storescu to pacs-agent, Orthanc and storescp, 1 and 4 senders.
+"""Ingest benchmark: DCMTK storescu to pacs-agent, Orthanc and storescp - CT series by 1 and 4 senders, small instances.
 
 Each receiver runs on loopback, freshly started for every measurement, and stores to disk under
-benchmarks/work/. pacs-agent (``pacs-agent scp``) keeps its durability: fsync of every file and
-its directory, a fully synchronous SQLite commit per instance, then Success. Orthanc uses its
-defaults (SQLite index + file storage); DCMTK storescp writes files without fsync, a child
-process per association (--fork; without it storescp serves one association at a time). Orthanc and
-storescp are measured with Nagle's algorithm on (Debian's DCMTK default) and off (TCP_NODELAY=1).
+benchmarks/work/. pacs-agent (``pacs-agent scp``, ``[node] receive_processes = "auto"``) keeps its
+durability: every file fsync'ed with its directory entry, its Instance row committed
+(``synchronous=FULL``), then Success. Orthanc uses its defaults (SQLite index + file storage, no
+fsync); DCMTK storescp writes files without fsync, a child process per association (--fork).
+Both peers are measured with ``TCP_NODELAY=1`` (Nagle off - the first table and the targets) and
+with their defaults (Nagle on, Debian's DCMTK default - the second table). The senders always run
+with ``TCP_NODELAY=1``.
 
-With one sender, one storescu sends one 300-slice 512x512 CT series over one association. With
-four senders, four storescu processes start at once, each with a distinct study (different
-UIDs), and the aggregate rate is all instances / wall time until the last one finished. Rounds
-are interleaved (every receiver, both sender counts, then the next round; the receiver order
-rotates per round) so that machine noise hits all alike; medians, min and max are reported,
-with the ratios pacs-agent / peer of the median rates, and whether the issue's targets are met:
-pacs-agent one-sender rate >= 5x Orthanc's and >= 1x storescp's, and pacs-agent's 4-sender
-aggregate rate >= its one-sender rate. After every measurement the receiver's stored count is
-checked.
+Cases:
+- ``ct_1``: one storescu sends one 300-slice 512 x 512 CT series (526 KB an instance) over one association;
+- ``ct_4``: four storescu at once, each a distinct study; the rate is all instances / wall time
+  until the last one finished;
+- ``small_1``: one storescu sends 2,000 instances of about 64 KB (181 x 181 CT slices), where
+  the per-instance overhead dominates.
 
-Usage:  .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--rounds 3] [--senders 1 4]
+Per measurement: instances/s, MB/s and the receiver's CPU seconds per instance (user + system of
+the receiver's processes, children included - storescp's per-association children, pacs-agent's
+receiving processes). Rounds are interleaved (every receiver, every case, then the next round;
+the receiver order rotates) so that machine noise hits all alike; medians, min and max, the ratios
+pacs-agent / peer of the medians, and the issue's targets: one sender >= 1x Orthanc, four senders
+>= 1x Orthanc and >= 1.5x pacs-agent's own one-sender rate, small instances >= 1x Orthanc (all
+with ``TCP_NODELAY=1``). After every measurement the receiver's stored count is checked.
+
+Usage:  .venv/bin/python benchmarks/ingest.py [--slices 300] [--small 2000] [--rounds 2] [--cases ct_1 ct_4 small_1]
 Writes: benchmarks/results/ingest.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +46,7 @@ from common import (
     NodeProcess,
     OrthancProcess,
     StorescpProcess,
+    descendants,
     fresh_dir,
     header,
     load_average,
@@ -43,12 +54,18 @@ from common import (
     require_tools,
     send_concurrently,
     spread,
+    wait_until,
     write_results,
 )
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from inference.phantom import generate_study
+from pacs_agent.receive.processes import process_count
 
 WORK = WORK_ROOT / "ingest"
+SMALL_SIDE = 181
+"""181 x 181 x 16 bit = 64 KB of pixel data per small instance."""
 
 
 class Receiver(Protocol):
@@ -60,13 +77,40 @@ class Receiver(Protocol):
     def stop(self) -> None: ...
 
 
-def start_pacs_agent(work: Path) -> tuple[Receiver, Callable[[], int]]:
-    node = NodeProcess(work, command="scp")
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, with those of its children it has waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and every live descendant (exited, waited-for children are in ``pid``'s)."""
+    return process_cpu(pid) + sum(process_cpu(child) for child in descendants(pid))
+
+
+def settled(pid: int, expected_processes: int) -> bool:
+    """True once ``pid`` has its receiving processes and none of the tree uses CPU (they finished starting)."""
+    tree = [pid, *descendants(pid)]
+    if len(tree) < expected_processes:
+        return False
+    before = tree_cpu(pid)
+    time.sleep(0.5)
+    return tree_cpu(pid) - before < 0.02
+
+
+def start_pacs_agent(work: Path) -> tuple[Receiver, Callable[[], int], int]:
+    node = NodeProcess(work, command="scp", config_options={"receive_processes": "auto"})
     node.start()
-    return node, node.stored
+    assert node.process is not None
+    pid = node.process.pid
+    wait_until(lambda: settled(pid, process_count("auto")), 90, "the receiving processes to start")
+    return node, node.stored, pid
 
 
-def start_orthanc(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int]]:
+def start_orthanc(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int], int]:
     orthanc = OrthancProcess(work / "orthanc")
     orthanc.start(env=env)
 
@@ -77,57 +121,86 @@ def start_orthanc(work: Path, env: dict[str, str] | None = None) -> tuple[Receiv
         def stop(self) -> None:
             orthanc.stop()
 
-    return View(), orthanc.count_instances
+    assert orthanc.process is not None
+    return View(), orthanc.count_instances, orthanc.process.pid
 
 
-def start_storescp(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int]]:
+def start_storescp(work: Path, env: dict[str, str] | None = None) -> tuple[Receiver, Callable[[], int], int]:
     scp = StorescpProcess(work, env=env or {})
     scp.start()
-    return scp, scp.stored
+    assert scp.process is not None
+    return scp, scp.stored, scp.process.pid
 
 
-RECEIVERS: dict[str, Callable[[Path], tuple[Receiver, Callable[[], int]]]] = {
+RECEIVERS: dict[str, Callable[[Path], tuple[Receiver, Callable[[], int], int]]] = {
     "pacs-agent": start_pacs_agent,
-    "orthanc": start_orthanc,
     "orthanc-nodelay": lambda w: start_orthanc(w, NODELAY),
-    "dcmtk-storescp": start_storescp,
     "dcmtk-storescp-nodelay": lambda w: start_storescp(w, NODELAY),
+    "orthanc": start_orthanc,
+    "dcmtk-storescp": start_storescp,
 }
 DURABILITY = {
-    "pacs-agent": "fsync file + directory, SQLite WAL synchronous=FULL commit per instance, then Success",
+    "pacs-agent": "receive_processes = auto; file fsync'ed with its directory entry (rename then fsync on "
+    "ext4/XFS), Instance row committed (SQLite WAL synchronous=FULL, grouped across associations), then Success",
     "orthanc": "defaults (SQLite index, file storage, no fsync); Nagle on (Debian DCMTK default)",
     "orthanc-nodelay": "as orthanc, with TCP_NODELAY=1 in its environment (Nagle off)",
     "dcmtk-storescp": "plain file write, no fsync, --fork (a process per association); Nagle on (Debian DCMTK default)",
     "dcmtk-storescp-nodelay": "plain file write, no fsync, --fork; TCP_NODELAY=1 (Nagle off)",
 }
+NODELAY_PEERS = ("orthanc-nodelay", "dcmtk-storescp-nodelay")
+DEFAULT_PEERS = ("orthanc", "dcmtk-storescp")
 
 
 def measure(name: str, batches: list[list[Path]], work: Path) -> dict[str, Any]:
-    receiver, stored = RECEIVERS[name](work)
+    receiver, stored, pid = RECEIVERS[name](work)
     try:
+        cpu_before = tree_cpu(pid)
         wall, per_sender = send_concurrently(receiver.port, receiver.ae_title, batches)
+        cpu = tree_cpu(pid) - cpu_before
         count = stored()
     finally:
         receiver.stop()
     expected = sum(len(b) for b in batches)
     if count != expected:
         raise RuntimeError(f"{name} stored {count} of {expected} instances")
-    return {"seconds": wall, "per_sender_seconds": per_sender}
+    return {"seconds": wall, "per_sender_seconds": per_sender, "cpu_seconds": cpu}
+
+
+def small_instances(work: Path, count: int) -> list[Path]:
+    """``count`` CT slices of about 64 KB: one phantom slice, written again with new UIDs."""
+    study = generate_study(
+        work / "small-source", seed=7, lesions=1, slices=40, rows=SMALL_SIDE, columns=SMALL_SIDE, segmentation="none"
+    )
+    ds = dcmread(study.ct_files[0])
+    ds.SeriesInstanceUID = generate_uid()
+    out = work / "small"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for n in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = n + 1
+        path = out / f"{n:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    shutil.rmtree(work / "small-source", ignore_errors=True)
+    return files
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=["ct_1", "ct_4", "small_1"], choices=["ct_1", "ct_4", "small_1"])
     parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=list(RECEIVERS))
     args = parser.parse_args()
     require_tools("storescu", "storescp", "Orthanc")
     load_start = load_average()
     fresh_dir(WORK)
     studies = []
-    for n in range(max(args.senders)):
+    for n in range(4 if "ct_4" in args.cases else 1):
         print(f"generating CT series {n + 1}: {args.slices} slices {args.size}x{args.size} ...", flush=True)
         study = generate_study(
             WORK / f"study{n}",
@@ -139,67 +212,62 @@ def main() -> int:
             segmentation="none",
         )
         studies.append(list(study.ct_files))
-    megabytes = sum(f.stat().st_size for f in studies[0]) / 1e6
+    small = small_instances(WORK, args.small) if "small_1" in args.cases else []
+    batches = {"ct_1": studies[:1], "ct_4": studies[:4], "small_1": [small]}
+    megabytes = {case: sum(f.stat().st_size for b in batches[case] for f in b) / 1e6 for case in args.cases}
     names = ["pacs-agent", *(n for n in args.receivers if n != "pacs-agent")]
-    raw: dict[str, dict[int, list[dict[str, Any]]]] = {n: {s: [] for s in args.senders} for n in names}
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {c: [] for c in args.cases} for n in names}
     for round_no in range(args.rounds):
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
-        for senders in args.senders:
+        for case in args.cases:
             for name in order:
-                work = fresh_dir(WORK / f"{name}-{senders}-{round_no}")
-                result = measure(name, studies[:senders], work)
+                work = fresh_dir(WORK / f"{name}-{case}-{round_no}")
+                result = measure(name, batches[case], work)
                 shutil.rmtree(work, ignore_errors=True)
-                count = senders * args.slices
+                count = sum(len(b) for b in batches[case])
                 result["instances_per_second"] = count / result["seconds"]
+                result["cpu_ms_per_instance"] = 1000 * result["cpu_seconds"] / count
                 result["load_average_1min"] = load_average()[0]
-                raw[name][senders].append(result)
+                raw[name][case].append(result)
                 print(
-                    f"round {round_no + 1} senders {senders}: {name:24s} {result['seconds']:6.2f} s "
-                    f"{result['instances_per_second']:7.1f} instances/s",
+                    f"round {round_no + 1} {case:8s} {name:24s} {result['seconds']:6.2f} s "
+                    f"{result['instances_per_second']:7.1f} instances/s  CPU {result['cpu_ms_per_instance']:.2f} ms"
+                    f"/instance  load {result['load_average_1min']}",
                     flush=True,
                 )
 
     receivers: dict[str, Any] = {}
-    rate: dict[str, dict[int, float]] = {}
+    rate: dict[str, dict[str, float]] = {}
     for name in names:
         receivers[name] = {"durability": DURABILITY[name]}
         rate[name] = {}
-        for senders in args.senders:
-            rounds = raw[name][senders]
+        for case in args.cases:
+            rounds = raw[name][case]
+            count = sum(len(b) for b in batches[case])
             rates = [r["instances_per_second"] for r in rounds]
-            rate[name][senders] = spread(rates, 1)["median"]
-            receivers[name][f"senders_{senders}"] = {
-                "instances": senders * args.slices,
+            rate[name][case] = spread(rates, 1)["median"]
+            receivers[name][case] = {
+                "instances": count,
+                "megabytes": round(megabytes[case], 1),
                 "seconds": spread([r["seconds"] for r in rounds]),
                 "instances_per_second": spread(rates, 1),
-                "megabytes_per_second_median": round(senders * megabytes * rate[name][senders] / args.slices, 1),
+                "megabytes_per_second_median": round(megabytes[case] * rate[name][case] / count, 1),
+                "cpu_ms_per_instance": spread([r["cpu_ms_per_instance"] for r in rounds], 2),
                 "per_sender_seconds": [[round(s, 3) for s in r["per_sender_seconds"]] for r in rounds],
                 "load_average_1min": [r["load_average_1min"] for r in rounds],
             }
     ratios = {
-        f"senders_{s}": {
-            f"pacs-agent_vs_{name}": round(rate["pacs-agent"][s] / rate[name][s], 2)
-            for name in names
-            if name != "pacs-agent"
-        }
-        for s in args.senders
+        case: {f"pacs-agent_vs_{n}": round(rate["pacs-agent"][case] / rate[n][case], 2) for n in names[1:]}
+        for case in args.cases
     }
     targets: dict[str, Any] = {}
-    if "pacs-agent" in names and 1 in args.senders:
-        one = ratios["senders_1"]
-        for peer, factor in (("orthanc", 5.0), ("orthanc-nodelay", 5.0), ("dcmtk-storescp", 1.0)):
-            if peer in names:
-                targets[f"one_sender_>={factor:g}x_{peer}"] = {
-                    "ratio": one[f"pacs-agent_vs_{peer}"],
-                    "met": one[f"pacs-agent_vs_{peer}"] >= factor,
-                }
-        if "dcmtk-storescp-nodelay" in names:
-            value = one["pacs-agent_vs_dcmtk-storescp-nodelay"]
-            targets[">=1x_dcmtk-storescp-nodelay"] = {"ratio": value, "met": value >= 1.0}
-        if max(args.senders) > 1:
-            s = max(args.senders)
-            value = round(rate["pacs-agent"][s] / rate["pacs-agent"][1], 2)
-            targets[f"{s}_senders_aggregate_>=_one_sender"] = {"ratio": value, "met": value >= 1.0}
+    if "orthanc-nodelay" in names:
+        for case in args.cases:
+            value = ratios[case]["pacs-agent_vs_orthanc-nodelay"]
+            targets[f"{case}_>=1x_orthanc-nodelay"] = {"ratio": value, "met": value >= 1.0}
+    if "ct_1" in args.cases and "ct_4" in args.cases:
+        value = round(rate["pacs-agent"]["ct_4"] / rate["pacs-agent"]["ct_1"], 2)
+        targets["ct_4_>=1.5x_own_ct_1"] = {"ratio": value, "met": value >= 1.5}
 
     result = header(
         "ingest",
@@ -207,34 +275,43 @@ def main() -> int:
             "instances_per_series": args.slices,
             "rows": args.size,
             "columns": args.size,
-            "megabytes_per_series": round(megabytes, 1),
+            "small_instances": args.small,
+            "small_rows_columns": SMALL_SIDE,
+            "megabytes": {case: round(mb, 1) for case, mb in megabytes.items()},
             "rounds": args.rounds,
-            "senders": args.senders,
+            "cases": args.cases,
             "sender": "DCMTK storescu -R (TCP_NODELAY=1), one association per sender, distinct studies, loopback",
+            "cpu": "user + system seconds of the receiver's process tree during the send, per instance",
         },
         load_start,
     )
     result |= {"receivers": receivers, "ratios": ratios, "targets": targets}
     path = write_results("ingest", result)
 
-    rows = []
-    for name in names:
-        row: list[Any] = [name]
-        for s in args.senders:
-            entry = receivers[name][f"senders_{s}"]
-            ips = entry["instances_per_second"]
-            row += [
-                f"{ips['median']:.0f} ({ips['min']:.0f}-{ips['max']:.0f})",
-                "1" if name == "pacs-agent" else f"{ratios[f'senders_{s}'][f'pacs-agent_vs_{name}']:.2f}",
-            ]
-        rows.append(row)
-    cols = ["receiver"]
-    for s in args.senders:
-        cols += [f"{s} sender(s): instances/s median (min-max)", "pacs-agent / peer"]
-    print(markdown_table(cols, rows))
-    print(f"targets: {targets}")
+    for title, peers in (("TCP_NODELAY=1", NODELAY_PEERS), ("peers with their defaults", DEFAULT_PEERS)):
+        rows = []
+        for name in ["pacs-agent", *(p for p in peers if p in names)]:
+            row: list[Any] = [name]
+            for case in args.cases:
+                entry = receivers[name][case]
+                ips = entry["instances_per_second"]
+                ratio = "1" if name == "pacs-agent" else f"{ratios[case][f'pacs-agent_vs_{name}']:.2f}"
+                row += [
+                    f"{ips['median']:.0f} ({ips['min']:.0f}-{ips['max']:.0f})",
+                    f"{entry['megabytes_per_second_median']:.0f}",
+                    f"{entry['cpu_ms_per_instance']['median']:.2f}",
+                    ratio,
+                ]
+            rows.append(row)
+        cols = ["receiver"]
+        for case in args.cases:
+            cols += [f"{case} instances/s", "MB/s", "CPU ms/instance", "pacs-agent / peer"]
+        print(f"\n{title}")
+        print(markdown_table(cols, rows))
+    print(f"\ntargets: {targets}")
     print(f"load average start {load_start}, end {result['load_average_end']}; written {path}")
-    shutil.rmtree(WORK, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        shutil.rmtree(WORK, ignore_errors=True)
     return 0
 
 

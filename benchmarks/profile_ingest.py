@@ -1,21 +1,24 @@
-"""Where pacs-agent's receive time goes: py-spy samples of ``pacs-agent scp`` while one storescu sends a series.
+"""Where pacs-agent's receive CPU goes: CPU seconds per instance, per stage, against pynetdicom's floor.
 
-The node runs as in benchmarks/ingest.py (fsync durability, SQLite); py-spy (``.venv/bin/py-spy``)
-samples every thread of the process 100 times a second, idle threads included, while one storescu
-sends a 300-slice 512x512 CT series. storescu waits for each C-STORE response before it sends
-the next instance, so the time of one instance is the sum along one path: the DUL thread reads and
-decodes the PDUs, the association thread assembles the message and runs the C-STORE handler, the
-response goes back. The report shows, per thread, where the samples are:
+The machine is shared, so this measures CPU time, not wall time: the receiving AE runs in this
+process (``ReceiveServer`` with the node's own handlers, spool and SQLite database, as ``pacs-agent
+scp`` runs it), one DCMTK storescu (``TCP_NODELAY=1``) sends a CT series over one association, and
 
-- the handler (``ReceiveHandlers.on_store``) split by the line of pacs-agent code it was on, with
-  the library below it named (e.g. ``spool.py:67 os.fsync(fd)``, ``handlers.py:244 ... [sqlalchemy]``);
-- pynetdicom's own work outside the handler (PDU decoding, DIMSE message assembly, encoding);
-- waiting (queue / socket / event waits), which on the critical path means the other thread works.
+- the process CPU (user + system, every thread) per instance is the total;
+- the handler's stages are timed with the CPU clock of the thread that runs them
+  (``time.thread_time``): header walk + parse, the free-space check, the spool write (open, write,
+  rename) and each fsync, the duplicate look-up, the index transaction (statements + COMMIT, on
+  the index's committer thread);
+- what is left is pynetdicom's work outside the handler (PDU reading and decoding on the DUL thread,
+  DIMSE message assembly, the response) plus the streaming of the dataset into the spool's buffer.
 
-Also reported: the scp process's CPU seconds per wall second during the send (at 1.0 one core is
-saturated - the GIL makes the receive path effectively single-core).
+Then the floor: a bare pynetdicom AE in this process with the same maximum PDU and a C-STORE
+handler that answers Success without touching the data. Its CPU per instance is what any receiver
+built on pynetdicom pays for the PDU handling alone.
 
-Usage:  .venv/bin/python benchmarks/profile_ingest.py [--slices 300] [--rate 250]
+Wall time under load is printed for orientation only; compare CPU.
+
+Usage:  .venv/bin/python benchmarks/profile_ingest.py [--slices 300] [--size 512] [--rounds 3]
 Writes: benchmarks/results/profile_ingest.json
 """
 
@@ -23,250 +26,227 @@ from __future__ import annotations
 
 import argparse
 import collections
-import linecache
-import re
+import os
 import shutil
-import signal
-import subprocess
+import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from common import (
-    ROOT,
     WORK_ROOT,
-    NodeProcess,
-    cpu_seconds,
+    free_port,
     fresh_dir,
     header,
     load_average,
     markdown_table,
+    node_config,
     require_tools,
     send_concurrently,
     write_results,
 )
 
 from inference.phantom import generate_study
+from pacs_agent.config import load_settings
+from pacs_agent.db import Database
+from pacs_agent.receive import handlers as handlers_module
+from pacs_agent.receive import spool as spool_module
+from pacs_agent.receive.server import ReceiveServer, build_ae
+from pacs_agent.receive.spool import Spool
 
 WORK = WORK_ROOT / "profile_ingest"
-PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
-FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-WAIT_FUNCTIONS = {"wait", "get", "_wait_for_tstate_lock", "select", "sleep", "recv", "accept", "poll", "join"}
-LIBRARIES = ("sqlalchemy", "pynetdicom", "pydicom", "sqlite3", "threading", "queue", "socket", "selectors")
 
 
-def parse_frame(text: str) -> tuple[str, str, int]:
-    match = FRAME.match(text.strip())
-    if not match:
-        return text.strip(), "", 0
-    return match["func"], match["file"], int(match["line"] or 0)
+class StageClock:
+    """CPU seconds (of the calling thread) spent in named stages; nested stages are subtracted from the outer."""
+
+    def __init__(self) -> None:
+        self.cpu: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._local = threading.local()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        stack: list[list[float]] = self._local.__dict__.setdefault("stack", [])
+        frame = [time.thread_time(), 0.0]  # start, CPU of nested stages
+        stack.append(frame)
+        try:
+            yield
+        finally:
+            stack.pop()
+            spent = time.thread_time() - frame[0]
+            self.cpu[name] += spent - frame[1]
+            self.calls[name] += 1
+            if stack:
+                stack[-1][1] += spent
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return function(*args, **kwargs)
+
+        return timed
 
 
-def library_of(path: str) -> str:
-    path = path if path.startswith("/") else f"/{path}"  # py-spy shortens site-packages paths
-    for name in LIBRARIES:
-        if f"/{name}/" in path or path.endswith(f"/{name}.py"):
-            return name
-    if "pacs_agent" in path:
-        return "pacs_agent"
-    return Path(path).stem
+def instrument(clock: StageClock, server: ReceiveServer) -> None:
+    """Time the handler's stages (module attributes and methods of this process only)."""
+    h = server.handlers
+    for name, stage in (
+        ("read_header", "header walk + parse"),
+        ("is_known_instance", "duplicate look-up (read connection, only when the file exists)"),
+    ):
+        setattr(handlers_module, name, clock.wrap(stage, getattr(handlers_module, name)))
+    h.spool.has_room = clock.wrap("free-space check (statvfs)", h.spool.has_room)  # type: ignore[method-assign]
+    for method in ("write", "commit"):
+        setattr(h.spool, method, clock.wrap("spool write (open, write, rename, mkdir)", getattr(h.spool, method)))
+    # On the index's committer thread: statements, COMMIT (the WAL write and its fsync).
+    h.index._transaction = clock.wrap("durable index write (committer: statements + COMMIT)", h.index._transaction)  # type: ignore[method-assign]
+    real_fsync = os.fsync
+    spool_module.os = _OsWithTimedFsync(clock.wrap("fsync (file, directory)", real_fsync))  # type: ignore[attr-defined]
+    h.on_store_response = clock.wrap("handler: the rest (checks, status, bookkeeping)", h.on_store_response)  # type: ignore[method-assign]
+    # bindings() hands pynetdicom self.on_store_response: the instance attribute, timed.
 
 
-def source_line(path: str, line: int) -> str:
-    for candidate in (Path(path), ROOT / path):
-        text = linecache.getline(str(candidate), line).strip()
-        if text:
-            return text[:70]
-    return ""
+class _OsWithTimedFsync:
+    """The ``os`` module as the spool sees it, with a timed ``fsync``."""
+
+    def __init__(self, fsync: Callable[[int], None]) -> None:
+        self.fsync = fsync
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
 
 
-def short(func: str) -> str:
-    """``Class.method`` -> ``method``."""
-    return func.rsplit(".", 1)[-1]
+def process_cpu() -> float:
+    """User + system CPU seconds of this process (every thread)."""
+    return time.process_time()
 
 
-def describe(frame: tuple[str, str, int]) -> str:
-    func, file, line = frame
-    src = source_line(file, line)
-    return f"{library_of(file)} {func} ({Path(file).name}:{line}{' `' + src + '`' if src else ''})"
+def profile_node(files: list[Path], work: Path) -> dict[str, Any]:
+    """Send ``files`` to an in-process receiving AE; CPU per instance, per stage."""
+    port = free_port()
+    config = node_config(work, port)
+    settings = load_settings(config, environ={})
+    spool_module.os = os  # type: ignore[attr-defined]
+    db = Database(settings.database_url)
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
+    server = ReceiveServer(settings, db, spool)
+    clock = StageClock()
+    instrument(clock, server)
+    server.start()
+    try:
+        cpu_before = process_cpu()
+        seconds, _ = send_concurrently(server.port, settings.node.ae_title, [files])
+        cpu = process_cpu() - cpu_before
+    finally:
+        server.stop()
+        db.dispose()
+        spool_module.os = os  # type: ignore[attr-defined]
+    n = len(files)
+    stages = {name: 1000 * value / n for name, value in clock.cpu.items()}
+    stages["pynetdicom outside the handler + streaming into the spool buffer"] = 1000 * cpu / n - sum(stages.values())
+    return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / n, "stages_cpu_ms_per_instance": stages}
 
 
-def classify(frames: list[tuple[str, str, int]]) -> tuple[str, str]:
-    """(thread role, bucket) of one sample; frames root first."""
-    names = [short(f) for f, _, _ in frames]
-    files = " ".join(f[1] for f in frames)
-    if "on_store" in names:
-        index = names.index("on_store")
-        own = [(i, f) for i, f in enumerate(frames) if "pacs_agent" in f[1] and i >= index]
-        i, (_func, file, line) = own[-1]
-        where = f"handler {Path(file).name}:{line} `{source_line(file, line)}`"
-        if i + 1 < len(frames):
-            where += f" -> {library_of(frames[-1][1])} {frames[-1][0]}"
-        return "association", where
-    if "_run_reactor" in names or "_serve_request" in names or "association.py" in files:
-        role = "association"
-    elif "run_reactor" in names:
-        role = "dul"
-    elif "_schedule_forever" in names:
-        role = "scheduler"
-    else:
-        role = "other"
-    leaf = frames[-1]
-    if short(leaf[0]) in WAIT_FUNCTIONS or library_of(leaf[1]) in ("threading", "queue", "selectors"):
-        return role, "waiting (blocked on a queue, lock or socket)"
-    return role, describe(leaf)
+def profile_floor(files: list[Path], max_pdu: int) -> dict[str, Any]:
+    """A bare pynetdicom AE answering Success without touching the data: CPU per instance."""
+    from pynetdicom import _config, evt
 
+    from pacs_agent.config import settings_from_mapping
 
-CATEGORIES = (
-    # (category, predicate on the bucket text of classify())
-    (
-        "handler: fsync of the spooled file",
-        lambda b: b.startswith("handler spool.py") and "fsync(fd)" in b and ":6" in b,
-    ),
-    ("handler: fsync of the spool directory", lambda b: b.startswith("handler spool.py:4") and "fsync(fd)" in b),
-    ("handler: SQLite COMMIT (WAL fsync, synchronous=FULL)", lambda b: b.startswith("handler") and "do_commit" in b),
-    (
-        "handler: SQLite statements (BEGIN IMMEDIATE, SELECT, INSERT, UPDATE, pre-ping)",
-        lambda b: b.startswith("handler") and ("do_execute" in b or "do_ping" in b),
-    ),
-    ("handler: free-space check (statvfs)", lambda b: b.startswith("handler") and "disk_usage" in b),
-    ("handler: header parse (pydicom dcmread)", lambda b: b.startswith("handler header.py")),
-    ("handler: encoded_dataset (file meta + bytes copy)", lambda b: b.startswith("handler") and "encoded_dataset" in b),
-    (
-        "handler: SQLAlchemy in Python (statement building, compile cache, session, pool)",
-        lambda b: (
-            b.startswith("handler")
-            and any(x in b for x in ("store.py", "db.py", "handlers.py:2", "-> session", "-> base", "-> elements"))
-        ),
-    ),
-    ("handler: other (open, write, rename, mkdir, checks)", lambda b: b.startswith("handler")),
-    ("pynetdicom reactor sleep(0.001) polling", lambda b: "time.sleep" in b),
-    ("waiting (queue, lock, socket)", lambda b: b.startswith("waiting")),
-    ("pynetdicom PDU / DIMSE work", lambda b: True),
-)
-
-
-def categorise(buckets: collections.Counter[str]) -> dict[str, float]:
-    """Shares of coarse categories (first matching rule wins)."""
-    total = sum(buckets.values())
-    found: collections.Counter[str] = collections.Counter()
-    for bucket, count in buckets.items():
-        for name, rule in CATEGORIES:
-            if rule(bucket):
-                found[name] += count
-                break
-    return {name: round(count / total, 4) for name, count in found.most_common()}
-
-
-def analyse(raw: Path) -> dict[str, Any]:
-    per_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    roles: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        parts = stack.split(";")
-        thread = re.sub(r"^thread \((\w+)\).*$", r"thread \1", parts[0].strip())
-        frames = [parse_frame(p) for p in parts[1:] if p]
-        if not frames:
-            continue
-        role, bucket = classify(frames)
-        per_thread[thread][bucket] += int(count)
-        roles[thread][role] += int(count)
-    threads = {}
-    for thread, buckets in per_thread.items():
-        role = max((r for r in roles[thread] if r != "other"), key=lambda r: roles[thread][r], default="other")
-        total = sum(buckets.values())
-        threads[thread] = {
-            "role": role,
-            "samples": total,
-            "categories": categorise(buckets),
-            "buckets": {b: round(c / total, 4) for b, c in buckets.most_common(25)},
-        }
-    return threads
+    chunked = _config.STORE_RECV_CHUNKED_DATASET
+    _config.STORE_RECV_CHUNKED_DATASET = False
+    settings = settings_from_mapping({"node": {"ae_title": "FLOOR", "max_pdu_bytes": max_pdu}})
+    ae = build_ae(settings)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        cpu_before = process_cpu()
+        seconds, _ = send_concurrently(port, "FLOOR", [files])
+        cpu = process_cpu() - cpu_before
+    finally:
+        server.shutdown()
+        _config.STORE_RECV_CHUNKED_DATASET = chunked
+    return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / len(files)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     require_tools("storescu")
-    if not PY_SPY.exists():
-        sys.exit("py-spy is not installed in .venv (pip install py-spy)")
     load_start = load_average()
     fresh_dir(WORK)
     study = generate_study(
         WORK / "study", seed=1, lesions=3, slices=args.slices, rows=args.size, columns=args.size, segmentation="none"
     )
     files = list(study.ct_files)
-    node = NodeProcess(WORK / "node", command="scp")
-    node.start()
-    assert node.process is not None
-    raw = WORK / "profile.txt"
-    spy = subprocess.Popen(
-        [
-            *(str(PY_SPY), "record", "--pid", str(node.process.pid), "--rate", str(args.rate)),
-            *("--format", "raw", "--threads", "--idle", "--output", str(raw)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    time.sleep(1.5)  # py-spy attaches
-    cpu_before = cpu_seconds(node.process.pid)
-    seconds, _ = send_concurrently(node.port, node.ae_title, [files])
-    cpu = cpu_seconds(node.process.pid) - cpu_before
-    spy.send_signal(signal.SIGINT)
-    _, err = spy.communicate(timeout=60)
-    node.stop()
-    if not raw.exists():
-        sys.exit(f"py-spy wrote nothing: {err.decode()[-2000:]}")
-    threads = analyse(raw)
+    mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
+    nodes, floors = [], []
+    max_pdu = 0
+    for round_no in range(args.rounds):
+        work = fresh_dir(WORK / f"node{round_no}")
+        nodes.append(profile_node(files, work))
+        max_pdu = load_settings(work / "pacs-agent.toml", environ={}).node.max_pdu_bytes
+        shutil.rmtree(work, ignore_errors=True)
+        floors.append(profile_floor(files, max_pdu))
+        print(
+            f"round {round_no + 1}: node {nodes[-1]['cpu_ms_per_instance']:.2f} ms CPU/instance, "
+            f"pynetdicom floor {floors[-1]['cpu_ms_per_instance']:.2f}",
+            flush=True,
+        )
+    stage_names = list(nodes[0]["stages_cpu_ms_per_instance"])
+    stages = {
+        s: round(statistics.median(n["stages_cpu_ms_per_instance"].get(s, 0.0) for n in nodes), 3) for s in stage_names
+    }
+    node_cpu = statistics.median(n["cpu_ms_per_instance"] for n in nodes)
+    floor_cpu = statistics.median(f["cpu_ms_per_instance"] for f in floors)
     result = header(
         "profile_ingest",
         {
             "slices": args.slices,
             "rows": args.size,
             "columns": args.size,
-            "py_spy_rate_hz": args.rate,
+            "megabytes_per_instance": round(mb, 3),
+            "rounds": args.rounds,
+            "max_pdu_bytes": max_pdu,
             "sender": "DCMTK storescu -R (TCP_NODELAY=1), one association",
-            "node": "pacs-agent scp, fsync durability, SQLite; sampled with py-spy (slows it a little)",
+            "node": "ReceiveServer in the profiling process (node handlers, spool with fsync, SQLite), stages "
+            "timed with the thread CPU clock",
+            "floor": "bare pynetdicom AE, same max PDU, C-STORE handler answers Success without touching the data",
         },
         load_start,
     )
     result |= {
-        "send_seconds": round(seconds, 2),
-        "instances_per_second": round(args.slices / seconds, 1),
-        "scp_cpu_seconds_per_wall_second": round(cpu / seconds, 2),
-        "scp_cpu_ms_per_instance": round(1000 * cpu / args.slices, 2),
-        "threads": {t: v for t, v in threads.items() if v["role"] in ("association", "dul")},
-        "other_threads": {
-            t: {"role": v["role"], "samples": v["samples"]}
-            for t, v in threads.items()
-            if v["role"] not in ("association", "dul")
-        },
+        "node_cpu_ms_per_instance": round(node_cpu, 3),
+        "pynetdicom_floor_cpu_ms_per_instance": round(floor_cpu, 3),
+        "node_over_floor": round(node_cpu / floor_cpu, 2),
+        "stages_cpu_ms_per_instance_median": stages,
+        "node_rounds": [
+            {"seconds": round(n["seconds"], 3), "cpu_ms_per_instance": round(n["cpu_ms_per_instance"], 3)}
+            for n in nodes
+        ],
+        "floor_rounds": [
+            {"seconds": round(f["seconds"], 3), "cpu_ms_per_instance": round(f["cpu_ms_per_instance"], 3)}
+            for f in floors
+        ],
     }
     path = write_results("profile_ingest", result)
-    print(
-        f"{args.slices / seconds:.1f} instances/s under py-spy; scp CPU {cpu / seconds:.2f} s per s, "
-        f"{1000 * cpu / args.slices:.1f} ms per instance"
+    rows = [
+        [name, f"{value:.2f}", f"{value / node_cpu:.0%}"]
+        for name, value in sorted(stages.items(), key=lambda kv: -kv[1])
+    ]
+    rows.append(["**total (process CPU)**", f"{node_cpu:.2f}", "100%"])
+    rows.append(
+        ["pynetdicom floor (bare AE, handler answers Success)", f"{floor_cpu:.2f}", f"{floor_cpu / node_cpu:.0%}"]
     )
-    per_instance_ms = 1000 * seconds / args.slices
-    for thread, entry in result["threads"].items():
-        print(f"\n{entry['role']} thread {thread} ({entry['samples']} samples)")
-        print(
-            markdown_table(
-                ["category", "share of the thread's wall time", "ms per instance"],
-                [[c, f"{v:.1%}", f"{v * per_instance_ms:.1f}"] for c, v in entry["categories"].items()],
-            )
-        )
-        print(
-            markdown_table(
-                ["where", "share of the thread's wall time"], [[b, f"{s:.1%}"] for b, s in entry["buckets"].items()]
-            )
-        )
+    print(markdown_table(["stage", "CPU ms per instance (median)", "share"], rows))
     print(f"load average start {load_start}, end {result['load_average_end']}; written {path}")
     shutil.rmtree(WORK, ignore_errors=True)
     return 0

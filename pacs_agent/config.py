@@ -62,8 +62,25 @@ class NodeSettings(_Section):
     """False: only ``tls_port`` listens (TLS only); ``port`` is not opened."""
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    receive_processes: int | Literal["auto"] = 1
+    """Processes that receive on the plain DICOM port: 1 (the scp process alone), a number up to 64,
+    or "auto" (one per CPU the node may use). The scp process accepts and hands connections over;
+    limits, access rules and the index stay node-wide (:mod:`pacs_agent.receive.processes`)."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("receive_processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # from the environment
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ValueError(
+                f'receive_processes = {value!r}: give a whole number from 1 to 64, or "auto" (one per CPU)'
+            )
+        return value
 
     @model_validator(mode="after")
     def _listeners(self) -> NodeSettings:

@@ -231,16 +231,31 @@ def stop_stale_workers(state_dir: Path, *, grace_seconds: float = STALE_WORKER_G
 
 
 class WorkerSupervisor:
-    """Keeps one ``pacs-agent worker`` subprocess alive while the scp runs; records it in a pid file."""
+    """Keeps one subprocess alive while the scp runs and records it in a pid file.
 
-    def __init__(self, command: Sequence[str], stop: threading.Event, state_dir: Path) -> None:
+    ``serve``'s ``pacs-agent worker``, and each extra receiving process of ``[node]
+    receive_processes`` (:mod:`pacs_agent.receive.processes`), which starts itself through
+    ``spawn`` (it is handed a socket) - ``command`` then only names it.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        stop: threading.Event,
+        state_dir: Path,
+        *,
+        spawn: Callable[[dict[str, str]], subprocess.Popen[bytes]] | None = None,
+        name: str = "worker",
+    ) -> None:
         self.command = list(command)
         self.stop = stop
         self.state_dir = state_dir
+        self.spawn = spawn
+        self.name = name
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._pid_file: Path | None = None
-        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name=f"{name}-supervisor", daemon=True)
 
     def start(self) -> None:
         """Start the worker and watch it."""
@@ -267,16 +282,22 @@ class WorkerSupervisor:
             # The worker must not speak to systemd for the unit of this process; it ends with this process.
             env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
             env[SUPERVISOR_ENV] = str(os.getpid())
-            self.process = subprocess.Popen(self.command, env=env)
+            try:
+                self.process = self.spawn(env) if self.spawn is not None else subprocess.Popen(self.command, env=env)
+            except OSError as exc:
+                logger.error("cannot start the %s process (%s); retrying in %.0f s", self.name, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
             self._record(self.process)
-            logger.info("worker process started (pid %d)", self.process.pid)
+            logger.info("%s process started (pid %d)", self.name, self.process.pid)
             while self.process.poll() is None and not self.stop.is_set():
                 self.stop.wait(0.2)
             if self.stop.is_set():
                 return
             self._forget()
             code = self.process.returncode
-            logger.error("worker process exited with code %s; restarting in %.0f s", code, delay)
+            logger.error("%s process exited with code %s; restarting in %.0f s", self.name, code, delay)
             self.restarts += 1
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
             self.stop.wait(delay)
@@ -291,7 +312,7 @@ class WorkerSupervisor:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.error("worker did not stop within %.0f s; killing it (its job will be retried)", timeout)
+                logger.error("%s did not stop within %.0f s; killing it (its work will be retried)", self.name, timeout)
                 proc.kill()
                 proc.wait()
         self._forget()

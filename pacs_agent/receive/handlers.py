@@ -1,7 +1,8 @@
 """pynetdicom event handlers: association checks, C-ECHO and C-STORE.
 
 Handlers are thin. C-STORE answers Success only after the object is fsync'ed into the spool and
-its Instance row is committed, and only for a complete dataset whose UIDs are well-formed. Every
+its Instance row is committed (grouped with those of concurrent associations, see
+:mod:`pacs_agent.receive.index`), and only for a complete dataset whose UIDs are well-formed. Every
 refusal is recorded as a ``store_refused`` Event with the reason and answered with a failure status
 whose Error Comment (0000,0902) says why in short.
 
@@ -42,8 +43,9 @@ from pacs_agent.receive.header import (
     shown,
     uid_problem,
 )
+from pacs_agent.receive.index import IndexEntry, InstanceIndex
 from pacs_agent.receive.spool import IncomingFile, IncomingFiles, Spool
-from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
+from pacs_agent.studies.store import StoreOutcome, is_known_instance
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +142,8 @@ class ReceiveHandlers:
         self.db = db
         self.spool = spool
         self._stats: dict[int, AssociationStats] = {}
-        self._series_ids: dict[str, tuple[int, int]] = {}
-        """Series Instance UID -> (study id, series id) of committed rows (see record_instance)."""
+        self.index = InstanceIndex(db)
+        """The durable index write, grouped across concurrent associations."""
         self._lock = threading.Lock()
         security = settings.security
         self.limiter = AssociationLimiter(security.max_associations, security.max_associations_per_aet)
@@ -362,6 +364,11 @@ class ReceiveHandlers:
             raise LookupError(path)
         return incoming
 
+    def _known(self, sop_instance_uid: str) -> bool:
+        """True when the instance is recorded already (a read connection: never queues behind writers)."""
+        with self.db.reader.connect() as reader:
+            return is_known_instance(reader, sop_instance_uid)
+
     def _no_room_reason(self) -> str:
         return f"free disk space under the spool is below [storage] min_free_mb = {self.settings.storage.min_free_mb}"
 
@@ -423,13 +430,11 @@ class ReceiveHandlers:
         )
         written = False
         try:
-            # Bare connections, not ORM sessions: this runs once per instance.
-            with self.db.reader.connect() as reader:  # a read: never queues behind writers
-                known = is_known_instance(reader, header.sop_instance_uid)
+            # Every stored instance has its file at this path (rows and files are never removed
+            # apart): no file, no stored instance - the database is asked only when there is one.
+            known = self.spool.absolute(relative).exists() and self._known(header.sop_instance_uid)
             if known:
-                with self.db.engine.begin() as connection:
-                    count_duplicate(connection, header.sop_instance_uid)
-                outcome = StoreOutcome.DUPLICATE
+                outcome = self.index.record(IndexEntry(header, None, size, calling))
             else:
                 # The file is durable before the row exists; the row is what makes it "received".
                 if isinstance(source, bytes):
@@ -438,15 +443,7 @@ class ReceiveHandlers:
                     assert incoming is not None
                     self.spool.commit(incoming, relative)  # renamed, never copied
                 written = True
-                with self.db.engine.begin() as connection:
-                    outcome = record_instance(
-                        connection,
-                        header,
-                        path=str(relative),
-                        size_bytes=size,
-                        calling_ae_title=calling,
-                        series_ids=self._series_ids,
-                    )
+                outcome = self.index.record(IndexEntry(header, str(relative), size, calling))
         except OSError as exc:
             return self._refuse(
                 event, OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", header.sop_instance_uid
@@ -455,7 +452,6 @@ class ReceiveHandlers:
             logger.exception(
                 "database error while recording an instance of study %s", uid_hash(header.study_instance_uid)
             )
-            self._series_ids.pop(header.series_instance_uid, None)  # its ids may have been rolled back
             if written:  # not acknowledged, not recorded: leave no orphan file behind
                 self.spool.absolute(relative).unlink(missing_ok=True)
             return self._refuse(

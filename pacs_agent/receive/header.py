@@ -20,16 +20,18 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from inference.structures import referenced_instance_uids, referenced_series_uids
@@ -241,6 +243,32 @@ _KEPT_TAGS = frozenset(
     {tag for tag, _ in _INSTANCE_UIDS.values()} | {_ROWS, _COLUMNS, _SAMPLES, _BITS, _PHOTOMETRIC, _FRAMES}
 )
 """Top-level elements whose raw values the walk keeps: the instance's UIDs and the image pixel description."""
+_HEADER_KEYWORDS = (
+    "SpecificCharacterSet",
+    "Modality",
+    "SeriesDescription",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "AccessionNumber",
+    "ProtocolName",
+    "ImageComments",
+    "ContrastBolusAgent",
+    "ContrastBolusStartTime",
+    "AcquisitionTime",
+    "SeriesTime",
+    "BodyPartExamined",
+    "StudyDescription",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+)
+_HEADER_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in _HEADER_KEYWORDS)
+"""Top-level elements :func:`read_header` records besides the UIDs: kept raw by the walk, decoded by pydicom."""
+_REFERENCE_SEQUENCES = frozenset({0x00081115, 0x00081200, 0x30060010})
+"""Referenced Series, Studies Containing Other Referenced Instances, Referenced Frame of Reference
+Sequence: nested references that only a full parse reads (see :func:`read_header`)."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +292,10 @@ class _Walker:
         self.pixel: PixelDataExtent | None = None
         self.values: dict[int, bytes] = {}
         """Raw values of the :data:`_KEPT_TAGS` found at the top level."""
+        self.elements_kept: dict[int, tuple[bytes, int, bytes]] = {}
+        """VR (empty when implicit), value offset and raw value of the top-level :data:`_HEADER_TAGS` and UIDs."""
+        self.references = False
+        """True when a top-level reference sequence (:data:`_REFERENCE_SEQUENCES`) is present."""
 
     def elements(self, pos: int, end: int, *, in_item: bool = False, top: bool = False) -> int:
         """Walk the elements from ``pos`` to ``end`` (or to the item delimiter, ``in_item``); the position after."""
@@ -293,6 +325,8 @@ class _Walker:
                     pos += 8
                 else:
                     raise HeaderError(f"cannot decode the dataset: element {tag_text(tag)} has no valid VR ({vr!r})")
+            if top and tag in _REFERENCE_SEQUENCES:
+                self.references = True
             if length == _UNDEFINED:
                 if top and tag in PIXEL_DATA_TAGS:
                     pos = self.encapsulated(pos, end, tag)
@@ -312,6 +346,9 @@ class _Walker:
                 if top:
                     if tag in _KEPT_TAGS:
                         self.values[tag] = buf[pos : pos + length]
+                        self.elements_kept[tag] = (vr, pos, self.values[tag])
+                    elif tag in _HEADER_TAGS:
+                        self.elements_kept[tag] = (vr, pos, buf[pos : pos + length])
                     elif tag in PIXEL_DATA_TAGS:
                         self.pixel = PixelDataExtent(tag, length)
                 pos += length
@@ -412,6 +449,11 @@ class CompleteDataset:
     values: dict[int, bytes]
     """Raw values of the instance's UIDs and of the image pixel description (tag -> bytes)."""
     little_endian: bool
+    implicit: bool = False
+    kept: dict[int, tuple[bytes, int, bytes]] = field(default_factory=dict)
+    """Top-level elements :func:`read_header` records: tag -> (VR, value offset, raw value)."""
+    references: bool = False
+    """A top-level sequence of references to other series is present (a full parse reads it)."""
 
 
 def check_complete(data: Buffer) -> CompleteDataset:
@@ -447,7 +489,9 @@ def check_complete(data: Buffer) -> CompleteDataset:
     little = syntax != ExplicitVRBigEndian
     walker = _Walker(body, implicit=implicit, little=little)
     walker.elements(start, len(body), top=True)
-    return CompleteDataset(syntax, walker.pixel, walker.values, little)
+    return CompleteDataset(
+        syntax, walker.pixel, walker.values, little, implicit, walker.elements_kept, walker.references
+    )
 
 
 def _number(complete: CompleteDataset, tag: int) -> int | None:
@@ -505,14 +549,14 @@ def _check_pixel_data(complete: CompleteDataset) -> None:
         )
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _ds_text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     return str(value).strip() or None
 
 
-def _vector(ds: Dataset, keyword: str, size: int) -> str | None:
+def _ds_vector(ds: Dataset, keyword: str, size: int) -> str | None:
     """A numeric multi-valued attribute as backslash-separated text; None when absent or not ``size`` finite numbers."""
     try:
         value = ds.get(keyword)
@@ -526,13 +570,86 @@ def _vector(ds: Dataset, keyword: str, size: int) -> str | None:
     return "\\".join(repr(v) for v in numbers)
 
 
+def _numbers_text(numbers: list[float], size: int) -> str | None:
+    if len(numbers) != size or not all(math.isfinite(v) for v in numbers):
+        return None
+    return "\\".join(repr(v) for v in numbers)
+
+
+_TEXT_VRS_SINGLE = frozenset({b"LT", b"ST", b"UT"})
+"""Text VRs whose value is one string even with a backslash in it."""
+_KEYWORD_TAGS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _HEADER_KEYWORDS}
+
+
+class _Fields:
+    """The recorded header values of a dataset: read through pydicom, or straight from the walk's raw values.
+
+    ``complete`` given: a value that is plain ASCII without an ISO 2022 escape (ESC) reads the same in
+    every character set and is decoded here; any other value (and a multi-valued one) goes through
+    pydicom with the dataset's Specific Character Set, as a full parse would. ``nested`` tells
+    whether the dataset holds the nested references (a full parse).
+    """
+
+    def __init__(self, ds: Dataset | None, complete: CompleteDataset | None = None) -> None:
+        self._ds = ds
+        self.complete = complete
+        self.nested = complete is None
+
+    @property
+    def ds(self) -> Dataset:
+        """The parsed dataset, or one of the kept elements (built when first needed)."""
+        if self._ds is None:
+            assert self.complete is not None
+            self._ds = _kept_dataset(self.complete)
+        return self._ds
+
+    def _raw(self, keyword: str) -> tuple[bytes, bytes] | None:
+        """(VR, raw value) when the value can be decoded here; None when pydicom must decode it."""
+        assert self.complete is not None
+        kept = self.complete.kept.get(_KEYWORD_TAGS[keyword])
+        if kept is None:
+            return b"", b""
+        vr, _, value = kept
+        if not value.isascii() or b"\x1b" in value:
+            return None
+        return vr, value
+
+    def text(self, keyword: str) -> str | None:
+        """The value as text, stripped; None when absent or empty."""
+        if self.complete is None:
+            return _ds_text(self.ds, keyword)
+        raw = self._raw(keyword)
+        if raw is None or (b"\\" in raw[1] and raw[0] not in _TEXT_VRS_SINGLE):
+            return _ds_text(self.ds, keyword)
+        return raw[1].decode("ascii").strip("\0").strip() or None
+
+    def vector(self, keyword: str, size: int) -> str | None:
+        """A numeric multi-valued value as backslash-separated text (see :func:`_ds_vector`)."""
+        if self.complete is None or self.complete.little_endian is False:
+            return _ds_vector(self.ds, keyword, size)
+        raw = self._raw(keyword)
+        if raw is None or raw[0] not in (b"DS", b""):
+            return _ds_vector(self.ds, keyword, size)
+        if not raw[1]:
+            return None
+        try:
+            numbers = [float(v) for v in raw[1].decode("ascii").strip("\0 ").split("\\")]
+        except ValueError:
+            return None
+        return _numbers_text(numbers, size)
+
+
 def read_header(source: bytes | Path) -> InstanceHeader:
     """Parse the header of an encoded DICOM file (preamble + file meta + dataset), in memory or on disk.
 
     The bytes must be a complete dataset (:func:`check_complete`), every UID the node records
     must be well-formed and native pixel data must have the length its image attributes describe.
-    A file is checked through a memory map and parsed up to its pixel data: its size does not
-    matter for the memory this takes.
+    A file is checked through a memory map: its size does not matter for the memory this takes.
+
+    One pass: the completeness walk keeps the raw values of the top-level elements the node
+    records, and they are decoded from there (pydicom's value conversion, with the dataset's
+    Specific Character Set). Only a SEG, an RTSTRUCT or an object with top-level reference
+    sequences (whose nested items the node records) is parsed again by pydicom, up to its pixel data.
 
     Raises
     ------
@@ -547,17 +664,42 @@ def read_header(source: bytes | Path) -> InstanceHeader:
     """
     if isinstance(source, Path):
         return _read_header_file(source)
-    return _parse(BytesIO(source), check_complete(source), stop_before_pixels=False)
+    complete = check_complete(source)
+    if _needs_full_parse(complete):
+        return _parse(BytesIO(source), complete, stop_before_pixels=False)
+    return _header(complete, _Fields(None, complete))
+
+
+def _needs_full_parse(complete: CompleteDataset) -> bool:
+    """True when the header holds nested references the node records (a SEG, an RTSTRUCT, a reference sequence)."""
+    raw = complete.values.get(0x00080016, b"")
+    sop_class = raw.decode("latin-1").rstrip("\0 ")
+    return complete.references or sop_class in SEGMENTATION_SOP_CLASSES
+
+
+def _kept_dataset(complete: CompleteDataset) -> Dataset:
+    """A dataset of the elements the walk kept, decoded by pydicom only when a value is read."""
+    ds = Dataset()
+    implicit, little = complete.implicit, complete.little_endian
+    for tag, (vr, offset, value) in sorted(complete.kept.items()):
+        raw = RawDataElement(
+            Tag(tag), None if implicit else vr.decode("ascii"), len(value), value, offset, implicit, little
+        )
+        ds[tag] = raw  # pydicom converts a RawDataElement on access
+    ds.set_original_encoding(implicit, little)
+    return ds
 
 
 def _read_header_file(path: Path) -> InstanceHeader:
-    """:func:`read_header` of a file: the walk over a memory map, pydicom up to the pixel data."""
+    """:func:`read_header` of a file: the walk over a memory map, pydicom up to the pixel data if needed."""
     try:
         with path.open("rb") as fp:
             if os.fstat(fp.fileno()).st_size < 132:
                 raise HeaderError("not a DICOM file: no preamble and DICM prefix")
             with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 complete = check_complete(view)
+            if not _needs_full_parse(complete):
+                return _header(complete, _Fields(None, complete))
             fp.seek(0)
             return _parse(fp, complete, stop_before_pixels=True)
     except OSError as exc:
@@ -573,39 +715,52 @@ def _parse(fp: BinaryIO, complete: CompleteDataset, *, stop_before_pixels: bool)
     """
     try:
         ds = dcmread(fp, defer_size=_DEFER, force=False, stop_before_pixels=stop_before_pixels)
-        meta = ds.file_meta
+    except InvalidDicomError as exc:
+        raise HeaderError(f"not a DICOM file: {exc}") from None
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise HeaderError(f"cannot decode the dataset: {type(exc).__name__}: {exc}") from None
+    return _header(complete, _Fields(ds))
+
+
+def _header(complete: CompleteDataset, fields: _Fields) -> InstanceHeader:
+    """The :class:`InstanceHeader` from what the walk found and the recorded values (``fields``)."""
+    _text, _vector = fields.text, fields.vector
+    try:
         uids = _instance_uids(complete.values)
         sop_class_uid = str(uids["SOPClassUID"])
         has_pixels = complete.pixel is not None
-        references = referenced_series_uids(ds)
-        images = referenced_instance_uids(ds) if sop_class_uid in SEGMENTATION_SOP_CLASSES else ()
+        if fields.nested:
+            references = referenced_series_uids(fields.ds)
+            images = referenced_instance_uids(fields.ds) if sop_class_uid in SEGMENTATION_SOP_CLASSES else ()
+        else:
+            references, images = (), ()
         header = InstanceHeader(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=str(uids["SOPInstanceUID"]),
             study_instance_uid=str(uids["StudyInstanceUID"]),
             series_instance_uid=str(uids["SeriesInstanceUID"]),
-            transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
-            modality=_text(ds, "Modality"),
-            series_description=(_text(ds, "SeriesDescription") or "")[:64] or None,
+            transfer_syntax_uid=complete.transfer_syntax_uid,
+            modality=_text("Modality"),
+            series_description=(_text("SeriesDescription") or "")[:64] or None,
             frame_of_reference_uid=uids["FrameOfReferenceUID"],
-            patient_id=_text(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_date=_text(ds, "StudyDate"),
-            accession_number=_text(ds, "AccessionNumber"),
+            patient_id=_text("PatientID"),
+            issuer_of_patient_id=_text("IssuerOfPatientID"),
+            patient_birth_date=_text("PatientBirthDate"),
+            patient_sex=_text("PatientSex"),
+            study_date=_text("StudyDate"),
+            accession_number=_text("AccessionNumber"),
             referenced_series_uids=references,
             has_pixel_data=has_pixels,
             referenced_instance_uids=images,
-            protocol_name=(_text(ds, "ProtocolName") or "")[:64] or None,
-            image_comments=(_text(ds, "ImageComments") or "")[:256] or None,
-            contrast_bolus_agent=(_text(ds, "ContrastBolusAgent") or "")[:64] or None,
-            contrast_start_time=_text(ds, "ContrastBolusStartTime"),
-            acquisition_time=_text(ds, "AcquisitionTime") or _text(ds, "SeriesTime"),
-            body_part_examined=(_text(ds, "BodyPartExamined") or "")[:16] or None,
-            study_description=(_text(ds, "StudyDescription") or "")[:64] or None,
-            image_position=_vector(ds, "ImagePositionPatient", 3),
-            image_orientation=_vector(ds, "ImageOrientationPatient", 6),
+            protocol_name=(_text("ProtocolName") or "")[:64] or None,
+            image_comments=(_text("ImageComments") or "")[:256] or None,
+            contrast_bolus_agent=(_text("ContrastBolusAgent") or "")[:64] or None,
+            contrast_start_time=_text("ContrastBolusStartTime"),
+            acquisition_time=_text("AcquisitionTime") or _text("SeriesTime"),
+            body_part_examined=(_text("BodyPartExamined") or "")[:16] or None,
+            study_description=(_text("StudyDescription") or "")[:64] or None,
+            image_position=_vector("ImagePositionPatient", 3),
+            image_orientation=_vector("ImageOrientationPatient", 6),
         )
         _check_referenced_uids(header)
         _check_pixel_data(complete)

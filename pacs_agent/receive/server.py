@@ -19,14 +19,13 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement
-from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -71,6 +70,7 @@ from pacs_agent.receive.access import (
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
+from pacs_agent.receive.processes import ReceiveProcesses, process_count
 from pacs_agent.receive.spool import IncomingFiles, Spool
 from pacs_agent.tls import HANDSHAKE_TIMEOUT_SECONDS, describe_tls_error, server_context, warn_about_certificate
 
@@ -94,23 +94,53 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> FileMetaDataset:
-    """The file meta of pynetdicom's ``create_file_meta``, without pydicom's check of the request's UIDs.
+class EncodedFileMeta(bytes):
+    """File meta information (group 0002, Explicit VR Little Endian) already encoded."""
+
+
+def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002 (OB with a 4-byte length, the rest 2)."""
+    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
+    if vr == b"OB":
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    """``value`` encoded (never raising: a malformed request is refused by the handler), padded to even."""
+    data = value.encode("utf-8", "backslashreplace")[:0xFFFE]
+    return data + pad if len(data) % 2 else data
+
+
+def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> EncodedFileMeta:
+    """The file meta of pynetdicom's ``create_file_meta``, encoded here, without pydicom's check of the UIDs.
 
     pynetdicom builds the file meta of a streamed dataset from the C-STORE request as soon as the
     command arrives, before any handler runs; pydicom's check would warn with the raw value of a
     malformed UID (control characters included) into the log. The handler refuses such a request
-    with its own, escaped, reason (0x0117 / 0x0122). The file meta is otherwise the same bytes.
+    with its own, escaped, reason (0x0117 / 0x0122). The bytes are those pydicom's
+    ``write_file_meta_info`` writes for the same file meta (a unit test compares them); encoding
+    them directly saves pydicom's dataset machinery on every instance.
     """
-    meta = FileMetaDataset()
-    meta.FileMetaInformationGroupLength = 0
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    for tag, value in ((0x00020002, sop_class_uid), (0x00020003, sop_instance_uid), (0x00020010, transfer_syntax)):
-        meta[tag] = DataElement(tag, "UI", str(value), validation_mode=pydicom_config.IGNORE)
-    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
-    meta.set_original_encoding(False, True)
-    return meta
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", _padded(str(sop_class_uid), b"\0")),
+            _element(0x00020003, b"UI", _padded(str(sop_instance_uid), b"\0")),
+            _element(0x00020010, b"UI", _padded(str(transfer_syntax), b"\0")),
+            _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    return EncodedFileMeta(_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """Stand in for pynetdicom's ``write_file_meta_info``: an :class:`EncodedFileMeta` is written as it is."""
+    if isinstance(file_meta, EncodedFileMeta):
+        fp.write(file_meta)
+        return
+    write_file_meta_info(fp, file_meta, enforce_standard)
 
 
 def stream_to_spool(incoming: IncomingFiles) -> None:
@@ -126,6 +156,7 @@ def stream_to_spool(incoming: IncomingFiles) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     setattr(dimse_messages, "NamedTemporaryFile", incoming.open)  # noqa: B010 (a module attribute of pynetdicom)
     setattr(dimse_messages, "create_file_meta", _file_meta)  # noqa: B010
+    setattr(dimse_messages, "write_file_meta_info", _write_file_meta_info)  # noqa: B010
 
 
 def build_ae(settings: Settings) -> AE:
@@ -261,6 +292,44 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class HandingAssociationServer(GuardedAssociationServer):
+    """The plain port when there are several receiving processes.
+
+    Each admitted connection is served by the least loaded process: this one, or a receiving
+    process it is handed to (:mod:`pacs_agent.receive.processes`).
+    """
+
+    processes: ReceiveProcesses | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._served_here: list[Connection] = []
+        self._local_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def local_load(self) -> int:
+        """Connections this process serves itself now."""
+        with self._local_lock:
+            self._served_here = [c for c in self._served_here if not c.closing and (c.alive is None or c.alive())]
+            return len(self._served_here)
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """Hand the connection to a receiving process, or serve it here (a thread, as pynetdicom does)."""
+        link = self.processes.choose() if self.processes is not None else None
+        with self._accepted_lock:
+            connection = self._accepted.get(id(request))
+        if link is not None and connection is not None:
+            with self._accepted_lock:
+                self._accepted.pop(id(request), None)
+            if link.hand_off(request, client_address, connection):
+                return
+            with self._accepted_lock:
+                self._accepted[id(request)] = connection
+        if connection is not None:
+            with self._local_lock:
+                self._served_here.append(connection)
+        super().process_request(request, client_address)
+
+
 PLAIN_ASSOCIATE_RQ = b"\x01"
 """The first byte of a plain DICOM association request (PDU type 01); TLS starts with 0x16."""
 PLAIN_ON_TLS_PORT = "plain DICOM on the TLS port (the sender must enable TLS, or use the plain port)"
@@ -353,6 +422,18 @@ class ReceiveServer:
         self._tls_server: ThreadedAssociationServer | None = None
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
+        count = process_count(settings.node.receive_processes) if settings.node.plain_port_enabled else 1
+        self.processes: ReceiveProcesses | None = None
+        """The extra receiving processes (``[node] receive_processes`` > 1), None with one."""
+        if count > 1:
+            self.processes = ReceiveProcesses(
+                count - 1,
+                settings,
+                self.guard,
+                self.handlers.limiter,
+                self.handlers.index,
+                settings.storage.state_dir,
+            )
 
     @property
     def port(self) -> int:
@@ -415,7 +496,21 @@ class ReceiveServer:
         self._watcher = threading.Thread(target=self._watch, name="ConnectionWatcher", daemon=True)
         self._watcher.start()
         try:
-            if node.plain_port_enabled:
+            if node.plain_port_enabled and self.processes is not None:
+                self.processes.start()
+                server = self._serve(node.port, HandingAssociationServer)
+                assert isinstance(server, HandingAssociationServer)
+                server.processes = self.processes
+                self.processes.local_load = server.local_load
+                self._server = server
+                logger.info(
+                    "listening as %s on %s:%d with %d receiving processes",
+                    node.ae_title,
+                    node.host,
+                    self.port,
+                    len(self.processes.links) + 1,
+                )
+            elif node.plain_port_enabled:
                 self._server = self._serve(node.port, GuardedAssociationServer)
                 logger.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
             if node.tls_port:
@@ -473,7 +568,10 @@ class ReceiveServer:
             if server is not None:
                 server.shutdown()
         self._server = self._tls_server = None
+        if self.processes is not None:
+            self.processes.stop()
         self.ae.shutdown()
+        self.handlers.index.stop()
         self._stop_watch.set()
         if self._watcher is not None:
             self._watcher.join(timeout=10)

@@ -1,9 +1,21 @@
 """The spool: received objects on disk, written so that a crash never leaves half a file.
 
-Each object is written to ``<spool>/tmp/<random>.part``, fsync'ed, renamed to its final name and
-the directory fsync'ed; only then is the Instance row committed and Success answered. File and
-directory names come from UIDs; a UID that is not a well-formed UID is replaced by a hash so that
-a crafted UID can never escape the spool directory.
+Each object is written to ``<spool>/tmp/<random>.part`` and renamed to its final name; the file
+and its directory entry are made durable (see below); only then is the Instance row committed and
+Success answered. File and directory names come from UIDs; a UID that is not a well-formed UID is
+replaced by a hash so that a crafted UID can never escape the spool directory.
+
+Directory entries. On ext4 (with its journal, the default) and XFS the file is renamed first and
+then fsync'ed: one journal commit makes its data, its inode and its new name durable. Both file
+systems log metadata in one ordered journal, and fsync forces that journal up to the file inode's
+last change; the rename changed the inode (its ctime) in the rename's own transaction, so the
+rename - and every earlier metadata change, the ``mkdir`` of a new study or series directory
+included - is durable when fsync returns (ext4: ``jbd2_complete_transaction`` of the inode's
+``i_sync_tid``; XFS: a log force up to the inode's last commit sequence). A power cut between the
+rename and the fsync can leave an incomplete file under its final name, but no Instance row refers
+to it and nothing was acknowledged: the sender sends it again and it is replaced. On every other
+file system (or when the type cannot be told) the file is fsync'ed, renamed, and the directory
+fsync'ed, as POSIX asks - and a directory just created is fsync'ed in its parent too.
 
 A C-STORE dataset is streamed into its ``.part`` file while its P-DATA fragments arrive
 (:class:`IncomingFile`), so that a large instance is never held in memory: the first
@@ -55,25 +67,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def durable_write(data: bytes, final_path: Path, tmp_dir: Path) -> None:
-    """Write ``data`` to ``final_path`` atomically and durably (temp file, fsync, rename, fsync dir).
+ORDERED_JOURNAL_FILE_SYSTEMS = frozenset({"ext4", "xfs"})
+"""File systems on which fsync of a renamed file makes its new name durable (see the module docstring)."""
 
-    ``tmp_dir`` must be on the same file system as ``final_path``.
+
+def file_system_type(path: Path) -> str:
+    """The type of the file system ``path`` is on (``ext4``, ``xfs``, ...), from /proc/self/mountinfo; "" if unknown."""
+    try:
+        target = os.path.realpath(path)
+        best, kind = "", ""
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if " - " not in line or len(fields) < 5:
+                    continue
+                mount_point = fields[4].replace("\\040", " ")
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, kind = mount_point, line.split(" - ", 1)[1].split()[0]
+        return kind
+    except OSError:
+        return ""
+
+
+def durable_write(
+    data: bytes | bytearray | memoryview,
+    final_path: Path,
+    tmp_dir: Path,
+    *,
+    rename_then_fsync: bool = False,
+    make_parent: bool = True,
+) -> None:
+    """Write ``data`` to ``final_path`` atomically and durably; ``tmp_dir`` is on the same file system.
+
+    ``rename_then_fsync`` (ext4, XFS): temp file, rename, fsync of the file - which makes the new
+    name durable too on those file systems (module docstring). Otherwise: temp file, fsync,
+    rename, fsync of the directory. ``make_parent``: create ``final_path.parent`` if missing.
     """
-    final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if make_parent:
+        final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = tmp_dir / f"{uuid.uuid4().hex}{PART_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    renamed = False
     try:
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        if rename_then_fsync:
+            os.replace(tmp, final_path)
+            renamed = True
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        (final_path if renamed else tmp).unlink(missing_ok=True)
         raise
     os.close(fd)
+    if rename_then_fsync:
+        return
     try:
         os.replace(tmp, final_path)
     except BaseException:
@@ -98,6 +149,37 @@ class Spool:
             os.chmod(self.root, 0o700)
         except OSError as exc:
             raise StorageError(f"cannot create the spool directory {root}: {exc.strerror}") from None
+        self.file_system = file_system_type(root)
+        self.rename_then_fsync = self.file_system in ORDERED_JOURNAL_FILE_SYSTEMS
+        """True on ext4 and XFS: fsync of the renamed file makes its name durable (module docstring)."""
+        self._directories: set[Path] = set()
+        """Series directories known to exist (created, and durable, by this process)."""
+        self._directories_lock = threading.Lock()
+
+    @property
+    def durability(self) -> str:
+        """How a file's directory entry is made durable here, for the log and the docs."""
+        if self.rename_then_fsync:
+            return f"{self.file_system}: rename, then fsync of the file (commits the name with it)"
+        return f"{self.file_system or 'unknown file system'}: fsync of the file, rename, fsync of the directory"
+
+    def _directory(self, directory: Path) -> None:
+        """Create ``directory`` (and its parents) unless known to exist; durable in its parent when created."""
+        if directory in self._directories:
+            return
+        created: list[Path] = []
+        missing = directory
+        while not missing.exists() and missing != self.root:
+            created.append(missing)
+            missing = missing.parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.rename_then_fsync:
+            for path in reversed(created):  # each new directory's entry in its parent
+                fsync_dir(path.parent)
+        with self._directories_lock:
+            if len(self._directories) > 100_000:
+                self._directories.clear()
+            self._directories.add(directory)
 
     def has_room(self, incoming_bytes: int = 0) -> bool:
         """True when storing ``incoming_bytes`` keeps free space above the watermark."""
@@ -107,11 +189,21 @@ class Spool:
         """Where an instance lives, relative to the spool root."""
         return Path(safe_name(study_uid)) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
 
-    def write(self, relative: Path, data: bytes) -> Path:
+    def write(self, relative: Path, data: bytes | bytearray | memoryview) -> Path:
         """Store ``data`` durably at ``relative``; returns the absolute path."""
         final = self.root / relative
-        durable_write(data, final, self.tmp_dir)
+        self._directory(final.parent)
+        try:
+            durable_write(data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False)
+        except FileNotFoundError:  # the directory was removed since (retention): create it again
+            self._forget(final.parent)
+            self._directory(final.parent)
+            durable_write(data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False)
         return final
+
+    def _forget(self, directory: Path) -> None:
+        with self._directories_lock:
+            self._directories.discard(directory)
 
     def commit(self, incoming: IncomingFile, relative: Path) -> Path:
         """Make a completely received ``incoming`` file durable at ``relative`` (fsync, rename, fsync dir).
@@ -119,15 +211,23 @@ class Spool:
         The file is already in the spool's temp directory, on the same file system: it is renamed
         into place, never copied. Returns the absolute path.
         """
-        final = self.root / relative
         if incoming.in_memory:
-            durable_write(incoming.getvalue(), final, self.tmp_dir)
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        incoming.sync()
+            return self.write(relative, incoming.buffer())
+        final = self.root / relative
+        self._forget(final.parent)  # rare (over 8 MB): check the directory afresh
+        self._directory(final.parent)
+        if not self.rename_then_fsync:
+            incoming.sync()
         os.replace(incoming.path, final)
         incoming.committed = True
-        fsync_dir(final.parent)
+        try:
+            if self.rename_then_fsync:
+                incoming.sync()
+            else:
+                fsync_dir(final.parent)
+        except BaseException:
+            final.unlink(missing_ok=True)  # not durable: not acknowledged, not left behind
+            raise
         return final
 
     def absolute(self, relative: str | Path) -> Path:
@@ -235,9 +335,13 @@ class IncomingFile:
 
     def getvalue(self) -> bytes:
         """The received bytes of an instance that stayed in memory."""
+        return bytes(self.buffer())
+
+    def buffer(self) -> bytearray:
+        """The received bytes of an instance that stayed in memory, not copied."""
         if self._buffer is None:
             raise ValueError("the instance was written to a file, not kept in memory")
-        return bytes(self._buffer)
+        return self._buffer
 
     def sync(self) -> None:
         """Fsync the file (its bytes are durable before it is renamed into place)."""

@@ -32,7 +32,9 @@ KILLS = 3
 
 
 class ChaosNode(Node):
-    """The node in its own process group, so a kill takes the scp and its worker down together."""
+    """The node in its own process group: a kill takes the scp, its receiving processes and its worker down."""
+
+    receive_processes = 1
 
     def launch(self) -> None:
         self.write_config()
@@ -42,7 +44,8 @@ class ChaosNode(Node):
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")},
+                env={k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT")}
+                | {"PACS_AGENT__NODE__RECEIVE_PROCESSES": str(self.receive_processes)},
             )
         wait_for(self.listening, 60, "the node to listen")
 
@@ -75,9 +78,9 @@ def sender(node: ChaosNode, studies: list[PhantomStudy], acknowledged: set[str],
     done.set()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(("seed", "receive_processes"), [(1, 1), (2, 2)])
 def test_random_kills_lose_nothing_and_duplicate_nothing(
-    tmp_path: Path, orthanc: Orthanc, nodes: Nodes, seed: int
+    tmp_path: Path, orthanc: Orthanc, nodes: Nodes, seed: int, receive_processes: int
 ) -> None:
     rng = random.Random(seed)
     studies = [
@@ -87,6 +90,7 @@ def test_random_kills_lose_nothing_and_duplicate_nothing(
         for n in range(STUDIES)
     ]
     node = nodes.add(ChaosNode(nodes.workdir("node")))
+    node.receive_processes = receive_processes  # seed 2: the series arrive through two receiving processes
     node.extra_config = (
         orthanc.destination_toml("pacs") + "[jobs]\nlease_seconds = 10\nretry_delay_seconds = 1\nmax_attempts = 10\n"
     )

@@ -163,3 +163,46 @@ def test_durable_write_replaces_existing(tmp_path: Path) -> None:
     durable_write(b"one", target, tmp_path / "tmp")
     durable_write(b"two", target, tmp_path / "tmp")
     assert target.read_bytes() == b"two"
+
+
+@pytest.mark.parametrize(
+    ("charset", "patient_id", "description"),
+    [
+        (None, "PLAIN-1", "Thorax  "),
+        ("ISO_IR 100", "MÜLLER-7", "Thorax nativ"),
+        ("ISO_IR 192", "ID-ünï", "胸部 CT"),
+        ("\\ISO 2022 IR 87", "ID-9", "\x1b$B;3ED\x1b(B"),
+        (None, "A\\B", "multi\\valued"),
+    ],
+)
+@pytest.mark.parametrize("implicit", [False, True])
+def test_one_pass_header_reads_what_a_full_parse_reads(
+    charset: str | None, patient_id: str, description: str, implicit: bool
+) -> None:
+    """The values decoded from the walk's raw bytes equal pydicom's full parse, in every character set."""
+    from pacs_agent.receive import header as module
+
+    ds = ct_dataset()
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.PatientID = patient_id
+    ds.SeriesDescription = description
+    ds.BodyPartExamined = " CHEST "
+    ds.ImagePositionPatient = ["-1.5", "2", "1e2"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if implicit:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+        ds.file_meta = meta
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+    else:
+        data = encode(ds)
+    complete = module.check_complete(data)
+    assert not module._needs_full_parse(complete)
+    full = module._parse(BytesIO(data), complete, stop_before_pixels=False)
+    assert read_header(data) == full
+    assert full.image_position == "-1.5\\2.0\\100.0"

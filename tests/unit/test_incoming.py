@@ -111,3 +111,39 @@ def test_a_file_too_short_or_gone_is_not_dicom(tmp_path: Path) -> None:
     for path in (short, tmp_path / "gone.part"):
         with pytest.raises(HeaderError, match=r"not a DICOM file|cannot read the received file"):
             read_header(path)
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd and even lengths
+        ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.44", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.2", "1." + "2" * 80, "1.2.840.10008.1.2.4.90"),  # over-long: refused later
+    ],
+)
+def test_the_encoded_file_meta_is_what_pydicom_writes(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """The streamed file starts with the same file meta bytes as pynetdicom's create_file_meta would write."""
+    from io import BytesIO
+
+    from pydicom import config as pydicom_config
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from pacs_agent.receive.server import _file_meta, _write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationGroupLength = 0
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    for tag, value in ((0x00020002, sop_class), (0x00020003, sop_instance), (0x00020010, syntax)):
+        meta[tag] = DataElement(tag, "UI", value, validation_mode=pydicom_config.IGNORE)
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    expected, ours = BytesIO(), BytesIO()
+    with pydicom_config.disable_value_validation():
+        write_file_meta_info(expected, meta)
+    _write_file_meta_info(
+        ours, _file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax)
+    )
+    assert ours.getvalue() == expected.getvalue()

@@ -1,0 +1,271 @@
+"""A receiving process: runs the associations the scp process hands it (see :mod:`pacs_agent.receive.processes`).
+
+Started by the scp process as ``python -m pacs_agent.receive.worker <fd>``, where ``fd`` is its end
+of a ``SOCK_SEQPACKET`` Unix socket. The first message there is the node's settings; then come
+connections (a socket each). Association limits are asked of the scp process, and every
+Instance row is written by it; the spool file is written and fsync'ed here. The process ends
+when the scp process does (``PR_SET_PDEATHSIG``, or the end of the socket) or asks it to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pacs_agent.config import Settings
+from pacs_agent.db import Database
+from pacs_agent.logs import configure_logging
+from pacs_agent.receive.access import ConnectionGuard, Refusal
+from pacs_agent.receive.handlers import ReceiveHandlers
+from pacs_agent.receive.index import IndexEntry
+from pacs_agent.receive.processes import Channel, decode_outcome
+from pacs_agent.receive.server import GuardedAssociationServer, GuardedRequestHandler, build_ae, stream_to_spool
+from pacs_agent.receive.spool import Spool
+from pacs_agent.studies.store import StoreOutcome
+from pacs_agent.supervision import die_with_parent
+
+logger = logging.getLogger(__name__)
+
+REAP_SECONDS = 1.0
+"""How often connections whose association ended without a close event are reported closed."""
+
+
+class _Calls:
+    """Requests to the scp process over the channel, each answered by one reply with its id."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def call(self, kind: str, *args: Any) -> Any:
+        request_id = next(self._ids)
+        slot: list[Any] = [threading.Event(), None]
+        with self._lock:
+            if self.closed:
+                raise ConnectionError("the scp process is gone")
+            self._waiting[request_id] = slot
+        try:
+            self.channel.send((kind, request_id, *args))
+        except OSError as exc:
+            with self._lock:
+                self._waiting.pop(request_id, None)
+            raise ConnectionError(f"the scp process is gone: {exc}") from None
+        slot[0].wait()
+        if isinstance(slot[1], BaseException):
+            raise slot[1]
+        return slot[1]
+
+    def answer(self, request_id: int, value: Any) -> None:
+        with self._lock:
+            slot = self._waiting.pop(request_id, None)
+        if slot is not None:
+            slot[1] = value
+            slot[0].set()
+
+    def fail_all(self) -> None:
+        with self._lock:
+            self.closed = True
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for slot in waiting:
+            slot[1] = ConnectionError("the scp process is gone")
+            slot[0].set()
+
+
+class RemoteIndex:
+    """The scp process's :class:`~pacs_agent.receive.index.InstanceIndex`, asked over the channel."""
+
+    def __init__(self, calls: _Calls) -> None:
+        self.calls = calls
+
+    def record(self, entry: IndexEntry) -> StoreOutcome:
+        """Have the scp process write ``entry``; returns once it is committed (RemoteIndexError if not)."""
+        try:
+            encoded = self.calls.call("record", entry)
+        except ConnectionError as exc:
+            from pacs_agent.receive.processes import RemoteIndexError
+
+            raise RemoteIndexError(str(exc)) from None
+        return decode_outcome(encoded)
+
+    def stop(self) -> None:
+        """Nothing to stop here: the committer runs in the scp process."""
+
+
+class RemoteLimiter:
+    """The scp process's :class:`~pacs_agent.receive.access.AssociationLimiter`, asked over the channel."""
+
+    def __init__(self, calls: _Calls) -> None:
+        self.calls = calls
+
+    def admit(self, key: int, calling: str, is_alive: Callable[[], bool]) -> Refusal | None:
+        """Take a slot in the node-wide count, or the limit it would exceed."""
+        refusal: Refusal | None = self.calls.call("admit", key, calling)
+        return refusal
+
+    def release(self, key: int) -> None:
+        """Give the slot back (no-op when it holds none)."""
+        with contextlib.suppress(OSError):
+            self.calls.channel.send(("release", key))
+
+
+@dataclass
+class HandedConnection:
+    """A connection the scp process handed over: ``handle`` names it in both processes."""
+
+    handle: int
+    alive: Callable[[], bool] | None = None
+    reported: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class WorkerAssociationServer(GuardedAssociationServer):
+    """Serves handed-over connections: no socket of its own, the guard's notices go to the scp process."""
+
+    def __init__(self, *args: Any, channel: Channel, **kwargs: Any) -> None:
+        self.channel = channel
+        self.handed: dict[int, HandedConnection] = {}
+        self._handed_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """No listening socket: connections arrive over the channel."""
+
+    def server_activate(self) -> None:
+        """No listening socket: connections arrive over the channel."""
+
+    def serve(self, handle: int, request: socket.socket, client_address: tuple[str, int]) -> None:
+        """Run the association of a handed-over connection in its own thread."""
+        connection = HandedConnection(handle)
+        with self._handed_lock:
+            self.handed[handle] = connection
+            self._accepted[id(request)] = connection  # type: ignore[assignment]
+        self.process_request(request, client_address)
+
+    def on_requested(self, event: Any, connection: Any) -> None:
+        """The A-ASSOCIATE-RQ arrived: the scp's guard stops its request timeout."""
+        with contextlib.suppress(OSError):
+            self.channel.send(("requested", connection.handle))
+
+    def on_connection_closed(self, event: Any, connection: Any) -> None:
+        """The connection closed: the scp process closes its copy and no longer counts it."""
+        self.report_closed(connection)
+
+    def report_closed(self, connection: HandedConnection) -> None:
+        """Tell the scp process once that ``connection`` closed."""
+        with connection.lock:
+            if connection.reported:
+                return
+            connection.reported = True
+        with self._handed_lock:
+            self.handed.pop(connection.handle, None)
+        with contextlib.suppress(OSError):
+            self.channel.send(("closed", connection.handle))
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """Serve the connection; report it closed if no association thread took it over."""
+        with self._accepted_lock:
+            connection = self._accepted.pop(id(request), None)
+        self._local.connection = connection
+        try:
+            self.serve_connection(request, client_address)
+        finally:
+            self._local.connection = None
+            if isinstance(connection, HandedConnection) and connection.alive is None:
+                self.report_closed(connection)
+
+    def reap(self) -> None:
+        """Report connections whose association thread ended without a close event."""
+        with self._handed_lock:
+            ended = [c for c in self.handed.values() if c.alive is not None and not c.alive()]
+        for connection in ended:
+            self.report_closed(connection)
+
+
+def run(fd: int) -> int:
+    """The receiving process: serve handed-over connections until told to stop or the scp process ends."""
+    parent = os.getppid()
+    die_with_parent(parent)
+    channel = Channel(socket.socket(fileno=fd))
+    first = channel.receive()
+    if first is None or first[0][0] != "settings":
+        return 1
+    settings: Settings = first[0][1]
+    configure_logging(settings.logging.level)
+    db = Database(settings.database_url, run_migrations=False)
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
+    calls = _Calls(channel)
+    handlers = ReceiveHandlers(settings, db, spool)
+    handlers.index = RemoteIndex(calls)  # type: ignore[assignment]
+    handlers.limiter = RemoteLimiter(calls)  # type: ignore[assignment]
+    stream_to_spool(handlers.incoming)
+    ae = build_ae(settings)
+    server = WorkerAssociationServer(
+        ae,
+        (settings.node.host, 0),
+        ae.ae_title,
+        ae.supported_contexts,
+        None,
+        evt_handlers=handlers.bindings(),
+        request_handler=GuardedRequestHandler,
+        guard=ConnectionGuard(settings.security),  # unused: the scp process's guard counts
+        on_closing=lambda closing, address: None,
+        channel=channel,
+    )
+    ae._servers.append(server)
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.wait(REAP_SECONDS):
+            server.reap()
+
+    threading.Thread(target=reap, name="reaper", daemon=True).start()
+    logger.info("receive process %d serving connections handed over by the scp process %d", os.getpid(), parent)
+    while True:
+        received = channel.receive()
+        if received is None:
+            break
+        message, fds = received
+        kind = message[0]
+        if kind == "connection" and fds:
+            _, handle, address, port = message
+            server.serve(handle, socket.socket(fileno=fds[0]), (address, port))
+            for extra in fds[1:]:
+                os.close(extra)
+            continue
+        for extra in fds:
+            os.close(extra)
+        if kind in ("recorded", "admitted"):
+            calls.answer(message[1], message[2])
+        elif kind == "stop":
+            break
+    stop.set()
+    calls.fail_all()
+    for assoc in list(ae.active_associations):
+        assoc.abort()
+    db.dispose()
+    channel.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m pacs_agent.receive.worker <fd>``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m pacs_agent.receive.worker <fd> (started by pacs-agent scp)", file=sys.stderr)
+        return 2
+    return run(int(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
