@@ -11,23 +11,33 @@ workers write and the receiver sends). Orthanc is the PACS.
   worker is SIGKILLed mid-job and its job completes on the other (no duplicate result in Orthanc);
   every PostgreSQL connection is dropped mid-run (``pg_terminate_backend``) and nothing is lost.
 - A method mapped to the ``gpu`` queue waits while only a CPU worker runs, and runs once a worker
-  of that queue starts.
+  of that queue starts; ``pacs-agent status`` and the web console's overview (``/api/overview``) of
+  the receiver's node list the workers of both hosts and warn of the waiting queue.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
+from starlette.testclient import TestClient
 
 from inference.phantom import PhantomStudy
+from pacs_agent.config import load_settings
+from pacs_agent.console.app import create_app
+from pacs_agent.console.auth import load_secret
+from pacs_agent.console.users import add_user
+from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, WorkerProcess
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.integration.peers import Node, Nodes, Orthanc, storescu, wait_for
@@ -128,6 +138,25 @@ class HostSet:
         )
         assert run.returncode == 0, run.stderr
         return run.stdout
+
+
+def console_overview(host: Host) -> dict[str, Any]:
+    """``/api/overview`` of a web console over ``host``'s configuration (its PostgreSQL database), logged in."""
+    settings = load_settings(host.config, {})
+    db = Database(settings.database_url)
+    try:
+        name = f"viewer-{uuid.uuid4().hex[:8]}"
+        with db.session() as session, session.begin():
+            add_user(session, name, "viewer", "a long enough password")
+        app = create_app(settings, db, load_secret(settings.console_secret_file))
+        with TestClient(app, follow_redirects=False) as client:
+            token = re.search(r'name="login_token" value="([^"]+)"', client.get("/login").text)
+            assert token is not None
+            form = {"login_token": token.group(1), "username": name, "password": "a long enough password"}
+            assert client.post("/login", data=form).status_code == 303
+            return dict(client.get("/api/overview").json())
+    finally:
+        db.dispose()
 
 
 def drop_connections(url: str) -> int:
@@ -244,6 +273,12 @@ def test_a_gpu_method_waits_for_a_gpu_worker(hosts: HostSet, phantoms: Phantoms,
     assert gpu_job[1:] == ("pending", None, 0)
     assert job(first, "m1")[1:3] == ("done", cpu.identity)
     assert "queue gpu: 2 job(s) pending and no running worker takes it" in hosts.status(receiver)
+    overview = console_overview(receiver)  # the console tells the same story
+    assert overview["queue_warnings"] == ["queue gpu: 2 job(s) pending and no running worker takes it"]
+    assert overview["pending_by_queue"] == {"gpu": 2}
+    assert [(w["name"], w["queues"], w["state"]) for w in overview["workers"]] == [
+        (cpu.identity, ["default"], "running")
+    ]
 
     gpu = hosts.worker("gpu-host", queues="gpu")
     wait_for(lambda: job(second, "radiomics")[1] == "done", 240, "the radiomics jobs on the gpu worker")
@@ -252,3 +287,7 @@ def test_a_gpu_method_waits_for_a_gpu_worker(hosts: HostSet, phantoms: Phantoms,
     status = hosts.status(receiver)
     assert f"worker {gpu.identity} [running] cpu, gpu" in status  # a CPU-only host can serve the gpu queue
     assert "no running worker takes it" not in status
+    overview = console_overview(receiver)
+    listed = {w["name"]: (w["device"], w["queues"], w["state"]) for w in overview["workers"]}
+    assert listed == {cpu.identity: ("cpu", ["default"], "running"), gpu.identity: ("cpu", ["gpu"], "running")}
+    assert overview["queue_warnings"] == [] and overview["pending_by_queue"] == {}
