@@ -82,6 +82,21 @@ def worker_status(session: Session, lease_seconds: float = 120.0) -> list[dict[s
     return out
 
 
+def unserved_queue_warnings(pending_by_queue: dict[str, int], workers: list[dict[str, Any]]) -> list[str]:
+    """``queue gpu: 2 job(s) pending and no running worker takes it``, per queue no alive worker takes.
+
+    ``workers`` as :func:`worker_status` gives them; a worker with the queue ``*`` takes every queue.
+    """
+    served = {q for w in workers if w["alive"] for q in w["queues"]}
+    if "*" in served:
+        return []
+    return [
+        f"queue {name}: {n} job(s) pending and no running worker takes it"
+        for name, n in sorted(pending_by_queue.items())
+        if name not in served
+    ]
+
+
 def collect_status(db: Database, limit: int = 20, lease_seconds: float = 120.0) -> dict[str, Any]:
     """Gather the status as plain data (what ``--json`` prints)."""
     with db.session() as session:
@@ -304,10 +319,7 @@ def format_status(status: dict[str, Any]) -> str:
         if w["current_job_id"] is not None:
             line += f", running job {w['current_job_id']}"
         lines.append(line)
-    running = [w for w in status.get("workers", []) if w["alive"]]
-    served = {q for w in running for q in w["queues"]}
-    for name in sorted(q for q in waiting if q not in served and "*" not in served):
-        lines.append(f"queue {name}: {waiting[name]} job(s) pending and no running worker takes it")
+    lines += unserved_queue_warnings(waiting, status.get("workers", []))
     if not status["studies"]:
         lines.append("no studies received yet")
     for study in status["studies"]:

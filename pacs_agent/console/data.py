@@ -29,7 +29,7 @@ from pacs_agent.events_cli import EventQuery, query_events
 from pacs_agent.health import HealthMonitor
 from pacs_agent.pause import current_pause
 from pacs_agent.send.cli import list_deliveries
-from pacs_agent.status import study_status
+from pacs_agent.status import study_status, unserved_queue_warnings, worker_status
 
 STUDY_STATES = ("receiving", "waiting", "queued", "processing", "done", "failed", "skipped")
 JOB_STATES = ("pending", "running", "done", "failed", "dead")
@@ -120,9 +120,11 @@ def job_durations(db: Database, now: datetime | None = None, hours: int = 24) ->
 
 
 def overview(db: Database, settings: Settings) -> dict[str, Any]:
-    """Health (as ``/healthz``), counts by state, and charts of the last 24 h.
+    """Health (as ``/healthz``), workers on every host, counts by state, and charts of the last 24 h.
 
-    The charts: instances received and delivery failures per hour, job run times per method.
+    Workers, pending jobs per queue and the warning for a queue no running worker takes are those
+    of ``pacs-agent status`` (:func:`pacs_agent.status.worker_status`). The charts: instances
+    received and delivery failures per hour, job run times per method.
     """
     monitor = HealthMonitor(settings)
     try:
@@ -131,9 +133,17 @@ def overview(db: Database, settings: Settings) -> dict[str, Any]:
         monitor.close()
     with db.read_session() as session:
         pause = current_pause(session)
+        workers = worker_status(session, settings.jobs.lease_seconds)
+        pending = session.execute(
+            select(Job.queue, func.count(Job.id)).where(Job.state == "pending").group_by(Job.queue)
+        ).all()
+    pending_by_queue = {str(q): int(n) for q, n in pending}
     return {
         "paused": pause.as_json() if pause else None,
         "health": health,
+        "workers": workers,
+        "pending_by_queue": pending_by_queue,
+        "queue_warnings": unserved_queue_warnings(pending_by_queue, workers),
         "studies_by_state": _counts(db, Study.state),
         "jobs_by_state": _counts(db, Job.state),
         "deliveries_by_state": _counts(db, Delivery.state),

@@ -4,26 +4,67 @@ Wake-ups come by LISTEN/NOTIFY; procrastinate sends the worker's heartbeat every
 lease_seconds / 4`` and each worker looks for stalled jobs (a worker silent for ``lease_seconds``)
 as often, handing them back to run elsewhere (:func:`recover_stalled`). Nothing here claims,
 leases or heart-beats by itself. See :mod:`pacs_agent.jobs.engine` for the deferral side.
+
+The LISTEN connection: procrastinate opens it again when it dies, but when PostgreSQL refuses the
+new connection (a restart still under way) its listener ends for good and the worker finds jobs
+only by polling from then on. :class:`ListeningConnector` keeps trying, with a back-off, and says
+so in the log; a notification sent while nobody listened is made up for by procrastinate's
+polling (every ``FETCH_JOB_POLLING_INTERVAL``, 5 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import procrastinate
 import procrastinate.worker
+from procrastinate.connector import Notify
+from procrastinate.exceptions import ConnectorException
 
 from pacs_agent.jobs.engine import TASK_NAME, EngineRetry, conninfo
 from pacs_agent.jobs.protocol import QueueWorker
+from pacs_agent.jobs.transient import flatten
 
 logger = logging.getLogger(__name__)
 
 
+LISTEN_RETRY_SECONDS = (0.5, 10.0)
+"""First and longest wait between attempts to open the LISTEN connection again."""
+
+
+class ListeningConnector(procrastinate.PsycopgConnector):
+    """procrastinate's psycopg connector whose LISTEN connection comes back after PostgreSQL refused it."""
+
+    async def listen_notify(self, on_notification: Notify, channels: Iterable[str]) -> None:
+        """LISTEN on ``channels`` until cancelled; a refused (re)connection is tried again, never the end."""
+        channels = list(channels)
+        first, longest = LISTEN_RETRY_SECONDS
+        delay = first
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await super().listen_notify(on_notification=on_notification, channels=channels)
+                return
+            except ConnectorException as exc:
+                if loop.time() - started > longest:  # it listened for a while: a new outage
+                    delay = first
+                cause = exc.__cause__ or exc
+                logger.warning(
+                    "the LISTEN connection to PostgreSQL failed (%s); jobs are found by polling until it is "
+                    "back; trying again in %g s",
+                    flatten(str(cause)),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+
+
 def worker_app(url: str, worker: QueueWorker) -> procrastinate.App:
     """The procrastinate App of a worker process, with the task that runs ``jobs`` rows on ``worker``."""
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo(url)))
+    app = procrastinate.App(connector=ListeningConnector(conninfo=conninfo(url)))
 
     def run_job(job_id: int) -> None:
         worker.run_queued_job(job_id)

@@ -11,24 +11,35 @@ workers write and the receiver sends). Orthanc is the PACS.
   worker is SIGKILLed mid-job and its job completes on the other (no duplicate result in Orthanc);
   every PostgreSQL connection is dropped mid-run (``pg_terminate_backend``) and nothing is lost.
 - A method mapped to the ``gpu`` queue waits while only a CPU worker runs, and runs once a worker
-  of that queue starts.
+  of that queue starts; ``pacs-agent status`` and the web console's overview (``/api/overview``) of
+  the receiver's node list the workers of both hosts and warn of the waiting queue.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
+from starlette.testclient import TestClient
 
 from inference.phantom import PhantomStudy
+from pacs_agent.config import load_settings
+from pacs_agent.console.app import create_app
+from pacs_agent.console.auth import load_secret
+from pacs_agent.console.users import add_user
+from pacs_agent.db import Database
 from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, WorkerProcess
+from pacs_agent.jobs.engine import defer
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.integration.peers import Node, Nodes, Orthanc, storescu, wait_for
 from tests.integration.phantoms import Phantoms
@@ -128,6 +139,25 @@ class HostSet:
         )
         assert run.returncode == 0, run.stderr
         return run.stdout
+
+
+def console_overview(host: Host) -> dict[str, Any]:
+    """``/api/overview`` of a web console over ``host``'s configuration (its PostgreSQL database), logged in."""
+    settings = load_settings(host.config, {})
+    db = Database(settings.database_url)
+    try:
+        name = f"viewer-{uuid.uuid4().hex[:8]}"
+        with db.session() as session, session.begin():
+            add_user(session, name, "viewer", "a long enough password")
+        app = create_app(settings, db, load_secret(settings.console_secret_file))
+        with TestClient(app, follow_redirects=False) as client:
+            token = re.search(r'name="login_token" value="([^"]+)"', client.get("/login").text)
+            assert token is not None
+            form = {"login_token": token.group(1), "username": name, "password": "a long enough password"}
+            assert client.post("/login", data=form).status_code == 303
+            return dict(client.get("/api/overview").json())
+    finally:
+        db.dispose()
 
 
 def drop_connections(url: str) -> int:
@@ -244,6 +274,12 @@ def test_a_gpu_method_waits_for_a_gpu_worker(hosts: HostSet, phantoms: Phantoms,
     assert gpu_job[1:] == ("pending", None, 0)
     assert job(first, "m1")[1:3] == ("done", cpu.identity)
     assert "queue gpu: 2 job(s) pending and no running worker takes it" in hosts.status(receiver)
+    overview = console_overview(receiver)  # the console tells the same story
+    assert overview["queue_warnings"] == ["queue gpu: 2 job(s) pending and no running worker takes it"]
+    assert overview["pending_by_queue"] == {"gpu": 2}
+    assert [(w["name"], w["queues"], w["state"]) for w in overview["workers"]] == [
+        (cpu.identity, ["default"], "running")
+    ]
 
     gpu = hosts.worker("gpu-host", queues="gpu")
     wait_for(lambda: job(second, "radiomics")[1] == "done", 240, "the radiomics jobs on the gpu worker")
@@ -252,3 +288,101 @@ def test_a_gpu_method_waits_for_a_gpu_worker(hosts: HostSet, phantoms: Phantoms,
     status = hosts.status(receiver)
     assert f"worker {gpu.identity} [running] cpu, gpu" in status  # a CPU-only host can serve the gpu queue
     assert "no running worker takes it" not in status
+    overview = console_overview(receiver)
+    listed = {w["name"]: (w["device"], w["queues"], w["state"]) for w in overview["workers"]}
+    assert listed == {cpu.identity: ("cpu", ["default"], "running"), gpu.identity: ("cpu", ["gpu"], "running")}
+    assert overview["queue_warnings"] == [] and overview["pending_by_queue"] == {}
+
+
+def listen_backends(url: str) -> list[int]:
+    """Process ids of the connections to the test's database that LISTEN (procrastinate's listeners)."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            rows = conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = :name AND query ILIKE 'LISTEN %'"),
+                {"name": make_url(url).database},
+            ).all()
+            return [int(r[0]) for r in rows]
+    finally:
+        admin.dispose()
+
+
+def terminate(pids: list[int]) -> None:
+    """``pg_terminate_backend`` of each of ``pids``."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for pid in pids:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        admin.dispose()
+
+
+def allow_connections(url: str, allowed: bool) -> None:
+    """``ALTER DATABASE ... ALLOW_CONNECTIONS``: false refuses every new connection, as a restarting server does."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{make_url(url).database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+    finally:
+        admin.dispose()
+
+
+def test_a_job_deferred_while_the_listen_connection_is_gone_and_refused_still_runs_and_listening_resumes(
+    hosts: HostSet, phantoms: Phantoms
+) -> None:
+    """A restart as one worker sees it: its LISTEN connection killed while the database refuses new ones."""
+    first, second = (
+        phantoms.study(seed=820 + n, lesions=1, slices=16, rows=64, columns=64, segmentation="seg") for n in range(2)
+    )
+    receiver = hosts.receiver(f"[jobs]\nlease_seconds = {LEASE_SECONDS}\nretry_delay_seconds = 1\n")
+    worker = hosts.worker("host-a")
+    assert worker.process is not None
+    pid = worker.process.pid
+
+    def jobs_of(study: PhantomStudy) -> list[Job]:
+        return receiver.scalars(
+            select(Job)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_instance_uid == study.study_instance_uid)
+            .order_by(Job.id)
+        )
+
+    assert storescu(receiver.port, [*first.ct_files, first.seg_file]).returncode == 0
+    wait_for(lambda: [j.state for j in jobs_of(first)] == ["done"], 180, "the first study's job")
+    listening = wait_for(lambda: listen_backends(hosts.url), 60, "the worker's LISTEN connection")
+    done = jobs_of(first)[0]
+
+    db = Database(hosts.url)  # the connection that defers below is opened before new ones are refused
+    try:
+        with db.session() as session:
+            try:
+                with session.begin():
+                    session.connection()
+                    allow_connections(hosts.url, False)
+                    terminate(listening)
+                    wait_for(
+                        lambda: "the LISTEN connection to PostgreSQL failed" in worker.log.read_text(),
+                        60,
+                        "the worker's LISTEN connection to be refused",
+                    )
+                    # the same job again, deferred as the receiver defers one; its NOTIFY goes at commit
+                    again = Job(study_id=done.study_id, method=done.method, inputs=done.inputs, queue=done.queue)
+                    session.add(again)
+                    session.flush()
+                    defer(session, again)
+                    again_id = again.id
+                assert listen_backends(hosts.url) == []  # the NOTIFY reached no worker
+            finally:
+                allow_connections(hosts.url, True)
+    finally:
+        db.dispose()
+
+    wait_for(lambda: receiver.scalar(select(Job.state).where(Job.id == again_id)) == "done", 120, "the deferred job")
+    relistening = wait_for(lambda: listen_backends(hosts.url), 60, "the worker to LISTEN again")
+    assert not set(relistening) & set(listening)
+    assert storescu(receiver.port, [*second.ct_files, second.seg_file]).returncode == 0
+    wait_for(lambda: [j.state for j in jobs_of(second)] == ["done"], 180, "the second study's job")
+    assert worker.process is not None and worker.process.poll() is None and worker.process.pid == pid
+    assert receiver.scalar(select(Job.worker_id).where(Job.id == again_id)) == worker.identity

@@ -30,7 +30,7 @@ from pacs_agent.console.users import (
     hash_password,
 )
 from pacs_agent.db import Database
-from pacs_agent.db.tables import ConsoleUser, Event, Instance, Job, Series, Study, utcnow
+from pacs_agent.db.tables import ConsoleUser, Event, Instance, Job, Series, Study, WorkerProcess, utcnow
 from pacs_agent.errors import ConfigError
 from pacs_agent.jobs.worker import Worker
 from pacs_agent.pause import pause_processing, resume_processing
@@ -804,6 +804,107 @@ def test_the_overview_charts_job_run_times_per_method_and_delivery_failures_per_
         durations.count('<g class="method">') == 2 and "radiomics: 3 job(s), median 20.0 s, longest 60.0 s" in durations
     )
     assert "<script" not in page and " style=" not in page  # the CSP allows neither
+
+
+# -- workers on every host --------------------------------------------------------------------
+
+
+def test_the_overview_lists_the_workers_of_every_host_and_warns_of_a_queue_no_running_worker_takes(
+    node: tuple[TestClient, Database, Clock],
+) -> None:
+    client, db, _ = node
+    now = utcnow()
+    with db.session() as session, session.begin():
+        study_id = session.execute(select(Study.id)).scalar_one()
+        running = Job(study_id=study_id, method="radiomics", inputs="{}", state="running", queue="cpu")
+        session.add(running)
+        for method, queue in (("m2", "gpu"), ("m2", "gpu"), ("radiomics", "cpu")):
+            session.add(Job(study_id=study_id, method=method, inputs="{}", state="pending", queue=queue))
+        session.flush()
+        common = {"concurrency": 1, "backend": "sqlite", "started_at": now - timedelta(hours=2)}
+        session.add_all(
+            [
+                WorkerProcess(
+                    name="recv-host:101",
+                    host="recv-host",
+                    pid=101,
+                    device="cpu",
+                    queues="cpu default",
+                    state="running",
+                    heartbeat_at=now - timedelta(seconds=5),
+                    current_job_id=running.id,
+                    **common,
+                ),
+                WorkerProcess(
+                    name="gpu-host:202",
+                    host="gpu-host",
+                    pid=202,
+                    device="cuda:0",
+                    queues="gpu",
+                    state="running",
+                    heartbeat_at=now - timedelta(hours=1),
+                    **common,
+                ),
+                WorkerProcess(
+                    name="old-host:303",
+                    host="old-host",
+                    pid=303,
+                    device="cpu",
+                    queues="*",
+                    state="stopped",
+                    stopped_at=now - timedelta(hours=1),
+                    **common,
+                ),
+                WorkerProcess(
+                    name="gone-host:404",
+                    host="gone-host",
+                    pid=404,
+                    device="cpu",
+                    queues="*",
+                    state="stopped",
+                    stopped_at=now - timedelta(hours=30),
+                    **common | {"started_at": now - timedelta(hours=31)},
+                ),
+            ]
+        )
+    assert login(client, "vera") == 303
+    overview = client.get("/api/overview").json()
+    workers = {w["name"]: w for w in overview["workers"]}
+    assert set(workers) == {"recv-host:101", "gpu-host:202", "old-host:303"}  # stopped 30 h ago: no longer listed
+    cpu, gpu, old = workers["recv-host:101"], workers["gpu-host:202"], workers["old-host:303"]
+    assert (cpu["host"], cpu["device"], cpu["queues"], cpu["state"]) == (
+        "recv-host",
+        "cpu",
+        ["cpu", "default"],
+        "running",
+    )
+    assert cpu["current_job_id"] == running.id and 5 <= cpu["heartbeat_age_seconds"] < 3600
+    assert (gpu["host"], gpu["device"], gpu["queues"], gpu["state"]) == ("gpu-host", "cuda:0", ["gpu"], "silent")
+    assert gpu["heartbeat_age_seconds"] >= 3600 and gpu["current_job_id"] is None
+    assert (old["state"], old["queues"]) == ("stopped", ["*"])
+    assert overview["pending_by_queue"] == {"gpu": 2, "cpu": 1}
+    warning = "queue gpu: 2 job(s) pending and no running worker takes it"
+    assert overview["queue_warnings"] == [warning]
+    assert warning in format_status(collect_status(db)).splitlines()  # the same story as pacs-agent status
+
+    page = client.get("/").text
+    card = page[page.index('id="workers"') : page.index("</section>", page.index('id="workers"'))]
+    assert warning in card and "gone-host" not in card
+    rows = re.findall(r'<tr class="worker">(.*?)</tr>', card, re.S)
+    assert len(rows) == 3
+    gpu_row = next(r for r in rows if "gpu-host:202" in r)
+    assert "cuda:0" in gpu_row and "state-silent" in gpu_row
+    cpu_row = next(r for r in rows if "recv-host:101" in r)
+    assert "cpu, default" in cpu_row and f"job {running.id}" in cpu_row and "state-running" in cpu_row
+    assert "every queue" in next(r for r in rows if "old-host:303" in r)
+    assert re.search(r"gpu\s+2</span>", card) and re.search(r"cpu\s+1</span>", card)
+
+    with db.session() as session, session.begin():  # the gpu worker beats again: it takes its queue
+        gpu_worker = session.execute(select(WorkerProcess).where(WorkerProcess.host == "gpu-host")).scalar_one()
+        gpu_worker.heartbeat_at = utcnow()
+    overview = client.get("/api/overview").json()
+    assert overview["queue_warnings"] == [] and "no running worker takes it" not in client.get("/").text
+    assert "no running worker takes it" not in format_status(collect_status(db))
 
 
 # -- studies filters --------------------------------------------------------------------------
