@@ -31,13 +31,13 @@ from sqlalchemy.orm import Session
 
 from pacs_agent.config import Settings, settings_from_mapping
 from pacs_agent.db import Database
-from pacs_agent.db.tables import Job, Series, Study, utcnow
+from pacs_agent.db.tables import Job, Study, utcnow
 from pacs_agent.errors import PacsAgentError
 from pacs_agent.receive.header import HeaderError, read_header
-from pacs_agent.routing.methods import StudyText, region_evidence
+from pacs_agent.routing.methods import region_evidence
 from pacs_agent.routing.pairing import RESPONSE_METHOD, choose_baseline, local_candidates, parse_da
 from pacs_agent.studies.readiness import decide
-from pacs_agent.studies.scheduler import applicable_methods, readiness_rules, snapshot_study
+from pacs_agent.studies.scheduler import applicable_methods, chosen_series_text, readiness_rules, snapshot_study
 from pacs_agent.studies.store import record_instance
 
 EDITABLE_SECTIONS = ("routing", "response")
@@ -137,15 +137,7 @@ def _method_lines(
     session: Session, study: Study, decision: Any, settings: Settings
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     choice = applicable_methods(session, study, decision, settings.jobs.methods, settings)
-    ct = session.execute(
-        select(Series).where(Series.series_instance_uid == decision.ct_series_instance_uid)
-    ).scalar_one_or_none()
-    text = StudyText(
-        body_part_examined=ct.body_part_examined if ct else None,
-        study_description=study.study_description,
-        series_description=ct.series_description if ct else None,
-        protocol_name=ct.protocol_name if ct else None,
-    )
+    text = chosen_series_text(session, study, decision)
     routing = settings.routing
     lines = []
     for method in choice.selected:

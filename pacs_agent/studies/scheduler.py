@@ -178,19 +178,24 @@ def snapshot_study(session: Session, study: Study, spool_dir: Path | None = None
     )
 
 
-def applicable_methods(
-    session: Session, study: Study, decision: Decision, methods: tuple[str, ...], settings: Settings | None
-) -> MethodChoice:
-    """Which of ``methods`` apply to the CT series ``decision`` chose (``[routing] method_regions``)."""
+def chosen_series_text(session: Session, study: Study, decision: Decision) -> StudyText:
+    """The text the method regions are matched on: the study's and the chosen CT series' descriptions."""
     ct = session.execute(
         select(Series).where(Series.series_instance_uid == decision.ct_series_instance_uid)
     ).scalar_one_or_none()
-    text = StudyText(
+    return StudyText(
         body_part_examined=ct.body_part_examined if ct else None,
         study_description=study.study_description,
         series_description=ct.series_description if ct else None,
         protocol_name=ct.protocol_name if ct else None,
     )
+
+
+def applicable_methods(
+    session: Session, study: Study, decision: Decision, methods: tuple[str, ...], settings: Settings | None
+) -> MethodChoice:
+    """Which of ``methods`` apply to the CT series ``decision`` chose (``[routing] method_regions``)."""
+    text = chosen_series_text(session, study, decision)
     if settings is None:
         return select_methods(methods, text, DEFAULT_METHOD_REGIONS, DEFAULT_REGION_PATTERNS)
     return select_methods(methods, text, settings.routing.method_regions, settings.routing.region_patterns)
