@@ -102,38 +102,79 @@ async def _run(url: str, worker: QueueWorker, on_ready: Callable[[], object]) ->
     lease = worker.settings.jobs.lease_seconds
     app = worker_app(url, worker)
     await asyncio.to_thread(worker.warm_up)  # take no job before the pipeline is loaded
-    async with app.open_async():
-        engine_worker = procrastinate.worker.Worker(
-            app=app,
-            queues=list(worker.queues) or None,
-            name=worker.worker_id,
-            concurrency=worker.concurrency,
-            install_signal_handlers=False,
-            listen_notify=True,
-            update_heartbeat_interval=max(lease / 4, 0.5),
-            stalled_worker_timeout=lease,
-            shutdown_graceful_timeout=None,  # SIGTERM: the jobs running finish first
-        )
-        running = asyncio.create_task(engine_worker.run(), name="procrastinate worker")
-        while engine_worker.worker_id is None and not running.done():
-            await asyncio.sleep(0.05)
-        if running.done():
-            await running  # raises what stopped it
-        worker.registered(queue_worker_id=engine_worker.worker_id)
-        on_ready()
-        stop = asyncio.create_task(asyncio.to_thread(worker.stop.wait), name="stop")
-        period = max(lease / 4, 0.5)
-        while not running.done() and not stop.done():
-            try:
-                await recover_stalled(app, lease)
-            except Exception:
-                logger.exception("looking for stalled jobs failed; trying again")
-            worker.beat_idle()
-            if not worker.parent_alive():
-                logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", worker.worker_id)
-                break
-            await asyncio.wait({running, stop}, timeout=period, return_when=asyncio.FIRST_COMPLETED)
-        engine_worker.stop()
+    stop = asyncio.create_task(asyncio.to_thread(worker.stop.wait), name="stop")
+    first, longest = LISTEN_RETRY_SECONDS
+    delay = first
+    try:
+        async with app.open_async():
+            ready: Callable[[], object] | None = on_ready
+            while True:
+                ended = await _serve(app, worker, lease, stop, ready)
+                ready = None
+                if ended is None:  # asked to stop, or the serve that started us is gone
+                    return
+                # procrastinate's worker ends for good when one of its own queries fails (e.g. its
+                # heartbeat on a connection PostgreSQL dropped): start a new one, the process lives on
+                logger.warning(
+                    "worker %s: the queue engine's worker stopped (%s); starting it again in %g s",
+                    worker.worker_id,
+                    flatten(str(ended)),
+                    delay,
+                )
+                await asyncio.wait({stop}, timeout=delay)
+                if stop.done():
+                    return
+                delay = min(delay * 2, longest)
+    finally:
         worker.stop.set()
-        await running
         await stop
+
+
+async def _serve(
+    app: procrastinate.App,
+    worker: QueueWorker,
+    lease: float,
+    stop: asyncio.Task[bool],
+    on_ready: Callable[[], object] | None,
+) -> BaseException | None:
+    """Run one procrastinate worker; None when told to stop, else what ended it on its own.
+
+    At the first start (``on_ready`` given) a failure to start is raised: the process does not come up.
+    """
+    engine_worker = procrastinate.worker.Worker(
+        app=app,
+        queues=list(worker.queues) or None,
+        name=worker.worker_id,
+        concurrency=worker.concurrency,
+        install_signal_handlers=False,
+        listen_notify=True,
+        update_heartbeat_interval=max(lease / 4, 0.5),
+        stalled_worker_timeout=lease,
+        shutdown_graceful_timeout=None,  # SIGTERM: the jobs running finish first
+    )
+    running = asyncio.create_task(engine_worker.run(), name="procrastinate worker")
+    while engine_worker.worker_id is None and not running.done():
+        await asyncio.sleep(0.05)
+    if running.done():
+        if on_ready is not None:
+            await running  # raises what stopped it
+        return running.exception() or RuntimeError("it ended at its start")
+    worker.registered(queue_worker_id=engine_worker.worker_id)
+    if on_ready is not None:
+        on_ready()
+    period = max(lease / 4, 0.5)
+    while not running.done() and not stop.done():
+        try:
+            await recover_stalled(app, lease)
+        except Exception:
+            logger.exception("looking for stalled jobs failed; trying again")
+        worker.beat_idle()
+        if not worker.parent_alive():
+            logger.warning("worker %s: the pacs-agent serve that started it is gone; stopping", worker.worker_id)
+            break
+        await asyncio.wait({running, stop}, timeout=period, return_when=asyncio.FIRST_COMPLETED)
+    if running.done() and not stop.done():
+        return running.exception() or RuntimeError("it ended with no error")
+    engine_worker.stop()
+    await running
+    return None
