@@ -66,6 +66,10 @@ class NodeSettings(_Section):
     """Processes that receive on the plain DICOM port: 1 (the scp process alone), a number up to 64,
     or "auto" (one per CPU the node may use). The scp process accepts and hands connections over;
     limits, access rules and the index stay node-wide (:mod:`pacs_agent.receive.processes`)."""
+    dicom_stack: Literal["native", "pynetdicom"] = "native"
+    """What serves received associations: the node's own upper layer (:mod:`pacs_agent.receive.upper_layer`,
+    one thread per association, no polling) or pynetdicom's (the stack before it, for a sender the
+    native one does not get on with)."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -17,6 +17,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -31,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_agent.audit import record_event, uid_hash
 from pacs_agent.config import Settings
 from pacs_agent.db import Database
-from pacs_agent.receive.access import AssociationLimiter, check_request
+from pacs_agent.receive.access import AssociationLimiter, Refusal, check_request
 from pacs_agent.receive.header import (
     IMAGE_SOP_CLASSES,
     HeaderError,
@@ -106,8 +107,35 @@ class AssociationStats:
     """Empty for plain TCP; e.g. ``over TLSv1.3, client certificate CN=pacs.example.org``."""
 
 
-def _transport(event: evt.Event) -> str:
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+@dataclass(frozen=True)
+class Peer:
+    """The association a request came on, as every DICOM stack sees it."""
+
+    key: int
+    """Names the association in the limiter and the counters (unique while it is open)."""
+    calling: str
+    """Calling AE title, stripped."""
+    address: str
+    owner: object = None
+    """What received its datasets (the key of :meth:`IncomingFiles.discard_of`)."""
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """The C-STORE-RQ command's UIDs, as received (possibly malformed)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def _peer(event: evt.Event) -> Peer:
+    """The :class:`Peer` of a pynetdicom event."""
+    assoc = event.assoc
+    return Peer(id(assoc), assoc.requestor.ae_title.strip(), assoc.requestor.address, assoc.dul)
+
+
+def transport_text(sock: object) -> str:
+    """How a connection is secured, for the association event: empty for plain TCP."""
     if not isinstance(sock, ssl.SSLSocket):
         return ""
     text = f"over {sock.version()}"
@@ -118,6 +146,10 @@ def _transport(event: evt.Event) -> str:
     if "commonName" in subject:
         text += f", client certificate CN={subject['commonName']}"
     return text
+
+
+def _transport(event: evt.Event) -> str:
+    return transport_text(getattr(getattr(event.assoc.dul, "socket", None), "socket", None))
 
 
 def _store_request(event: evt.Event) -> C_STORE:
@@ -195,24 +227,32 @@ class ReceiveHandlers:
 
     # -- association ---------------------------------------------------------------------
 
-    def on_requested(self, event: evt.Event) -> None:
-        """Reject an association that ``[security]`` does not allow or that exceeds a limit.
+    def admit(self, key: int, calling: str, called: str, address: str, is_alive: Callable[[], bool]) -> Refusal | None:
+        """Check an association request against ``[security]`` and the limits; the refusal, if any.
 
         Checked in order: source host, calling AE title (and the hosts of its ``peers`` entry),
-        called AE title, then the association limits (total and per calling AE title).
+        called AE title, then the association limits (total and per calling AE title). A refusal
+        is recorded as an ``association_rejected`` event before it is returned, so that the event
+        exists by the time the sender reads the A-ASSOCIATE-RJ.
         """
+        refusal = check_request(self.settings.security, self.settings.node.ae_title, calling, called, address)
+        if refusal is None:
+            refusal = self.limiter.admit(key, calling, is_alive)
+        if refusal is not None:
+            self._event(
+                "association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=refusal.reason
+            )
+        return refusal
+
+    def on_requested(self, event: evt.Event) -> None:
+        """``EVT_REQUESTED`` (pynetdicom): reject an association that :meth:`admit` refuses."""
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = primitive.calling_ae_title.strip() if primitive else ""
         called = primitive.called_ae_title.strip() if primitive else ""
-        address = assoc.requestor.address
-        refusal = check_request(self.settings.security, self.settings.node.ae_title, calling, called, address)
-        if refusal is None:
-            refusal = self.limiter.admit(id(assoc), calling, assoc.is_alive)
+        refusal = self.admit(id(assoc), calling, called, assoc.requestor.address, assoc.is_alive)
         if refusal is None:
             return
-        # Recorded first, so that the event exists by the time the sender reads the answer.
-        self._event("association_rejected", level="WARNING", ae_title=calling[:16], peer=address, detail=refusal.reason)
         assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
         # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ has gone out. Otherwise
         # the server may close the socket first and the sender sees an abort instead of the reason.
@@ -222,40 +262,55 @@ class ReceiveHandlers:
         """Record a connection to the TLS port whose handshake failed (no association was possible)."""
         self._event("tls_refused", level="WARNING", peer=address, detail=reason)
 
-    def on_accepted(self, event: evt.Event) -> None:
-        """Start counting what the association stores."""
+    def accepted(self, key: int, transport: str = "") -> None:
+        """Start counting what association ``key`` stores."""
         with self._lock:
-            self._stats[id(event.assoc)] = AssociationStats(transport=_transport(event))
+            self._stats[key] = AssociationStats(transport=transport)
 
-    def on_ended(self, event: evt.Event) -> None:
-        """Record one event per association with what it stored."""
-        self.limiter.release(id(event.assoc))
+    def on_accepted(self, event: evt.Event) -> None:
+        """``EVT_ACCEPTED`` (pynetdicom): :meth:`accepted`."""
+        self.accepted(id(event.assoc), _transport(event))
+
+    def ended(self, peer: Peer, how: str) -> None:
+        """Record one event per association with what it stored.
+
+        ``how`` is ``released`` or ``aborted``, the latter optionally with its reason (``aborted
+        (no data for 60 s)``).
+        """
+        self.limiter.release(peer.key)
         with self._lock:
-            stats = self._stats.pop(id(event.assoc), None)
+            stats = self._stats.pop(peer.key, None)
         if stats is None:
             return
-        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         transport = f" ({stats.transport})" if stats.transport else ""
         self._event(
             "association",
             level="INFO" if how == "released" else "WARNING",
-            ae_title=event.assoc.requestor.ae_title.strip(),
-            peer=event.assoc.requestor.address,
+            ae_title=peer.calling,
+            peer=peer.address,
             detail=f"{how}{transport}: {stats.stored} stored, {stats.duplicates} duplicate(s), "
             f"{stats.rejected} refused",
             duration_seconds=time.monotonic() - stats.started,
         )
 
-    def on_closed(self, event: evt.Event) -> None:
-        """Free the association's slot when its connection closes; remove a dataset it left half-received."""
-        self.limiter.release(id(event.assoc))
-        left = self.incoming.discard_of(event.assoc.dul)
-        if left:
-            logger.info("removed %d instance(s) received in part from %s", left, event.assoc.requestor.address)
+    def on_ended(self, event: evt.Event) -> None:
+        """``EVT_RELEASED`` / ``EVT_ABORTED`` (pynetdicom): :meth:`ended`."""
+        self.ended(_peer(event), "released" if event.event is evt.EVT_RELEASED else "aborted")
 
-    def _count(self, event: evt.Event, what: str) -> None:
+    def closed(self, peer: Peer) -> None:
+        """Free the association's slot when its connection closes; remove a dataset it left half-received."""
+        self.limiter.release(peer.key)
+        left = self.incoming.discard_of(peer.owner)
+        if left:
+            logger.info("removed %d instance(s) received in part from %s", left, peer.address)
+
+    def on_closed(self, event: evt.Event) -> None:
+        """``EVT_CONN_CLOSE`` (pynetdicom): :meth:`closed`."""
+        self.closed(_peer(event))
+
+    def _count(self, peer: Peer, what: str) -> None:
         with self._lock:
-            stats = self._stats.get(id(event.assoc))
+            stats = self._stats.get(peer.key)
             if stats is not None:
                 setattr(stats, what, getattr(stats, what) + 1)
 
@@ -266,38 +321,37 @@ class ReceiveHandlers:
         return SUCCESS
 
     def _refuse(
-        self, event: evt.Event, status: int, reason: str, sop_uid: str | None = None, tag: int | None = None
+        self, peer: Peer, status: int, reason: str, sop_uid: str | None = None, tag: int | None = None
     ) -> Dataset:
         """Record a ``store_refused`` event and answer ``status`` with ``reason`` as Error Comment."""
-        self._count(event, "rejected")
+        self._count(peer, "rejected")
         self._event(
             "store_refused",
             level="WARNING",
-            ae_title=event.assoc.requestor.ae_title.strip(),
-            peer=event.assoc.requestor.address,
+            ae_title=peer.calling,
+            peer=peer.address,
             sop_instance_uid=sop_uid if sop_uid and uid_problem(sop_uid) is None else None,
             status=status,
             detail=reason,
         )
         return _status(status, reason, tag)
 
-    def _check_request(self, event: evt.Event) -> Dataset | None:
+    def _check_request(self, peer: Peer, request: StoreRequest) -> Dataset | None:
         """Refuse a C-STORE request whose Affected SOP Instance / Class UID is malformed, before its data are read."""
-        request = _store_request(event)
-        instance = str(request.AffectedSOPInstanceUID or "")
+        instance = request.sop_instance_uid
         problem = uid_problem(instance)
         if problem is not None:
             return self._refuse(
-                event,
+                peer,
                 INVALID_SOP_INSTANCE,
                 f"Affected SOP Instance UID '{shown(instance)}' is not a valid UID: it {problem} (PS3.5 9.1)",
                 tag=0x00001000,
             )
-        sop_class = str(request.AffectedSOPClassUID or "")
+        sop_class = request.sop_class_uid
         problem = uid_problem(sop_class)
         if problem is not None:
             return self._refuse(
-                event,
+                peer,
                 SOP_CLASS_NOT_SUPPORTED,
                 f"Affected SOP Class UID '{shown(sop_class)}' is not a valid UID: it {problem} (PS3.5 9.1)",
                 instance,
@@ -305,14 +359,14 @@ class ReceiveHandlers:
             )
         return None
 
-    def _check(self, event: evt.Event, header: InstanceHeader) -> tuple[int, str] | None:
-        request = _store_request(event)
-        if header.sop_class_uid != request.AffectedSOPClassUID:
+    @staticmethod
+    def _check(request: StoreRequest, header: InstanceHeader) -> tuple[int, str] | None:
+        if header.sop_class_uid != request.sop_class_uid:
             return (
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Class {header.sop_class_uid} differs from the requested {request.AffectedSOPClassUID}",
+                f"dataset SOP Class {header.sop_class_uid} differs from the requested {request.sop_class_uid}",
             )
-        if header.sop_instance_uid != request.AffectedSOPInstanceUID:
+        if header.sop_instance_uid != request.sop_instance_uid:
             return (
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "dataset SOP Instance UID differs from the one in the C-STORE request",
@@ -336,20 +390,33 @@ class ReceiveHandlers:
         dataset that differs from the request (0xA900). The incoming file is always gone afterwards:
         renamed into the spool, or removed.
         """
+        peer = _peer(event)
+        command = _store_request(event)
+        request = StoreRequest(str(command.AffectedSOPClassUID or ""), str(command.AffectedSOPInstanceUID or ""))
         try:
             incoming = self._incoming(event)
         except LookupError:
             return self._refuse(
-                event,
+                peer,
                 PROCESSING_FAILURE,
                 "the received data are gone (the association ended while they were stored)",
-                _store_request(event).AffectedSOPInstanceUID,
+                request.sop_instance_uid,
             )
+        if incoming is not None:
+            return self.store(peer, request, incoming)
+        return self._store(
+            peer, request, None, lambda: event.encoded_dataset(include_meta=True), _received_bytes(event)
+        )
+
+    def store(self, peer: Peer, request: StoreRequest, incoming: IncomingFile) -> Dataset:
+        """C-STORE of a dataset received into ``incoming``: the status to answer (see :meth:`on_store_response`).
+
+        ``incoming`` is always gone afterwards: renamed into the spool, or removed.
+        """
         try:
-            return self._store(event, incoming)
+            return self._store(peer, request, incoming, None, incoming.size)
         finally:
-            if incoming is not None:
-                incoming.discard()
+            incoming.discard()
 
     def _incoming(self, event: evt.Event) -> IncomingFile | None:
         """The file the request's dataset was streamed into; None when it is in pynetdicom's memory."""
@@ -372,30 +439,37 @@ class ReceiveHandlers:
     def _no_room_reason(self) -> str:
         return f"free disk space under the spool is below [storage] min_free_mb = {self.settings.storage.min_free_mb}"
 
-    def _store(self, event: evt.Event, incoming: IncomingFile | None) -> Dataset:
-        """:meth:`on_store_response` for a dataset in ``incoming`` (or in pynetdicom's memory when None)."""
-        refused = self._check_request(event)
+    def _store(
+        self,
+        peer: Peer,
+        request: StoreRequest,
+        incoming: IncomingFile | None,
+        encoded: Callable[[], bytes] | None,
+        size: int,
+    ) -> Dataset:
+        """:meth:`store` for a dataset in ``incoming``, or (None) one ``encoded`` returns, of ``size`` bytes."""
+        refused = self._check_request(peer, request)
         if refused is not None:
             return refused
-        requested_uid = _store_request(event).AffectedSOPInstanceUID
+        requested_uid = request.sop_instance_uid
         limit_mb = self.settings.security.max_instance_mb
-        size = _received_bytes(event) if incoming is None else incoming.size
         if limit_mb and size > limit_mb * MEGABYTE:
             return self._refuse(
-                event,
+                peer,
                 OUT_OF_RESOURCES,
                 f"instance of {size / MEGABYTE:.1f} MB is larger than [security] max_instance_mb = {limit_mb}",
                 requested_uid,
             )
         if incoming is not None and incoming.no_room:
-            return self._refuse(event, OUT_OF_RESOURCES, self._no_room_reason(), requested_uid)
+            return self._refuse(peer, OUT_OF_RESOURCES, self._no_room_reason(), requested_uid)
         if incoming is not None and incoming.write_error is not None:
             reason = incoming.write_error.strerror or type(incoming.write_error).__name__
-            return self._refuse(event, OUT_OF_RESOURCES, f"cannot write to the spool: {reason}", requested_uid)
+            return self._refuse(peer, OUT_OF_RESOURCES, f"cannot write to the spool: {reason}", requested_uid)
         source: bytes | Path
         try:
             if incoming is None:
-                source = event.encoded_dataset(include_meta=True)
+                assert encoded is not None
+                source = encoded()
             elif incoming.in_memory:
                 source = incoming.getvalue()
             else:
@@ -403,28 +477,28 @@ class ReceiveHandlers:
             header = read_header(source)
         except InvalidUIDError as exc:
             status = INVALID_SOP_INSTANCE if exc.keyword == "SOPInstanceUID" else DATASET_DOES_NOT_MATCH_SOP_CLASS
-            return self._refuse(event, status, str(exc), requested_uid)
+            return self._refuse(peer, status, str(exc), requested_uid)
         except PixelDataMismatchError as exc:
-            return self._refuse(event, DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), requested_uid, exc.tag)
+            return self._refuse(peer, DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), requested_uid, exc.tag)
         except IncompleteDatasetError as exc:
-            return self._refuse(event, CANNOT_UNDERSTAND, f"incomplete dataset: {exc}", requested_uid, exc.tag)
+            return self._refuse(peer, CANNOT_UNDERSTAND, f"incomplete dataset: {exc}", requested_uid, exc.tag)
         except HeaderError as exc:
-            return self._refuse(event, CANNOT_UNDERSTAND, str(exc), requested_uid)
+            return self._refuse(peer, CANNOT_UNDERSTAND, str(exc), requested_uid)
         except Exception as exc:  # pynetdicom can fail to build the file meta of garbage
             return self._refuse(
-                event,
+                peer,
                 CANNOT_UNDERSTAND,
                 f"cannot decode the dataset: {type(exc).__name__}",
                 requested_uid,
             )
-        problem = self._check(event, header)
+        problem = self._check(request, header)
         if problem is not None:
-            return self._refuse(event, problem[0], problem[1], header.sop_instance_uid)
+            return self._refuse(peer, problem[0], problem[1], header.sop_instance_uid)
         size = len(source) if isinstance(source, bytes) else size
         # A streamed file already takes its room on the disk.
         if not self.spool.has_room(size if isinstance(source, bytes) else 0):
-            return self._refuse(event, OUT_OF_RESOURCES, self._no_room_reason(), header.sop_instance_uid)
-        calling = event.assoc.requestor.ae_title.strip()
+            return self._refuse(peer, OUT_OF_RESOURCES, self._no_room_reason(), header.sop_instance_uid)
+        calling = peer.calling
         relative = self.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
@@ -446,7 +520,7 @@ class ReceiveHandlers:
                 outcome = self.index.record(IndexEntry(header, str(relative), size, calling))
         except OSError as exc:
             return self._refuse(
-                event, OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", header.sop_instance_uid
+                peer, OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", header.sop_instance_uid
             )
         except SQLAlchemyError as exc:
             logger.exception(
@@ -455,9 +529,9 @@ class ReceiveHandlers:
             if written:  # not acknowledged, not recorded: leave no orphan file behind
                 self.spool.absolute(relative).unlink(missing_ok=True)
             return self._refuse(
-                event, PROCESSING_FAILURE, f"database error: {type(exc).__name__}", header.sop_instance_uid
+                peer, PROCESSING_FAILURE, f"database error: {type(exc).__name__}", header.sop_instance_uid
             )
-        self._count(event, "stored" if outcome is StoreOutcome.STORED else "duplicates")
+        self._count(peer, "stored" if outcome is StoreOutcome.STORED else "duplicates")
         if outcome is StoreOutcome.DUPLICATE:
             logger.debug("duplicate instance of study %s kept once", uid_hash(header.study_instance_uid))
         return _status(SUCCESS, "")

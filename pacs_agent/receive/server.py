@@ -19,7 +19,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +71,7 @@ from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
 from pacs_agent.receive.processes import ReceiveProcesses, process_count
 from pacs_agent.receive.spool import IncomingFiles, Spool
+from pacs_agent.receive.upper_layer import AcceptorSettings, EncodedFileMeta, NativeStack, file_meta
 from pacs_agent.tls import HANDSHAKE_TIMEOUT_SECONDS, describe_tls_error, server_context, warn_about_certificate
 
 logger = logging.getLogger(__name__)
@@ -94,45 +94,18 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-class EncodedFileMeta(bytes):
-    """File meta information (group 0002, Explicit VR Little Endian) already encoded."""
-
-
-def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
-    """One Explicit VR Little Endian element of group 0002 (OB with a 4-byte length, the rest 2)."""
-    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
-    if vr == b"OB":
-        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def _padded(value: str, pad: bytes) -> bytes:
-    """``value`` encoded (never raising: a malformed request is refused by the handler), padded to even."""
-    data = value.encode("utf-8", "backslashreplace")[:0xFFFE]
-    return data + pad if len(data) % 2 else data
-
-
 def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> EncodedFileMeta:
-    """The file meta of pynetdicom's ``create_file_meta``, encoded here, without pydicom's check of the UIDs.
+    """The file meta of pynetdicom's ``create_file_meta`` (``dicom_stack = "pynetdicom"``), encoded directly.
 
-    pynetdicom builds the file meta of a streamed dataset from the C-STORE request as soon as the
-    command arrives, before any handler runs; pydicom's check would warn with the raw value of a
-    malformed UID (control characters included) into the log. The handler refuses such a request
-    with its own, escaped, reason (0x0117 / 0x0122). The bytes are those pydicom's
-    ``write_file_meta_info`` writes for the same file meta (a unit test compares them); encoding
-    them directly saves pydicom's dataset machinery on every instance.
+    See :func:`pacs_agent.receive.upper_layer.file_meta`; the implementation is pynetdicom's here.
     """
-    body = b"".join(
-        (
-            _element(0x00020001, b"OB", b"\x00\x01"),
-            _element(0x00020002, b"UI", _padded(str(sop_class_uid), b"\0")),
-            _element(0x00020003, b"UI", _padded(str(sop_instance_uid), b"\0")),
-            _element(0x00020010, b"UI", _padded(str(transfer_syntax), b"\0")),
-            _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
-            _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-        )
+    return file_meta(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+        implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+        implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION,
     )
-    return EncodedFileMeta(_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body)
 
 
 def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
@@ -179,6 +152,18 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def native_stack(settings: Settings, ae: AE, handlers: ReceiveHandlers) -> NativeStack:
+    """The node's own upper layer, offering what ``ae`` (:func:`build_ae`) offers, with ``handlers``."""
+    acceptor = AcceptorSettings(
+        ae_title=settings.node.ae_title,
+        contexts=list(ae.supported_contexts),
+        maximum_pdu_bytes=settings.node.max_pdu_bytes,
+        request_timeout_seconds=ae.acse_timeout or 0.0,
+        network_timeout_seconds=settings.node.network_timeout_seconds,
+    )
+    return NativeStack(acceptor, handlers)
+
+
 WATCH_TICK_SECONDS = 0.25
 """How often the watcher looks for connections past their request timeout."""
 LISTEN_BACKLOG = 128
@@ -204,9 +189,16 @@ class GuardedRequestHandler(RequestHandler):
     server: GuardedAssociationServer
 
     def handle(self) -> None:
-        """As pynetdicom's ``handle``; the guard learns of the request and of the closing."""
-        assoc = self._create_association()
+        """As pynetdicom's ``handle``; the guard learns of the request and of the closing.
+
+        With the native stack the association runs here, on the connection's thread, to its end.
+        """
         connection = self.server.current_connection()
+        native = self.server.native
+        if native is not None:
+            self._handle_native(native, connection)
+            return
+        assoc = self._create_association()
         if connection is not None:
             assoc.bind(evt.EVT_REQUESTED, self.server.on_requested, [connection])
             assoc.bind(evt.EVT_CONN_CLOSE, self.server.on_connection_closed, [connection])
@@ -214,6 +206,21 @@ class GuardedRequestHandler(RequestHandler):
         assoc.start()
         if connection is not None:
             connection.alive = assoc.is_alive
+
+    def _handle_native(self, native: NativeStack, connection: Connection | None) -> None:
+        def requested() -> None:
+            if connection is not None:
+                self.server.on_requested(None, connection)
+
+        def started(alive: Callable[[], bool]) -> None:
+            if connection is not None:
+                connection.alive = alive
+
+        try:
+            native.serve(self.request, str(self.client_address[0]), requested, started)
+        finally:
+            if connection is not None:
+                self.server.on_connection_closed(None, connection)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
@@ -231,10 +238,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         *args: Any,
         guard: ConnectionGuard,
         on_closing: Callable[[ConnectionClosing, str], None],
+        native: NativeStack | None = None,
         **kwargs: Any,
     ) -> None:
         self.guard = guard
         self.on_closing = on_closing
+        self.native = native
+        """Serves the associations when ``[node] dicom_stack = "native"``; None: pynetdicom does."""
+        if native is not None:
+            # Each connection's thread runs its association: server_close must not wait for them
+            # (stop aborts them through the native stack instead).
+            self.daemon_threads = True
         self._accepted: dict[int, Connection] = {}
         self._accepted_lock = threading.Lock()
         self._local = threading.local()
@@ -267,11 +281,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         connection: Connection | None = getattr(self._local, "connection", None)
         return connection
 
-    def on_requested(self, event: evt.Event, connection: Connection) -> None:
+    def on_requested(self, event: evt.Event | None, connection: Connection) -> None:
         """``EVT_REQUESTED``: the connection sent its A-ASSOCIATE-RQ in time."""
         self.guard.requested(connection)
 
-    def on_connection_closed(self, event: evt.Event, connection: Connection) -> None:
+    def on_connection_closed(self, event: evt.Event | None, connection: Connection) -> None:
         """``EVT_CONN_CLOSE``: the connection no longer counts."""
         self.guard.closed(connection)
 
@@ -414,6 +428,8 @@ class ReceiveServer:
         self.handlers = ReceiveHandlers(settings, db, spool)
         stream_to_spool(self.handlers.incoming)
         self.ae = build_ae(settings)
+        self.native = native_stack(settings, self.ae, self.handlers) if settings.node.dicom_stack == "native" else None
+        """The node's own upper layer, or None when pynetdicom serves (``[node] dicom_stack``)."""
         self.tls_context = server_context(settings.tls) if settings.node.tls_port else None
         self.guard = ConnectionGuard(settings.security)
         self.tally = ConnectionTally()
@@ -467,6 +483,7 @@ class ReceiveServer:
             server_class=server_class,
             guard=self.guard,
             on_closing=self.on_closing,
+            native=self.native,
             **kwargs,
         )
         assert isinstance(server, server_class)
@@ -570,6 +587,8 @@ class ReceiveServer:
         self._server = self._tls_server = None
         if self.processes is not None:
             self.processes.stop()
+        if self.native is not None:
+            self.native.abort_all()
         self.ae.shutdown()
         self.handlers.index.stop()
         self._stop_watch.set()

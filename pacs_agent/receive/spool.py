@@ -278,8 +278,8 @@ class IncomingFile:
         self.write_error: OSError | None = None
         self.committed = False
         """Renamed into the spool (see :meth:`Spool.commit`)."""
-        self.owner = threading.current_thread()
-        """The thread that receives it (the association's DUL reader)."""
+        self.owner: object = threading.current_thread()
+        """The thread that receives it (the association's reader)."""
         self._buffer: bytearray | None = bytearray()
         self._fd: int | None = None
         self._room_checked_at = -ROOM_CHECK_BYTES  # checked when the first bytes go to the file
@@ -400,7 +400,7 @@ class IncomingFiles:
         with self._lock:
             return self._open.pop(str(path), None)
 
-    def discard_of(self, owner: threading.Thread) -> int:
+    def discard_of(self, owner: object) -> int:
         """Remove the files ``owner`` received that no handler took (its association ended); how many."""
         with self._lock:
             left = [name for name, incoming in self._open.items() if incoming.owner is owner]

@@ -27,7 +27,13 @@ from pacs_agent.receive.access import ConnectionGuard, Refusal
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.index import IndexEntry
 from pacs_agent.receive.processes import Channel, decode_outcome
-from pacs_agent.receive.server import GuardedAssociationServer, GuardedRequestHandler, build_ae, stream_to_spool
+from pacs_agent.receive.server import (
+    GuardedAssociationServer,
+    GuardedRequestHandler,
+    build_ae,
+    native_stack,
+    stream_to_spool,
+)
 from pacs_agent.receive.spool import Spool
 from pacs_agent.studies.store import StoreOutcome
 from pacs_agent.supervision import die_with_parent
@@ -210,6 +216,7 @@ def run(fd: int) -> int:
     handlers.limiter = RemoteLimiter(calls)  # type: ignore[assignment]
     stream_to_spool(handlers.incoming)
     ae = build_ae(settings)
+    native = native_stack(settings, ae, handlers) if settings.node.dicom_stack == "native" else None
     server = WorkerAssociationServer(
         ae,
         (settings.node.host, 0),
@@ -221,6 +228,7 @@ def run(fd: int) -> int:
         guard=ConnectionGuard(settings.security),  # unused: the scp process's guard counts
         on_closing=lambda closing, address: None,
         channel=channel,
+        native=native,
     )
     ae._servers.append(server)
     stop = threading.Event()
@@ -253,6 +261,8 @@ def run(fd: int) -> int:
     calls.fail_all()
     for assoc in list(ae.active_associations):
         assoc.abort()
+    if native is not None:
+        native.abort_all()
     db.dispose()
     channel.close()
     return 0
