@@ -1,4 +1,4 @@
-"""Where pacs-agent's receive CPU goes: CPU seconds per instance, per stage, against pynetdicom's floor.
+"""Where pacs-agent's receive CPU goes: CPU seconds per instance, per stage, against the floors of its DICOM stacks.
 
 The machine is shared, so this measures CPU time, not wall time: the receiving AE runs in this
 process (``ReceiveServer`` with the node's own handlers, spool and SQLite database, as ``pacs-agent
@@ -9,16 +9,18 @@ scp`` runs it), one DCMTK storescu (``TCP_NODELAY=1``) sends a CT series over on
   (``time.thread_time``): header walk + parse, the free-space check, the spool write (open, write,
   rename) and each fsync, the duplicate look-up, the index transaction (statements + COMMIT, on
   the index's committer thread);
-- what is left is pynetdicom's work outside the handler (PDU reading and decoding on the DUL thread,
-  DIMSE message assembly, the response) plus the streaming of the dataset into the spool's buffer.
+- what is left is the upper layer's work outside the handler (``[node] dicom_stack``, native by
+  default: PDU reading, the command set, streaming the dataset into the incoming file, the
+  response; with pynetdicom also its DUL and DIMSE threads).
 
-Then the floor: a bare pynetdicom AE in this process with the same maximum PDU and a C-STORE
-handler that answers Success without touching the data. Its CPU per instance is what any receiver
-built on pynetdicom pays for the PDU handling alone.
+Then the floors, what the PDU handling alone costs in this process with the same maximum PDU:
+the native upper layer whose C-STORE handler answers Success without touching the data (the
+incoming file is still filled, as for every instance), and a bare pynetdicom AE whose handler does
+the same (what any receiver built on pynetdicom pays).
 
 Wall time under load is printed for orientation only; compare CPU.
 
-Usage:  .venv/bin/python benchmarks/profile_ingest.py [--slices 300] [--size 512] [--rounds 3]
+Usage:  .venv/bin/python benchmarks/profile_ingest.py [--slices 300] [--size 512] [--rounds 3] [--stack native]
 Writes: benchmarks/results/profile_ingest.json
 """
 
@@ -107,8 +109,9 @@ def instrument(clock: StageClock, server: ReceiveServer) -> None:
     h.index._transaction = clock.wrap("durable index write (committer: statements + COMMIT)", h.index._transaction)  # type: ignore[method-assign]
     real_fsync = os.fsync
     spool_module.os = _OsWithTimedFsync(clock.wrap("fsync (file, directory)", real_fsync))  # type: ignore[attr-defined]
+    # The native stack calls store(); bindings() hands pynetdicom self.on_store_response: both timed.
+    h.store = clock.wrap("handler: the rest (checks, status, bookkeeping)", h.store)  # type: ignore[method-assign]
     h.on_store_response = clock.wrap("handler: the rest (checks, status, bookkeeping)", h.on_store_response)  # type: ignore[method-assign]
-    # bindings() hands pynetdicom self.on_store_response: the instance attribute, timed.
 
 
 class _OsWithTimedFsync:
@@ -126,11 +129,14 @@ def process_cpu() -> float:
     return time.process_time()
 
 
-def profile_node(files: list[Path], work: Path) -> dict[str, Any]:
+OUTSIDE = "upper layer outside the handler (PDUs, command, streaming into the incoming file, response)"
+
+
+def profile_node(files: list[Path], work: Path, stack: str) -> dict[str, Any]:
     """Send ``files`` to an in-process receiving AE; CPU per instance, per stage."""
     port = free_port()
     config = node_config(work, port)
-    settings = load_settings(config, environ={})
+    settings = load_settings(config, environ={"PACS_AGENT__NODE__DICOM_STACK": stack})
     spool_module.os = os  # type: ignore[attr-defined]
     db = Database(settings.database_url)
     spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
@@ -148,7 +154,7 @@ def profile_node(files: list[Path], work: Path) -> dict[str, Any]:
         spool_module.os = os  # type: ignore[attr-defined]
     n = len(files)
     stages = {name: 1000 * value / n for name, value in clock.cpu.items()}
-    stages["pynetdicom outside the handler + streaming into the spool buffer"] = 1000 * cpu / n - sum(stages.values())
+    stages[OUTSIDE] = 1000 * cpu / n - sum(stages.values())
     return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / n, "stages_cpu_ms_per_instance": stages}
 
 
@@ -174,11 +180,36 @@ def profile_floor(files: list[Path], max_pdu: int) -> dict[str, Any]:
     return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / len(files)}
 
 
+def profile_native_floor(files: list[Path], work: Path) -> dict[str, Any]:
+    """The native upper layer whose C-STORE handler answers Success untouched: CPU per instance."""
+    port = free_port()
+    settings = load_settings(node_config(work, port), environ={})
+    db = Database(settings.database_url)
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
+    server = ReceiveServer(settings, db, spool)
+
+    def success(peer: Any, request: Any, incoming: Any) -> Any:
+        incoming.discard()
+        return handlers_module._status(0, "")
+
+    server.handlers.store = success  # type: ignore[method-assign]
+    server.start()
+    try:
+        cpu_before = process_cpu()
+        seconds, _ = send_concurrently(server.port, settings.node.ae_title, [files])
+        cpu = process_cpu() - cpu_before
+    finally:
+        server.stop()
+        db.dispose()
+    return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / len(files)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stack", choices=["native", "pynetdicom"], default="native")
     args = parser.parse_args()
     require_tools("storescu")
     load_start = load_average()
@@ -188,16 +219,20 @@ def main() -> int:
     )
     files = list(study.ct_files)
     mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
-    nodes, floors = [], []
+    nodes, floors, native_floors = [], [], []
     max_pdu = 0
     for round_no in range(args.rounds):
         work = fresh_dir(WORK / f"node{round_no}")
-        nodes.append(profile_node(files, work))
+        nodes.append(profile_node(files, work, args.stack))
         max_pdu = load_settings(work / "pacs-agent.toml", environ={}).node.max_pdu_bytes
         shutil.rmtree(work, ignore_errors=True)
         floors.append(profile_floor(files, max_pdu))
+        work = fresh_dir(WORK / f"floor{round_no}")
+        native_floors.append(profile_native_floor(files, work))
+        shutil.rmtree(work, ignore_errors=True)
         print(
-            f"round {round_no + 1}: node {nodes[-1]['cpu_ms_per_instance']:.2f} ms CPU/instance, "
+            f"round {round_no + 1}: node ({args.stack}) {nodes[-1]['cpu_ms_per_instance']:.2f} ms CPU/instance, "
+            f"native floor {native_floors[-1]['cpu_ms_per_instance']:.2f}, "
             f"pynetdicom floor {floors[-1]['cpu_ms_per_instance']:.2f}",
             flush=True,
         )
@@ -207,6 +242,7 @@ def main() -> int:
     }
     node_cpu = statistics.median(n["cpu_ms_per_instance"] for n in nodes)
     floor_cpu = statistics.median(f["cpu_ms_per_instance"] for f in floors)
+    native_floor_cpu = statistics.median(f["cpu_ms_per_instance"] for f in native_floors)
     result = header(
         "profile_ingest",
         {
@@ -217,20 +253,28 @@ def main() -> int:
             "rounds": args.rounds,
             "max_pdu_bytes": max_pdu,
             "sender": "DCMTK storescu -R (TCP_NODELAY=1), one association",
+            "dicom_stack": args.stack,
             "node": "ReceiveServer in the profiling process (node handlers, spool with fsync, SQLite), stages "
             "timed with the thread CPU clock",
             "floor": "bare pynetdicom AE, same max PDU, C-STORE handler answers Success without touching the data",
+            "native_floor": "the native upper layer, same max PDU, C-STORE handler answers Success (incoming "
+            "file filled, then discarded)",
         },
         load_start,
     )
     result |= {
         "node_cpu_ms_per_instance": round(node_cpu, 3),
         "pynetdicom_floor_cpu_ms_per_instance": round(floor_cpu, 3),
+        "native_floor_cpu_ms_per_instance": round(native_floor_cpu, 3),
         "node_over_floor": round(node_cpu / floor_cpu, 2),
         "stages_cpu_ms_per_instance_median": stages,
         "node_rounds": [
             {"seconds": round(n["seconds"], 3), "cpu_ms_per_instance": round(n["cpu_ms_per_instance"], 3)}
             for n in nodes
+        ],
+        "native_floor_rounds": [
+            {"seconds": round(f["seconds"], 3), "cpu_ms_per_instance": round(f["cpu_ms_per_instance"], 3)}
+            for f in native_floors
         ],
         "floor_rounds": [
             {"seconds": round(f["seconds"], 3), "cpu_ms_per_instance": round(f["cpu_ms_per_instance"], 3)}
@@ -243,6 +287,13 @@ def main() -> int:
         for name, value in sorted(stages.items(), key=lambda kv: -kv[1])
     ]
     rows.append(["**total (process CPU)**", f"{node_cpu:.2f}", "100%"])
+    rows.append(
+        [
+            "native floor (own upper layer, handler answers Success)",
+            f"{native_floor_cpu:.2f}",
+            f"{native_floor_cpu / node_cpu:.0%}",
+        ]
+    )
     rows.append(
         ["pynetdicom floor (bare AE, handler answers Success)", f"{floor_cpu:.2f}", f"{floor_cpu / node_cpu:.0%}"]
     )

@@ -84,15 +84,33 @@ def let_long_uids_reach_the_handler() -> None:
     _config.VALIDATORS["UI"] = _any_uid
 
 
-def _status(status: int, reason: str, tag: int | None = None) -> Dataset:
+@dataclass(frozen=True)
+class StoreStatus:
+    """A C-STORE response status: the value, the Error Comment (0000,0902) and Offending Element (0000,0901)."""
+
+    status: int
+    comment: str = ""
+    """Printable ASCII, at most 64 characters (an LO); empty for none."""
+    offending_element: int | None = None
+
+    def dataset(self) -> Dataset:
+        """The status as pynetdicom takes it from a handler."""
+        response = Dataset()
+        response.Status = self.status
+        if self.comment:
+            response.ErrorComment = self.comment
+        if self.offending_element is not None:
+            response.OffendingElement = [self.offending_element]
+        return response
+
+
+STORED = StoreStatus(SUCCESS)
+
+
+def _status(status: int, reason: str, tag: int | None = None) -> StoreStatus:
     """A C-STORE response status with the reason as Error Comment and the offending element, if known."""
-    response = Dataset()
-    response.Status = status
-    if reason:
-        response.ErrorComment = "".join(c for c in reason if " " <= c <= "~")[:ERROR_COMMENT_LENGTH]
-    if tag is not None:
-        response.OffendingElement = [tag]
-    return response
+    comment = "".join(c for c in reason if " " <= c <= "~")[:ERROR_COMMENT_LENGTH]
+    return StoreStatus(status, comment, tag)
 
 
 @dataclass
@@ -322,7 +340,7 @@ class ReceiveHandlers:
 
     def _refuse(
         self, peer: Peer, status: int, reason: str, sop_uid: str | None = None, tag: int | None = None
-    ) -> Dataset:
+    ) -> StoreStatus:
         """Record a ``store_refused`` event and answer ``status`` with ``reason`` as Error Comment."""
         self._count(peer, "rejected")
         self._event(
@@ -336,7 +354,7 @@ class ReceiveHandlers:
         )
         return _status(status, reason, tag)
 
-    def _check_request(self, peer: Peer, request: StoreRequest) -> Dataset | None:
+    def _check_request(self, peer: Peer, request: StoreRequest) -> StoreStatus | None:
         """Refuse a C-STORE request whose Affected SOP Instance / Class UID is malformed, before its data are read."""
         instance = request.sop_instance_uid
         problem = uid_problem(instance)
@@ -377,7 +395,7 @@ class ReceiveHandlers:
 
     def on_store(self, event: evt.Event) -> int:
         """C-STORE: check, spool durably, record, then answer the status (see :meth:`on_store_response`)."""
-        return int(self.on_store_response(event).Status)
+        return int(self._on_store(event).status)
 
     def on_store_response(self, event: evt.Event) -> Dataset:
         """C-STORE: check, spool durably, record, then answer; a refusal carries its reason as Error Comment.
@@ -390,6 +408,9 @@ class ReceiveHandlers:
         dataset that differs from the request (0xA900). The incoming file is always gone afterwards:
         renamed into the spool, or removed.
         """
+        return self._on_store(event).dataset()
+
+    def _on_store(self, event: evt.Event) -> StoreStatus:
         peer = _peer(event)
         command = _store_request(event)
         request = StoreRequest(str(command.AffectedSOPClassUID or ""), str(command.AffectedSOPInstanceUID or ""))
@@ -408,7 +429,7 @@ class ReceiveHandlers:
             peer, request, None, lambda: event.encoded_dataset(include_meta=True), _received_bytes(event)
         )
 
-    def store(self, peer: Peer, request: StoreRequest, incoming: IncomingFile) -> Dataset:
+    def store(self, peer: Peer, request: StoreRequest, incoming: IncomingFile) -> StoreStatus:
         """C-STORE of a dataset received into ``incoming``: the status to answer (see :meth:`on_store_response`).
 
         ``incoming`` is always gone afterwards: renamed into the spool, or removed.
@@ -446,7 +467,7 @@ class ReceiveHandlers:
         incoming: IncomingFile | None,
         encoded: Callable[[], bytes] | None,
         size: int,
-    ) -> Dataset:
+    ) -> StoreStatus:
         """:meth:`store` for a dataset in ``incoming``, or (None) one ``encoded`` returns, of ``size`` bytes."""
         refused = self._check_request(peer, request)
         if refused is not None:
@@ -534,4 +555,4 @@ class ReceiveHandlers:
         self._count(peer, "stored" if outcome is StoreOutcome.STORED else "duplicates")
         if outcome is StoreOutcome.DUPLICATE:
             logger.debug("duplicate instance of study %s kept once", uid_hash(header.study_instance_uid))
-        return _status(SUCCESS, "")
+        return STORED

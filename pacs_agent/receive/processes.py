@@ -308,11 +308,15 @@ class ReceiveProcesses:
             self._supervisors.append(supervisor)
 
     def choose(self) -> WorkerLink | None:
-        """Who serves the next connection: the least loaded receiving process, or None for the scp itself."""
+        """Who serves the next connection: the least loaded receiving process, or None for the scp itself.
+
+        On a tie a receiving process is preferred: the scp process also writes every Instance row
+        (and accepts), so a lone sender's association runs beside the index, not under its GIL.
+        """
         best: WorkerLink | None = None
         best_load = self.local_load()
         for link in self.links:
-            if link.alive and link.load < best_load:
+            if link.alive and (link.load < best_load or (best is None and link.load == best_load)):
                 best, best_load = link, link.load
         return best
 

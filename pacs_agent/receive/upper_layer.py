@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from io import BufferedReader
 from typing import cast
 
-from pydicom import Dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -51,7 +50,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from pacs_agent import __version__
-from pacs_agent.receive.handlers import Peer, ReceiveHandlers, StoreRequest, transport_text
+from pacs_agent.receive.handlers import STORED, Peer, ReceiveHandlers, StoreRequest, StoreStatus, transport_text
 from pacs_agent.receive.spool import IncomingFile
 
 logger = logging.getLogger(__name__)
@@ -205,7 +204,7 @@ def _ui(value: str) -> bytes:
 
 
 def _response(
-    command_field: int, sop_class_uid: str, message_id: int, status: Dataset, sop_instance_uid: str | None
+    command_field: int, sop_class_uid: str, message_id: int, status: StoreStatus, sop_instance_uid: str | None
 ) -> bytes:
     """A C-STORE-RSP / C-ECHO-RSP with the handler's status (and its Error Comment / Offending Element)."""
     elements = [
@@ -213,26 +212,16 @@ def _response(
         (0x0100, struct.pack("<H", command_field)),
         (0x0120, struct.pack("<H", message_id)),
         (0x0800, struct.pack("<H", NO_DATA_SET)),
-        (0x0900, struct.pack("<H", int(status.Status))),
+        (0x0900, struct.pack("<H", status.status)),
     ]
-    offending = status.get("OffendingElement")
-    if offending:
-        tags = [offending] if isinstance(offending, int) else list(offending)
-        elements.append((0x0901, b"".join(struct.pack("<HH", int(t) >> 16, int(t) & 0xFFFF) for t in tags)))
-    comment = status.get("ErrorComment")
-    if comment:
-        elements.append((0x0902, _padded(str(comment)[:ERROR_COMMENT_LENGTH], b" ")))
+    tag = status.offending_element
+    if tag is not None:
+        elements.append((0x0901, struct.pack("<HH", tag >> 16, tag & 0xFFFF)))
+    if status.comment:
+        elements.append((0x0902, _padded(status.comment[:ERROR_COMMENT_LENGTH], b" ")))
     if sop_instance_uid is not None:
         elements.append((0x1000, _ui(sop_instance_uid)))
     return encode_command(elements)
-
-
-def _status(value: int, comment: str = "") -> Dataset:
-    status = Dataset()
-    status.Status = value
-    if comment:
-        status.ErrorComment = comment
-    return status
 
 
 # -- PDUs ---------------------------------------------------------------------------------------
@@ -543,7 +532,7 @@ class Association:
         has_data = _us(elements, 0x0800) != NO_DATA_SET
         abstract_syntax = str(self._contexts[context_id].abstract_syntax)
         if field == C_ECHO_RQ and not has_data:
-            self._respond(context_id, _response(C_ECHO_RSP, VERIFICATION, message_id, _status(0), None))
+            self._respond(context_id, _response(C_ECHO_RSP, VERIFICATION, message_id, STORED, None))
         elif field == C_STORE_RQ and has_data and abstract_syntax != VERIFICATION:
             request = StoreRequest(_text(elements, 0x0002), _text(elements, 0x1000))
             incoming = self.handlers.incoming.open()
@@ -576,7 +565,7 @@ class Association:
         except Exception:  # the sender gets a failure status, the association goes on
             logger.exception("the C-STORE handler failed")
             message.incoming.discard()
-            status = _status(HANDLER_FAILED, "the receiving node failed to handle the instance")
+            status = StoreStatus(HANDLER_FAILED, "the receiving node failed to handle the instance")
         self._respond(
             message.context_id,
             _response(
