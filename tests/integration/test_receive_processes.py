@@ -21,10 +21,8 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from inference.phantom import generate_study
-from pacs_agent.config import Destination
 from pacs_agent.db.tables import Event, Instance
 from pacs_agent.receive.access import ConnectionClosing
-from pacs_agent.send.scu import store_files
 from tests.integration.peers import Node, Nodes, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -97,7 +95,7 @@ def test_association_limits_count_the_associations_of_every_process(node: Node) 
     held = [open_association(node, "BUSY"), open_association(node, "BUSY")]
     try:
         assert all(a.is_established for a in held)
-        # The second association went to the receiving process (the scp process served the first).
+        # One association is served by the receiving process, the other by the scp process.
         assert sockets_of(worker, node.port) == 1
         third = open_association(node, "BUSY")
         assert third.is_rejected
@@ -180,28 +178,37 @@ def test_concurrent_senders_are_all_stored_across_processes(node: Node, tmp_path
 def test_a_receiving_process_killed_while_receiving_loses_nothing_it_acknowledged(node: Node, tmp_path: Path) -> None:
     worker = receiving_process(node)
     study = generate_study(tmp_path / "s", seed=400, lesions=1, slices=60, rows=64, columns=64, segmentation="none")
-    held = open_association(node, "BUSY")  # the scp process serves this one: the sender goes to the worker
+    datasets = [dcmread(path) for path in study.ct_files]
+    uids = {str(ds.SOPInstanceUID) for ds in datasets}
+    ae = AE(ae_title="SENDER3")
+    ae.add_requested_context(datasets[0].SOPClassUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
     acknowledged: set[str] = set()
-    uids = {path: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in study.ct_files}
-
-    def send() -> None:
-        destination = Destination(name="node", ae_title=node.ae_title, host="127.0.0.1", port=node.port)
-        for outcome in store_files(destination, study.ct_files, calling_ae_title="SENDER3", timeout_seconds=10):
-            if outcome.ok:
-                acknowledged.add(uids[outcome.path])
 
     def stored() -> set[str]:
         return set(node.scalars(select(Instance.sop_instance_uid).where(Instance.calling_ae_title == "SENDER3")))
 
-    sender = threading.Thread(target=send)
+    def send(batch: list) -> None:  # type: ignore[type-arg]
+        for ds in batch:
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0x0000:
+                acknowledged.add(str(ds.SOPInstanceUID))
+            if not assoc.is_established:
+                return
+
     try:
-        sender.start()
-        wait_for(lambda: len(stored()) >= 5, 60, "the first instances")
+        # A lone association is served by the receiving process, not by the scp process.
+        assert sockets_of(worker, node.port) == 1
+        send(datasets[:5])
+        assert len(acknowledged) == 5
+        sender = threading.Thread(target=send, args=(datasets[5:],))
+        sender.start()  # the process is killed while the rest streams in
         os.kill(worker, signal.SIGKILL)
         sender.join(120)
     finally:
-        if held.is_established:
-            held.release()
+        if assoc.is_established:
+            assoc.abort()
     assert 5 <= len(acknowledged) < 60
     assert acknowledged <= stored()
     for path in node.scalars(select(Instance.path).where(Instance.calling_ae_title == "SENDER3")):
@@ -210,4 +217,4 @@ def test_a_receiving_process_killed_while_receiving_loses_nothing_it_acknowledge
     assert restarted != worker
     result = storescu(node.port, study.ct_files, aet="SENDER3")  # the rest arrives through the new process
     assert result.returncode == 0, result.stderr
-    assert stored() == set(uids.values())
+    assert stored() == uids
