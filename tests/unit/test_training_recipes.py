@@ -104,7 +104,7 @@ def checkpoint(cohort, tmp_path_factory):
         pretrain={
             "epochs": 6,
             "batch_size": 8,
-            "lr": 0.05,
+            "lr": 0.02,
             "crop_scale": [0.85, 1.0],
             "jitter": 0.0,
             "blur_probability": 0.0,
