@@ -45,6 +45,7 @@ from pacs_agent.receive.header import (
     uid_problem,
 )
 from pacs_agent.receive.index import IndexEntry, InstanceIndex
+from pacs_agent.receive.journal import IN_FLIGHT_SECONDS as JOURNAL_REPLAY_SECONDS
 from pacs_agent.receive.spool import IncomingFile, IncomingFiles, Spool
 from pacs_agent.studies.store import StoreOutcome, is_known_instance
 
@@ -60,6 +61,8 @@ INVALID_SOP_INSTANCE = 0x0117
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 MEGABYTE = 1024 * 1024
 IN_MEMORY_BYTES = 8 * MEGABYTE
+SETTLE_SECONDS = 60.0
+"""How long an ending association waits for the rows of the instances it stored (normally milliseconds)."""
 """An instance up to this size is received in memory and written once; a larger one streams to its file."""
 ERROR_COMMENT_LENGTH = 64
 """Error Comment (0000,0902) is an LO: at most 64 characters."""
@@ -201,6 +204,14 @@ class ReceiveHandlers:
             spool, limit_bytes=security.max_instance_mb * MEGABYTE, memory_bytes=IN_MEMORY_BYTES
         )
         """The files pynetdicom streams received datasets into (when enabled by the server)."""
+        self.deferred_index = False
+        """True when the stack waits for :meth:`settle` before it answers an A-RELEASE-RQ (the native
+        upper layer): a C-STORE is then answered once its file and journal entry are durable, and its
+        Instance row is committed just after (:mod:`pacs_agent.receive.journal`). False: Success
+        waits for the row's commit."""
+        self._in_flight: dict[int, int] = {}
+        """Association key -> instances acknowledged whose rows are not committed yet."""
+        self._settled = threading.Condition()
         let_long_uids_reach_the_handler()
 
     def bindings(self) -> list[evt.EventHandlerType]:
@@ -295,6 +306,7 @@ class ReceiveHandlers:
         ``how`` is ``released`` or ``aborted``, the latter optionally with its reason (``aborted
         (no data for 60 s)``).
         """
+        self.settle(peer)
         self.limiter.release(peer.key)
         with self._lock:
             stats = self._stats.pop(peer.key, None)
@@ -524,21 +536,30 @@ class ReceiveHandlers:
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
         written = False
+        deferred = self.deferred_index
         try:
             # Every stored instance has its file at this path (rows and files are never removed
             # apart): no file, no stored instance - the database is asked only when there is one.
-            known = self.spool.absolute(relative).exists() and self._known(header.sop_instance_uid)
+            # One whose row is on its way has its journal entry.
+            known = self.spool.absolute(relative).exists() and (
+                self._known(header.sop_instance_uid) or self.spool.is_pending(relative)
+            )
             if known:
                 outcome = self.index.record(IndexEntry(header, None, size, calling))
             else:
-                # The file is durable before the row exists; the row is what makes it "received".
+                # The file is durable before the row exists; the row (or, deferred, the journal
+                # entry made durable with the file) is what makes it "received".
                 if isinstance(source, bytes):
-                    self.spool.write(relative, source)
+                    self.spool.write(relative, source, journal=deferred)
                 else:
                     assert incoming is not None
-                    self.spool.commit(incoming, relative)  # renamed, never copied
+                    self.spool.commit(incoming, relative, journal=deferred)  # renamed, never copied
                 written = True
-                outcome = self.index.record(IndexEntry(header, str(relative), size, calling))
+                entry = IndexEntry(header, str(relative), size, calling)
+                if deferred:
+                    self._defer(peer, entry, relative)
+                    return STORED
+                outcome = self.index.record(entry)
         except OSError as exc:
             return self._refuse(
                 peer, OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", header.sop_instance_uid
@@ -556,3 +577,48 @@ class ReceiveHandlers:
         if outcome is StoreOutcome.DUPLICATE:
             logger.debug("duplicate instance of study %s kept once", uid_hash(header.study_instance_uid))
         return STORED
+
+    # -- the deferred index write ----------------------------------------------------------
+
+    def _defer(self, peer: Peer, entry: IndexEntry, relative: Path) -> None:
+        """Have ``entry``'s row committed after Success; its journal entry goes once it is."""
+        with self._settled:
+            self._in_flight[peer.key] = self._in_flight.get(peer.key, 0) + 1
+
+        def done(outcome: StoreOutcome | BaseException) -> None:
+            try:
+                self._indexed(peer, entry, relative, outcome)
+            finally:
+                with self._settled:
+                    left = self._in_flight.get(peer.key, 1) - 1
+                    if left > 0:
+                        self._in_flight[peer.key] = left
+                    else:
+                        self._in_flight.pop(peer.key, None)
+                    self._settled.notify_all()
+
+        self.index.record_async(entry, done)
+
+    def _indexed(self, peer: Peer, entry: IndexEntry, relative: Path, outcome: StoreOutcome | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            # Acknowledged and durable in the spool: the journal keeps it until a replay indexes it.
+            logger.error(
+                "an instance of study %s is stored but could not be indexed yet (%s); it is indexed "
+                "from the spool's journal within %g s",
+                uid_hash(entry.header.study_instance_uid),
+                type(outcome).__name__,
+                JOURNAL_REPLAY_SECONDS,
+            )
+            self._count(peer, "stored")
+            return
+        self.spool.settled(relative)
+        self._count(peer, "stored" if outcome is StoreOutcome.STORED else "duplicates")
+
+    def settle(self, peer: Peer, timeout: float = SETTLE_SECONDS) -> bool:
+        """Wait until the rows of every instance ``peer`` stored are committed (or failed); False on time-out.
+
+        The native upper layer calls it before it answers an A-RELEASE-RQ: a sender that released
+        its association finds every instance it sent in the index.
+        """
+        with self._settled:
+            return self._settled.wait_for(lambda: peer.key not in self._in_flight, timeout)

@@ -69,6 +69,8 @@ from pacs_agent.receive.access import (
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
+from pacs_agent.receive.journal import IN_FLIGHT_SECONDS as JOURNAL_IN_FLIGHT_SECONDS
+from pacs_agent.receive.journal import replay_logged
 from pacs_agent.receive.processes import ReceiveProcesses, process_count
 from pacs_agent.receive.spool import IncomingFiles, Spool
 from pacs_agent.receive.upper_layer import AcceptorSettings, EncodedFileMeta, NativeStack, file_meta
@@ -161,6 +163,7 @@ def native_stack(settings: Settings, ae: AE, handlers: ReceiveHandlers) -> Nativ
         request_timeout_seconds=ae.acse_timeout or 0.0,
         network_timeout_seconds=settings.node.network_timeout_seconds,
     )
+    handlers.deferred_index = True  # it settles each association's rows before it answers a release
     return NativeStack(acceptor, handlers)
 
 
@@ -507,8 +510,9 @@ class ReceiveServer:
         logger.info("listening as %s on %s:%d with DICOM TLS", node.ae_title, node.host, self.tls_port)
 
     def start(self) -> None:
-        """Start listening in background threads, and the watcher of connections without a request."""
+        """Index what the spool's journal holds, then listen in background threads and start the watcher."""
         node = self.settings.node
+        self.replay_journal()
         self._stop_watch.clear()
         self._watcher = threading.Thread(target=self._watch, name="ConnectionWatcher", daemon=True)
         self._watcher.start()
@@ -536,11 +540,23 @@ class ReceiveServer:
             self.stop()
             raise
 
+    def replay_journal(self, older_than_seconds: float = 0.0) -> int:
+        """Index the instances of the spool's journal whose rows were not committed (:mod:`.journal`)."""
+        return replay_logged(self.handlers.spool, self.handlers.index, self.db, older_than_seconds=older_than_seconds)
+
     def _watch(self) -> None:
-        """Close connections past their request timeout; write the closings, at most once a period."""
+        """Close connections past their request timeout; write the closings, at most once a period.
+
+        Also, once per :data:`~pacs_agent.receive.journal.IN_FLIGHT_SECONDS`, index what the spool's
+        journal holds for longer than that (rows the database refused when they were due).
+        """
         last_written = -AUDIT_PERIOD_SECONDS
+        last_replayed = time.monotonic()
         while not self._stop_watch.wait(WATCH_TICK_SECONDS):
             try:
+                if time.monotonic() - last_replayed >= JOURNAL_IN_FLIGHT_SECONDS:
+                    last_replayed = time.monotonic()
+                    self.replay_journal(JOURNAL_IN_FLIGHT_SECONDS)
                 for connection in self.guard.expired():
                     connection.close()
                     self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)

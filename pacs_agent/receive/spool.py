@@ -27,6 +27,7 @@ C-STORE handler refuses the instance with 0xA700.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_DIR_NAME = "tmp"
 PART_SUFFIX = ".part"
+PENDING_DIR_NAME = "pending"
+"""``<spool>/pending``: the journal of instances acknowledged before their Instance row was committed."""
 
 
 def safe_name(uid: str) -> str:
@@ -90,6 +93,13 @@ def file_system_type(path: Path) -> str:
         return ""
 
 
+def _link_marker(final_path: Path, marker: Path | None) -> None:
+    """Hard-link the journal ``marker`` to ``final_path`` (one already there names the same instance)."""
+    if marker is not None:
+        with contextlib.suppress(FileExistsError):
+            os.link(final_path, marker)
+
+
 def durable_write(
     data: bytes | bytearray | memoryview,
     final_path: Path,
@@ -97,12 +107,14 @@ def durable_write(
     *,
     rename_then_fsync: bool = False,
     make_parent: bool = True,
+    marker: Path | None = None,
 ) -> None:
     """Write ``data`` to ``final_path`` atomically and durably; ``tmp_dir`` is on the same file system.
 
     ``rename_then_fsync`` (ext4, XFS): temp file, rename, fsync of the file - which makes the new
     name durable too on those file systems (module docstring). Otherwise: temp file, fsync,
     rename, fsync of the directory. ``make_parent``: create ``final_path.parent`` if missing.
+    ``marker``: a journal entry (:meth:`Spool.marker`) hard-linked to the file, durable with it.
     """
     if make_parent:
         final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -117,10 +129,13 @@ def durable_write(
         if rename_then_fsync:
             os.replace(tmp, final_path)
             renamed = True
+            _link_marker(final_path, marker)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         (final_path if renamed else tmp).unlink(missing_ok=True)
+        if renamed and marker is not None:
+            marker.unlink(missing_ok=True)
         raise
     os.close(fd)
     if rename_then_fsync:
@@ -130,7 +145,21 @@ def durable_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(final_path.parent)
+    _sync_names(final_path, marker)
+
+
+def _sync_names(final_path: Path, marker: Path | None) -> None:
+    """Make a renamed file's name durable by fsync of its directory (and its journal marker's, if any)."""
+    try:
+        _link_marker(final_path, marker)
+        fsync_dir(final_path.parent)
+        if marker is not None:
+            fsync_dir(marker.parent)
+    except BaseException:
+        final_path.unlink(missing_ok=True)  # not durable: not acknowledged, not left behind
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        raise
 
 
 class Spool:
@@ -142,10 +171,12 @@ class Spool:
     def __init__(self, root: Path, min_free_mb: int) -> None:
         self.root = root
         self.tmp_dir = root / TMP_DIR_NAME
+        self.pending_dir = root / PENDING_DIR_NAME
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.free_bytes: Callable[[], int] = lambda: shutil.disk_usage(self.root).free
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.pending_dir.mkdir(exist_ok=True, mode=0o700)
             os.chmod(self.root, 0o700)
         except OSError as exc:
             raise StorageError(f"cannot create the spool directory {root}: {exc.strerror}") from None
@@ -189,46 +220,86 @@ class Spool:
         """Where an instance lives, relative to the spool root."""
         return Path(safe_name(study_uid)) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
 
-    def write(self, relative: Path, data: bytes | bytearray | memoryview) -> Path:
-        """Store ``data`` durably at ``relative``; returns the absolute path."""
+    def write(self, relative: Path, data: bytes | bytearray | memoryview, *, journal: bool = False) -> Path:
+        """Store ``data`` durably at ``relative``; returns the absolute path.
+
+        ``journal``: its marker (:meth:`marker`) is durable with it, until :meth:`settled`.
+        """
         final = self.root / relative
+        marker = self.marker(relative) if journal else None
         self._directory(final.parent)
         try:
-            durable_write(data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False)
+            durable_write(
+                data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False, marker=marker
+            )
         except FileNotFoundError:  # the directory was removed since (retention): create it again
             self._forget(final.parent)
             self._directory(final.parent)
-            durable_write(data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False)
+            durable_write(
+                data, final, self.tmp_dir, rename_then_fsync=self.rename_then_fsync, make_parent=False, marker=marker
+            )
         return final
 
     def _forget(self, directory: Path) -> None:
         with self._directories_lock:
             self._directories.discard(directory)
 
-    def commit(self, incoming: IncomingFile, relative: Path) -> Path:
+    def commit(self, incoming: IncomingFile, relative: Path, *, journal: bool = False) -> Path:
         """Make a completely received ``incoming`` file durable at ``relative`` (fsync, rename, fsync dir).
 
         The file is already in the spool's temp directory, on the same file system: it is renamed
-        into place, never copied. Returns the absolute path.
+        into place, never copied. Returns the absolute path. ``journal``: as for :meth:`write`.
         """
         if incoming.in_memory:
-            return self.write(relative, incoming.buffer())
+            return self.write(relative, incoming.buffer(), journal=journal)
         final = self.root / relative
+        marker = self.marker(relative) if journal else None
         self._forget(final.parent)  # rare (over 8 MB): check the directory afresh
         self._directory(final.parent)
         if not self.rename_then_fsync:
             incoming.sync()
         os.replace(incoming.path, final)
         incoming.committed = True
+        if not self.rename_then_fsync:
+            _sync_names(final, marker)
+            return final
         try:
-            if self.rename_then_fsync:
-                incoming.sync()
-            else:
-                fsync_dir(final.parent)
+            _link_marker(final, marker)
+            incoming.sync()
         except BaseException:
             final.unlink(missing_ok=True)  # not durable: not acknowledged, not left behind
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             raise
         return final
+
+    # -- the journal -------------------------------------------------------------------------
+
+    def marker(self, relative: Path) -> Path:
+        """The journal entry of the instance at ``relative``: a hard link to its file in ``pending/``.
+
+        An instance written with ``journal=True`` is acknowledged once its file (and with it this
+        link) is durable, before its Instance row is committed; the row's commit removes the link
+        (:meth:`settled`). After a crash, every link left is indexed again
+        (:func:`pacs_agent.receive.journal.replay`).
+        """
+        digest = hashlib.sha256(str(relative).encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        return self.pending_dir / f"{digest}.dcm"
+
+    def is_pending(self, relative: Path) -> bool:
+        """True while the instance at ``relative`` is acknowledged but its row may not be committed yet."""
+        return self.marker(relative).exists()
+
+    def settled(self, relative: Path) -> None:
+        """The instance's row is committed: its journal entry goes (no fsync: a left-over link is harmless)."""
+        self.marker(relative).unlink(missing_ok=True)
+
+    def pending(self) -> list[Path]:
+        """The journal entries left: instances acknowledged whose rows may not be committed."""
+        try:
+            return sorted(self.pending_dir.glob("*.dcm"))
+        except OSError:
+            return []
 
     def absolute(self, relative: str | Path) -> Path:
         """The absolute path of a spool-relative path from the database."""

@@ -460,6 +460,8 @@ class Association:
                 self._p_data(length)
             elif pdu_type == A_RELEASE_RQ_TYPE:
                 self._read(length)
+                if self._peer is not None:  # every instance stored is in the index when the sender is told
+                    self.handlers.settle(self._peer)
                 self._send(RELEASE_RP)
                 return "released"
             elif pdu_type == A_ABORT_TYPE:

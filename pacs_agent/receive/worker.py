@@ -25,8 +25,8 @@ from pacs_agent.db import Database
 from pacs_agent.logs import configure_logging
 from pacs_agent.receive.access import ConnectionGuard, Refusal
 from pacs_agent.receive.handlers import ReceiveHandlers
-from pacs_agent.receive.index import IndexEntry
-from pacs_agent.receive.processes import Channel, decode_outcome
+from pacs_agent.receive.index import IndexEntry, Outcome
+from pacs_agent.receive.processes import Channel, RemoteIndexError, decode_outcome
 from pacs_agent.receive.server import (
     GuardedAssociationServer,
     GuardedRequestHandler,
@@ -55,8 +55,24 @@ class _Calls:
         self.closed = False
 
     def call(self, kind: str, *args: Any) -> Any:
+        """Send the request and wait for its reply (raised when it is an exception)."""
+        slot: list[Any] = [threading.Event(), None, None]
+        self._send(kind, slot, args)
+        slot[0].wait()
+        if isinstance(slot[1], BaseException):
+            raise slot[1]
+        return slot[1]
+
+    def call_async(self, kind: str, done: Callable[[Any], None], *args: Any) -> None:
+        """Send the request; ``done`` gets its reply (or a ConnectionError) on the channel's thread."""
+        slot: list[Any] = [None, None, done]
+        try:
+            self._send(kind, slot, args)
+        except ConnectionError as exc:
+            done(exc)
+
+    def _send(self, kind: str, slot: list[Any], args: tuple[Any, ...]) -> None:
         request_id = next(self._ids)
-        slot: list[Any] = [threading.Event(), None]
         with self._lock:
             if self.closed:
                 raise ConnectionError("the scp process is gone")
@@ -67,25 +83,32 @@ class _Calls:
             with self._lock:
                 self._waiting.pop(request_id, None)
             raise ConnectionError(f"the scp process is gone: {exc}") from None
-        slot[0].wait()
-        if isinstance(slot[1], BaseException):
-            raise slot[1]
-        return slot[1]
 
     def answer(self, request_id: int, value: Any) -> None:
+        """Hand a reply to its waiting caller or callback."""
         with self._lock:
             slot = self._waiting.pop(request_id, None)
         if slot is not None:
-            slot[1] = value
-            slot[0].set()
+            self._settle(slot, value)
 
     def fail_all(self) -> None:
+        """The channel is gone: every request still waiting fails."""
         with self._lock:
             self.closed = True
             waiting, self._waiting = list(self._waiting.values()), {}
         for slot in waiting:
-            slot[1] = ConnectionError("the scp process is gone")
-            slot[0].set()
+            self._settle(slot, ConnectionError("the scp process is gone"))
+
+    @staticmethod
+    def _settle(slot: list[Any], value: Any) -> None:
+        if slot[2] is not None:
+            try:
+                slot[2](value)
+            except Exception:  # one callback must not stop the channel's thread
+                logger.exception("could not hand over a reply of the scp process")
+            return
+        slot[1] = value
+        slot[0].set()
 
 
 class RemoteIndex:
@@ -99,10 +122,24 @@ class RemoteIndex:
         try:
             encoded = self.calls.call("record", entry)
         except ConnectionError as exc:
-            from pacs_agent.receive.processes import RemoteIndexError
-
             raise RemoteIndexError(str(exc)) from None
         return decode_outcome(encoded)
+
+    def record_async(self, entry: IndexEntry, done: Callable[[Outcome], None]) -> None:
+        """Have the scp process write ``entry``; ``done`` gets the outcome (RemoteIndexError if not written)."""
+
+        def answered(encoded: Any) -> None:
+            outcome: Outcome
+            if isinstance(encoded, BaseException):
+                outcome = RemoteIndexError(str(encoded))
+            else:
+                try:
+                    outcome = decode_outcome(encoded)
+                except RemoteIndexError as exc:
+                    outcome = exc
+            done(outcome)
+
+        self.calls.call_async("record", answered, entry)
 
     def stop(self) -> None:
         """Nothing to stop here: the committer runs in the scp process."""

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from inference.phantom import SUPPORTED_TRANSFER_SYNTAXES, PhantomStudy, generate_study
 from pacs_agent.db.tables import Event, Instance, Study
+from pacs_agent.receive.spool import Spool
 from tests.integration.peers import Node, Nodes, storescu, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.phantom(seed=3, lesions=2, slices=20, rows=128, columns=128)]
@@ -93,7 +94,32 @@ def test_echo_and_store_with_dcmtk(node: Node, phantom: PhantomStudy) -> None:
     spooled = dcmread(node.state_dir / "spool" / stored[0][0])
     assert spooled.PixelData == original.PixelData
     assert not list((node.state_dir / "spool" / "tmp").iterdir())
-    assert "stored" in events(node, "association")[-1].detail
+    assert not list((node.state_dir / "spool" / "pending").iterdir())  # every row committed by the release
+    assert f"{len(files)} stored" in events(node, "association")[-1].detail
+
+
+def test_instances_acknowledged_before_their_rows_are_indexed_at_the_next_start(
+    nodes: Nodes, phantom: PhantomStudy
+) -> None:
+    node = nodes.new()
+    node.write_config()
+    spool = Spool(node.state_dir / "spool", min_free_mb=0)
+    journalled = []
+    for path in phantom.ct_files[:3]:  # what a node killed between Success and the commit leaves behind
+        ds = dcmread(path)
+        ds.file_meta.SourceApplicationEntityTitle = "STORESCU"
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        relative = spool.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        spool.write(relative, buffer.getvalue(), journal=True)
+        journalled.append((str(ds.SOPInstanceUID), str(relative)))
+    node.start("scp")
+    rows = node.rows(select(Instance.sop_instance_uid, Instance.path, Instance.calling_ae_title))
+    assert sorted(rows) == sorted((uid, path, "STORESCU") for uid, path in journalled)
+    [study] = node.scalars(select(Study))
+    assert study.study_instance_uid == phantom.study_instance_uid and study.state == "receiving"
+    assert spool.pending() == []
+    assert "indexed 3 instance(s) that were acknowledged but not yet indexed" in node.log.read_text()
 
 
 def test_duplicate_is_stored_once(node: Node, phantom: PhantomStudy) -> None:
