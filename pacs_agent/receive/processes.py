@@ -274,6 +274,10 @@ class WorkerLink:
                 channel.send(("stop",))
 
 
+SCP_OWN_LOAD = 1
+"""The scp's index writes and accept loop, counted as this many of its connections (ReceiveProcesses.choose)."""
+
+
 class ReceiveProcesses:
     """The receiving processes of the scp, their supervisors, and the choice of who serves a connection."""
 
@@ -310,11 +314,14 @@ class ReceiveProcesses:
     def choose(self) -> WorkerLink | None:
         """Who serves the next connection: the least loaded receiving process, or None for the scp itself.
 
-        On a tie a receiving process is preferred: the scp process also writes every Instance row
-        (and accepts), so a lone sender's association runs beside the index, not under its GIL.
+        The scp process also accepts and writes every Instance row of the node (about half the CPU
+        of an association's own work per instance, ``benchmarks/profile_ingest.py``): it counts
+        as serving :data:`SCP_OWN_LOAD` connection more than it does, and on a tie a receiving
+        process is preferred. A lone sender's association so runs beside the index, not under its
+        GIL; four senders on two processes are served three and one.
         """
         best: WorkerLink | None = None
-        best_load = self.local_load()
+        best_load = self.local_load() + SCP_OWN_LOAD
         for link in self.links:
             if link.alive and (link.load < best_load or (best is None and link.load == best_load)):
                 best, best_load = link, link.load

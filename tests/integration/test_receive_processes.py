@@ -92,15 +92,16 @@ def rejections(node: Node) -> list[Event]:
 def test_association_limits_count_the_associations_of_every_process(node: Node) -> None:
     worker = receiving_process(node)
     before = len(rejections(node))
-    held = [open_association(node, "BUSY"), open_association(node, "BUSY")]
+    held = [open_association(node, "OTHER"), open_association(node, "BUSY"), open_association(node, "BUSY")]
     try:
         assert all(a.is_established for a in held)
-        # One association is served by the receiving process, the other by the scp process.
-        assert sockets_of(worker, node.port) == 1
+        # The receiving process serves the first two (the scp process counts its index work as one
+        # more), the scp process the third: BUSY's two associations are in different processes.
+        assert sockets_of(worker, node.port) == 2
         third = open_association(node, "BUSY")
         assert third.is_rejected
         assert (third.acceptor.primitive.result, third.acceptor.primitive.diagnostic) == (2, 2)
-        held += [open_association(node, "OTHER"), open_association(node, "OTHER")]
+        held += [open_association(node, "OTHER")]
         assert all(a.is_established for a in held)
         fifth = open_association(node, "SENDER0")
         assert fifth.is_rejected
@@ -133,7 +134,7 @@ def test_connections_per_host_are_counted_across_processes(node: Node) -> None:
     idle: list[socket.socket] = []
     try:
         assert all(a.is_established for a in held)
-        assert sockets_of(worker, node.port) == 2  # two here, two there
+        assert sockets_of(worker, node.port) == 3  # three there, one here (the scp also writes the index)
         for _ in range(3):  # 4 associations + 2 waiting = max_connections_per_host; the third waits too long
             sock = socket.create_connection(("127.0.0.1", node.port))
             idle.append(sock)
