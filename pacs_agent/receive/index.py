@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_agent.db import Database
 from pacs_agent.receive.header import InstanceHeader
-from pacs_agent.studies.store import StoreOutcome, count_duplicate, record_instance
+from pacs_agent.studies.store import NewInstance, StoreOutcome, count_duplicate, record_instances
 
 logger = logging.getLogger(__name__)
 
@@ -163,21 +163,15 @@ class InstanceIndex:
             self._series_ids.pop(waiter.entry.header.series_instance_uid, None)
 
     def _transaction(self, entries: list[IndexEntry]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+        """Write ``entries`` in one transaction: the new instances' rows in one INSERT, then the duplicates."""
+        new = [NewInstance(e.header, e.path, e.size_bytes, e.calling_ae_title) for e in entries if e.path is not None]
         with self.db.engine.begin() as connection:
+            stored = iter(record_instances(connection, new, series_ids=self._series_ids))
+            outcomes: list[Outcome] = []
             for entry in entries:
                 if entry.path is None:
                     count_duplicate(connection, entry.header.sop_instance_uid)
                     outcomes.append(StoreOutcome.DUPLICATE)
-                    continue
-                outcomes.append(
-                    record_instance(
-                        connection,
-                        entry.header,
-                        path=entry.path,
-                        size_bytes=entry.size_bytes,
-                        calling_ae_title=entry.calling_ae_title,
-                        series_ids=self._series_ids,
-                    )
-                )
+                else:
+                    outcomes.append(next(stored))
         return outcomes

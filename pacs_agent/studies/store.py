@@ -1,16 +1,17 @@
 """Recording received instances: grouping by Study / Series Instance UID.
 
-One short transaction per instance. Inserts that may race between associations use the
-database's "insert or ignore" so two senders of the same study never collide.
+One short transaction per instance, or per group of concurrent instances. Inserts that may race
+between associations use the database's "insert or ignore" so two senders of the same study never
+collide.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Insert, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,8 +40,8 @@ def _dialect(executor: Executor) -> str:
 
 
 @functools.cache
-def _insert_ignore_statement(dialect: str, table: Table, columns: tuple[str, ...]) -> Insert:
-    """INSERT .. ON CONFLICT DO NOTHING RETURNING id with one bound parameter per column.
+def _insert_ignore_statement(dialect: str, table: Table, columns: tuple[str, ...], returning: str = "id") -> Insert:
+    """INSERT .. ON CONFLICT DO NOTHING RETURNING ``returning`` with one bound parameter per column.
 
     Built once per dialect and table: the statement's compiled form is then cached by SQLAlchemy,
     so an instance costs an execution, not a statement construction and compilation.
@@ -54,7 +55,7 @@ def _insert_ignore_statement(dialect: str, table: Table, columns: tuple[str, ...
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise RuntimeError(f"unsupported database dialect {dialect}")
     # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT with returning ids.
-    return stmt.returning(table.c.id)
+    return stmt.returning(table.c[returning])
 
 
 def _insert_ignore(executor: Executor, model: type[Any], values: dict[str, Any]) -> bool:
@@ -106,37 +107,82 @@ def record_instance(
     instances of a series after the first skip the study and series look-ups (rows are never
     deleted, so a cached id stays valid).
     """
-    now = now or utcnow()
-    cached = series_ids.get(header.series_instance_uid) if series_ids is not None else None
-    if cached is None:
-        study_id, series_id = _study_and_series(session, header, now)
-        if series_ids is not None:
-            series_ids[header.series_instance_uid] = (study_id, series_id)
-    else:
-        study_id, series_id = cached
-    inserted = _insert_ignore(
-        session,
-        Instance,
-        {
-            "series_id": series_id,
-            "sop_instance_uid": header.sop_instance_uid,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "path": path,
-            "size_bytes": size_bytes,
-            "referenced_series_uids": " ".join(header.referenced_series_uids),
-            "referenced_instance_uids": " ".join(header.referenced_instance_uids),
-            "calling_ae_title": calling_ae_title,
-            "received_at": now,
-            "duplicates": 0,
-            "image_position": header.image_position,
-        },
+    [outcome] = record_instances(
+        session, [NewInstance(header, path, size_bytes, calling_ae_title)], now=now, series_ids=series_ids
     )
-    if not inserted:
-        count_duplicate(session, header.sop_instance_uid)
-        return StoreOutcome.DUPLICATE
-    session.execute(_STUDY_RECEIVING, {"study_id": study_id, "now": now})
-    return StoreOutcome.STORED
+    return outcome
+
+
+class NewInstance(NamedTuple):
+    """One durably spooled instance to record (:func:`record_instances`)."""
+
+    header: InstanceHeader
+    path: str
+    size_bytes: int
+    calling_ae_title: str | None
+
+
+def record_instances(
+    session: Executor,
+    instances: Sequence[NewInstance],
+    *,
+    now: datetime | None = None,
+    series_ids: MutableMapping[str, tuple[int, int]] | None = None,
+) -> list[StoreOutcome]:
+    """Record several durably spooled instances at once (:func:`record_instance` for each); the caller commits.
+
+    One INSERT for all their rows and one UPDATE per study, whatever their number (the group
+    committer writes concurrent associations' instances so). An instance whose SOP Instance UID
+    is recorded already - or earlier in ``instances`` - is counted as a duplicate. Returns one
+    outcome per instance, in order.
+    """
+    if not instances:
+        return []
+    now = now or utcnow()
+    rows = []
+    study_ids = []
+    for item in instances:
+        header = item.header
+        cached = series_ids.get(header.series_instance_uid) if series_ids is not None else None
+        if cached is None:
+            cached = _study_and_series(session, header, now)
+            if series_ids is not None:
+                series_ids[header.series_instance_uid] = cached
+        study_ids.append(cached[0])
+        rows.append(
+            {
+                "series_id": cached[1],
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "path": item.path,
+                "size_bytes": item.size_bytes,
+                "referenced_series_uids": " ".join(header.referenced_series_uids),
+                "referenced_instance_uids": " ".join(header.referenced_instance_uids),
+                "calling_ae_title": item.calling_ae_title,
+                "received_at": now,
+                "duplicates": 0,
+                "image_position": header.image_position,
+            }
+        )
+    statement = _insert_ignore_statement(_dialect(session), Instance.__table__, tuple(rows[0]), "sop_instance_uid")
+    # One row: one execution; several: one executemany, which SQLAlchemy sends as one
+    # INSERT .. VALUES (..), (..) .. RETURNING ("insertmanyvalues").
+    inserted = {uid for (uid,) in session.execute(statement, rows[0] if len(rows) == 1 else rows)}
+    outcomes = []
+    studies: dict[int, None] = {}  # ordered: the UPDATEs run in the order the studies came
+    for item, study_id in zip(instances, study_ids, strict=True):
+        uid = item.header.sop_instance_uid
+        if uid in inserted:
+            inserted.discard(uid)  # a second copy in the same group is a duplicate
+            outcomes.append(StoreOutcome.STORED)
+            studies[study_id] = None
+        else:
+            count_duplicate(session, uid)
+            outcomes.append(StoreOutcome.DUPLICATE)
+    for study_id in studies:  # one by one: a list of parameters is an ORM bulk UPDATE for a Session
+        session.execute(_STUDY_RECEIVING, {"study_id": study_id, "now": now})
+    return outcomes
 
 
 def _study_and_series(session: Executor, header: InstanceHeader, now: datetime) -> tuple[int, int]:

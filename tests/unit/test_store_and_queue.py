@@ -12,12 +12,19 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from pacs_agent.db import Database, include_in_comparison
-from pacs_agent.db.tables import Base, Event, Instance, Job, Series, Study, utcnow
+from pacs_agent.db.tables import Base, Event, Instance, Job, Series, Study, StudyState, utcnow
 from pacs_agent.jobs import queue
 from pacs_agent.receive.header import CT_IMAGE, SEGMENTATION, InstanceHeader
 from pacs_agent.studies.readiness import ReadinessRules
 from pacs_agent.studies.scheduler import run_once
-from pacs_agent.studies.store import StoreOutcome, count_duplicate, is_known_instance, record_instance
+from pacs_agent.studies.store import (
+    NewInstance,
+    StoreOutcome,
+    count_duplicate,
+    is_known_instance,
+    record_instance,
+    record_instances,
+)
 from tests.dicom_factory import record_summary
 
 CT = InstanceHeader(
@@ -260,3 +267,30 @@ def test_local_dead_pid_is_requeued_without_waiting(any_db: Database) -> None:
     with any_db.session() as session, session.begin():
         assert queue.requeue_stale(session, lease_seconds=3600) == 1
         assert "worker process exited" in (session.get(Job, job.id).last_error or "")
+
+
+def test_a_group_of_instances_is_recorded_in_one_insert_with_each_outcome(any_db: Database) -> None:
+    store(any_db, ct_slice(1))  # recorded before the group
+    group = [ct_slice(2), ct_slice(1), ct_slice(3, "1.5.1", "1.5"), ct_slice(2), ct_slice(4)]
+    with any_db.engine.begin() as connection:
+        outcomes = record_instances(
+            connection, [NewInstance(h, f"p{n}", 10, "CT2") for n, h in enumerate(group)], series_ids={}
+        )
+    assert outcomes == [
+        StoreOutcome.STORED,
+        StoreOutcome.DUPLICATE,  # recorded before
+        StoreOutcome.STORED,
+        StoreOutcome.DUPLICATE,  # earlier in the same group
+        StoreOutcome.STORED,
+    ]
+    with any_db.session() as session:
+        rows = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)).all())
+        assert rows == {"1.2.3.100.1": "x", "1.2.3.100.2": "p0", "1.5.1.3": "p2", "1.2.3.100.4": "p4"}
+        duplicates = dict(session.execute(select(Instance.sop_instance_uid, Instance.duplicates)).all())
+        assert duplicates["1.2.3.100.1"] == 1 and duplicates["1.2.3.100.2"] == 1
+        assert {s.study_instance_uid: s.state for s in session.scalars(select(Study))} == {
+            "1.2.3": StudyState.RECEIVING,
+            "1.5": StudyState.RECEIVING,
+        }
+    with any_db.engine.begin() as connection:
+        assert record_instances(connection, []) == []
