@@ -132,6 +132,18 @@ def process_cpu() -> float:
 OUTSIDE = "upper layer outside the handler (PDUs, command, streaming into the incoming file, response)"
 
 
+def serve_and_send(server: ReceiveServer, db: Database, ae_title: str, files: list[Path]) -> tuple[float, float]:
+    """Start ``server``, send ``files`` over one association, stop it: (seconds, process CPU seconds)."""
+    server.start()
+    try:
+        cpu_before = process_cpu()
+        seconds, _ = send_concurrently(server.port, ae_title, [files])
+        return seconds, process_cpu() - cpu_before
+    finally:
+        server.stop()
+        db.dispose()
+
+
 def profile_node(files: list[Path], work: Path, stack: str) -> dict[str, Any]:
     """Send ``files`` to an in-process receiving AE; CPU per instance, per stage."""
     port = free_port()
@@ -143,14 +155,9 @@ def profile_node(files: list[Path], work: Path, stack: str) -> dict[str, Any]:
     server = ReceiveServer(settings, db, spool)
     clock = StageClock()
     instrument(clock, server)
-    server.start()
     try:
-        cpu_before = process_cpu()
-        seconds, _ = send_concurrently(server.port, settings.node.ae_title, [files])
-        cpu = process_cpu() - cpu_before
+        seconds, cpu = serve_and_send(server, db, settings.node.ae_title, files)
     finally:
-        server.stop()
-        db.dispose()
         spool_module.os = os  # type: ignore[attr-defined]
     n = len(files)
     stages = {name: 1000 * value / n for name, value in clock.cpu.items()}
@@ -193,14 +200,7 @@ def profile_native_floor(files: list[Path], work: Path) -> dict[str, Any]:
         return handlers_module._status(0, "")
 
     server.handlers.store = success  # type: ignore[method-assign]
-    server.start()
-    try:
-        cpu_before = process_cpu()
-        seconds, _ = send_concurrently(server.port, settings.node.ae_title, [files])
-        cpu = process_cpu() - cpu_before
-    finally:
-        server.stop()
-        db.dispose()
+    seconds, cpu = serve_and_send(server, db, settings.node.ae_title, files)
     return {"seconds": seconds, "cpu_ms_per_instance": 1000 * cpu / len(files)}
 
 
