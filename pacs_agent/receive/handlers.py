@@ -61,9 +61,9 @@ INVALID_SOP_INSTANCE = 0x0117
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 MEGABYTE = 1024 * 1024
 IN_MEMORY_BYTES = 8 * MEGABYTE
+"""An instance up to this size is received in memory and written once; a larger one streams to its file."""
 SETTLE_SECONDS = 60.0
 """How long an ending association waits for the rows of the instances it stored (normally milliseconds)."""
-"""An instance up to this size is received in memory and written once; a larger one streams to its file."""
 ERROR_COMMENT_LENGTH = 64
 """Error Comment (0000,0902) is an LO: at most 64 characters."""
 

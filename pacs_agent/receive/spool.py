@@ -100,6 +100,13 @@ def _link_marker(final_path: Path, marker: Path | None) -> None:
             os.link(final_path, marker)
 
 
+def _remove(final_path: Path, marker: Path | None) -> None:
+    """Undo a write that is not durable: it is not acknowledged, and nothing of it is left behind."""
+    final_path.unlink(missing_ok=True)
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+
+
 def durable_write(
     data: bytes | bytearray | memoryview,
     final_path: Path,
@@ -133,9 +140,10 @@ def durable_write(
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        (final_path if renamed else tmp).unlink(missing_ok=True)
-        if renamed and marker is not None:
-            marker.unlink(missing_ok=True)
+        if renamed:
+            _remove(final_path, marker)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     if rename_then_fsync:
@@ -156,9 +164,7 @@ def _sync_names(final_path: Path, marker: Path | None) -> None:
         if marker is not None:
             fsync_dir(marker.parent)
     except BaseException:
-        final_path.unlink(missing_ok=True)  # not durable: not acknowledged, not left behind
-        if marker is not None:
-            marker.unlink(missing_ok=True)
+        _remove(final_path, marker)
         raise
 
 
@@ -267,9 +273,7 @@ class Spool:
             _link_marker(final, marker)
             incoming.sync()
         except BaseException:
-            final.unlink(missing_ok=True)  # not durable: not acknowledged, not left behind
-            if marker is not None:
-                marker.unlink(missing_ok=True)
+            _remove(final, marker)
             raise
         return final
 
