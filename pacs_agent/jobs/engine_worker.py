@@ -10,6 +10,19 @@ new connection (a restart still under way) its listener ends for good and the wo
 only by polling from then on. :class:`ListeningConnector` keeps trying, with a back-off, and says
 so in the log; a notification sent while nobody listened is made up for by procrastinate's
 polling (every ``FETCH_JOB_POLLING_INTERVAL``, 5 s).
+
+A connection lost in the middle of one of the worker's own statements (PostgreSQL restarted or the
+connection dropped by a firewall or an operator): procrastinate's pool checks a connection before
+it lends it, but a statement already under way fails. Two of those statements matter, and
+:class:`EngineWorker` tries them again on a new connection instead of giving up:
+
+- the record of a job's end (succeeded, failed, due again): left undone, the queue entry stays
+  ``doing`` under a live worker, holding its study's lock, so no later job of that study would
+  start until that worker stopped;
+- the heartbeat: in procrastinate 3.10 one failed beat ends the heartbeat task for good, and its
+  worker goes on without one (its side-task monitor has already returned when the periodic
+  deferrer, with no periodic task, ended at once). ``[jobs] lease_seconds`` later every worker
+  took that worker's jobs for stalled and handed them back, again and again, while it ran them.
 """
 
 from __future__ import annotations
@@ -20,8 +33,12 @@ from collections.abc import Callable, Iterable
 
 import procrastinate
 import procrastinate.worker
+import psycopg
 from procrastinate.connector import Notify
 from procrastinate.exceptions import ConnectorException
+from procrastinate.job_context import JobContext, JobResult
+from procrastinate.jobs import Job, Status
+from procrastinate.retry import RetryDecision
 
 from pacs_agent.jobs.engine import TASK_NAME, EngineRetry, conninfo
 from pacs_agent.jobs.protocol import QueueWorker
@@ -32,6 +49,18 @@ logger = logging.getLogger(__name__)
 
 LISTEN_RETRY_SECONDS = (0.5, 10.0)
 """First and longest wait between attempts to open the LISTEN connection again."""
+
+RECORD_RETRY_SECONDS = (0.5, 10.0)
+"""First and longest wait between attempts to record a job's end after its connection was lost."""
+
+RECORD_TRIES_WHEN_STOPPING = 3
+"""A stopping worker gives up recording a job's end after this many tries (stalled recovery takes over)."""
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True when the queue engine's statement failed because its connection to PostgreSQL was lost."""
+    cause = exc.__cause__ if isinstance(exc, ConnectorException) else exc
+    return isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 class ListeningConnector(procrastinate.PsycopgConnector):
@@ -60,6 +89,78 @@ class ListeningConnector(procrastinate.PsycopgConnector):
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, longest)
+
+
+class EngineWorker(procrastinate.worker.Worker):
+    """procrastinate's worker whose record of a job's end and whose heartbeat survive a lost connection.
+
+    Both override procrastinate 3.10's own methods (the version is pinned in pyproject.toml); see
+    the module's docstring for what goes wrong without them.
+    """
+
+    async def _persist_job_status(
+        self,
+        job: Job,
+        status: Status,
+        retry_decision: RetryDecision | None,
+        context: JobContext,
+        job_result: JobResult | None,
+    ) -> None:
+        """Record the end of a job, again on a new connection while its connection is lost."""
+        delay, longest = RECORD_RETRY_SECONDS
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await super()._persist_job_status(job, status, retry_decision, context, job_result)
+                return
+            except ConnectorException as exc:
+                cause = flatten(str(exc.__cause__ or exc))
+                if not connection_lost(exc):
+                    if tries == 1:
+                        raise
+                    # the statement whose connection was lost had been carried out: nothing is left to record
+                    logger.warning(
+                        "queue job %s: its end was recorded before its connection was lost (%s)", job.id, cause
+                    )
+                    return
+                if self._stop_event.is_set() and tries >= RECORD_TRIES_WHEN_STOPPING:
+                    logger.warning(
+                        "queue job %s: its end could not be recorded (%s); the worker is stopping, so another "
+                        "worker hands the job back once this one's heartbeat is %g s old",
+                        job.id,
+                        cause,
+                        self.stalled_worker_timeout,
+                    )
+                    raise
+                logger.warning(
+                    "queue job %s: recording its end failed, the connection to PostgreSQL was lost (%s); "
+                    "trying again in %g s",
+                    job.id,
+                    cause,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+
+    async def _update_heartbeat(self) -> None:
+        """Beat every ``update_heartbeat_interval`` for as long as the worker runs; a failed beat is logged."""
+        while True:
+            await asyncio.sleep(self.update_heartbeat_interval)
+            assert self.worker_id is not None
+            try:
+                await self.app.job_manager.update_heartbeat(self.worker_id)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    logger.exception("worker %s: its heartbeat failed; beating again", self.worker_name)
+                    continue
+                logger.warning(
+                    "worker %s: its heartbeat failed, the connection to PostgreSQL was lost (%s); beating again "
+                    "in %g s",
+                    self.worker_name,
+                    flatten(str(exc.__cause__ or exc)),
+                    self.update_heartbeat_interval,
+                )
 
 
 def worker_app(url: str, worker: QueueWorker) -> procrastinate.App:
@@ -113,8 +214,8 @@ async def _run(url: str, worker: QueueWorker, on_ready: Callable[[], object]) ->
                 ready = None
                 if ended is None:  # asked to stop, or the serve that started us is gone
                     return
-                # procrastinate's worker ends for good when one of its own queries fails (e.g. its
-                # heartbeat on a connection PostgreSQL dropped): start a new one, the process lives on
+                # procrastinate's worker ends for good when one of its own queries fails (e.g. fetching
+                # the next job on a connection PostgreSQL dropped): start a new one, the process lives on
                 logger.warning(
                     "worker %s: the queue engine's worker stopped (%s); starting it again in %g s",
                     worker.worker_id,
@@ -141,7 +242,7 @@ async def _serve(
 
     At the first start (``on_ready`` given) a failure to start is raised: the process does not come up.
     """
-    engine_worker = procrastinate.worker.Worker(
+    engine_worker = EngineWorker(
         app=app,
         queues=list(worker.queues) or None,
         name=worker.worker_id,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Settings, settings_from_mapping
@@ -258,3 +259,137 @@ def test_the_upgrade_hands_unfinished_jobs_to_procrastinate(postgres_url: str) -
         ]
     finally:
         engine.dispose()
+
+
+class Interruption:
+    """Kills a connection of the worker in the middle of a statement on rows the test holds locked.
+
+    :meth:`start` locks the rows of ``lock_query`` in a transaction of the test; the worker's next
+    statement on them waits for the lock, that waiting backend is terminated (as a PostgreSQL
+    restart or a dropped connection would end it), then the lock is let go.
+    """
+
+    def __init__(self, url: str, lock_query: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(url)
+        self.lock_query = text(lock_query)
+        self.terminated = 0
+        self.released = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Lock the rows and wait, on a thread, for the worker's statement to wait for them."""
+        holder = self.engine.connect()
+        holder.begin()
+        holder.execute(self.lock_query)
+        self.thread = threading.Thread(target=self._terminate_waiter, args=(holder,), daemon=True)
+        self.thread.start()
+
+    def after_first_job(self, run: Callable[[Worker, int], object]) -> Callable[[Worker, int], object]:
+        """``run`` (:meth:`Worker.run_queued_job`), starting the interruption once its first call has run."""
+
+        def run_then_interrupt(worker: Worker, job_id: int) -> object:
+            outcome = run(worker, job_id)
+            if self.thread is None:
+                self.start()
+            return outcome
+
+        return run_then_interrupt
+
+    def _terminate_waiter(self, holder: Connection) -> None:
+        query = text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not self.terminated and time.monotonic() < deadline:
+                with self.engine.connect() as conn:
+                    self.terminated += len(conn.execute(query).all())
+                time.sleep(0.05)
+        finally:
+            holder.rollback()
+            holder.close()
+            self.released.set()
+
+    def close(self) -> None:
+        """Wait for the interruption to end and close its connections."""
+        if self.thread is not None:
+            self.thread.join(90)
+        self.engine.dispose()
+
+
+def test_a_connection_lost_while_recording_a_jobs_end_leaves_the_outcome_in_the_queue_engine(
+    postgres_url: str, tmp_path: Path, phantom: PhantomStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL drops the connection on which procrastinate is recording that a job succeeded.
+
+    The lease is long, so the stalled-job recovery cannot mend it: the worker itself must record
+    the outcome again on a new connection. Left ``doing``, the entry would hold the study's lock
+    and no later job of that study would ever start.
+    """
+    settings = settings_from_mapping(
+        {
+            "storage": {"state_dir": str(tmp_path / "state")},
+            "database": {"url": postgres_url},
+            "jobs": {"methods": ["radiomics"], "lease_seconds": 600.0, "retry_delay_seconds": 0},
+        }
+    )
+    settings.storage.state_dir.mkdir(parents=True)
+    db = Database(settings.database_url)
+    interrupt = Interruption(postgres_url, "SELECT id FROM procrastinate_jobs WHERE status = 'doing' FOR UPDATE")
+    monkeypatch.setattr(Worker, "run_queued_job", interrupt.after_first_job(Worker.run_queued_job))
+    try:
+        study_id = _spool(settings, db, phantom)
+        first = _schedule(db, study_id, phantom)
+        with RunningWorker(settings, db):
+            _until(lambda: _job(db, first).state == "done", "the job to be done")
+            _until(lambda: [s for _, _, s, _ in _engine_jobs(db)] == ["succeeded"], "the queue engine's record")
+            assert interrupt.terminated == 1
+            second = _schedule(db, study_id, phantom)  # the study's lock is free again
+            _until(lambda: _job(db, second).state == "done", "a later job of the same study")
+            _until(lambda: [s for _, _, s, _ in _engine_jobs(db)] == ["succeeded"] * 2, "its record")
+    finally:
+        interrupt.close()
+        db.dispose()
+
+
+def _engine_workers(db: Database) -> list[tuple[int, datetime]]:
+    """procrastinate's worker rows: id, last heartbeat."""
+    with db.session() as session:
+        rows = session.execute(text("SELECT id, last_heartbeat FROM procrastinate_workers ORDER BY id")).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_a_connection_lost_during_a_heartbeat_keeps_the_worker_and_its_heartbeat(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL drops the connection of a heartbeat: the worker beats again, it is not stopped and replaced.
+
+    A worker stopped by a failed beat sends no beat while its current job finishes, and after
+    ``lease_seconds`` another worker runs that job a second time.
+    """
+    settings = settings_from_mapping(
+        {
+            "storage": {"state_dir": str(tmp_path / "state")},
+            "database": {"url": postgres_url},
+            "jobs": {"methods": ["radiomics"], "lease_seconds": 4.0, "retry_delay_seconds": 0},
+        }
+    )
+    settings.storage.state_dir.mkdir(parents=True)
+    db = Database(settings.database_url)
+    interrupt = Interruption(postgres_url, "SELECT id FROM procrastinate_workers FOR UPDATE")
+    try:
+        with RunningWorker(settings, db):
+            _until(lambda: len(_engine_workers(db)) == 1, "the worker to register with the queue engine")
+            [(registered, _)] = _engine_workers(db)
+            interrupt.start()
+            _until(interrupt.released.is_set, "a heartbeat to wait for the lock and be terminated")
+            assert interrupt.terminated == 1
+            released = datetime.now(UTC)
+            _until(lambda: _engine_workers(db)[-1][1] > released + timedelta(seconds=2), "two more heartbeats")
+            assert [w for w, _ in _engine_workers(db)] == [registered]  # the same worker, not a new one
+    finally:
+        interrupt.close()
+        db.dispose()
