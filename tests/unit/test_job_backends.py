@@ -34,17 +34,23 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
     return generate_study(tmp_path_factory.mktemp("backends"), seed=3, slices=16, rows=64, columns=64, lesions=1)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
+def _node(tmp_path: Path, url: str | None = None, lease_seconds: float = 4.0) -> tuple[Settings, Database]:
+    """Settings (the radiomics method, state under ``tmp_path``) and the database at ``url`` (None: SQLite)."""
     data: dict[str, object] = {
         "storage": {"state_dir": str(tmp_path / "state")},
-        "jobs": {"methods": ["radiomics"], "lease_seconds": 4.0, "retry_delay_seconds": 0},
+        "jobs": {"methods": ["radiomics"], "lease_seconds": lease_seconds, "retry_delay_seconds": 0},
     }
-    if request.param == "postgresql":
-        data["database"] = {"url": request.getfixturevalue("postgres_url")}
+    if url is not None:
+        data["database"] = {"url": url}
     settings = settings_from_mapping(data)
     settings.storage.state_dir.mkdir(parents=True)
-    db = Database(settings.database_url)
+    return settings, Database(settings.database_url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    settings, db = _node(tmp_path, url)
     yield settings, db
     db.dispose()
 
@@ -329,15 +335,7 @@ def test_a_connection_lost_while_recording_a_jobs_end_leaves_the_outcome_in_the_
     the outcome again on a new connection. Left ``doing``, the entry would hold the study's lock
     and no later job of that study would ever start.
     """
-    settings = settings_from_mapping(
-        {
-            "storage": {"state_dir": str(tmp_path / "state")},
-            "database": {"url": postgres_url},
-            "jobs": {"methods": ["radiomics"], "lease_seconds": 600.0, "retry_delay_seconds": 0},
-        }
-    )
-    settings.storage.state_dir.mkdir(parents=True)
-    db = Database(settings.database_url)
+    settings, db = _node(tmp_path, postgres_url, lease_seconds=600.0)
     interrupt = Interruption(postgres_url, "SELECT id FROM procrastinate_jobs WHERE status = 'doing' FOR UPDATE")
     monkeypatch.setattr(Worker, "run_queued_job", interrupt.after_first_job(Worker.run_queued_job))
     try:
@@ -370,15 +368,7 @@ def test_a_connection_lost_during_a_heartbeat_keeps_the_worker_and_its_heartbeat
     A worker stopped by a failed beat sends no beat while its current job finishes, and after
     ``lease_seconds`` another worker runs that job a second time.
     """
-    settings = settings_from_mapping(
-        {
-            "storage": {"state_dir": str(tmp_path / "state")},
-            "database": {"url": postgres_url},
-            "jobs": {"methods": ["radiomics"], "lease_seconds": 4.0, "retry_delay_seconds": 0},
-        }
-    )
-    settings.storage.state_dir.mkdir(parents=True)
-    db = Database(settings.database_url)
+    settings, db = _node(tmp_path, postgres_url, lease_seconds=4.0)
     interrupt = Interruption(postgres_url, "SELECT id FROM procrastinate_workers FOR UPDATE")
     try:
         with RunningWorker(settings, db):
