@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, select, text
+from sqlalchemy.orm import Session
 
 from inference.phantom import PhantomStudy, generate_study
 from pacs_agent.config import Settings, settings_from_mapping
@@ -275,20 +276,23 @@ class Interruption:
     restart or a dropped connection would end it), then the lock is let go.
     """
 
-    def __init__(self, url: str, lock_query: str) -> None:
+    def __init__(self, url: str, lock_query: str, statement: str = "") -> None:
         from sqlalchemy import create_engine
 
         self.engine = create_engine(url)
         self.lock_query = text(lock_query)
+        self.statement = statement  # only a waiting statement whose text holds this is terminated
         self.terminated = 0
         self.released = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Lock the rows and wait, on a thread, for the worker's statement to wait for them."""
+    def start(self, then: Callable[[Session], object] | None = None) -> None:
+        """Lock the rows (and do ``then`` in the same transaction); wait, on a thread, for the statement."""
         holder = self.engine.connect()
         holder.begin()
         holder.execute(self.lock_query)
+        if then is not None:
+            then(Session(bind=holder))
         self.thread = threading.Thread(target=self._terminate_waiter, args=(holder,), daemon=True)
         self.thread.start()
 
@@ -305,17 +309,17 @@ class Interruption:
 
     def _terminate_waiter(self, holder: Connection) -> None:
         query = text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() AND strpos(query, :statement) > 0"
         )
         try:
             deadline = time.monotonic() + 60
             while not self.terminated and time.monotonic() < deadline:
                 with self.engine.connect() as conn:
-                    self.terminated += len(conn.execute(query).all())
+                    self.terminated += len(conn.execute(query, {"statement": self.statement}).all())
                 time.sleep(0.05)
         finally:
-            holder.rollback()
+            holder.commit()  # what ``then`` did becomes visible (a row lock alone: nothing)
             holder.close()
             self.released.set()
 
@@ -380,6 +384,37 @@ def test_a_connection_lost_during_a_heartbeat_keeps_the_worker_and_its_heartbeat
             released = datetime.now(UTC)
             _until(lambda: _engine_workers(db)[-1][1] > released + timedelta(seconds=2), "two more heartbeats")
             assert [w for w, _ in _engine_workers(db)] == [registered]  # the same worker, not a new one
+    finally:
+        interrupt.close()
+        db.dispose()
+
+
+def test_a_connection_lost_while_fetching_a_job_restarts_the_queue_engines_worker_in_the_same_process(
+    postgres_url: str, tmp_path: Path, phantom: PhantomStudy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """procrastinate's worker ends for good when its fetch of the next job fails: the worker process starts a new one.
+
+    The test locks procrastinate's job table and defers a job in that transaction; the worker's
+    fetch (by polling: the NOTIFY goes at commit) waits for the lock and its connection is killed.
+    """
+    settings, db = _node(tmp_path, postgres_url, lease_seconds=600.0)
+    interrupt = Interruption(postgres_url, "LOCK TABLE procrastinate_jobs IN ACCESS EXCLUSIVE MODE", "fetch_job")
+    try:
+        study_id = _spool(settings, db, phantom)
+        jobs: list[int] = []
+        with RunningWorker(settings, db) as worker:
+            _until(lambda: len(_engine_workers(db)) == 1, "the worker to register with the queue engine")
+            [(registered, _)] = _engine_workers(db)
+            interrupt.start(
+                lambda session: jobs.append(queue.schedule_job(session, study_id, "radiomics", _inputs(phantom), 3).id)
+            )
+            _until(interrupt.released.is_set, "the worker's fetch to wait for the lock and be terminated")
+            assert interrupt.terminated == 1
+            _until(lambda: _job(db, jobs[0]).state == "done", "the job, taken by the new queue-engine worker")
+            assert [w for w, _ in _engine_workers(db)] != [registered]  # the old one unregistered, a new one runs
+            assert len(_engine_workers(db)) == 1
+        assert "the queue engine's worker stopped" in caplog.text
+        assert _job(db, jobs[0]).worker_id == worker.worker_id  # the same process
     finally:
         interrupt.close()
         db.dispose()
