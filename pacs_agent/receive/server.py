@@ -441,6 +441,7 @@ class ReceiveServer:
         self._tls_server: ThreadedAssociationServer | None = None
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._replayer: threading.Thread | None = None
         count = process_count(settings.node.receive_processes) if settings.node.plain_port_enabled else 1
         self.processes: ReceiveProcesses | None = None
         """The extra receiving processes (``[node] receive_processes`` > 1), None with one."""
@@ -516,6 +517,8 @@ class ReceiveServer:
         self._stop_watch.clear()
         self._watcher = threading.Thread(target=self._watch, name="ConnectionWatcher", daemon=True)
         self._watcher.start()
+        self._replayer = threading.Thread(target=self._replay_periodically, name="JournalReplay", daemon=True)
+        self._replayer.start()
         try:
             if node.plain_port_enabled and self.processes is not None:
                 self.processes.start()
@@ -544,19 +547,24 @@ class ReceiveServer:
         """Index the instances of the spool's journal whose rows were not committed (:mod:`.journal`)."""
         return replay_logged(self.handlers.spool, self.handlers.index, self.db, older_than_seconds=older_than_seconds)
 
-    def _watch(self) -> None:
-        """Close connections past their request timeout; write the closings, at most once a period.
+    def _replay_periodically(self) -> None:
+        """Index, once a period, what the spool's journal holds for longer than a period.
 
-        Also, once per :data:`~pacs_agent.receive.journal.IN_FLIGHT_SECONDS`, index what the spool's
-        journal holds for longer than that (rows the database refused when they were due).
+        The period is :data:`~pacs_agent.receive.journal.IN_FLIGHT_SECONDS`; such entries are rows the
+        database refused when they were due. A thread of its own: a database that makes the replay
+        wait must not hold up the watcher.
         """
+        while not self._stop_watch.wait(JOURNAL_IN_FLIGHT_SECONDS):
+            try:
+                self.replay_journal(JOURNAL_IN_FLIGHT_SECONDS)
+            except Exception:  # the spool unreadable for a moment: the next period tries again
+                logger.exception("indexing the spool's journal failed; trying again in %g s", JOURNAL_IN_FLIGHT_SECONDS)
+
+    def _watch(self) -> None:
+        """Close connections past their request timeout; write the closings, at most once a period."""
         last_written = -AUDIT_PERIOD_SECONDS
-        last_replayed = time.monotonic()
         while not self._stop_watch.wait(WATCH_TICK_SECONDS):
             try:
-                if time.monotonic() - last_replayed >= JOURNAL_IN_FLIGHT_SECONDS:
-                    last_replayed = time.monotonic()
-                    self.replay_journal(JOURNAL_IN_FLIGHT_SECONDS)
                 for connection in self.guard.expired():
                     connection.close()
                     self.tally.add(ConnectionClosing.TIMED_OUT, connection.address)
@@ -608,6 +616,7 @@ class ReceiveServer:
         self.ae.shutdown()
         self.handlers.index.stop()
         self._stop_watch.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=10)
-            self._watcher = None
+        for thread in (self._watcher, self._replayer):
+            if thread is not None:
+                thread.join(timeout=10)
+        self._watcher = self._replayer = None

@@ -155,3 +155,31 @@ def test_entries_stay_while_the_database_refuses_them(spool: Spool, db: Database
     finally:
         index.stop()
     assert not spool.is_pending(relative)
+
+
+def test_a_running_scp_indexes_entries_the_database_left_once_they_are_a_period_old(
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scp's own replay thread: an entry whose commit never came is indexed while the node runs."""
+    from pacs_agent.config import settings_from_mapping
+    from pacs_agent.receive import server as server_module
+    from tests.ports import free_port
+
+    monkeypatch.setattr(server_module, "JOURNAL_IN_FLIGHT_SECONDS", 0.3)
+    settings = settings_from_mapping(
+        {"node": {"port": free_port(), "host": "127.0.0.1"}, "storage": {"state_dir": str(tmp_path / "state")}}
+    )
+    spool = Spool(tmp_path / "spool", min_free_mb=0)
+    receiver = server_module.ReceiveServer(settings, db, spool)
+    receiver.start()
+    try:
+        data, relative = instance("MODALITY1")
+        spool.write(relative, data, journal=True)  # acknowledged; its row was refused when it was due
+        header = read_header(spool.absolute(relative))
+        deadline = time.monotonic() + 30
+        while header.sop_instance_uid not in rows(db) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        receiver.stop()
+    assert rows(db) == {header.sop_instance_uid: (str(relative), "MODALITY1")}
+    assert spool.pending() == []
