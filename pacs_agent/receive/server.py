@@ -293,7 +293,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.guard.closed(connection)
 
     def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
-        """Serve the connection in its thread; release it in the guard if no association started."""
+        """Serve the connection in its thread; :meth:`unserved` if no association started on it."""
         with self._accepted_lock:
             connection = self._accepted.pop(id(request), None)
         self._local.connection = connection
@@ -302,7 +302,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         finally:
             self._local.connection = None
             if connection is not None and connection.alive is None:  # no association thread runs
-                self.guard.closed(connection)
+                self.unserved(connection)
+
+    def unserved(self, connection: Any) -> None:
+        """No association thread took ``connection`` over: the guard stops counting it."""
+        self.guard.closed(connection)
 
     def serve_connection(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         """Start the association on the connection (pynetdicom's ``process_request_thread``)."""

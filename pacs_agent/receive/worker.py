@@ -215,17 +215,10 @@ class WorkerAssociationServer(GuardedAssociationServer):
         with contextlib.suppress(OSError):
             self.channel.send(("closed", connection.handle))
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
-        """Serve the connection; report it closed if no association thread took it over."""
-        with self._accepted_lock:
-            connection = self._accepted.pop(id(request), None)
-        self._local.connection = connection
-        try:
-            self.serve_connection(request, client_address)
-        finally:
-            self._local.connection = None
-            if isinstance(connection, HandedConnection) and connection.alive is None:
-                self.report_closed(connection)
+    def unserved(self, connection: Any) -> None:
+        """No association thread took ``connection`` over: the scp process is told it closed."""
+        if isinstance(connection, HandedConnection):
+            self.report_closed(connection)
 
     def reap(self) -> None:
         """Report connections whose association thread ended without a close event."""
