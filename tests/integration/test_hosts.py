@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import create_engine, func, make_url, select, text
 from starlette.testclient import TestClient
 
@@ -39,8 +40,9 @@ from pacs_agent.console.app import create_app
 from pacs_agent.console.auth import load_secret
 from pacs_agent.console.users import add_user
 from pacs_agent.db import Database
-from pacs_agent.db.tables import Delivery, Event, Job, Result, Study, WorkerProcess
+from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Study, WorkerProcess
 from pacs_agent.jobs.engine import defer
+from pacs_agent.receive.spool import Spool
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.integration.peers import Node, Nodes, Orthanc, storescu, wait_for
 from tests.integration.phantoms import Phantoms
@@ -396,3 +398,26 @@ def test_a_job_deferred_while_the_listen_connection_is_gone_and_refused_still_ru
     wait_for(lambda: [j.state for j in jobs_of(second)] == ["done"], 180, "the second study's job")
     assert worker.process is not None and worker.process.poll() is None and worker.process.pid == pid
     assert receiver.scalar(select(Job.worker_id).where(Job.id == again_id)) == worker.identity
+
+
+def test_instances_sent_while_postgresql_refuses_connections_are_acknowledged_and_indexed_later(
+    hosts: HostSet, phantoms: Phantoms
+) -> None:
+    """Nothing acknowledged is lost when the database is away: the spool's journal holds the rows until it is back."""
+    study = phantoms.study(seed=860, lesions=1, slices=16, rows=64, columns=64, segmentation="seg")
+    receiver = hosts.receiver("")
+    spool = Spool(hosts.shared / "spool", min_free_mb=0)  # [storage] shared_dir
+    allow_connections(hosts.url, False)
+    try:
+        drop_connections(hosts.url)  # a PostgreSQL restart as the receiver sees it
+        sent = storescu(receiver.port, study.ct_files)
+        assert sent.returncode == 0 and "Status" not in sent.stderr, sent.stderr  # every C-STORE answered Success
+        assert len(spool.pending()) == len(study.ct_files)  # acknowledged: each durable with its journal entry
+        assert "could not be indexed yet" in receiver.log.read_text()
+    finally:
+        allow_connections(hosts.url, True)
+    receiver.stop()
+    receiver.start("scp")  # the replay at start; a running scp replays once a minute (tests/unit/test_journal.py)
+    uids = receiver.scalars(select(Instance.sop_instance_uid))
+    assert sorted(uids) == sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in study.ct_files)
+    assert spool.pending() == []
