@@ -13,6 +13,8 @@ A-ASSOCIATE-RQ yet: a host outside ``allowed_hosts`` is closed at accept, one ho
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -424,3 +426,17 @@ class RepeatFilter:
         with self._lock:
             repeats, self._repeats, self._seen = self._repeats, {}, set()
         return [(address, reason, n) for (address, reason), n in repeats.items()]
+
+
+def shutdown_of(sock: socket.socket) -> Callable[[], None]:
+    """A callable that shuts ``sock`` down from any thread (whoever reads it then sees the end).
+
+    A connection's ``close`` in the guard: also right for a TLS socket built on ``sock``, and for a
+    connection handed to a receiving process (this process's copy of it ends the connection).
+    """
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown

@@ -49,7 +49,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from pacs_agent.receive.access import AssociationLimiter, Connection, ConnectionGuard
+from pacs_agent.receive.access import AssociationLimiter, Connection, ConnectionGuard, shutdown_of
 from pacs_agent.receive.index import InstanceIndex, Outcome
 from pacs_agent.studies.store import StoreOutcome
 from pacs_agent.supervision import WorkerSupervisor
@@ -139,8 +139,10 @@ class WorkerLink:
         limiter: AssociationLimiter,
         index: InstanceIndex,
         slot_keys: itertools.count[int],
+        on_tls_refused: Callable[[str, str], None],
     ) -> None:
         self.number = number
+        self.on_tls_refused = on_tls_refused
         self.settings = settings
         self.guard = guard
         self.limiter = limiter
@@ -181,8 +183,13 @@ class WorkerLink:
         threading.Thread(target=self._read, args=(channel,), name=f"receive-process-{self.number}", daemon=True).start()
         return process
 
-    def hand_off(self, request: socket.socket, client_address: tuple[str, int], connection: Connection) -> bool:
-        """Pass an admitted connection to the receiving process; False when it cannot take it."""
+    def hand_off(
+        self, request: socket.socket, client_address: tuple[str, int], connection: Connection, *, tls: bool = False
+    ) -> bool:
+        """Pass an admitted connection to the receiving process; False when it cannot take it.
+
+        ``tls``: a connection of the TLS port, not yet handshaken (the receiving process does it).
+        """
         channel = self.channel
         if channel is None or not self.alive:
             return False
@@ -190,7 +197,8 @@ class WorkerLink:
         with self._lock:
             self._handed[handle] = _Handed(request, connection)
         try:
-            channel.send(("connection", handle, str(client_address[0]), int(client_address[1])), (request.fileno(),))
+            message = ("connection", handle, str(client_address[0]), int(client_address[1]), tls)
+            channel.send(message, (request.fileno(),))
         except OSError:
             with self._lock:
                 self._handed.pop(handle, None)
@@ -241,6 +249,15 @@ class WorkerLink:
                 handed = self._handed.get(message[1])
             if handed is not None:
                 self.guard.requested(handed.connection)
+        elif kind in ("handshaking", "handshaken"):
+            with self._lock:
+                handed = self._handed.get(message[1])
+            if handed is not None and kind == "handshaking":
+                self.guard.handshaking(handed.connection)
+            elif handed is not None:  # closing the plain socket ends the TLS one above it as well
+                self.guard.restart(handed.connection, shutdown_of(handed.sock))
+        elif kind == "tls_refused":
+            self.on_tls_refused(message[1], message[2])
         elif kind == "closed":
             with self._lock:
                 handed = self._handed.pop(message[1], None)
@@ -289,9 +306,12 @@ class ReceiveProcesses:
         limiter: AssociationLimiter,
         index: InstanceIndex,
         state_dir: Path,
+        on_tls_refused: Callable[[str, str], None] = lambda address, reason: None,
     ) -> None:
         slot_keys = itertools.count(-1, -1)  # never an id() of a local association
-        self.links = [WorkerLink(n + 1, settings, guard, limiter, index, slot_keys) for n in range(count)]
+        self.links = [
+            WorkerLink(n + 1, settings, guard, limiter, index, slot_keys, on_tls_refused) for n in range(count)
+        ]
         self.state_dir = state_dir
         self._stop = threading.Event()
         self._supervisors: list[WorkerSupervisor] = []

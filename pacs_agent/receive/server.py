@@ -15,7 +15,6 @@ watcher thread closes the late ones and writes the closings as ``connection_refu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import ssl
@@ -66,6 +65,7 @@ from pacs_agent.receive.access import (
     ConnectionGuard,
     ConnectionTally,
     RepeatFilter,
+    shutdown_of,
 )
 from pacs_agent.receive.handlers import ReceiveHandlers
 from pacs_agent.receive.header import STORAGE_SOP_CLASSES
@@ -176,16 +176,6 @@ AUDIT_PERIOD_SECONDS = 10.0
 """Closed connections are written as events at most once per period (the first one at once)."""
 
 
-def _shutdown(sock: socket.socket) -> Callable[[], None]:
-    """A callable that shuts ``sock`` down from any thread (its reader then sees the end)."""
-
-    def shutdown() -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    return shutdown
-
-
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, plus the connection's bookkeeping in the ConnectionGuard."""
 
@@ -264,7 +254,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """Admit the connection to the guard; False closes it at once (socketserver does that)."""
         address = str(client_address[0])
         try:
-            admission = self.guard.open(address, _shutdown(request))
+            admission = self.guard.open(address, shutdown_of(request))
             for older, closing in admission.evicted:
                 older.close()
                 self.on_closing(closing, older.address)
@@ -334,14 +324,17 @@ class HandingAssociationServer(GuardedAssociationServer):
             return len(self._served_here)
 
     def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
-        """Hand the connection to a receiving process, or serve it here (a thread, as pynetdicom does)."""
+        """Hand the connection to a receiving process, or serve it here (a thread, as pynetdicom does).
+
+        A connection of the TLS port is handed before its handshake: the receiving process does it.
+        """
         link = self.processes.choose() if self.processes is not None else None
         with self._accepted_lock:
             connection = self._accepted.get(id(request))
         if link is not None and connection is not None:
             with self._accepted_lock:
                 self._accepted.pop(id(request), None)
-            if link.hand_off(request, client_address, connection):
+            if link.hand_off(request, client_address, connection, tls=isinstance(self, TlsAssociationServer)):
                 return
             with self._accepted_lock:
                 self._accepted[id(request)] = connection
@@ -349,6 +342,11 @@ class HandingAssociationServer(GuardedAssociationServer):
             with self._local_lock:
                 self._served_here.append(connection)
         super().process_request(request, client_address)
+
+
+def handshake_timeout(network_timeout_seconds: float) -> float:
+    """How long a TLS handshake may take: the network timeout, at most :data:`HANDSHAKE_TIMEOUT_SECONDS`."""
+    return min(HANDSHAKE_TIMEOUT_SECONDS, network_timeout_seconds)
 
 
 PLAIN_ASSOCIATE_RQ = b"\x01"
@@ -386,7 +384,7 @@ class TlsAssociationServer(GuardedAssociationServer):
         address = str(client_address[0])
         connection = self.current_connection()
         if connection is not None:
-            self.guard.handshaking(connection)
+            self.handshake_started(connection)
         request.settimeout(self.handshake_timeout)
         try:
             first = request.recv(1, socket.MSG_PEEK)  # left in the buffer for the handshake
@@ -416,8 +414,20 @@ class TlsAssociationServer(GuardedAssociationServer):
             self.shutdown_request(tls_socket)
             return
         if connection is not None:
-            self.guard.restart(connection, _shutdown(tls_socket))
+            self.handshake_done(connection, tls_socket)
         super().serve_connection(tls_socket, client_address)
+
+    def handshake_started(self, connection: Any) -> None:
+        """The connection's TLS handshake starts: the guard holds its request timeout."""
+        self.guard.handshaking(connection)
+
+    def handshake_done(self, connection: Any, tls_socket: ssl.SSLSocket) -> None:
+        """The handshake succeeded: the request timeout starts afresh, closing goes through TLS."""
+        self.guard.restart(connection, shutdown_of(tls_socket))
+
+
+class HandingTlsAssociationServer(HandingAssociationServer, TlsAssociationServer):
+    """The TLS port when there are several receiving processes: handed over as the plain port's are."""
 
 
 class ReceiveServer:
@@ -446,7 +456,7 @@ class ReceiveServer:
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._replayer: threading.Thread | None = None
-        count = process_count(settings.node.receive_processes) if settings.node.plain_port_enabled else 1
+        count = process_count(settings.node.receive_processes)
         self.processes: ReceiveProcesses | None = None
         """The extra receiving processes (``[node] receive_processes`` > 1), None with one."""
         if count > 1:
@@ -457,6 +467,7 @@ class ReceiveServer:
                 self.handlers.limiter,
                 self.handlers.index,
                 settings.storage.state_dir,
+                on_tls_refused=self.on_tls_refused,
             )
 
     @property
@@ -495,7 +506,7 @@ class ReceiveServer:
             **kwargs,
         )
         assert isinstance(server, server_class)
-        name = "TlsAcceptor" if server_class is TlsAssociationServer else "Acceptor"
+        name = "TlsAcceptor" if issubclass(server_class, TlsAssociationServer) else "Acceptor"
         thread = threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True)
         thread.start()
         self.ae._servers.append(server)  # AE.shutdown() and server.shutdown() expect it there
@@ -505,14 +516,24 @@ class ReceiveServer:
         node = self.settings.node
         assert self.tls_context is not None
         warn_about_certificate(self.settings.tls)
-        self._tls_server = self._serve(
+        server = self._serve(
             node.tls_port,
-            TlsAssociationServer,
+            TlsAssociationServer if self.processes is None else HandingTlsAssociationServer,
             tls_context=self.tls_context,
             on_tls_refused=self.on_tls_refused,
-            handshake_timeout=min(HANDSHAKE_TIMEOUT_SECONDS, node.network_timeout_seconds),
+            handshake_timeout=handshake_timeout(node.network_timeout_seconds),
         )
+        self._tls_server = server
+        if isinstance(server, HandingTlsAssociationServer):
+            self._hand_over(server)
         logger.info("listening as %s on %s:%d with DICOM TLS", node.ae_title, node.host, self.tls_port)
+
+    def _hand_over(self, server: HandingAssociationServer) -> None:
+        """Let ``server`` hand connections to the receiving processes; its own count the scp's load."""
+        assert self.processes is not None
+        server.processes = self.processes
+        servers = [s for s in (self._server, self._tls_server) if isinstance(s, HandingAssociationServer)]
+        self.processes.local_load = lambda: sum(s.local_load() for s in servers)
 
     def start(self) -> None:
         """Index what the spool's journal holds, then listen in background threads and start the watcher."""
@@ -524,13 +545,13 @@ class ReceiveServer:
         self._replayer = threading.Thread(target=self._replay_periodically, name="JournalReplay", daemon=True)
         self._replayer.start()
         try:
-            if node.plain_port_enabled and self.processes is not None:
+            if self.processes is not None:
                 self.processes.start()
+            if node.plain_port_enabled and self.processes is not None:
                 server = self._serve(node.port, HandingAssociationServer)
                 assert isinstance(server, HandingAssociationServer)
-                server.processes = self.processes
-                self.processes.local_load = server.local_load
                 self._server = server
+                self._hand_over(server)
                 logger.info(
                     "listening as %s on %s:%d with %d receiving processes",
                     node.ae_title,

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -30,13 +31,16 @@ from pacs_agent.receive.processes import Channel, RemoteIndexError, decode_outco
 from pacs_agent.receive.server import (
     GuardedAssociationServer,
     GuardedRequestHandler,
+    TlsAssociationServer,
     build_ae,
+    handshake_timeout,
     native_stack,
     stream_to_spool,
 )
 from pacs_agent.receive.spool import Spool
 from pacs_agent.studies.store import StoreOutcome
 from pacs_agent.supervision import die_with_parent
+from pacs_agent.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +192,28 @@ class WorkerAssociationServer(GuardedAssociationServer):
         """No listening socket: connections arrive over the channel."""
 
     def serve(self, handle: int, request: socket.socket, client_address: tuple[str, int]) -> None:
-        """Run the association of a handed-over connection in its own thread."""
+        """Run the association of a handed-over connection in its own thread (TLS: handshake first)."""
         connection = HandedConnection(handle)
         with self._handed_lock:
             self.handed[handle] = connection
             self._accepted[id(request)] = connection  # type: ignore[assignment]
         self.process_request(request, client_address)
+
+    def handshake_started(self, connection: Any) -> None:
+        """The TLS handshake starts: the scp's guard holds the request timeout."""
+        self._notify(("handshaking", connection.handle))
+
+    def handshake_done(self, connection: Any, tls_socket: ssl.SSLSocket) -> None:
+        """The handshake succeeded: the scp's guard starts the request timeout afresh."""
+        self._notify(("handshaken", connection.handle))
+
+    def refuse_tls(self, address: str, reason: str) -> None:
+        """A TLS handshake failed: the scp process records it (repeats summed there)."""
+        self._notify(("tls_refused", address, reason))
+
+    def _notify(self, message: tuple[Any, ...]) -> None:
+        with contextlib.suppress(OSError):  # the scp process is gone: this process ends too
+            self.channel.send(message)
 
     def on_requested(self, event: Any, connection: Any) -> None:
         """The A-ASSOCIATE-RQ arrived: the scp's guard stops its request timeout."""
@@ -228,6 +248,13 @@ class WorkerAssociationServer(GuardedAssociationServer):
             self.report_closed(connection)
 
 
+class WorkerTlsAssociationServer(WorkerAssociationServer, TlsAssociationServer):
+    """Serves handed-over connections of the TLS port: the handshake is done here, reported to the scp."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, on_tls_refused=self.refuse_tls, **kwargs)
+
+
 def run(fd: int) -> int:
     """The receiving process: serve handed-over connections until told to stop or the scp process ends."""
     parent = os.getppid()
@@ -247,25 +274,33 @@ def run(fd: int) -> int:
     stream_to_spool(handlers.incoming)
     ae = build_ae(settings)
     native = native_stack(settings, ae, handlers) if settings.node.dicom_stack == "native" else None
-    server = WorkerAssociationServer(
-        ae,
-        (settings.node.host, 0),
-        ae.ae_title,
-        ae.supported_contexts,
-        None,
-        evt_handlers=handlers.bindings(),
-        request_handler=GuardedRequestHandler,
-        guard=ConnectionGuard(settings.security),  # unused: the scp process's guard counts
-        on_closing=lambda closing, address: None,
-        channel=channel,
-        native=native,
-    )
-    ae._servers.append(server)
+    common: dict[str, Any] = {
+        "evt_handlers": handlers.bindings(),
+        "request_handler": GuardedRequestHandler,
+        "guard": ConnectionGuard(settings.security),  # unused: the scp process's guard counts
+        "on_closing": lambda closing, address: None,
+        "channel": channel,
+        "native": native,
+    }
+    where = (ae, (settings.node.host, 0), ae.ae_title, ae.supported_contexts, None)
+    server = WorkerAssociationServer(*where, **common)
+    servers = [server]
+    tls_server: WorkerTlsAssociationServer | None = None
+    if settings.node.tls_port:
+        tls_server = WorkerTlsAssociationServer(
+            *where,
+            tls_context=server_context(settings.tls),
+            handshake_timeout=handshake_timeout(settings.node.network_timeout_seconds),
+            **common,
+        )
+        servers.append(tls_server)
+    ae._servers.extend(servers)
     stop = threading.Event()
 
     def reap() -> None:
         while not stop.wait(REAP_SECONDS):
-            server.reap()
+            for each in servers:
+                each.reap()
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
     logger.info("receive process %d serving connections handed over by the scp process %d", os.getpid(), parent)
@@ -276,8 +311,9 @@ def run(fd: int) -> int:
         message, fds = received
         kind = message[0]
         if kind == "connection" and fds:
-            _, handle, address, port = message
-            server.serve(handle, socket.socket(fileno=fds[0]), (address, port))
+            _, handle, address, port, tls = message
+            serving = tls_server if tls and tls_server is not None else server
+            serving.serve(handle, socket.socket(fileno=fds[0]), (address, port))
             for extra in fds[1:]:
                 os.close(extra)
             continue

@@ -28,6 +28,7 @@ from pacs_agent.db.tables import Delivery, Event, Instance, Job, Result, Study, 
 from pacs_agent.receive.server import PLAIN_ON_TLS_PORT
 from pacs_agent.send.scu import store_files
 from tests.integration.peers import Node, Nodes, require_tool, storescu, wait_for
+from tests.integration.test_receive_processes import receiving_process, sockets_of
 from tests.pki import Identity, Pki
 from tests.ports import free_port
 
@@ -78,13 +79,19 @@ class TlsNode(Node):
         )
         self.tls_port = free_port()
         self.plain = plain
+        self.processes = 1
 
-    def start_tls(self) -> None:
-        """Start with ``[node] tls_port`` (and ``plain_port_enabled``) set; wait until the TLS port listens."""
+    def start_tls(self, processes: int = 1) -> None:
+        """Start with ``[node] tls_port`` (and ``plain_port_enabled``) set; wait until the TLS port listens.
+
+        ``processes``: ``[node] receive_processes`` (more than 1: the scp hands TLS connections over too).
+        """
+        self.processes = processes
         env = {
             "PACS_AGENT__NODE__TLS_PORT": str(self.tls_port),
             "PACS_AGENT__NODE__PLAIN_PORT_ENABLED": "true" if self.plain else "false",
             "PACS_AGENT__NODE__NETWORK_TIMEOUT_SECONDS": "3",  # also the TLS handshake time limit
+            "PACS_AGENT__NODE__RECEIVE_PROCESSES": str(processes),
         }
         if self.plain:
             self.start("scp", env=env)
@@ -109,11 +116,16 @@ class TlsNode(Node):
             return False
 
 
-@pytest.fixture(scope="module")
-def node(module_nodes: Nodes, certs: Certificates) -> TlsNode:
-    """One node with a plain and a TLS port for the module's receiving tests."""
-    node = module_nodes.add(TlsNode(module_nodes.workdir("node"), certs))
-    node.start_tls()
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-processes"])
+def node(request: pytest.FixtureRequest, module_nodes: Nodes, certs: Certificates) -> TlsNode:
+    """A node with a plain and a TLS port for the module's receiving tests: one receiving process, then two.
+
+    With two, the scp hands the TLS port's connections to a receiving process before their
+    handshake (a lone sender's always: :data:`~pacs_agent.receive.processes.SCP_OWN_LOAD`), so
+    every test below also runs the handshake, its refusals and the association there.
+    """
+    node = module_nodes.add(TlsNode(module_nodes.workdir(f"node-{request.param}"), certs))
+    node.start_tls(processes=request.param)
     return node
 
 
@@ -230,6 +242,34 @@ def test_pynetdicom_scu_checks_the_nodes_certificate(node: TlsNode, certs: Certi
     assert not pynetdicom_echo(port, context(certs.pki.ca.cert), "pacs.elsewhere.example")
     assert new_refusal(node, before) == "the peer refused our certificate (bad certificate)"
     assert not pynetdicom_echo(port, context(certs.other_ca), "localhost")  # a CA that did not sign the node
+
+
+def test_a_tls_association_is_served_by_the_process_the_scp_chose(node: TlsNode, certs: Certificates) -> None:
+    """With receiving processes, the handshake and the association run in one of them, not in the scp."""
+    context = ssl.create_default_context(cafile=str(certs.pki.ca.cert))
+    context.load_cert_chain(str(certs.modality.cert), str(certs.modality.key))
+    assert node.process is not None
+    serving = node.process.pid
+    if node.processes > 1:
+        serving = receiving_process(node)
+        # the port probes of the start were handed to it before it ran: they count until it reports them closed
+        wait_for(lambda: "serving connections handed over" in node.log.read_text(), 60, "the receiving process")
+
+    def served_there() -> bool:
+        recorded = len(events(node, "association"))
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.tls_port, ae_title="PACS_AGENT", tls_args=(context, "localhost"))
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_echo().Status) == 0
+            return sockets_of(serving, node.tls_port) == 1
+        finally:
+            assoc.release()
+            # its event is written as the association ends: before the next test counts events
+            wait_for(lambda: len(events(node, "association")) > recorded, 10, "the association event")
+
+    wait_for(served_there, 30, f"a TLS association served by process {serving}")
 
 
 def test_a_silent_client_does_not_block_the_tls_port(node: TlsNode, certs: Certificates, phantom: PhantomStudy) -> None:
