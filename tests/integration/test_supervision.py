@@ -95,8 +95,9 @@ def test_sigkill_of_serve_ends_its_worker_and_a_restart_runs_exactly_one(node: N
 
     def stopped_cleanly() -> str | None:
         log = node.log.read_text(errors="replace")
-        tail = log.split(f" {first} pacs_agent.service: received SIGTERM, stopping")  # the kernel's death signal
-        return log if len(tail) > 1 and f" {first} pacs_agent.jobs.worker: worker " in tail[-1] else None
+        # the kernel's death signal (it may come more than once; each is logged, the first one stops it)
+        tail = log.split(f" {first} pacs_agent.service: received SIGTERM, stopping", 1)
+        return log if len(tail) > 1 and f" {first} pacs_agent.jobs.worker: worker " in tail[1] else None
 
     wait_for(stopped_cleanly, 30, "the worker's last log lines (received SIGTERM, then stopped)")
 
