@@ -306,7 +306,7 @@ class ReceiveProcesses:
         limiter: AssociationLimiter,
         index: InstanceIndex,
         state_dir: Path,
-        on_tls_refused: Callable[[str, str], None] = lambda address, reason: None,
+        on_tls_refused: Callable[[str, str], None],
     ) -> None:
         slot_keys = itertools.count(-1, -1)  # never an id() of a local association
         self.links = [
